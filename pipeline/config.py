@@ -1,0 +1,342 @@
+"""Typed task configs: frozen dataclasses, loaded from YAML and the command line.
+
+Each task has one config class. Every field carries a docstring on the line
+below it (as in torchtitan); `field_docs` reads those from the source so that
+`--help` prints them. Values resolve in this order: the field's default, then a
+YAML file (`--config FILE`), then command-line flags (`--resolution 32`).
+Nested configs are addressed with dots (`--model.channels 64`).
+
+Validation happens on construction (`__post_init__`), and every error names the
+field, what is allowed and what was given:
+`preprocess.resolution: must be a positive integer, got -5`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-supplied setting is wrong; the message names the field."""
+
+
+# --- field documentation -----------------------------------------------------
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass, by field name."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body
+        for node, after in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+# --- values: coercion from YAML and from command-line text ----------------------
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a comma-separated list, each {_describe(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """`value` as type `tp`; text (from the command line) is parsed."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{name}: expected {_describe(tp)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+            raise bad
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, name)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{name}: must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return tuple(_coerce(v, item, name) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise bad
+        try:
+            return float(value)
+        except ValueError:
+            raise bad from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"{name}: unsupported config field type {tp!r}")
+
+
+# --- building configs ------------------------------------------------------------
+
+
+def from_dict(cls: type, data: Mapping[str, Any], prefix: str | None = None) -> Any:
+    """Build config `cls` from a (possibly nested) mapping; unknown keys are errors."""
+    prefix = prefix or cls.SECTION
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}.{unknown[0]}: unknown field; known fields are {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        tp = hints[name]
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                if dataclasses.is_dataclass(tp):
+                    kwargs[name] = from_dict(tp, {}, f"{prefix}.{name}")
+                    continue
+                raise ConfigError(f"{prefix}.{name}: required, but not given (see --help)")
+            continue
+        value = data[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{prefix}.{name}: expected a mapping of fields, got {value!r}")
+            kwargs[name] = from_dict(tp, value, f"{prefix}.{name}")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}.{name}")
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain data (tuples become lists), ready for JSON or YAML."""
+    return _plain(dataclasses.asdict(config))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping, naming the file on any error."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+# --- the command line --------------------------------------------------------------
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line and exit with code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _flags(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted name, help, default) for every leaf field of `cls`."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _flags(tp, f"{prefix}{f.name}.")
+            continue
+        default = "required" if f.default is dataclasses.MISSING else f"default: {f.default!r}"
+        out.append((prefix + f.name, f"{docs.get(f.name, '')} [{_describe(tp)}; {default}]", tp))
+    return out
+
+
+def make_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser with `--config FILE` and one `--field` flag per config field."""
+    parser = _OneLineErrorParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", metavar="FILE",
+        help="YAML file of field values; command-line flags override it",
+    )
+    group = parser.add_argument_group("config fields")
+    for name, help_text, _ in _flags(cls):
+        group.add_argument(f"--{name}", dest=f"field:{name}", metavar="VALUE",
+                           default=argparse.SUPPRESS, help=help_text)
+    return parser
+
+
+def parse_args(cls: type, parser: argparse.ArgumentParser, argv: list[str] | None) -> Any:
+    """Resolve defaults, then the YAML file, then flags, into a validated config."""
+    args = parser.parse_args(argv)
+    data = load_yaml(args.config) if args.config else {}
+    for key, value in vars(args).items():
+        if not key.startswith("field:"):
+            continue
+        node = data
+        *parents, leaf = key[len("field:"):].split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return from_dict(cls, data)
+
+
+# --- validation helpers used by the config classes ------------------------------
+
+
+class Checked:
+    """Mixin: `self.check(cond, field, message)` raises a ConfigError naming the field."""
+
+    SECTION: ClassVar[str] = "config"
+
+    def check(self, condition: bool, field: str, message: str) -> None:
+        if not condition:
+            raise ConfigError(f"{self.SECTION}.{field}: {message}, got {getattr(self, field)!r}")
+
+
+# --- task configs ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig(Checked):
+    """Raw images -> webdataset shards, `manifest.json` and `rejects.jsonl`."""
+
+    SECTION: ClassVar[str] = "preprocess"
+
+    input: str
+    """Where the raw images are: a folder, `file://` or `s3://bucket/prefix`, holding image
+    files (class sub-folders optional) or webdataset `.tar` shards."""
+    output: str
+    """Where the dataset goes (local path or `s3://bucket/prefix`): `{split}-{index:06d}.tar`
+    shards, `rejects.jsonl`, and `manifest.json`, written last as the commit point."""
+    resolution: int = 64
+    """Side of the square output images, in pixels (center crop, then resize)."""
+    input_format: Literal["auto", "files", "webdataset"] = "auto"
+    """`files`: every file is one image. `webdataset`: every `.tar` holds samples.
+    `auto`: webdataset when every input file ends in `.tar`."""
+    labels: Literal["auto", "folders", "none"] = "auto"
+    """Class labels. `folders`: the first folder under `input` names the class; files
+    outside any folder are rejected. `auto`: folders when every file is in one; a tar
+    sample's `.cls` member always gives its label. `none`: unconditional."""
+    small_images: Literal["reject", "upscale"] = "reject"
+    """Images whose shorter side is below `resolution`: rejected, or upscaled."""
+    max_pixels: int = 8192 * 8192
+    """Images that declare more pixels than this are rejected before decoding
+    (a defence against decompression bombs)."""
+    background: tuple[int, ...] = (255, 255, 255)
+    """RGB colour that transparent pixels are composited onto."""
+    validation_fraction: float = 0.05
+    """Share of inputs in the `validation` split, chosen by a hash of the input's path,
+    so the split of an image never changes when others are added."""
+    samples_per_shard: int = 1000
+    """Inputs per shard. Shard i of a split takes inputs [i*n, (i+1)*n) in hash order;
+    rejected inputs leave their shard short."""
+
+    def __post_init__(self) -> None:
+        self.check(bool(self.input), "input", "must name a folder or s3:// prefix")
+        self.check(bool(self.output), "output", "must name a folder or s3:// prefix")
+        self.check(self.input.rstrip("/") != self.output.rstrip("/"), "output",
+                   "must differ from input")
+        self.check(0 < self.resolution <= 4096, "resolution", "must be an integer in 1..4096")
+        self.check(self.max_pixels > 0, "max_pixels", "must be a positive integer")
+        self.check(len(self.background) == 3 and all(0 <= c <= 255 for c in self.background),
+                   "background", "must be three integers in 0..255")
+        self.check(0.0 <= self.validation_fraction < 1.0, "validation_fraction",
+                   "must be a number in [0, 1)")
+        self.check(self.samples_per_shard > 0, "samples_per_shard", "must be a positive integer")
+
+
+@dataclasses.dataclass(frozen=True)
+class DigitsConfig(Checked):
+    """scikit-learn's 8x8 handwritten digits, written as a folder of PNGs by class."""
+
+    SECTION: ClassVar[str] = "digits"
+
+    output: str = "quickstart/raw/digits"
+    """Folder or `s3://` prefix to write `{label}/{index:04d}.png` into."""
+
+    def __post_init__(self) -> None:
+        self.check(bool(self.output), "output", "must name a folder or s3:// prefix")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickstartConfig(Checked):
+    """The whole pipeline on embedded defaults, on the digits."""
+
+    SECTION: ClassVar[str] = "quickstart"
+
+    workdir: str = "quickstart"
+    """Folder (or `s3://` prefix) that receives the raw digits and the dataset."""
+    resolution: int = 8
+    """Side of the preprocessed images; the digits are 8x8, larger values upscale them."""
+
+    def __post_init__(self) -> None:
+        self.check(bool(self.workdir), "workdir", "must name a folder or s3:// prefix")
+        self.check(self.resolution >= 8, "resolution", "must be an integer >= 8")

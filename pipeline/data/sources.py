@@ -1,0 +1,153 @@
+"""What the inputs of a dataset are, what they are called, and where they go.
+
+An input is one image file, or one sample of a webdataset tar. Its identity is
+its path relative to the input prefix (`relpath`); everything else derives from
+a SHA-256 of that path, so it never depends on which other inputs exist:
+- its key: a readable slug of the path plus 12 hex digits of the hash, with no
+  dots (webdataset splits keys from extensions at the first dot);
+- its split: `validation` when the hash, read as a fraction, is below
+  `validation_fraction`;
+- its place in the shard order of its split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import tarfile
+from typing import Any, Iterable
+
+from pipeline import storage
+from pipeline.data import shards
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm")
+"""Member extensions that hold a tar sample's image, in order of preference."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InputItem:
+    """One input: where its bytes are, and what it is called."""
+
+    uri: str
+    """The object holding the bytes (an image file, or a tar)."""
+    relpath: str
+    """Path below the input prefix; the input's identity."""
+    label: int | None = None
+    """Class index, or None for unlabelled data."""
+    offset: int = 0
+    """Start of the bytes within `uri` (non-zero for a tar member)."""
+    size: int | None = None
+    """Length of the bytes within `uri`, or None for the whole object."""
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.relpath.encode()).hexdigest()
+
+    @property
+    def key(self) -> str:
+        slug = re.sub(r"[^A-Za-z0-9_-]+", "_", self.relpath).strip("_")[-80:]
+        return f"{slug}-{self.digest[:12]}"
+
+    def split(self, validation_fraction: float) -> str:
+        return "validation" if int(self.digest[:16], 16) / 16**16 < validation_fraction else "train"
+
+    def read(self) -> bytes:
+        return storage.read_bytes(self.uri, self.offset, self.size)
+
+
+def reject(uri: str, reason: str, detail: str = "") -> dict[str, str]:
+    """One line of `rejects.jsonl`."""
+    return {"uri": uri, "reason": reason, "detail": detail}
+
+
+def file_inputs(
+    objects: list[storage.ObjectInfo], labels: str
+) -> tuple[list[InputItem], list[dict], list[str]]:
+    """Image files as inputs: (items, rejects, class names).
+
+    With class folders (`labels` is `folders`, or `auto` and every file sits in
+    a folder), the first folder of each path names its class; classes are
+    numbered in sorted order.
+    """
+    use_folders = labels == "folders" or (
+        labels == "auto" and objects and all("/" in o.relpath for o in objects)
+    )
+    if not use_folders:
+        return [InputItem(o.uri, o.relpath) for o in objects], [], []
+    classes = sorted({o.relpath.split("/")[0] for o in objects if "/" in o.relpath})
+    index = {name: i for i, name in enumerate(classes)}
+    items, rejects = [], []
+    for o in objects:
+        if "/" not in o.relpath:
+            rejects.append(reject(o.uri, "no_class_folder", "labels=folders needs class sub-folders"))
+        else:
+            items.append(InputItem(o.uri, o.relpath, label=index[o.relpath.split("/")[0]]))
+    return items, rejects, classes
+
+
+def tar_inputs(tar: storage.ObjectInfo, labels: str) -> tuple[list[InputItem], list[dict]]:
+    """The samples of one webdataset tar as inputs, each pointing at its image's bytes."""
+    data = storage.read_bytes(tar.uri)
+    try:
+        members = shards.tar_members(data)
+    except tarfile.TarError as e:
+        return [], [reject(tar.uri, "bad_tar", str(e))]
+    samples: dict[str, dict[str, shards.TarMember]] = {}
+    for m in members:
+        key, ext = shards.split_member_name(m.name)
+        samples.setdefault(key, {})[ext] = m
+    items, rejects = [], []
+    for key, parts in samples.items():
+        uri = f"{tar.uri}#{key}"
+        image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+        if image is None:
+            rejects.append(reject(uri, "no_image_member", f"members: {', '.join(sorted(parts))}"))
+            continue
+        label = None
+        if "cls" in parts and labels != "none":
+            text = data[parts["cls"].offset : parts["cls"].offset + parts["cls"].size]
+            try:
+                label = int(text.decode().strip())
+                if label < 0:
+                    raise ValueError(label)
+            except ValueError:
+                rejects.append(reject(uri, "bad_label", f".cls holds {text[:20]!r}"))
+                continue
+        items.append(InputItem(tar.uri, f"{tar.relpath}/{key}", label, image.offset, image.size))
+    return items, rejects
+
+
+def tar_classes(items: Iterable[InputItem]) -> list[str]:
+    """Class names for `.cls` labels: the indices themselves, 0..max."""
+    top = max((i.label for i in items if i.label is not None), default=None)
+    return [] if top is None else [str(i) for i in range(top + 1)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    """Which inputs go into one shard."""
+
+    split: str
+    index: int
+    items: tuple[InputItem, ...]
+
+    @property
+    def name(self) -> str:
+        return shards.shard_name(self.split, self.index)
+
+    def digest(self, config: dict[str, Any]) -> str:
+        """Hash of everything the shard's bytes depend on."""
+        payload = {"config": config, "items": [dataclasses.asdict(i) for i in self.items]}
+        return shards.sha256(shards.dumps(payload))
+
+
+def plan_shards(items: list[InputItem], validation_fraction: float, per_shard: int) -> list[ShardPlan]:
+    """Inputs of each split in hash order, cut into shards of `per_shard`."""
+    plans = []
+    for split in shards.SPLITS:
+        members = sorted((i for i in items if i.split(validation_fraction) == split),
+                         key=lambda i: i.digest)
+        for index, start in enumerate(range(0, len(members), per_shard)):
+            plans.append(ShardPlan(split, index, tuple(members[start : start + per_shard])))
+    return plans

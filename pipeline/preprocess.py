@@ -1,0 +1,317 @@
+"""Raw images -> webdataset shards, on Ray Data.
+
+The unit of work is a shard. The driver lists the inputs, plans which inputs go
+into which shard (see `pipeline.data.sources`), and hands the shards not yet
+built to a Ray Data pipeline; each task reads its inputs, decodes, crops,
+resizes and encodes them, writes the shard atomically, then writes a small
+record of what it did under `_records/`. When every shard has a record, the
+driver writes `rejects.jsonl` and, last, `manifest.json`.
+
+So a re-run after a crash rebuilds only the shards without a record (their
+bytes are deterministic, so the result is the one an uninterrupted run gives),
+and a re-run after success finds the manifest and writes nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import re
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import storage
+from pipeline.config import ConfigError, PreprocessConfig, to_dict
+from pipeline.data import shards, sources
+from pipeline.data.decode import Rejected, decode_image
+from pipeline.data.sources import InputItem, ShardPlan
+from pipeline.data.transforms import center_crop_resize, encode_png
+
+RECORDS = "_records"
+_SHARD_FILE = re.compile(r"^(train|validation)-\d{6}\.tar$")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessResult:
+    manifest_uri: str
+    manifest: dict[str, Any]
+    already_complete: bool
+    """True when the output already held this dataset and nothing was written."""
+
+    def summary(self) -> str:
+        c = self.manifest["counts"]
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(c["rejected_by_reason"].items()))
+        splits = ", ".join(f"{s} {n}" for s, n in c["written_by_split"].items())
+        head = "already complete: " if self.already_complete else ""
+        return (
+            f"{head}{c['inputs']} inputs -> {c['written']} written ({splits}) in "
+            f"{len(self.manifest['shards'])} shards, {c['rejected']} rejected"
+            f"{f' ({reasons})' if reasons else ''}; manifest: {self.manifest_uri}"
+        )
+
+
+def preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> PreprocessResult:
+    """Build (or finish building) the dataset `cfg` describes; see the module doc."""
+    config = to_dict(cfg)
+    manifest_uri = storage.join(cfg.output, shards.MANIFEST)
+    existing = shards.load_manifest(cfg.output)
+    if existing is not None:
+        if existing.get("config") != config:
+            changed = sorted(k for k in config if existing.get("config", {}).get(k) != config[k])
+            raise ConfigError(
+                f"preprocess.output: {cfg.output} already holds a dataset built with another "
+                f"config (differs in {', '.join(changed)}); choose a new output"
+            )
+        return PreprocessResult(manifest_uri, existing, already_complete=True)
+
+    objects = _list_inputs(cfg)
+    previous = _list_output(cfg.output)
+    fmt = cfg.input_format
+    if fmt == "auto":
+        fmt = "webdataset" if all(o.relpath.endswith(".tar") for o in objects) else "files"
+    if fmt == "webdataset" and cfg.labels == "folders":
+        raise ConfigError("preprocess.labels: 'folders' needs image files; "
+                          "webdataset samples carry their labels in .cls members")
+
+    _init_ray()
+    if fmt == "webdataset":
+        items, rejects = _index_tars(objects, cfg.labels)
+        classes = sources.tar_classes(items)
+    else:
+        items, rejects, classes = sources.file_inputs(objects, cfg.labels)
+    plans = sources.plan_shards(items, cfg.validation_fraction, cfg.samples_per_shard)
+    n_inputs = len(items) + len(rejects)
+
+    records = _finished_records(cfg, plans, previous)
+    todo = [p for p in plans if p.name not in records]
+    for record in _build(cfg, todo, done_inputs=sum(r["inputs"] for r in records.values()),
+                         total_inputs=len(items), progress=progress):
+        records[record["name"]] = record
+    _remove_orphans(cfg.output, previous, {p.name for p in plans})
+
+    ordered = [records[p.name] for p in plans]
+    for record in ordered:
+        rejects += record["rejects"]
+    rejects.sort(key=lambda r: r["uri"])
+    rejects_bytes = b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in rejects)
+    storage.write_bytes(storage.join(cfg.output, shards.REJECTS), rejects_bytes)
+    manifest = _manifest(config, classes, len(objects), ordered, rejects, rejects_bytes)
+    assert manifest["counts"]["inputs"] == n_inputs, "an input was neither written nor rejected"
+    storage.write_bytes(manifest_uri, shards.dumps(manifest))
+    return PreprocessResult(manifest_uri, manifest, already_complete=False)
+
+
+# --- the driver's side -----------------------------------------------------------------
+
+
+def _list_inputs(cfg: PreprocessConfig) -> list[storage.ObjectInfo]:
+    try:
+        objects = storage.list_objects(cfg.input)
+    except storage.StorageError as e:
+        raise ConfigError(f"preprocess.input: cannot list {e}") from None
+    if not objects:
+        raise ConfigError(f"preprocess.input: no files under {cfg.input}")
+    return objects
+
+
+def _list_output(output: str) -> list[storage.ObjectInfo]:
+    """What the output prefix holds now; a missing bucket is a config error."""
+    try:
+        return storage.list_objects(output)
+    except storage.NotFound as e:
+        if storage.is_s3(output):
+            raise ConfigError(f"preprocess.output: {e}") from None
+        return []
+    except storage.StorageError as e:
+        raise ConfigError(f"preprocess.output: cannot list {e}") from None
+
+
+def _init_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS when set, else a local Ray
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # one bar, counted in images, is ours
+
+
+def _finished_records(
+    cfg: PreprocessConfig, plans: list[ShardPlan], previous: list[storage.ObjectInfo]
+) -> dict[str, dict]:
+    """Records of shards a previous run finished with exactly this plan."""
+    present = {o.relpath for o in previous}
+    config = to_dict(cfg)
+    done = {}
+    for plan in plans:
+        record_path = f"{RECORDS}/{plan.name}.json"
+        if record_path not in present or plan.name not in present:
+            continue
+        record = json.loads(storage.read_bytes(storage.join(cfg.output, record_path)))
+        if record.get("plan_sha256") == plan.digest(config):
+            done[plan.name] = record
+    return done
+
+
+def _remove_orphans(output: str, previous: list[storage.ObjectInfo], planned: set[str]) -> None:
+    """Delete shards (and records) an interrupted run with another plan left behind."""
+    for o in previous:
+        name = o.relpath.removeprefix(f"{RECORDS}/").removesuffix(".json")
+        if _SHARD_FILE.match(name) and name not in planned:
+            storage.delete(o.uri)
+
+
+def _index_tars(objects: list[storage.ObjectInfo], labels: str) -> tuple[list[InputItem], list]:
+    """Read every tar's member list on the cluster; inputs are their samples."""
+    import ray
+
+    rows = [{"uri": o.uri, "relpath": o.relpath, "size": o.size} for o in objects]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        _index_tar_batch, batch_size=1, fn_kwargs={"labels": labels}
+    )
+    items, rejects = [], []
+    for row in ds.iter_rows():
+        items += [InputItem(**d) for d in json.loads(row["items"])]
+        rejects += json.loads(row["rejects"])
+    return items, rejects
+
+
+def _build(cfg: PreprocessConfig, todo: list[ShardPlan], *, done_inputs: int,
+           total_inputs: int, progress: bool) -> Iterator[dict]:
+    """Build the shards in `todo` on Ray Data, yielding each one's record."""
+    if not todo:
+        return
+    import ray
+
+    config = to_dict(cfg)
+    rows = [
+        {"split": p.split, "index": p.index, "plan_sha256": p.digest(config),
+         "items": json.dumps([dataclasses.asdict(i) for i in p.items])}
+        for p in todo
+    ]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        build_shards, batch_size=1, fn_kwargs={"cfg": cfg}, num_cpus=1
+    )
+    with tqdm(total=total_inputs, initial=done_inputs, unit="img", desc="preprocess",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for row in ds.iter_rows():
+            record = json.loads(row["record"])
+            bar.update(record["inputs"])
+            yield record
+
+
+def _manifest(config: dict, classes: list[str], n_objects: int, records: list[dict],
+              rejects: list[dict], rejects_bytes: bytes) -> dict[str, Any]:
+    written = sum(r["samples"] for r in records)
+    by_split = collections.Counter()
+    for r in records:
+        by_split[r["split"]] += r["samples"]
+    return {
+        "format": shards.FORMAT,
+        "format_version": shards.FORMAT_VERSION,
+        "config": config,
+        "resolution": config["resolution"],
+        "classes": classes,
+        "counts": {
+            "input_objects": n_objects,
+            "inputs": written + len(rejects),
+            "written": written,
+            "written_by_split": {s: by_split[s] for s in shards.SPLITS},
+            "rejected": len(rejects),
+            "rejected_by_reason": dict(sorted(collections.Counter(r["reason"] for r in rejects).items())),
+        },
+        "shards": [
+            {k: r[k] for k in ("name", "split", "samples", "bytes", "sha256")} for r in records
+        ],
+        "rejects": {"name": shards.REJECTS, "sha256": shards.sha256(rejects_bytes),
+                    "count": len(rejects)},
+    }
+
+
+# --- the workers' side: plain callables on batch dicts ------------------------------------
+
+
+def _index_tar_batch(batch: dict[str, np.ndarray], labels: str) -> dict[str, np.ndarray]:
+    out_items, out_rejects = [], []
+    for uri, relpath, size in zip(batch["uri"], batch["relpath"], batch["size"]):
+        items, rejects = sources.tar_inputs(storage.ObjectInfo(uri, relpath, int(size)), labels)
+        out_items.append(json.dumps([dataclasses.asdict(i) for i in items]))
+        out_rejects.append(json.dumps(rejects))
+    return {"items": np.array(out_items, dtype=object), "rejects": np.array(out_rejects, dtype=object)}
+
+
+def build_shards(batch: dict[str, np.ndarray], cfg: PreprocessConfig) -> dict[str, np.ndarray]:
+    """Build and write the shards of a batch of shard plans; return their records."""
+    records = []
+    for split, index, digest, items in zip(batch["split"], batch["index"], batch["plan_sha256"],
+                                           batch["items"]):
+        plan = ShardPlan(str(split), int(index), tuple(InputItem(**d) for d in json.loads(items)))
+        records.append(json.dumps(_build_shard(plan, str(digest), cfg)))
+    return {"record": np.array(records, dtype=object)}
+
+
+def _build_shard(plan: ShardPlan, digest: str, cfg: PreprocessConfig) -> dict[str, Any]:
+    members, rejects = [], []
+    for item, data in _prefetch(plan.items):
+        if isinstance(data, storage.NotFound):
+            rejects.append(sources.reject(_source(item), "vanished", str(data)))
+            continue
+        try:
+            members += _sample_members(item, data, plan.split, cfg)
+        except Rejected as r:
+            rejects.append(sources.reject(_source(item), r.reason, r.detail))
+    tar = shards.write_tar(members)
+    storage.write_bytes(storage.join(cfg.output, plan.name), tar)
+    record = {
+        "name": plan.name, "split": plan.split, "index": plan.index, "plan_sha256": digest,
+        "inputs": len(plan.items), "samples": len(plan.items) - len(rejects),
+        "bytes": len(tar), "sha256": shards.sha256(tar), "rejects": rejects,
+    }
+    storage.write_bytes(storage.join(cfg.output, RECORDS, f"{plan.name}.json"), shards.dumps(record))
+    return record
+
+
+def _source(item: InputItem) -> str:
+    """The input's URI as recorded: a tar sample is `tar_uri#key`."""
+    if item.size is None:
+        return item.uri
+    return f"{item.uri}#{item.relpath.rpartition('/')[2]}"
+
+
+def _sample_members(item: InputItem, data: bytes, split: str,
+                    cfg: PreprocessConfig) -> list[tuple[str, bytes]]:
+    img, original = decode_image(data, max_pixels=cfg.max_pixels,
+                                 background=tuple(cfg.background), min_side=cfg.resolution)
+    img = center_crop_resize(img, cfg.resolution, upscale=cfg.small_images == "upscale")
+    key = item.key
+    meta = {"key": key, "source": _source(item), "original_size": list(original),
+            "label": item.label, "split": split}
+    members = [(f"{key}.png", encode_png(img)), (f"{key}.json", shards.dumps(meta))]
+    if item.label is not None:
+        members.append((f"{key}.cls", str(item.label).encode()))
+    return members
+
+
+def _prefetch(items: Iterable[InputItem], depth: int = 16) -> Iterator[tuple[InputItem, Any]]:
+    """(item, bytes or NotFound) in order, reading up to `depth` items ahead on
+    threads, so object-store latency overlaps with decoding."""
+
+    def read(item: InputItem) -> bytes | storage.NotFound:
+        try:
+            return item.read()
+        except storage.NotFound as e:
+            return e
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=depth) as pool:
+        window: collections.deque = collections.deque()
+        for item in items:
+            window.append((item, pool.submit(read, item)))
+            if len(window) >= depth:
+                head, future = window.popleft()
+                yield head, future.result()
+        while window:
+            head, future = window.popleft()
+            yield head, future.result()

@@ -1,0 +1,291 @@
+"""Where bytes live: the one module that knows what a URI means.
+
+A location is a local path, a `file://` URI, or `s3://bucket/prefix`. Everything
+else in the pipeline passes these strings around and calls the functions here.
+
+S3 settings come from the standard AWS variables, which boto3 reads itself:
+`AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL` (for S3-compatible servers),
+`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`,
+and `AWS_MAX_ATTEMPTS` / `AWS_RETRY_MODE` for retries. Requests that fail
+transiently (throttling, 5xx, dropped connections) are retried by botocore with
+backoff; a download that breaks mid-body is retried here.
+
+Guarantees:
+- Writes are atomic: an object is absent or complete. S3 PUT and multipart
+  completion are atomic; a local file is written under a hidden temporary name
+  in the same folder and renamed into place.
+- Listings are recursive, sorted, and skip hidden names (any path component
+  starting with "."), so temporary files are never listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import os
+import posixpath
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+_S3 = "s3://"
+_FILE = "file://"
+
+
+class StorageError(RuntimeError):
+    """An object store or file system operation failed; the message names the URI."""
+
+
+class NotFound(StorageError):
+    """The object, folder or bucket does not exist."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectInfo:
+    """One object found by `list_objects`."""
+
+    uri: str
+    """Full URI (or path) of the object, usable with `read_bytes`."""
+    relpath: str
+    """Path below the listed prefix, `/`-separated."""
+    size: int
+    """Size in bytes."""
+
+
+# --- URIs --------------------------------------------------------------------------
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(_S3)
+
+
+def join(base: str, *parts: str) -> str:
+    """`base` with `/`-separated `parts` appended, keeping its scheme."""
+    return posixpath.join(base, *parts) if base else posixpath.join(*parts)
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len(_S3):].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: an S3 URI needs a bucket: s3://bucket/prefix")
+    return bucket, key
+
+
+def _local(uri: str) -> Path:
+    return Path(uri[len(_FILE):] if uri.startswith(_FILE) else uri)
+
+
+def _hidden(relpath: str) -> bool:
+    return any(part.startswith(".") for part in relpath.split("/"))
+
+
+# --- S3 client ---------------------------------------------------------------------
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint URL from the environment, or None for AWS itself."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _region() -> str | None:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+
+
+def _client():
+    return _make_client(s3_endpoint(), _region(), os.environ.get("AWS_ACCESS_KEY_ID"))
+
+
+@functools.lru_cache(maxsize=4)
+def _make_client(endpoint: str | None, region: str | None, _key_id: str | None):
+    # One client per process and setting; boto3 clients are thread-safe. The key
+    # id is part of the cache key so a changed identity gets a new client.
+    import boto3
+    import botocore.config
+
+    config = botocore.config.Config(
+        retries={
+            "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+            "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "5")),
+        },
+        connect_timeout=10,
+        read_timeout=60,
+        max_pool_connections=32,
+        # Custom endpoints (MinIO, SeaweedFS, in-cluster services) rarely resolve
+        # bucket subdomains; AWS itself prefers virtual hosting.
+        s3={"addressing_style": "path"} if endpoint else None,
+    )
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint, region_name=region, config=config
+    )
+
+
+@contextmanager
+def _errors(uri: str) -> Iterator[None]:
+    """Translate boto3 and OS errors into StorageError/NotFound naming `uri`."""
+    import botocore.exceptions as bx
+
+    try:
+        yield
+    except bx.ClientError as e:
+        err = e.response.get("Error", {})
+        code = str(err.get("Code", "unknown"))
+        message = err.get("Message") or code
+        if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound"):
+            raise NotFound(f"{uri}: not found ({message})") from None
+        raise StorageError(f"{uri}: {code}: {message}") from None
+    except bx.NoCredentialsError:
+        raise StorageError(
+            f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        ) from None
+    except (bx.EndpointConnectionError, bx.ConnectTimeoutError) as e:
+        raise StorageError(f"{uri}: cannot reach the S3 endpoint: {e}") from None
+    except bx.BotoCoreError as e:
+        raise StorageError(f"{uri}: {e}") from None
+    except FileNotFoundError:
+        raise NotFound(f"{uri}: not found") from None
+    except OSError as e:
+        raise StorageError(f"{uri}: {e.strerror or e}") from None
+
+
+def _retry_body(read, attempts: int = 4):
+    """Call `read()` again when a download breaks mid-body; botocore retries
+    requests, not the streaming of an already-started response."""
+    import botocore.exceptions as bx
+    import urllib3.exceptions as ux
+
+    transient = (bx.ResponseStreamingError, bx.ReadTimeoutError, bx.IncompleteReadError,
+                 bx.ConnectionClosedError, ux.ProtocolError)
+    for attempt in range(attempts):
+        try:
+            return read()
+        except transient:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2**attempt)  # backoff between retries of a failed download
+
+
+# --- operations ---------------------------------------------------------------------
+
+
+def read_bytes(uri: str, start: int = 0, length: int | None = None) -> bytes:
+    """The object's bytes, or `length` bytes from offset `start`."""
+    with _errors(uri):
+        if is_s3(uri):
+            bucket, key = _split_s3(uri)
+            extra = {}
+            if start or length is not None:
+                end = "" if length is None else str(start + length - 1)
+                extra["Range"] = f"bytes={start}-{end}"
+
+            def read() -> bytes:
+                return _client().get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
+
+            return _retry_body(read)
+        with open(_local(uri), "rb") as f:
+            f.seek(start)
+            return f.read() if length is None else f.read(length)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write `data` to `uri` atomically, creating local parent folders."""
+    with _errors(uri):
+        if is_s3(uri):
+            bucket, key = _split_s3(uri)
+            # upload_fileobj switches to multipart above 8 MiB; completion is atomic.
+            _client().upload_fileobj(io.BytesIO(data), bucket, key)
+            return
+        path = _local(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def list_objects(prefix: str) -> list[ObjectInfo]:
+    """Every object below `prefix` (a folder), recursively, sorted by relative path.
+
+    Raises NotFound when a local folder or an S3 bucket does not exist; an S3
+    prefix with nothing under it lists as empty.
+    """
+    out = []
+    with _errors(prefix):
+        if is_s3(prefix):
+            bucket, key = _split_s3(prefix)
+            key = key.rstrip("/")
+            start = f"{key}/" if key else ""
+            pages = _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start)
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    relpath = obj["Key"][len(start):]
+                    if relpath and not relpath.endswith("/") and not _hidden(relpath):
+                        out.append(ObjectInfo(f"{_S3}{bucket}/{obj['Key']}", relpath, obj["Size"]))
+        else:
+            root = _local(prefix)
+            if not root.is_dir():
+                raise NotFound(f"{prefix}: not found (no such folder)")
+            for folder, dirs, files in os.walk(root):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                rel_folder = Path(folder).relative_to(root).as_posix()
+                for name in files:
+                    if name.startswith("."):
+                        continue
+                    relpath = name if rel_folder == "." else f"{rel_folder}/{name}"
+                    size = os.stat(os.path.join(folder, name)).st_size
+                    out.append(ObjectInfo(join(prefix, relpath), relpath, size))
+    return sorted(out, key=lambda o: o.relpath)
+
+
+def exists(uri: str) -> bool:
+    """Whether an object (or local file) exists at `uri`."""
+    with _errors(uri):
+        if is_s3(uri):
+            import botocore.exceptions as bx
+
+            bucket, key = _split_s3(uri)
+            try:
+                _client().head_object(Bucket=bucket, Key=key)
+            except bx.ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+            return True
+        return _local(uri).is_file()
+
+
+def delete(uri: str) -> None:
+    """Delete the object at `uri`; deleting what is absent is not an error."""
+    with _errors(uri):
+        if is_s3(uri):
+            bucket, key = _split_s3(uri)
+            _client().delete_object(Bucket=bucket, Key=key)
+        else:
+            _local(uri).unlink(missing_ok=True)
+
+
+def arrow_filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
+    """A pyarrow filesystem and the path within it, for Ray Data and Ray Train.
+
+    pyarrow's S3 client does not read `AWS_ENDPOINT_URL*` itself, so the endpoint
+    is passed explicitly. Ray takes the path without its scheme (`bucket/prefix`).
+    """
+    import pyarrow.fs
+
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        fs = pyarrow.fs.S3FileSystem(
+            endpoint_override=s3_endpoint(), region=_region() or "us-east-1"
+        )
+        return fs, f"{bucket}/{key}".rstrip("/")
+    return pyarrow.fs.LocalFileSystem(), str(_local(uri).resolve())

@@ -1,0 +1,159 @@
+"""Real services for the tests: SeaweedFS (S3), an MLflow server, a Ray head.
+
+Each starts from the same scripts a person uses on a laptop (`infra/local/`), in
+its own process group, on 127.0.0.1 and a free port, over a fresh temporary
+directory, and is stopped by signalling that whole group, also when start-up
+fails half-way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(span: int = 1, grpc_offset: int = 0) -> int:
+    """A port p with p..p+span-1 free (and the same + grpc_offset, for SeaweedFS)."""
+    for _ in range(200):
+        p = random.randint(20000, 30000)
+        ports = [p + i for i in range(span)]
+        if grpc_offset:
+            ports += [q + grpc_offset for q in ports]
+        if all(port_is_free(q) for q in ports):
+            return p
+    raise RuntimeError("no free port found")
+
+
+def wait_until(check, what: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    """Poll `check()` until it is true; fail early (with the log) if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{tail(log)}")
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.2)  # polling interval while a server starts
+    raise RuntimeError(f"{what} not ready after {timeout:.0f}s:\n{tail(log)}")
+
+
+def tail(log: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 5) -> None:
+    """SIGINT the process group of `proc` (Ray and MLflow shut down cleanly on it),
+    then SIGKILL what is left after `timeout` (SeaweedFS lingers for many seconds)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@contextlib.contextmanager
+def process_group(cmd: list[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, cwd=ROOT)
+    try:
+        yield proc
+    finally:
+        stop_group(proc)
+
+
+def service_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               PYTHON=sys.executable)
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def s3_server(workdir: Path) -> Iterator[dict[str, str]]:
+    """A SeaweedFS S3 server with one identity and one bucket, checked by a real
+    put and get. Yields the AWS_* variables that point at it, plus S3_BUCKET."""
+    import boto3
+
+    port, base = free_port(), free_port(span=3, grpc_offset=10000)
+    key, secret, bucket = "test-key", f"test-secret-{uuid.uuid4().hex[:8]}", "pipeline-test"
+    env = service_env(S3_PORT=str(port), S3_BUCKET="", S3_ACCESS_KEY=key, S3_SECRET_KEY=secret,
+                      SEAWEED_PORT_BASE=str(base))
+    log = workdir / "s3.log"
+    with process_group([str(ROOT / "infra/local/start-s3.sh"), str(workdir / "data")], log, env) as proc:
+        aws = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": key,
+               "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1"}
+        client = boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                              aws_access_key_id=key, aws_secret_access_key=secret)
+
+        def bucket_ready() -> bool:
+            try:
+                client.create_bucket(Bucket=bucket)
+            except client.exceptions.BucketAlreadyOwnedByYou:
+                pass  # an earlier attempt succeeded but its answer was lost
+            return True
+
+        wait_until(bucket_ready, "SeaweedFS S3", 60, proc, log)
+        probe = os.urandom(1 << 16)
+        client.put_object(Bucket=bucket, Key="_probe", Body=probe)
+        got = client.get_object(Bucket=bucket, Key="_probe")["Body"].read()
+        assert got == probe, "S3 server returned different bytes than were put"
+        client.delete_object(Bucket=bucket, Key="_probe")
+        yield {**aws, "S3_BUCKET": bucket}
+
+
+@contextlib.contextmanager
+def mlflow_server(workdir: Path, artifacts: str) -> Iterator[str]:
+    """An MLflow tracking server (sqlite runs, artifacts at `artifacts`); yields its URI."""
+    port = free_port()
+    env = service_env(MLFLOW_PORT=str(port), MLFLOW_ARTIFACTS=artifacts)
+    log = workdir / "mlflow.log"
+    uri = f"http://127.0.0.1:{port}"
+    with process_group([str(ROOT / "infra/local/start-mlflow.sh"), str(workdir / "mlflow")],
+                       log, env) as proc:
+        wait_until(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200,
+                   "MLflow server", 120, proc, log)
+        yield uri
+
+
+@contextlib.contextmanager
+def ray_head(workdir: Path, num_cpus: int = 2) -> Iterator[str]:
+    """A Ray head node (`ray start --head --block`); yields its address."""
+    port = free_port()
+    log = workdir / "ray-head.log"
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
+           "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0",
+           "--include-dashboard=false", "--disable-usage-stats"]
+    address = f"127.0.0.1:{port}"
+    with process_group(cmd, log, service_env()) as proc:
+        wait_until(lambda: "Ray runtime started" in log.read_text(), "Ray head", 90, proc, log)
+        yield address
