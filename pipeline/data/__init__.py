@@ -1,0 +1,1 @@
+"""Images and datasets: safe decoding, crop/resize, webdataset shards and manifests."""
