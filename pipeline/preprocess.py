@@ -41,15 +41,19 @@ class PreprocessResult:
     manifest: dict[str, Any]
     already_complete: bool
     """True when the output already held this dataset and nothing was written."""
+    reused_shards: int = 0
+    """Shards an interrupted earlier run had finished, kept rather than rebuilt."""
 
     def summary(self) -> str:
         c = self.manifest["counts"]
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(c["rejected_by_reason"].items()))
         splits = ", ".join(f"{s} {n}" for s, n in c["written_by_split"].items())
         head = "already complete: " if self.already_complete else ""
+        n_shards = len(self.manifest["shards"])
+        resumed = f" ({self.reused_shards} reused)" if self.reused_shards else ""
         return (
             f"{head}{c['inputs']} inputs -> {c['written']} written ({splits}) in "
-            f"{len(self.manifest['shards'])} shards, {c['rejected']} rejected"
+            f"{n_shards} shards{resumed}, {c['rejected']} rejected"
             f"{f' ({reasons})' if reasons else ''}; manifest: {self.manifest_uri}"
         )
 
@@ -58,7 +62,10 @@ def preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> PreprocessRes
     """Build (or finish building) the dataset `cfg` describes; see the module doc."""
     config = to_dict(cfg)
     manifest_uri = storage.join(cfg.output, shards.MANIFEST)
-    existing = shards.load_manifest(cfg.output)
+    try:
+        existing = shards.load_manifest(cfg.output)
+    except (storage.StorageError, ValueError) as e:
+        raise ConfigError(f"preprocess.output: cannot read its manifest: {e}") from None
     if existing is not None:
         if existing.get("config") != config:
             changed = sorted(k for k in config if existing.get("config", {}).get(k) != config[k])
@@ -70,23 +77,13 @@ def preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> PreprocessRes
 
     objects = _list_inputs(cfg)
     previous = _list_output(cfg.output)
-    fmt = cfg.input_format
-    if fmt == "auto":
-        fmt = "webdataset" if all(o.relpath.endswith(".tar") for o in objects) else "files"
-    if fmt == "webdataset" and cfg.labels == "folders":
-        raise ConfigError("preprocess.labels: 'folders' needs image files; "
-                          "webdataset samples carry their labels in .cls members")
-
     _init_ray()
-    if fmt == "webdataset":
-        items, rejects = _index_tars(objects, cfg.labels)
-        classes = sources.tar_classes(items)
-    else:
-        items, rejects, classes = sources.file_inputs(objects, cfg.labels)
+    items, rejects, classes = _plan_inputs(cfg, objects)
     plans = sources.plan_shards(items, cfg.validation_fraction, cfg.samples_per_shard)
     n_inputs = len(items) + len(rejects)
 
     records = _finished_records(cfg, plans, previous)
+    reused = len(records)
     todo = [p for p in plans if p.name not in records]
     for record in _build(cfg, todo, done_inputs=sum(r["inputs"] for r in records.values()),
                          total_inputs=len(items), progress=progress):
@@ -99,10 +96,10 @@ def preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> PreprocessRes
     rejects.sort(key=lambda r: r["uri"])
     rejects_bytes = b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in rejects)
     storage.write_bytes(storage.join(cfg.output, shards.REJECTS), rejects_bytes)
-    manifest = _manifest(config, classes, len(objects), ordered, rejects, rejects_bytes)
+    manifest = _manifest(config, classes, ordered, rejects, rejects_bytes)
     assert manifest["counts"]["inputs"] == n_inputs, "an input was neither written nor rejected"
     storage.write_bytes(manifest_uri, shards.dumps(manifest))
-    return PreprocessResult(manifest_uri, manifest, already_complete=False)
+    return PreprocessResult(manifest_uri, manifest, already_complete=False, reused_shards=reused)
 
 
 # --- the driver's side -----------------------------------------------------------------
@@ -116,6 +113,40 @@ def _list_inputs(cfg: PreprocessConfig) -> list[storage.ObjectInfo]:
     if not objects:
         raise ConfigError(f"preprocess.input: no files under {cfg.input}")
     return objects
+
+
+def _plan_inputs(cfg: PreprocessConfig, objects: list[storage.ObjectInfo]
+                 ) -> tuple[list[InputItem], list[dict], list[str]]:
+    """(inputs, rejected inputs, class names) for the objects under `cfg.input`.
+
+    An input prefix holding one of our datasets (a committed manifest) is read
+    as webdataset: its inputs are the samples of the shards the manifest lists.
+    """
+    fmt = cfg.input_format
+    if fmt != "files":
+        dataset = _load_input_manifest(cfg.input)
+        if dataset is not None:
+            names = {s["name"] for s in dataset["shards"]}
+            objects, fmt = [o for o in objects if o.relpath in names], "webdataset"
+    if fmt == "auto":
+        fmt = "webdataset" if all(o.relpath.endswith(".tar") for o in objects) else "files"
+    if fmt == "files":
+        return sources.file_inputs(objects, cfg.labels)
+    if cfg.labels == "folders":
+        raise ConfigError("preprocess.labels: 'folders' needs image files; "
+                          "webdataset samples carry their labels in .cls members")
+    tars = [o for o in objects if o.relpath.endswith(".tar")]
+    rejects = [sources.reject(o.uri, "not_a_tar", "input_format=webdataset reads .tar files")
+               for o in objects if not o.relpath.endswith(".tar")]
+    items, tar_rejects = _index_tars(tars, cfg.labels) if tars else ([], [])
+    return items, rejects + tar_rejects, sources.tar_classes(items)
+
+
+def _load_input_manifest(prefix: str) -> dict | None:
+    try:
+        return shards.load_manifest(prefix)
+    except (storage.StorageError, ValueError) as e:
+        raise ConfigError(f"preprocess.input: cannot read its manifest: {e}") from None
 
 
 def _list_output(output: str) -> list[storage.ObjectInfo]:
@@ -203,8 +234,8 @@ def _build(cfg: PreprocessConfig, todo: list[ShardPlan], *, done_inputs: int,
             yield record
 
 
-def _manifest(config: dict, classes: list[str], n_objects: int, records: list[dict],
-              rejects: list[dict], rejects_bytes: bytes) -> dict[str, Any]:
+def _manifest(config: dict, classes: list[str], records: list[dict], rejects: list[dict],
+              rejects_bytes: bytes) -> dict[str, Any]:
     written = sum(r["samples"] for r in records)
     by_split = collections.Counter()
     for r in records:
@@ -216,7 +247,6 @@ def _manifest(config: dict, classes: list[str], n_objects: int, records: list[di
         "resolution": config["resolution"],
         "classes": classes,
         "counts": {
-            "input_objects": n_objects,
             "inputs": written + len(rejects),
             "written": written,
             "written_by_split": {s: by_split[s] for s in shards.SPLITS},
@@ -289,7 +319,7 @@ def _sample_members(item: InputItem, data: bytes, split: str,
     key = item.key
     meta = {"key": key, "source": _source(item), "original_size": list(original),
             "label": item.label, "split": split}
-    members = [(f"{key}.png", encode_png(img)), (f"{key}.json", shards.dumps(meta))]
+    members = [(f"{key}.png", encode_png(img)), (f"{key}.json", json.dumps(meta, sort_keys=True).encode())]
     if item.label is not None:
         members.append((f"{key}.cls", str(item.label).encode()))
     return members

@@ -1,0 +1,192 @@
+"""The task entry points as users run them: `python -m tasks.<name>`, exit codes,
+one-line errors, a job killed part-way and run again, the quickstart."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from pipeline import storage
+from pipeline.config import PreprocessConfig
+from pipeline.data import shards
+from pipeline.data.digits import load_digits, write_digits
+from pipeline.preprocess import preprocess
+from tests import dataset, images
+from tests.services import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def run_task(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env or dict(os.environ), timeout=600, **kw)
+
+
+@pytest.fixture
+def raw_folder(tmp_path):
+    images.mixed_folder(tmp_path / "raw", 20, classes=2)
+    return str(tmp_path / "raw")
+
+
+@pytest.mark.parametrize("case", ["unknown-field", "negative-resolution", "missing-folder",
+                                  "missing-bucket", "unreachable-endpoint", "bad-choice",
+                                  "output-bucket-missing"])
+def test_bad_config_exits_2_with_one_line_and_writes_nothing(case, tmp_path, s3, s3_prefix,
+                                                             raw_folder):
+    out, env, args = s3_prefix, dict(os.environ), ["--input", raw_folder]
+    expected = {
+        "unknown-field": "preprocess.resolutoin: unknown field",
+        "negative-resolution": "preprocess.resolution: must be an integer in 1..4096, got -8",
+        "missing-folder": f"preprocess.input: cannot list {tmp_path}/nowhere: not found",
+        "missing-bucket": "preprocess.input: cannot list s3://no-such-bucket/raw: not found",
+        "unreachable-endpoint": "preprocess.input: cannot list s3://any-bucket/raw: "
+                                "cannot reach the S3 endpoint",
+        "bad-choice": "preprocess.small_images: must be one of reject, upscale; got 'shrink'",
+        "output-bucket-missing": "preprocess.output: s3://no-such-bucket/out: not found",
+    }[case]
+    if case == "unknown-field":
+        (tmp_path / "p.yaml").write_text("resolutoin: 32\n")
+        args += ["--config", str(tmp_path / "p.yaml")]
+    elif case == "negative-resolution":
+        args += ["--resolution", "-8"]
+    elif case == "missing-folder":
+        args = ["--input", str(tmp_path / "nowhere")]
+    elif case == "missing-bucket":
+        args = ["--input", "s3://no-such-bucket/raw"]
+    elif case == "unreachable-endpoint":
+        args = ["--input", "s3://any-bucket/raw"]
+        out = str(tmp_path / "out")
+        env.update(AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_MAX_ATTEMPTS="2")
+    elif case == "bad-choice":
+        args += ["--small_images", "shrink"]
+    elif case == "output-bucket-missing":
+        out = "s3://no-such-bucket/out"
+    result = run_task("tasks.preprocess", *args, "--output", out, env=env)
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"tasks.preprocess: error: {expected}"), result.stderr
+    if out.startswith("s3://") and "no-such-bucket" not in out:
+        assert storage.list_objects(out) == []
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_output_with_another_dataset_is_refused(tmp_path, ray_cluster, raw_folder):
+    out = str(tmp_path / "out")
+    preprocess(PreprocessConfig(input=raw_folder, output=out, resolution=16), progress=False)
+    before = sorted(os.listdir(out))
+    result = run_task("tasks.preprocess", "--input", raw_folder, "--output", out,
+                      "--resolution", "24")
+    assert result.returncode == 2
+    assert "(differs in resolution); choose a new output" in result.stderr
+    assert sorted(os.listdir(out)) == before
+
+
+class ShardWatcher:
+    """Lists an S3 prefix over and over while a job runs, and checks that every
+    shard it ever sees is complete: byte-identical to the reference run's."""
+
+    def __init__(self, prefix: str, reference: dict[str, str]):
+        self.prefix, self.reference = prefix, reference
+        self.checked: set[str] = set()
+        self.problems: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            for o in storage.list_objects(self.prefix):
+                if o.relpath.endswith(".tar") and o.relpath not in self.checked:
+                    digest = hashlib.sha256(storage.read_bytes(o.uri)).hexdigest()
+                    if digest != self.reference.get(o.relpath):
+                        self.problems.append(f"{o.relpath}: listed with other bytes")
+                    self.checked.add(o.relpath)
+
+    def records(self) -> list[str]:
+        return [o.relpath for o in storage.list_objects(self.prefix)
+                if o.relpath.startswith("_records/")]
+
+
+def test_killed_job_run_again_ends_as_an_uninterrupted_run(tmp_path, s3, ray_cluster):
+    raw = tmp_path / "raw"
+    for i in range(720):
+        (raw / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        (raw / f"c{i % 3}" / f"{i}.png").write_bytes(images.encode(images.noise(200, 150, i), "PNG"))
+    settings = ["--input", str(raw), "--resolution", "32", "--samples_per_shard", "12"]
+    reference_prefix, prefix = s3.prefix("reference"), s3.prefix("killed")
+    assert run_task("tasks.preprocess", *settings, "--output", reference_prefix).returncode == 0
+    reference = dataset.manifest(reference_prefix)
+    shard_digests = {s["name"]: s["sha256"] for s in reference["shards"]}
+
+    with ShardWatcher(prefix, shard_digests) as watcher:
+        job = subprocess.Popen([sys.executable, "-m", "tasks.preprocess", *settings,
+                                "--output", prefix], cwd=ROOT, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while len(watcher.records()) < 5 and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling the bucket while the job runs
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        done_at_kill = len(watcher.records())
+        assert job.returncode == -signal.SIGKILL
+        assert shards.load_manifest(prefix) is None
+        assert 5 <= done_at_kill < len(reference["shards"]), "the kill was not part-way"
+
+        again = run_task("tasks.preprocess", *settings, "--output", prefix)
+    assert again.returncode == 0, again.stderr
+    reused = int(re.search(r"shards \((\d+) reused\)", again.stdout).group(1))
+    print(f"killed after {done_at_kill} of {len(reference['shards'])} shards; re-run reused {reused}")
+    assert done_at_kill <= reused < len(reference["shards"])
+
+    assert watcher.problems == [] and watcher.checked == set(shard_digests)
+    final = dataset.manifest(prefix)
+    assert final["config"].pop("output") == prefix
+    assert reference["config"].pop("output") == reference_prefix
+    assert final == reference
+    for name, digest in shard_digests.items():
+        assert hashlib.sha256(storage.read_bytes(storage.join(prefix, name))).hexdigest() == digest
+
+    third = run_task("tasks.preprocess", *settings, "--output", prefix)
+    assert third.returncode == 0 and "already complete" in third.stdout
+
+
+def test_digits_are_written_by_class_with_their_pixels(tmp_path):
+    pixels, labels = load_digits()
+    assert pixels.shape == (1797, 8, 8) and sorted(set(labels)) == list(range(10))
+    assert write_digits(str(tmp_path)) == 1797
+    listed = storage.list_objects(str(tmp_path))
+    assert len(listed) == 1797
+    assert {o.relpath.split("/")[0] for o in listed} == {str(d) for d in range(10)}
+    from PIL import Image
+
+    img = Image.open(tmp_path / str(labels[42]) / "0042.png")
+    assert img.mode == "L" and (np.asarray(img) == pixels[42]).all()
+    assert pixels.max() == 255 and pixels.min() == 0
+
+
+def test_quickstart_on_embedded_defaults(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("AWS_")}
+    result = run_task("tasks.quickstart", "--workdir", str(tmp_path / "qs"), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest_uri = str(tmp_path / "qs" / "datasets" / "digits-8" / "manifest.json")
+    assert f"manifest at {manifest_uri}" in result.stdout
+    manifest = json.loads(open(manifest_uri).read())
+    assert manifest["counts"]["written"] == 1797 and manifest["classes"] == [str(d) for d in range(10)]
