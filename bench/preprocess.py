@@ -86,20 +86,25 @@ def our_per_image_work(paths: list[Path], resolution: int) -> float:
     return time.perf_counter() - start
 
 
-def ray_job(raw: Path, out_root: Path, resolution: int, cpus: int, repeats: int,
-            per_shard: int) -> list[float]:
+def ray_job(
+    raw: Path, out_root: Path, resolution: int, cpus: int, repeats: int, per_shard: int
+) -> list[float]:
     """Seconds per run of the whole preprocess job on a fresh local Ray with `cpus` CPUs."""
     import ray
 
     from pipeline.config import PreprocessConfig
     from pipeline.preprocess import preprocess
 
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-             logging_level="error")
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="error")
     try:
+
         def run(name: str) -> float:
-            cfg = PreprocessConfig(input=str(raw), output=str(out_root / name),
-                                   resolution=resolution, samples_per_shard=per_shard)
+            cfg = PreprocessConfig(
+                input=str(raw),
+                output=str(out_root / name),
+                resolution=resolution,
+                samples_per_shard=per_shard,
+            )
             start = time.perf_counter()
             result = preprocess(cfg, progress=False)
             elapsed = time.perf_counter() - start
@@ -118,8 +123,14 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--samples-per-shard", type=int, default=100)
-    parser.add_argument("--sides", type=int, nargs=2, default=(320, 800), metavar=("MIN", "MAX"),
-                        help="range of the input images' width and height, in pixels")
+    parser.add_argument(
+        "--sides",
+        type=int,
+        nargs=2,
+        default=(320, 800),
+        metavar=("MIN", "MAX"),
+        help="range of the input images' width and height, in pixels",
+    )
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -129,35 +140,72 @@ def main() -> None:
         paths = make_images(raw, args.images, tuple(args.sides))
         n = len(paths)
         bare = statistics.median(bare_loop(paths, args.resolution) for _ in range(args.repeats))
-        bare2 = statistics.median(bare_loop_processes(paths, args.resolution, 2)
-                                  for _ in range(args.repeats))
-        ours = statistics.median(our_per_image_work(paths, args.resolution)
-                                 for _ in range(args.repeats))
-        rows = [("bare Pillow loop, 1 process", 1, n / bare, 1.0),
-                ("bare Pillow loop, 2 processes", 2, n / bare2, bare / bare2 / 2),
-                ("+ our checks and PNG encoding, 1 proc", 1, n / ours, bare / ours)]
+        bare2 = statistics.median(
+            bare_loop_processes(paths, args.resolution, 2) for _ in range(args.repeats)
+        )
+        ours = statistics.median(
+            our_per_image_work(paths, args.resolution) for _ in range(args.repeats)
+        )
+        rows = [
+            ("bare Pillow loop, 1 process", 1, n / bare, 1.0),
+            ("bare Pillow loop, 2 processes", 2, n / bare2, bare / bare2 / 2),
+            ("+ our checks and PNG encoding, 1 proc", 1, n / ours, bare / ours),
+        ]
         for cpus in (1, 2):
-            seconds = statistics.median(ray_job(raw, Path(tmp) / "out", args.resolution, cpus,
-                                                args.repeats, args.samples_per_shard))
-            rows.append((f"Ray Data preprocess job, {cpus} CPU", cpus, n / seconds,
-                         (n / seconds / cpus) / (n / bare)))
+            seconds = statistics.median(
+                ray_job(
+                    raw,
+                    Path(tmp) / "out",
+                    args.resolution,
+                    cpus,
+                    args.repeats,
+                    args.samples_per_shard,
+                )
+            )
+            rows.append(
+                (
+                    f"Ray Data preprocess job, {cpus} CPU",
+                    cpus,
+                    n / seconds,
+                    (n / seconds / cpus) / (n / bare),
+                )
+            )
 
-    print(f"\n{n} JPEGs, {args.sides[0]}..{args.sides[1]} px -> {args.resolution} px PNG shards; "
-          f"median of {args.repeats} runs; {os.cpu_count()} cores here")
+    print(
+        f"\n{n} JPEGs, {args.sides[0]}..{args.sides[1]} px -> {args.resolution} px PNG shards; "
+        f"median of {args.repeats} runs; {os.cpu_count()} cores here"
+    )
     print(f"{'pipeline':<40} {'CPUs':>4} {'img/s':>9} {'per CPU vs bare':>16}")
     for name, cpus, rate, ratio in rows:
         print(f"{name:<40} {cpus:>4} {rate:>9.1f} {ratio:>16.3f}")
     RESULTS.mkdir(exist_ok=True)
     machine = f"cpu{os.cpu_count()}-{platform.machine()}"
     out = RESULTS / f"preprocess-{machine}-{args.sides[0]}-{args.sides[1]}px.json"
-    out.write_text(json.dumps({
-        "benchmark": "preprocess", "machine": machine, "processor": platform.processor(),
-        "images": n, "sides": list(args.sides), "resolution": args.resolution,
-        "repeats": args.repeats,
-        "samples_per_shard": args.samples_per_shard,
-        "rows": [{"pipeline": r[0], "cpus": r[1], "images_per_s": round(r[2], 2),
-                  "per_cpu_ratio_vs_bare": round(r[3], 4)} for r in rows],
-    }, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "preprocess",
+                "machine": machine,
+                "processor": platform.processor(),
+                "images": n,
+                "sides": list(args.sides),
+                "resolution": args.resolution,
+                "repeats": args.repeats,
+                "samples_per_shard": args.samples_per_shard,
+                "rows": [
+                    {
+                        "pipeline": r[0],
+                        "cpus": r[1],
+                        "images_per_s": round(r[2], 2),
+                        "per_cpu_ratio_vs_bare": round(r[3], 4),
+                    }
+                    for r in rows
+                ],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

@@ -21,8 +21,9 @@ import inspect
 import textwrap
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -43,7 +44,7 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         body = tree.body[0].body
-        for node, after in zip(body, body[1:]):
+        for node, after in zip(body, body[1:], strict=False):
             if (
                 isinstance(node, ast.AnnAssign)
                 and isinstance(node.target, ast.Name)
@@ -66,8 +67,13 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if origin is tuple:
         return f"a comma-separated list, each {_describe(typing.get_args(tp)[0])}"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        str: "a string",
+        type(None): "null",
+    }.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
@@ -89,7 +95,9 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{name}: must be one of {', '.join(map(str, allowed))}; got {value!r}")
+            raise ConfigError(
+                f"{name}: must be one of {', '.join(map(str, allowed))}; got {value!r}"
+            )
         return value
     if origin is tuple:
         (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
@@ -186,7 +194,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"--config: {path} must hold a mapping of fields, got {type(data).__name__}")
+        raise ConfigError(
+            f"--config: {path} must hold a mapping of fields, got {type(data).__name__}"
+        )
     return data
 
 
@@ -223,13 +233,19 @@ def make_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPars
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--config", metavar="FILE",
+        "--config",
+        metavar="FILE",
         help="YAML file of field values; command-line flags override it",
     )
     group = parser.add_argument_group("config fields")
     for name, help_text, _ in _flags(cls):
-        group.add_argument(f"--{name}", dest=f"field:{name}", metavar="VALUE",
-                           default=argparse.SUPPRESS, help=help_text)
+        group.add_argument(
+            f"--{name}",
+            dest=f"field:{name}",
+            metavar="VALUE",
+            default=argparse.SUPPRESS,
+            help=help_text,
+        )
     return parser
 
 
@@ -241,7 +257,7 @@ def parse_args(cls: type, parser: argparse.ArgumentParser, argv: list[str] | Non
         if not key.startswith("field:"):
             continue
         node = data
-        *parents, leaf = key[len("field:"):].split(".")
+        *parents, leaf = key[len("field:") :].split(".")
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
@@ -302,14 +318,21 @@ class PreprocessConfig(Checked):
     def __post_init__(self) -> None:
         self.check(bool(self.input), "input", "must name a folder or s3:// prefix")
         self.check(bool(self.output), "output", "must name a folder or s3:// prefix")
-        self.check(self.input.rstrip("/") != self.output.rstrip("/"), "output",
-                   "must differ from input")
+        self.check(
+            self.input.rstrip("/") != self.output.rstrip("/"), "output", "must differ from input"
+        )
         self.check(0 < self.resolution <= 4096, "resolution", "must be an integer in 1..4096")
         self.check(self.max_pixels > 0, "max_pixels", "must be a positive integer")
-        self.check(len(self.background) == 3 and all(0 <= c <= 255 for c in self.background),
-                   "background", "must be three integers in 0..255")
-        self.check(0.0 <= self.validation_fraction < 1.0, "validation_fraction",
-                   "must be a number in [0, 1)")
+        self.check(
+            len(self.background) == 3 and all(0 <= c <= 255 for c in self.background),
+            "background",
+            "must be three integers in 0..255",
+        )
+        self.check(
+            0.0 <= self.validation_fraction < 1.0,
+            "validation_fraction",
+            "must be a number in [0, 1)",
+        )
         self.check(self.samples_per_shard > 0, "samples_per_shard", "must be a positive integer")
 
 

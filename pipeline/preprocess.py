@@ -15,23 +15,19 @@ and a re-run after success finds the manifest and writes nothing.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
 import json
 import re
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterator
+from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.config import ConfigError, PreprocessConfig, to_dict
-from pipeline.data import shards, sources
-from pipeline.data.decode import Rejected, decode_image
+from pipeline.data import build, shards, sources
 from pipeline.data.sources import InputItem, ShardPlan
-from pipeline.data.transforms import center_crop_resize, encode_png
 
-RECORDS = "_records"
 _SHARD_FILE = re.compile(r"^(train|validation)-\d{6}\.tar$")
 
 
@@ -85,8 +81,13 @@ def preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> PreprocessRes
     records = _finished_records(cfg, plans, previous)
     reused = len(records)
     todo = [p for p in plans if p.name not in records]
-    for record in _build(cfg, todo, done_inputs=sum(r["inputs"] for r in records.values()),
-                         total_inputs=len(items), progress=progress):
+    for record in _build(
+        cfg,
+        todo,
+        done_inputs=sum(r["inputs"] for r in records.values()),
+        total_inputs=len(items),
+        progress=progress,
+    ):
         records[record["name"]] = record
     _remove_orphans(cfg.output, previous, {p.name for p in plans})
 
@@ -115,8 +116,9 @@ def _list_inputs(cfg: PreprocessConfig) -> list[storage.ObjectInfo]:
     return objects
 
 
-def _plan_inputs(cfg: PreprocessConfig, objects: list[storage.ObjectInfo]
-                 ) -> tuple[list[InputItem], list[dict], list[str]]:
+def _plan_inputs(
+    cfg: PreprocessConfig, objects: list[storage.ObjectInfo]
+) -> tuple[list[InputItem], list[dict], list[str]]:
     """(inputs, rejected inputs, class names) for the objects under `cfg.input`.
 
     An input prefix holding one of our datasets (a committed manifest) is read
@@ -133,11 +135,16 @@ def _plan_inputs(cfg: PreprocessConfig, objects: list[storage.ObjectInfo]
     if fmt == "files":
         return sources.file_inputs(objects, cfg.labels)
     if cfg.labels == "folders":
-        raise ConfigError("preprocess.labels: 'folders' needs image files; "
-                          "webdataset samples carry their labels in .cls members")
+        raise ConfigError(
+            "preprocess.labels: 'folders' needs image files; "
+            "webdataset samples carry their labels in .cls members"
+        )
     tars = [o for o in objects if o.relpath.endswith(".tar")]
-    rejects = [sources.reject(o.uri, "not_a_tar", "input_format=webdataset reads .tar files")
-               for o in objects if not o.relpath.endswith(".tar")]
+    rejects = [
+        sources.reject(o.uri, "not_a_tar", "input_format=webdataset reads .tar files")
+        for o in objects
+        if not o.relpath.endswith(".tar")
+    ]
     items, tar_rejects = _index_tars(tars, cfg.labels) if tars else ([], [])
     return items, rejects + tar_rejects, sources.tar_classes(items)
 
@@ -182,7 +189,7 @@ def _finished_records(
     config = to_dict(cfg)
     done = {}
     for plan in plans:
-        record_path = f"{RECORDS}/{plan.name}.json"
+        record_path = f"{shards.RECORDS}/{plan.name}.json"
         if record_path not in present or plan.name not in present:
             continue
         record = json.loads(storage.read_bytes(storage.join(cfg.output, record_path)))
@@ -194,7 +201,7 @@ def _finished_records(
 def _remove_orphans(output: str, previous: list[storage.ObjectInfo], planned: set[str]) -> None:
     """Delete shards (and records) an interrupted run with another plan left behind."""
     for o in previous:
-        name = o.relpath.removeprefix(f"{RECORDS}/").removesuffix(".json")
+        name = o.relpath.removeprefix(f"{shards.RECORDS}/").removesuffix(".json")
         if _SHARD_FILE.match(name) and name not in planned:
             storage.delete(o.uri)
 
@@ -205,7 +212,7 @@ def _index_tars(objects: list[storage.ObjectInfo], labels: str) -> tuple[list[In
 
     rows = [{"uri": o.uri, "relpath": o.relpath, "size": o.size} for o in objects]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        _index_tar_batch, batch_size=1, fn_kwargs={"labels": labels}
+        build.index_tars, batch_size=1, fn_kwargs={"labels": labels}
     )
     items, rejects = [], []
     for row in ds.iter_rows():
@@ -214,8 +221,14 @@ def _index_tars(objects: list[storage.ObjectInfo], labels: str) -> tuple[list[In
     return items, rejects
 
 
-def _build(cfg: PreprocessConfig, todo: list[ShardPlan], *, done_inputs: int,
-           total_inputs: int, progress: bool) -> Iterator[dict]:
+def _build(
+    cfg: PreprocessConfig,
+    todo: list[ShardPlan],
+    *,
+    done_inputs: int,
+    total_inputs: int,
+    progress: bool,
+) -> Iterator[dict]:
     """Build the shards in `todo` on Ray Data, yielding each one's record."""
     if not todo:
         return
@@ -223,23 +236,34 @@ def _build(cfg: PreprocessConfig, todo: list[ShardPlan], *, done_inputs: int,
 
     config = to_dict(cfg)
     rows = [
-        {"split": p.split, "index": p.index, "plan_sha256": p.digest(config),
-         "items": json.dumps([dataclasses.asdict(i) for i in p.items])}
+        {
+            "split": p.split,
+            "index": p.index,
+            "plan_sha256": p.digest(config),
+            "items": json.dumps([dataclasses.asdict(i) for i in p.items]),
+        }
         for p in todo
     ]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        build_shards, batch_size=1, fn_kwargs={"cfg": cfg}, num_cpus=1
+        build.build_shards, batch_size=1, fn_kwargs={"cfg": cfg}, num_cpus=1
     )
-    with tqdm(total=total_inputs, initial=done_inputs, unit="img", desc="preprocess",
-              disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=total_inputs,
+        initial=done_inputs,
+        unit="img",
+        desc="preprocess",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
         for row in ds.iter_rows():
             record = json.loads(row["record"])
             bar.update(record["inputs"])
             yield record
 
 
-def _manifest(config: dict, classes: list[str], records: list[dict], rejects: list[dict],
-              rejects_bytes: bytes) -> dict[str, Any]:
+def _manifest(
+    config: dict, classes: list[str], records: list[dict], rejects: list[dict], rejects_bytes: bytes
+) -> dict[str, Any]:
     written = sum(r["samples"] for r in records)
     by_split = collections.Counter()
     for r in records:
@@ -255,97 +279,16 @@ def _manifest(config: dict, classes: list[str], records: list[dict], rejects: li
             "written": written,
             "written_by_split": {s: by_split[s] for s in shards.SPLITS},
             "rejected": len(rejects),
-            "rejected_by_reason": dict(sorted(collections.Counter(r["reason"] for r in rejects).items())),
+            "rejected_by_reason": dict(
+                sorted(collections.Counter(r["reason"] for r in rejects).items())
+            ),
         },
         "shards": [
             {k: r[k] for k in ("name", "split", "samples", "bytes", "sha256")} for r in records
         ],
-        "rejects": {"name": shards.REJECTS, "sha256": shards.sha256(rejects_bytes),
-                    "count": len(rejects)},
+        "rejects": {
+            "name": shards.REJECTS,
+            "sha256": shards.sha256(rejects_bytes),
+            "count": len(rejects),
+        },
     }
-
-
-# --- the workers' side: plain callables on batch dicts ------------------------------------
-
-
-def _index_tar_batch(batch: dict[str, np.ndarray], labels: str) -> dict[str, np.ndarray]:
-    out_items, out_rejects = [], []
-    for uri, relpath, size in zip(batch["uri"], batch["relpath"], batch["size"]):
-        items, rejects = sources.tar_inputs(storage.ObjectInfo(uri, relpath, int(size)), labels)
-        out_items.append(json.dumps([dataclasses.asdict(i) for i in items]))
-        out_rejects.append(json.dumps(rejects))
-    return {"items": np.array(out_items, dtype=object), "rejects": np.array(out_rejects, dtype=object)}
-
-
-def build_shards(batch: dict[str, np.ndarray], cfg: PreprocessConfig) -> dict[str, np.ndarray]:
-    """Build and write the shards of a batch of shard plans; return their records."""
-    records = []
-    for split, index, digest, items in zip(batch["split"], batch["index"], batch["plan_sha256"],
-                                           batch["items"]):
-        plan = ShardPlan(str(split), int(index), tuple(InputItem(**d) for d in json.loads(items)))
-        records.append(json.dumps(_build_shard(plan, str(digest), cfg)))
-    return {"record": np.array(records, dtype=object)}
-
-
-def _build_shard(plan: ShardPlan, digest: str, cfg: PreprocessConfig) -> dict[str, Any]:
-    members, rejects = [], []
-    for item, data in _prefetch(plan.items):
-        if isinstance(data, storage.NotFound):
-            rejects.append(sources.reject(_source(item), "vanished", str(data)))
-            continue
-        try:
-            members += _sample_members(item, data, plan.split, cfg)
-        except Rejected as r:
-            rejects.append(sources.reject(_source(item), r.reason, r.detail))
-    tar = shards.write_tar(members)
-    storage.write_bytes(storage.join(cfg.output, plan.name), tar)
-    record = {
-        "name": plan.name, "split": plan.split, "index": plan.index, "plan_sha256": digest,
-        "inputs": len(plan.items), "samples": len(plan.items) - len(rejects),
-        "bytes": len(tar), "sha256": shards.sha256(tar), "rejects": rejects,
-    }
-    storage.write_bytes(storage.join(cfg.output, RECORDS, f"{plan.name}.json"), shards.dumps(record))
-    return record
-
-
-def _source(item: InputItem) -> str:
-    """The input's URI as recorded: a tar sample is `tar_uri#key`."""
-    if item.size is None:
-        return item.uri
-    return f"{item.uri}#{item.relpath.rpartition('/')[2]}"
-
-
-def _sample_members(item: InputItem, data: bytes, split: str,
-                    cfg: PreprocessConfig) -> list[tuple[str, bytes]]:
-    img, original = decode_image(data, max_pixels=cfg.max_pixels,
-                                 background=tuple(cfg.background), min_side=cfg.resolution)
-    img = center_crop_resize(img, cfg.resolution, upscale=cfg.small_images == "upscale")
-    key = item.key
-    meta = {"key": key, "source": _source(item), "original_size": list(original),
-            "label": item.label, "split": split}
-    members = [(f"{key}.png", encode_png(img)), (f"{key}.json", json.dumps(meta, sort_keys=True).encode())]
-    if item.label is not None:
-        members.append((f"{key}.cls", str(item.label).encode()))
-    return members
-
-
-def _prefetch(items: Iterable[InputItem], depth: int = 16) -> Iterator[tuple[InputItem, Any]]:
-    """(item, bytes or NotFound) in order, reading up to `depth` items ahead on
-    threads, so object-store latency overlaps with decoding."""
-
-    def read(item: InputItem) -> bytes | storage.NotFound:
-        try:
-            return item.read()
-        except storage.NotFound as e:
-            return e
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=depth) as pool:
-        window: collections.deque = collections.deque()
-        for item in items:
-            window.append((item, pool.submit(read, item)))
-            if len(window) >= depth:
-                head, future = window.popleft()
-                yield head, future.result()
-        while window:
-            head, future = window.popleft()
-            yield head, future.result()

@@ -27,9 +27,10 @@ import os
 import posixpath
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -71,14 +72,14 @@ def join(base: str, *parts: str) -> str:
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri[len(_S3):].partition("/")
+    bucket, _, key = uri[len(_S3) :].partition("/")
     if not bucket:
         raise StorageError(f"{uri}: an S3 URI needs a bucket: s3://bucket/prefix")
     return bucket, key
 
 
 def _local(uri: str) -> Path:
-    return Path(uri[len(_FILE):] if uri.startswith(_FILE) else uri)
+    return Path(uri[len(_FILE) :] if uri.startswith(_FILE) else uri)
 
 
 def _hidden(relpath: str) -> bool:
@@ -159,8 +160,13 @@ def _retry_body(read, attempts: int = 4):
     import botocore.exceptions as bx
     import urllib3.exceptions as ux
 
-    transient = (bx.ResponseStreamingError, bx.ReadTimeoutError, bx.IncompleteReadError,
-                 bx.ConnectionClosedError, ux.ProtocolError)
+    transient = (
+        bx.ResponseStreamingError,
+        bx.ReadTimeoutError,
+        bx.IncompleteReadError,
+        bx.ConnectionClosedError,
+        ux.ProtocolError,
+    )
     for attempt in range(attempts):
         try:
             return read()
@@ -228,7 +234,7 @@ def list_objects(prefix: str) -> list[ObjectInfo]:
             pages = _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start)
             for page in pages:
                 for obj in page.get("Contents", []):
-                    relpath = obj["Key"][len(start):]
+                    relpath = obj["Key"][len(start) :]
                     if relpath and not relpath.endswith("/") and not _hidden(relpath):
                         out.append(ObjectInfo(f"{_S3}{bucket}/{obj['Key']}", relpath, obj["Size"]))
         else:
@@ -274,7 +280,7 @@ def delete(uri: str) -> None:
             _local(uri).unlink(missing_ok=True)
 
 
-def arrow_filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
+def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
     """A pyarrow filesystem and the path within it, for Ray Data and Ray Train.
 
     pyarrow's S3 client does not read `AWS_ENDPOINT_URL*` itself, so the endpoint

@@ -8,14 +8,16 @@ for anything unexpected, which is a bug); 130 interrupted.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pipeline import storage
 from pipeline.config import ConfigError, make_parser, parse_args
 
 
-def run_task(prog: str, config_cls: type, main: Callable[[Any], None],
-             argv: list[str] | None = None) -> int:
+def run_task(
+    prog: str, config_cls: type, main: Callable[[Any], None], argv: list[str] | None = None
+) -> int:
     """Parse `argv` into a `config_cls`, call `main(config)`, map errors to exit codes."""
     parser = make_parser(config_cls, prog, config_cls.__doc__ or "")
     try:

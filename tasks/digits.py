@@ -1,6 +1,6 @@
 """Write scikit-learn's handwritten digits as a folder of PNGs by class.
 
-    python -m tasks.digits --output data/digits
+python -m tasks.digits --output data/digits
 """
 
 import sys

@@ -1,7 +1,7 @@
 """Raw images -> webdataset shards, a manifest and a list of rejects.
 
-    python -m tasks.preprocess --input photos/ --output s3://bucket/datasets/photos-64
-    python -m tasks.preprocess --config preprocess.yaml --resolution 32
+python -m tasks.preprocess --input photos/ --output s3://bucket/datasets/photos-64
+python -m tasks.preprocess --config preprocess.yaml --resolution 32
 """
 
 import sys

@@ -18,9 +18,15 @@ def main(cfg: QuickstartConfig) -> None:
     raw = storage.join(cfg.workdir, "raw", "digits")
     print(f"quickstart: wrote {write_digits(raw)} example digits under {raw}")
     dataset = storage.join(cfg.workdir, "datasets", f"digits-{cfg.resolution}")
-    result = preprocess(PreprocessConfig(
-        input=raw, output=dataset, resolution=cfg.resolution, small_images="upscale",
-        validation_fraction=0.1))
+    result = preprocess(
+        PreprocessConfig(
+            input=raw,
+            output=dataset,
+            resolution=cfg.resolution,
+            small_images="upscale",
+            validation_fraction=0.1,
+        )
+    )
     print(f"quickstart: {result.summary()}")
     print(f"quickstart: shards in {dataset}/, manifest at {result.manifest_uri}")
 

@@ -19,14 +19,16 @@ from tests import services
 # Settings every test process (and every process it starts) runs with. Set at
 # import, before Ray, MLflow or boto3 are imported by any test module.
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="pipeline-tests-"))
-os.environ.update({
-    # Ray keeps sockets under its temp dir, whose path must stay short.
-    "RAY_TMPDIR": tempfile.mkdtemp(prefix="r", dir="/tmp"),
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "TQDM_DISABLE": "1",
-})
+os.environ.update(
+    {
+        # Ray keeps sockets under its temp dir, whose path must stay short.
+        "RAY_TMPDIR": tempfile.mkdtemp(prefix="r", dir="/tmp"),
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "TQDM_DISABLE": "1",
+    }
+)
 for _name in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
     os.environ.pop(_name, None)
 

@@ -48,11 +48,17 @@ def png_declaring(width: int, height: int) -> bytes:
     """A few hundred bytes of PNG that declare `width` x `height` pixels."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def noise(width: int, height: int, seed: int) -> Image.Image:
@@ -84,6 +90,7 @@ def _near(colour, tol=4):
     def check(pixels: np.ndarray) -> None:
         centre = pixels[pixels.shape[0] // 2, pixels.shape[1] // 2].astype(int)
         assert np.abs(centre - colour).max() <= tol, f"centre {centre.tolist()}, expected {colour}"
+
     return check
 
 
@@ -92,6 +99,7 @@ def _halves(left, right):
         n = pixels.shape[1]
         assert (pixels[:, : n // 4] == left).all(), pixels[0, 0].tolist()
         assert (pixels[:, -n // 4 :] == right).all(), pixels[0, -1].tolist()
+
     return check
 
 
@@ -128,21 +136,46 @@ def bad_corpus() -> dict[str, tuple[bytes, str, object]]:
         "bomb.png": (png_declaring(50_000, 50_000), "rejected", "too_many_pixels"),
         "declares-81M.png": (png_declaring(9000, 9000), "rejected", "too_many_pixels"),
         "tiny.png": (encode(noise(16, 16, 4), "PNG"), "rejected", "too_small"),
-        "float.tif": (encode(Image.new("F", (64, 64), 0.5), "TIFF"), "rejected", "unsupported_mode"),
-        "cmyk.jpg": (encode(Image.new("CMYK", (64, 64), (0, 255, 255, 0)), "JPEG", quality=95),
-                     "written", _near((255, 0, 0))),
+        "float.tif": (
+            encode(Image.new("F", (64, 64), 0.5), "TIFF"),
+            "rejected",
+            "unsupported_mode",
+        ),
+        "cmyk.jpg": (
+            encode(Image.new("CMYK", (64, 64), (0, 255, 255, 0)), "JPEG", quality=95),
+            "written",
+            _near((255, 0, 0)),
+        ),
         "sixteen-bit.png": (encode(Image.fromarray(sixteen), "PNG"), "written", _halves(64, 191)),
-        "palette-transparent.png": (encode(palette, "PNG", transparency=1), "written",
-                                    _halves(255, (255, 0, 0))),
-        "rgba.png": (encode(Image.new("RGBA", (64, 64), (255, 0, 0, 128)), "PNG"), "written",
-                     _near((255, 127, 127), tol=1)),
-        "grey-alpha.png": (encode(Image.new("LA", (64, 64), (0, 0)), "PNG"), "written",
-                           _near((255, 255, 255), tol=0)),
-        "grey.png": (encode(Image.new("L", (64, 64), 100), "PNG"), "written",
-                     _near((100, 100, 100), tol=0)),
+        "palette-transparent.png": (
+            encode(palette, "PNG", transparency=1),
+            "written",
+            _halves(255, (255, 0, 0)),
+        ),
+        "rgba.png": (
+            encode(Image.new("RGBA", (64, 64), (255, 0, 0, 128)), "PNG"),
+            "written",
+            _near((255, 127, 127), tol=1),
+        ),
+        "grey-alpha.png": (
+            encode(Image.new("LA", (64, 64), (0, 0)), "PNG"),
+            "written",
+            _near((255, 255, 255), tol=0),
+        ),
+        "grey.png": (
+            encode(Image.new("L", (64, 64), 100), "PNG"),
+            "written",
+            _near((100, 100, 100), tol=0),
+        ),
         "animated.gif": (gif.getvalue(), "written", _near((255, 0, 0), tol=2)),
-        "exif-rotated.jpg": (encode(stored, "JPEG", quality=95, exif=exif.tobytes()), "written",
-                             _marker_top_right),
-        "my holiday.photo v2.final.png": (encode(Image.new("RGB", (80, 64), (0, 160, 0)), "PNG"),
-                                          "written", _near((0, 160, 0), tol=0)),
+        "exif-rotated.jpg": (
+            encode(stored, "JPEG", quality=95, exif=exif.tobytes()),
+            "written",
+            _marker_top_right,
+        ),
+        "my holiday.photo v2.final.png": (
+            encode(Image.new("RGB", (80, 64), (0, 160, 0)), "PNG"),
+            "written",
+            _near((0, 160, 0), tol=0),
+        ),
     }

@@ -18,8 +18,8 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -83,8 +83,9 @@ def stop_group(proc: subprocess.Popen, timeout: float = 5) -> None:
 @contextlib.contextmanager
 def process_group(cmd: list[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
     with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, cwd=ROOT)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT
+        )
     try:
         yield proc
     finally:
@@ -92,8 +93,9 @@ def process_group(cmd: list[str], log: Path, env: dict[str, str]) -> Iterator[su
 
 
 def service_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               PYTHON=sys.executable)
+    env = dict(
+        os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHON=sys.executable
+    )
     env.update(extra)
     return env
 
@@ -106,14 +108,30 @@ def s3_server(workdir: Path) -> Iterator[dict[str, str]]:
 
     port, base = free_port(), free_port(span=3, grpc_offset=10000)
     key, secret, bucket = "test-key", f"test-secret-{uuid.uuid4().hex[:8]}", "pipeline-test"
-    env = service_env(S3_PORT=str(port), S3_BUCKET="", S3_ACCESS_KEY=key, S3_SECRET_KEY=secret,
-                      SEAWEED_PORT_BASE=str(base))
+    env = service_env(
+        S3_PORT=str(port),
+        S3_BUCKET="",
+        S3_ACCESS_KEY=key,
+        S3_SECRET_KEY=secret,
+        SEAWEED_PORT_BASE=str(base),
+    )
     log = workdir / "s3.log"
-    with process_group([str(ROOT / "infra/local/start-s3.sh"), str(workdir / "data")], log, env) as proc:
-        aws = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": key,
-               "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1"}
-        client = boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                              aws_access_key_id=key, aws_secret_access_key=secret)
+    with process_group(
+        [str(ROOT / "infra/local/start-s3.sh"), str(workdir / "data")], log, env
+    ) as proc:
+        aws = {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": key,
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_REGION": "us-east-1",
+        }
+        client = boto3.client(
+            "s3",
+            endpoint_url=aws["AWS_ENDPOINT_URL"],
+            region_name="us-east-1",
+            aws_access_key_id=key,
+            aws_secret_access_key=secret,
+        )
 
         def bucket_ready() -> bool:
             try:
@@ -138,10 +156,16 @@ def mlflow_server(workdir: Path, artifacts: str) -> Iterator[str]:
     env = service_env(MLFLOW_PORT=str(port), MLFLOW_ARTIFACTS=artifacts)
     log = workdir / "mlflow.log"
     uri = f"http://127.0.0.1:{port}"
-    with process_group([str(ROOT / "infra/local/start-mlflow.sh"), str(workdir / "mlflow")],
-                       log, env) as proc:
-        wait_until(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200,
-                   "MLflow server", 120, proc, log)
+    with process_group(
+        [str(ROOT / "infra/local/start-mlflow.sh"), str(workdir / "mlflow")], log, env
+    ) as proc:
+        wait_until(
+            lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200,
+            "MLflow server",
+            120,
+            proc,
+            log,
+        )
         yield uri
 
 
@@ -150,9 +174,18 @@ def ray_head(workdir: Path, num_cpus: int = 2) -> Iterator[str]:
     """A Ray head node (`ray start --head --block`); yields its address."""
     port = free_port()
     log = workdir / "ray-head.log"
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
-           "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0",
-           "--include-dashboard=false", "--disable-usage-stats"]
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+    ]
     address = f"127.0.0.1:{port}"
     with process_group(cmd, log, service_env()) as proc:
         wait_until(lambda: "Ray runtime started" in log.read_text(), "Ray head", 90, proc, log)

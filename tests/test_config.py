@@ -19,23 +19,38 @@ def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
     cfg = load(["--config", str(path), "--resolution", "16", "--background", "0, 0, 10"])
     assert cfg.resolution == 16 and cfg.labels == "none" and cfg.input == "raw"
     assert cfg.background == (0, 0, 10)
-    assert cfg.samples_per_shard == PreprocessConfig.__dataclass_fields__["samples_per_shard"].default
+    assert (
+        cfg.samples_per_shard == PreprocessConfig.__dataclass_fields__["samples_per_shard"].default
+    )
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--output", "o"], "preprocess.input: required"),
-    (["--input", "i", "--output", "o", "--resolution", "-5"],
-     "preprocess.resolution: must be an integer in 1..4096, got -5"),
-    (["--input", "i", "--output", "o", "--resolution", "big"],
-     "preprocess.resolution: expected an integer, got 'big'"),
-    (["--input", "i", "--output", "o", "--labels", "colour"],
-     "preprocess.labels: must be one of auto, folders, none; got 'colour'"),
-    (["--input", "i", "--output", "o", "--validation_fraction", "1.5"],
-     "preprocess.validation_fraction: must be a number in [0, 1), got 1.5"),
-    (["--input", "i", "--output", "o", "--background", "1,2"],
-     "preprocess.background: must be three integers in 0..255, got (1, 2)"),
-    (["--input", "same", "--output", "same/"], "preprocess.output: must differ from input"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--output", "o"], "preprocess.input: required"),
+        (
+            ["--input", "i", "--output", "o", "--resolution", "-5"],
+            "preprocess.resolution: must be an integer in 1..4096, got -5",
+        ),
+        (
+            ["--input", "i", "--output", "o", "--resolution", "big"],
+            "preprocess.resolution: expected an integer, got 'big'",
+        ),
+        (
+            ["--input", "i", "--output", "o", "--labels", "colour"],
+            "preprocess.labels: must be one of auto, folders, none; got 'colour'",
+        ),
+        (
+            ["--input", "i", "--output", "o", "--validation_fraction", "1.5"],
+            "preprocess.validation_fraction: must be a number in [0, 1), got 1.5",
+        ),
+        (
+            ["--input", "i", "--output", "o", "--background", "1,2"],
+            "preprocess.background: must be three integers in 0..255, got (1, 2)",
+        ),
+        (["--input", "same", "--output", "same/"], "preprocess.output: must differ from input"),
+    ],
+)
 def test_bad_values_name_the_field_and_what_is_allowed(argv, message):
     with pytest.raises(ConfigError) as err:
         load(argv)
@@ -49,10 +64,13 @@ def test_unknown_yaml_field_is_named(tmp_path):
         load(["--config", str(path)])
 
 
-@pytest.mark.parametrize("text, message", [
-    ("- a\n- b\n", "must hold a mapping"),
-    ("input: [unclosed\n", "is not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("- a\n- b\n", "must hold a mapping"),
+        ("input: [unclosed\n", "is not valid YAML"),
+    ],
+)
 def test_bad_yaml_files_are_named(tmp_path, text, message):
     path = tmp_path / "p.yaml"
     path.write_text(text)

@@ -24,12 +24,18 @@ def test_two_thousand_mixed_images_to_s3(tmp_path, s3_prefix):
     paths = images.mixed_folder(raw, 2000, classes=4)
     (raw / "class0" / "gradient.png").write_bytes(images.encode(images.gradient(300, 200), "PNG"))
     (raw / "class1" / "checker.png").write_bytes(
-        images.encode(images.checkerboard(576, 384, 96), "PNG"))
+        images.encode(images.checkerboard(576, 384, 96), "PNG")
+    )
     too_small = {str(p) for p in paths if min(Image.open(p).size) < 32}
     assert 50 < len(too_small) < 500  # the mix really has some
 
-    cfg = PreprocessConfig(input=str(raw), output=s3_prefix, resolution=32,
-                           samples_per_shard=250, validation_fraction=0.1)
+    cfg = PreprocessConfig(
+        input=str(raw),
+        output=s3_prefix,
+        resolution=32,
+        samples_per_shard=250,
+        validation_fraction=0.1,
+    )
     result = preprocess(cfg, progress=False)
     counts = result.manifest["counts"]
     assert counts["inputs"] == 2002
@@ -44,7 +50,7 @@ def test_two_thousand_mixed_images_to_s3(tmp_path, s3_prefix):
         assert s["pixels"].shape == (32, 32, 3)
         assert s["cls"] == int(s["meta"]["source"].split("/class")[1][0])
         assert s["shard"].startswith(s["meta"]["split"])
-        item = InputItem(s["meta"]["source"], s["meta"]["source"][len(str(raw)) + 1:])
+        item = InputItem(s["meta"]["source"], s["meta"]["source"][len(str(raw)) + 1 :])
         assert item.key == key and item.split(0.1) == s["meta"]["split"]
     assert 0.05 < counts["written_by_split"]["validation"] / counts["written"] < 0.15
 
@@ -73,11 +79,14 @@ def _listing(prefix: str) -> dict[str, tuple]:
     """Every object under `prefix` with its ETag and modification time, from S3."""
     import boto3
 
-    bucket, _, key = prefix[len("s3://"):].partition("/")
+    bucket, _, key = prefix[len("s3://") :].partition("/")
     client = boto3.client("s3")
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/")
-    return {o["Key"]: (o["ETag"], o["LastModified"], o["Size"])
-            for page in pages for o in page.get("Contents", [])}
+    return {
+        o["Key"]: (o["ETag"], o["LastModified"], o["Size"])
+        for page in pages
+        for o in page.get("Contents", [])
+    }
 
 
 def test_same_job_twice_gives_identical_shards_and_writes_nothing(tmp_path, s3, s3_prefix):
@@ -110,8 +119,9 @@ def test_bad_input_corpus_every_file_written_right_or_rejected(tmp_path, s3_pref
     corpus = images.bad_corpus()
     for name, (data, _, _) in corpus.items():
         (raw / name).write_bytes(data)
-    result = preprocess(PreprocessConfig(input=str(raw), output=s3_prefix, resolution=32),
-                        progress=False)
+    result = preprocess(
+        PreprocessConfig(input=str(raw), output=s3_prefix, resolution=32), progress=False
+    )
 
     written = dataset.by_source(dataset.read_with_webdataset(s3_prefix))
     rejected = {r["uri"]: r for r in dataset.rejects(s3_prefix)}
@@ -121,7 +131,10 @@ def test_bad_input_corpus_every_file_written_right_or_rejected(tmp_path, s3_pref
     for name, (_, outcome, expected) in corpus.items():
         uri = str(raw / name)
         if outcome == "rejected":
-            assert uri not in written and rejected[uri]["reason"] == expected, (name, rejected.get(uri))
+            assert uri not in written and rejected[uri]["reason"] == expected, (
+                name,
+                rejected.get(uri),
+            )
             assert rejected[uri]["detail"]
         else:
             assert uri not in rejected, (name, rejected.get(uri))
@@ -137,16 +150,22 @@ def test_s3_input_and_webdataset_input(tmp_path, s3):
     for i in range(60):
         colour = (i * 4, 255 - i * 4, 7 * (i % 3))
         img = Image.new("RGB", (48 + i, 40), colour)
-        storage.write_bytes(storage.join(raw, f"c{i % 3}", f"im {i}.png"), images.encode(img, "PNG"))
-    made = preprocess(PreprocessConfig(input=raw, output=first, resolution=32,
-                                       samples_per_shard=25), progress=False)
+        storage.write_bytes(
+            storage.join(raw, f"c{i % 3}", f"im {i}.png"), images.encode(img, "PNG")
+        )
+    made = preprocess(
+        PreprocessConfig(input=raw, output=first, resolution=32, samples_per_shard=25),
+        progress=False,
+    )
     assert made.manifest["counts"]["written"] == 60
     assert made.manifest["classes"] == ["c0", "c1", "c2"]
 
     # A prefix holding a dataset reads as webdataset, through its manifest.
     again = preprocess(PreprocessConfig(input=first, output=second, resolution=16), progress=False)
-    assert again.manifest["counts"] == {**made.manifest["counts"],
-                                        "written_by_split": again.manifest["counts"]["written_by_split"]}
+    assert again.manifest["counts"] == {
+        **made.manifest["counts"],
+        "written_by_split": again.manifest["counts"]["written_by_split"],
+    }
     resized = dataset.read_with_webdataset(second)
     originals = {s["meta"]["key"]: s for s in dataset.read_with_webdataset(first).values()}
     assert len(resized) == 60
@@ -168,8 +187,13 @@ def test_foreign_tars_with_broken_members_are_accounted_for(tmp_path, s3):
             jpeg = images.encode(Image.new("RGB", (40, 40), (50 * i, 0, 0)), "JPEG", quality=95)
             sink.write({"__key__": f"sample{i}", "jpg": jpeg, "cls": str(i % 2).encode()})
         sink.write({"__key__": "no-image", "json": b"{}"})
-        sink.write({"__key__": "bad-label", "png": images.encode(images.noise(40, 40, 0), "PNG"),
-                    "cls": b"cat"})
+        sink.write(
+            {
+                "__key__": "bad-label",
+                "png": images.encode(images.noise(40, 40, 0), "PNG"),
+                "cls": b"cat",
+            }
+        )
     storage.write_bytes(storage.join(tars, "a.tar"), path.read_bytes())
     storage.write_bytes(storage.join(tars, "b.tar"), b"this is not a tar archive" * 40)
     result = preprocess(PreprocessConfig(input=tars, output=out, resolution=32), progress=False)

@@ -30,8 +30,11 @@ def test_mlflow_server_keeps_runs_and_puts_artifacts_in_s3(mlflow_server, s3, tm
     again = client.get_run(run.info.run_id)
     assert again.data.params == {"resolution": "32"}
     assert again.data.metrics == {"loss": 0.25}
-    stored = [o for o in storage.list_objects(f"s3://{s3.bucket}/mlflow")
-              if o.relpath.endswith("note.txt")]
+    stored = [
+        o
+        for o in storage.list_objects(f"s3://{s3.bucket}/mlflow")
+        if o.relpath.endswith("note.txt")
+    ]
     assert len(stored) == 1 and run.info.run_id in stored[0].relpath
     assert storage.read_bytes(stored[0].uri) == b"artifact body"
 

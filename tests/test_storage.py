@@ -28,14 +28,20 @@ def test_write_read_and_byte_ranges(root):
 
 
 def test_list_is_recursive_sorted_sized_and_skips_hidden_names(root):
-    for rel, size in [("z.txt", 3), ("a/x.png", 5), ("a/b/y.png", 7), (".hidden", 1),
-                      ("a/.cache/q", 1)]:
+    for rel, size in [
+        ("z.txt", 3),
+        ("a/x.png", 5),
+        ("a/b/y.png", 7),
+        (".hidden", 1),
+        ("a/.cache/q", 1),
+    ]:
         storage.write_bytes(storage.join(root, rel), b"x" * size)
     listed = storage.list_objects(root)
     assert [(o.relpath, o.size) for o in listed] == [("a/b/y.png", 7), ("a/x.png", 5), ("z.txt", 3)]
     assert storage.read_bytes(listed[0].uri) == b"x" * 7
-    assert storage.list_objects(storage.join(root, "a/b")) == [listed[0].__class__(
-        storage.join(root, "a/b", "y.png"), "y.png", 7)]
+    assert storage.list_objects(storage.join(root, "a/b")) == [
+        listed[0].__class__(storage.join(root, "a/b", "y.png"), "y.png", 7)
+    ]
 
 
 def test_exists_and_delete(root):

@@ -28,8 +28,15 @@ pytestmark = pytest.mark.slow
 
 
 def run_task(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env or dict(os.environ), timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env or dict(os.environ),
+        timeout=600,
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -38,11 +45,21 @@ def raw_folder(tmp_path):
     return str(tmp_path / "raw")
 
 
-@pytest.mark.parametrize("case", ["unknown-field", "negative-resolution", "missing-folder",
-                                  "missing-bucket", "unreachable-endpoint", "bad-choice",
-                                  "output-bucket-missing"])
-def test_bad_config_exits_2_with_one_line_and_writes_nothing(case, tmp_path, s3, s3_prefix,
-                                                             raw_folder):
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown-field",
+        "negative-resolution",
+        "missing-folder",
+        "missing-bucket",
+        "unreachable-endpoint",
+        "bad-choice",
+        "output-bucket-missing",
+    ],
+)
+def test_bad_config_exits_2_with_one_line_and_writes_nothing(
+    case, tmp_path, s3, s3_prefix, raw_folder
+):
     out, env, args = s3_prefix, dict(os.environ), ["--input", raw_folder]
     expected = {
         "unknown-field": "preprocess.resolutoin: unknown field",
@@ -50,7 +67,7 @@ def test_bad_config_exits_2_with_one_line_and_writes_nothing(case, tmp_path, s3,
         "missing-folder": f"preprocess.input: cannot list {tmp_path}/nowhere: not found",
         "missing-bucket": "preprocess.input: cannot list s3://no-such-bucket/raw: not found",
         "unreachable-endpoint": "preprocess.input: cannot list s3://any-bucket/raw: "
-                                "cannot reach the S3 endpoint",
+        "cannot reach the S3 endpoint",
         "bad-choice": "preprocess.small_images: must be one of reject, upscale; got 'shrink'",
         "output-bucket-missing": "preprocess.output: s3://no-such-bucket/out: not found",
     }[case]
@@ -85,8 +102,9 @@ def test_output_with_another_dataset_is_refused(tmp_path, ray_cluster, raw_folde
     out = str(tmp_path / "out")
     preprocess(PreprocessConfig(input=raw_folder, output=out, resolution=16), progress=False)
     before = sorted(os.listdir(out))
-    result = run_task("tasks.preprocess", "--input", raw_folder, "--output", out,
-                      "--resolution", "24")
+    result = run_task(
+        "tasks.preprocess", "--input", raw_folder, "--output", out, "--resolution", "24"
+    )
     assert result.returncode == 2
     assert "(differs in resolution); choose a new output" in result.stderr
     assert sorted(os.listdir(out)) == before
@@ -121,15 +139,20 @@ class ShardWatcher:
                     self.checked.add(o.relpath)
 
     def records(self) -> list[str]:
-        return [o.relpath for o in storage.list_objects(self.prefix)
-                if o.relpath.startswith("_records/")]
+        return [
+            o.relpath
+            for o in storage.list_objects(self.prefix)
+            if o.relpath.startswith("_records/")
+        ]
 
 
 def test_killed_job_run_again_ends_as_an_uninterrupted_run(tmp_path, s3, ray_cluster):
     raw = tmp_path / "raw"
     for i in range(720):
         (raw / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
-        (raw / f"c{i % 3}" / f"{i}.png").write_bytes(images.encode(images.noise(200, 150, i), "PNG"))
+        (raw / f"c{i % 3}" / f"{i}.png").write_bytes(
+            images.encode(images.noise(200, 150, i), "PNG")
+        )
     settings = ["--input", str(raw), "--resolution", "32", "--samples_per_shard", "12"]
     reference_prefix, prefix = s3.prefix("reference"), s3.prefix("killed")
     assert run_task("tasks.preprocess", *settings, "--output", reference_prefix).returncode == 0
@@ -137,9 +160,13 @@ def test_killed_job_run_again_ends_as_an_uninterrupted_run(tmp_path, s3, ray_clu
     shard_digests = {s["name"]: s["sha256"] for s in reference["shards"]}
 
     with ShardWatcher(prefix, shard_digests) as watcher:
-        job = subprocess.Popen([sys.executable, "-m", "tasks.preprocess", *settings,
-                                "--output", prefix], cwd=ROOT, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        job = subprocess.Popen(
+            [sys.executable, "-m", "tasks.preprocess", *settings, "--output", prefix],
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 300
         while len(watcher.records()) < 5 and job.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)  # polling the bucket while the job runs
@@ -153,7 +180,9 @@ def test_killed_job_run_again_ends_as_an_uninterrupted_run(tmp_path, s3, ray_clu
         again = run_task("tasks.preprocess", *settings, "--output", prefix)
     assert again.returncode == 0, again.stderr
     reused = int(re.search(r"shards \((\d+) reused\)", again.stdout).group(1))
-    print(f"killed after {done_at_kill} of {len(reference['shards'])} shards; re-run reused {reused}")
+    print(
+        f"killed after {done_at_kill} of {len(reference['shards'])} shards; re-run reused {reused}"
+    )
     assert done_at_kill <= reused < len(reference["shards"])
 
     assert watcher.problems == [] and watcher.checked == set(shard_digests)
@@ -189,4 +218,6 @@ def test_quickstart_on_embedded_defaults(tmp_path):
     manifest_uri = str(tmp_path / "qs" / "datasets" / "digits-8" / "manifest.json")
     assert f"manifest at {manifest_uri}" in result.stdout
     manifest = json.loads(open(manifest_uri).read())
-    assert manifest["counts"]["written"] == 1797 and manifest["classes"] == [str(d) for d in range(10)]
+    assert manifest["counts"]["written"] == 1797 and manifest["classes"] == [
+        str(d) for d in range(10)
+    ]

@@ -30,7 +30,7 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 def write_digits(output: str) -> int:
     """Write every digit under `output`; returns how many were written."""
     images, labels = load_digits()
-    for index, (pixels, label) in enumerate(zip(images, labels)):
+    for index, (pixels, label) in enumerate(zip(images, labels, strict=True)):
         png = encode_png(Image.fromarray(pixels, "L"))
         storage.write_bytes(storage.join(output, str(label), f"{index:04d}.png"), png)
     return len(images)

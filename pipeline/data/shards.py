@@ -15,11 +15,14 @@ import hashlib
 import io
 import json
 import tarfile
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from pipeline import storage
 
 MANIFEST = "manifest.json"
+RECORDS = "_records"
+"""Folder of per-shard records: what a finished shard holds, so a re-run can skip it."""
 REJECTS = "rejects.jsonl"
 FORMAT = "diffusion-pipeline.dataset"
 FORMAT_VERSION = 1

@@ -16,7 +16,8 @@ import dataclasses
 import hashlib
 import re
 import tarfile
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from pipeline import storage
 from pipeline.data import shards
@@ -39,6 +40,8 @@ class InputItem:
     """Start of the bytes within `uri` (non-zero for a tar member)."""
     size: int | None = None
     """Length of the bytes within `uri`, or None for the whole object."""
+    member: str | None = None
+    """For a tar sample: its webdataset key within the tar."""
 
     @property
     def digest(self) -> str:
@@ -51,6 +54,12 @@ class InputItem:
 
     def split(self, validation_fraction: float) -> str:
         return "validation" if int(self.digest[:16], 16) / 16**16 < validation_fraction else "train"
+
+    @property
+    def source(self) -> str:
+        """The input's URI as recorded in metadata and rejects: `tar_uri#key` for a
+        tar sample."""
+        return self.uri if self.member is None else f"{self.uri}#{self.member}"
 
     def read(self) -> bytes:
         return storage.read_bytes(self.uri, self.offset, self.size)
@@ -80,7 +89,9 @@ def file_inputs(
     items, rejects = [], []
     for o in objects:
         if "/" not in o.relpath:
-            rejects.append(reject(o.uri, "no_class_folder", "labels=folders needs class sub-folders"))
+            rejects.append(
+                reject(o.uri, "no_class_folder", "labels=folders needs class sub-folders")
+            )
         else:
             items.append(InputItem(o.uri, o.relpath, label=index[o.relpath.split("/")[0]]))
     return items, rejects, classes
@@ -114,7 +125,9 @@ def tar_inputs(tar: storage.ObjectInfo, labels: str) -> tuple[list[InputItem], l
             except ValueError:
                 rejects.append(reject(uri, "bad_label", f".cls holds {text[:20]!r}"))
                 continue
-        items.append(InputItem(tar.uri, f"{tar.relpath}/{key}", label, image.offset, image.size))
+        items.append(
+            InputItem(tar.uri, f"{tar.relpath}/{key}", label, image.offset, image.size, key)
+        )
     return items, rejects
 
 
@@ -142,12 +155,15 @@ class ShardPlan:
         return shards.sha256(shards.dumps(payload))
 
 
-def plan_shards(items: list[InputItem], validation_fraction: float, per_shard: int) -> list[ShardPlan]:
+def plan_shards(
+    items: list[InputItem], validation_fraction: float, per_shard: int
+) -> list[ShardPlan]:
     """Inputs of each split in hash order, cut into shards of `per_shard`."""
     plans = []
     for split in shards.SPLITS:
-        members = sorted((i for i in items if i.split(validation_fraction) == split),
-                         key=lambda i: i.digest)
+        members = sorted(
+            (i for i in items if i.split(validation_fraction) == split), key=lambda i: i.digest
+        )
         for index, start in enumerate(range(0, len(members), per_shard)):
             plans.append(ShardPlan(split, index, tuple(members[start : start + per_shard])))
     return plans

@@ -1,0 +1,127 @@
+"""Building one shard, on a worker: plain callables on batch dicts, no Ray.
+
+`pipeline.preprocess` wires these into Ray Data with `map_batches`; they read
+their inputs through `pipeline.storage`, so they run the same in a test, on a
+laptop and on a cluster node.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from pipeline import storage
+from pipeline.config import PreprocessConfig
+from pipeline.data import shards, sources
+from pipeline.data.decode import Rejected, decode_image
+from pipeline.data.sources import InputItem, ShardPlan
+from pipeline.data.transforms import center_crop_resize, encode_png
+
+
+def index_tars(batch: dict[str, np.ndarray], labels: str) -> dict[str, np.ndarray]:
+    """The inputs (and rejects) found in a batch of webdataset tars, as JSON lists."""
+    out_items, out_rejects = [], []
+    for uri, relpath, size in zip(batch["uri"], batch["relpath"], batch["size"], strict=True):
+        items, rejects = sources.tar_inputs(storage.ObjectInfo(uri, relpath, int(size)), labels)
+        out_items.append(json.dumps([dataclasses.asdict(i) for i in items]))
+        out_rejects.append(json.dumps(rejects))
+    return {
+        "items": np.array(out_items, dtype=object),
+        "rejects": np.array(out_rejects, dtype=object),
+    }
+
+
+def build_shards(batch: dict[str, np.ndarray], cfg: PreprocessConfig) -> dict[str, np.ndarray]:
+    """Build and write the shards of a batch of shard plans; return their records."""
+    records = []
+    for split, index, digest, items in zip(
+        batch["split"],
+        batch["index"],
+        batch["plan_sha256"],
+        batch["items"],
+        strict=True,
+    ):
+        plan = ShardPlan(str(split), int(index), tuple(InputItem(**d) for d in json.loads(items)))
+        records.append(json.dumps(_build_shard(plan, str(digest), cfg)))
+    return {"record": np.array(records, dtype=object)}
+
+
+def _build_shard(plan: ShardPlan, digest: str, cfg: PreprocessConfig) -> dict[str, Any]:
+    members, rejects = [], []
+    for item, data in _prefetch(plan.items):
+        if isinstance(data, storage.NotFound):
+            rejects.append(sources.reject(item.source, "vanished", str(data)))
+            continue
+        try:
+            members += _sample_members(item, data, plan.split, cfg)
+        except Rejected as r:
+            rejects.append(sources.reject(item.source, r.reason, r.detail))
+    tar = shards.write_tar(members)
+    storage.write_bytes(storage.join(cfg.output, plan.name), tar)
+    record = {
+        "name": plan.name,
+        "split": plan.split,
+        "index": plan.index,
+        "plan_sha256": digest,
+        "inputs": len(plan.items),
+        "samples": len(plan.items) - len(rejects),
+        "bytes": len(tar),
+        "sha256": shards.sha256(tar),
+        "rejects": rejects,
+    }
+    storage.write_bytes(
+        storage.join(cfg.output, shards.RECORDS, f"{plan.name}.json"), shards.dumps(record)
+    )
+    return record
+
+
+def _sample_members(
+    item: InputItem, data: bytes, split: str, cfg: PreprocessConfig
+) -> list[tuple[str, bytes]]:
+    img, original = decode_image(
+        data, max_pixels=cfg.max_pixels, background=tuple(cfg.background), min_side=cfg.resolution
+    )
+    img = center_crop_resize(img, cfg.resolution, upscale=cfg.small_images == "upscale")
+    key = item.key
+    meta = {
+        "key": key,
+        "source": item.source,
+        "original_size": list(original),
+        "label": item.label,
+        "split": split,
+    }
+    members = [
+        (f"{key}.png", encode_png(img)),
+        (f"{key}.json", json.dumps(meta, sort_keys=True).encode()),
+    ]
+    if item.label is not None:
+        members.append((f"{key}.cls", str(item.label).encode()))
+    return members
+
+
+def _prefetch(items: Iterable[InputItem], depth: int = 16) -> Iterator[tuple[InputItem, Any]]:
+    """(item, bytes or NotFound) in order, reading up to `depth` items ahead on
+    threads, so object-store latency overlaps with decoding."""
+
+    def read(item: InputItem) -> bytes | storage.NotFound:
+        try:
+            return item.read()
+        except storage.NotFound as e:
+            return e
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=depth) as pool:
+        window: collections.deque = collections.deque()
+        for item in items:
+            window.append((item, pool.submit(read, item)))
+            if len(window) >= depth:
+                head, future = window.popleft()
+                yield head, future.result()
+        while window:
+            head, future = window.popleft()
+            yield head, future.result()
