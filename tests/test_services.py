@@ -5,6 +5,7 @@ import os
 import pytest
 
 from pipeline import storage
+from tests import services
 
 pytestmark = pytest.mark.slow
 
@@ -51,3 +52,22 @@ def test_ray_cluster_runs_tasks_that_reach_s3(ray_cluster, s3_prefix):
 
     assert ray.get(write.remote(uri))
     assert storage.read_bytes(uri) == b"written by a Ray worker"
+
+
+def test_a_server_that_fails_to_start_is_reported_and_its_group_stopped(tmp_path):
+    # SeaweedFS cannot use a data directory that is a file: start-up fails, the
+    # harness says so with the log, and nothing of the process group survives.
+    (tmp_path / "not-a-dir").write_text("")
+    log = tmp_path / "weed.log"
+    cmd = [
+        str(services.BIN / "weed"),
+        "server",
+        f"-dir={tmp_path / 'not-a-dir'}",
+        "-ip=127.0.0.1",
+        f"-master.port={services.free_port(span=3, grpc_offset=10000)}",
+    ]
+    with pytest.raises(RuntimeError, match="weed exited"):
+        with services.process_group(cmd, log, services.service_env()) as proc:
+            services.wait_until(lambda: False, "weed", 60, proc, log)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)
