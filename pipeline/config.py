@@ -27,6 +27,8 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+from pipeline import storage
+
 
 class ConfigError(ValueError):
     """A user-supplied setting is wrong; the message names the field."""
@@ -222,7 +224,12 @@ def _flags(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
         if dataclasses.is_dataclass(tp):
             out += _flags(tp, f"{prefix}{f.name}.")
             continue
-        default = "required" if f.default is dataclasses.MISSING else f"default: {f.default!r}"
+        if f.default is not dataclasses.MISSING:
+            default = f"default: {f.default!r}"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f"default: {f.default_factory()!r}"
+        else:
+            default = "required"
         out.append((prefix + f.name, f"{docs.get(f.name, '')} [{_describe(tp)}; {default}]", tp))
     return out
 
@@ -276,6 +283,15 @@ class Checked:
         if not condition:
             raise ConfigError(f"{self.SECTION}.{field}: {message}, got {getattr(self, field)!r}")
 
+    def locate(self, field: str) -> None:
+        """Normalize the location in `field` (see `storage.normalize`) in place."""
+        value = getattr(self, field)
+        self.check(bool(value), field, "must name a folder or s3:// prefix")
+        try:
+            object.__setattr__(self, field, storage.normalize(value))
+        except storage.StorageError as e:
+            raise ConfigError(f"{self.SECTION}.{field}: {e}") from None
+
 
 # --- task configs ------------------------------------------------------------------
 
@@ -316,10 +332,13 @@ class PreprocessConfig(Checked):
     rejected inputs leave their shard short."""
 
     def __post_init__(self) -> None:
-        self.check(bool(self.input), "input", "must name a folder or s3:// prefix")
-        self.check(bool(self.output), "output", "must name a folder or s3:// prefix")
+        self.locate("input")
+        self.locate("output")
         self.check(
-            self.input.rstrip("/") != self.output.rstrip("/"), "output", "must differ from input"
+            not storage.contains(self.input, self.output), "output", "must not lie inside input"
+        )
+        self.check(
+            not storage.contains(self.output, self.input), "input", "must not lie inside output"
         )
         self.check(0 < self.resolution <= 4096, "resolution", "must be an integer in 1..4096")
         self.check(self.max_pixels > 0, "max_pixels", "must be a positive integer")
@@ -346,7 +365,7 @@ class DigitsConfig(Checked):
     """Folder or `s3://` prefix to write `{label}/{index:04d}.png` into."""
 
     def __post_init__(self) -> None:
-        self.check(bool(self.output), "output", "must name a folder or s3:// prefix")
+        self.locate("output")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,5 +380,5 @@ class QuickstartConfig(Checked):
     """Side of the preprocessed images; the digits are 8x8, larger values upscale them."""
 
     def __post_init__(self) -> None:
-        self.check(bool(self.workdir), "workdir", "must name a folder or s3:// prefix")
+        self.locate("workdir")
         self.check(self.resolution >= 8, "resolution", "must be an integer >= 8")

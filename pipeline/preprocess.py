@@ -15,9 +15,10 @@ and a re-run after success finds the manifest and writes nothing.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
-import re
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,7 +29,7 @@ from pipeline.config import ConfigError, PreprocessConfig, to_dict
 from pipeline.data import build, shards, sources
 from pipeline.data.sources import InputItem, ShardPlan
 
-_SHARD_FILE = re.compile(r"^(train|validation)-\d{6}\.tar$")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,56 +55,72 @@ class PreprocessResult:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    """What the driver found under the input prefix."""
+
+    items: list[InputItem]
+    rejects: list[dict]
+    classes: list[str]
+    format: str
+    """`files` or `webdataset`, as decided."""
+    labels: str
+    """Where labels came from: `folders`, `cls` or `none`."""
+
+
 def preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> PreprocessResult:
     """Build (or finish building) the dataset `cfg` describes; see the module doc."""
     config = to_dict(cfg)
     manifest_uri = storage.join(cfg.output, shards.MANIFEST)
-    try:
-        existing = shards.load_manifest(cfg.output)
-    except (storage.StorageError, ValueError) as e:
-        raise ConfigError(f"preprocess.output: cannot read its manifest: {e}") from None
+    existing = _committed_manifest(cfg, config)
     if existing is not None:
-        if existing.get("config") != config:
-            changed = sorted(k for k in config if existing.get("config", {}).get(k) != config[k])
-            raise ConfigError(
-                f"preprocess.output: {cfg.output} already holds a dataset built with another "
-                f"config (differs in {', '.join(changed)}); choose a new output"
-            )
         return PreprocessResult(manifest_uri, existing, already_complete=True)
 
     objects = _list_inputs(cfg)
     previous = _list_output(cfg.output)
-    _init_ray()
-    items, rejects, classes = _plan_inputs(cfg, objects)
-    plans = sources.plan_shards(items, cfg.validation_fraction, cfg.samples_per_shard)
-    n_inputs = len(items) + len(rejects)
-
-    records = _finished_records(cfg, plans, previous)
-    reused = len(records)
-    todo = [p for p in plans if p.name not in records]
-    for record in _build(
-        cfg,
-        todo,
-        done_inputs=sum(r["inputs"] for r in records.values()),
-        total_inputs=len(items),
-        progress=progress,
-    ):
-        records[record["name"]] = record
-    _remove_orphans(cfg.output, previous, {p.name for p in plans})
-
+    storage.remove_partial_writes(cfg.output)
+    with _ray_data(cfg):
+        found = _plan_inputs(cfg, objects)
+        items, duplicates = sources.unique_keys(found.items)
+        plans = sources.plan_shards(items, cfg.validation_fraction, cfg.samples_per_shard)
+        digests = {p.name: p.digest(config) for p in plans}
+        records = _finished_records(cfg.output, previous, digests)
+        reused = len(records)
+        todo = [p for p in plans if p.name not in records]
+        done = sum(r["inputs"] for r in records.values())
+        for record in _build(cfg, todo, digests, done, len(items), progress):
+            records[record["name"]] = record
+    _remove_orphans(cfg.output, previous, set(digests))
     ordered = [records[p.name] for p in plans]
-    for record in ordered:
-        rejects += record["rejects"]
+    _check_shards(cfg.output, ordered)
+
+    rejects = found.rejects + duplicates + [r for rec in ordered for r in rec["rejects"]]
     rejects.sort(key=lambda r: r["uri"])
     rejects_bytes = b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in rejects)
     storage.write_bytes(storage.join(cfg.output, shards.REJECTS), rejects_bytes)
-    manifest = _manifest(config, classes, ordered, rejects, rejects_bytes)
-    assert manifest["counts"]["inputs"] == n_inputs, "an input was neither written nor rejected"
+    manifest = _manifest(config, found, ordered, rejects, rejects_bytes)
+    if manifest["counts"]["inputs"] != len(found.items) + len(found.rejects):
+        raise AssertionError("an input was neither written nor rejected")
     storage.write_bytes(manifest_uri, shards.dumps(manifest))
     return PreprocessResult(manifest_uri, manifest, already_complete=False, reused_shards=reused)
 
 
 # --- the driver's side -----------------------------------------------------------------
+
+
+def _committed_manifest(cfg: PreprocessConfig, config: dict) -> dict | None:
+    """The output's manifest if it holds this very dataset; an error if another."""
+    try:
+        existing = shards.load_manifest(cfg.output)
+    except (storage.StorageError, ValueError) as e:
+        raise ConfigError(f"preprocess.output: cannot read its manifest: {e}") from None
+    if existing is not None and existing.get("config") != config:
+        changed = sorted(k for k in config if existing.get("config", {}).get(k) != config[k])
+        raise ConfigError(
+            f"preprocess.output: {cfg.output} already holds a dataset built with another "
+            f"config (differs in {', '.join(changed)}); choose a new output"
+        )
+    return existing
 
 
 def _list_inputs(cfg: PreprocessConfig) -> list[storage.ObjectInfo]:
@@ -116,24 +133,26 @@ def _list_inputs(cfg: PreprocessConfig) -> list[storage.ObjectInfo]:
     return objects
 
 
-def _plan_inputs(
-    cfg: PreprocessConfig, objects: list[storage.ObjectInfo]
-) -> tuple[list[InputItem], list[dict], list[str]]:
-    """(inputs, rejected inputs, class names) for the objects under `cfg.input`.
+def _plan_inputs(cfg: PreprocessConfig, objects: list[storage.ObjectInfo]) -> _Inputs:
+    """The inputs under `cfg.input`, the rejected ones, and the classes.
 
-    An input prefix holding one of our datasets (a committed manifest) is read
-    as webdataset: its inputs are the samples of the shards the manifest lists.
+    `auto` reads webdataset when the prefix holds `.tar` files and no image
+    files. A prefix holding one of our datasets (a committed manifest) is read
+    as webdataset through it: its inputs are the samples of the listed shards.
     """
-    fmt = cfg.input_format
+    fmt, ours = cfg.input_format, False
     if fmt != "files":
         dataset = _load_input_manifest(cfg.input)
         if dataset is not None:
             names = {s["name"] for s in dataset["shards"]}
-            objects, fmt = [o for o in objects if o.relpath in names], "webdataset"
+            objects, fmt, ours = [o for o in objects if o.relpath in names], "webdataset", True
     if fmt == "auto":
-        fmt = "webdataset" if all(o.relpath.endswith(".tar") for o in objects) else "files"
+        tars = any(o.relpath.endswith(".tar") for o in objects)
+        images = any(sources.looks_like_image(o.relpath) for o in objects)
+        fmt = "webdataset" if tars and not images else "files"
     if fmt == "files":
-        return sources.file_inputs(objects, cfg.labels)
+        items, rejects, classes = sources.file_inputs(objects, cfg.labels)
+        return _Inputs(items, rejects, classes, fmt, "folders" if classes else "none")
     if cfg.labels == "folders":
         raise ConfigError(
             "preprocess.labels: 'folders' needs image files; "
@@ -145,8 +164,9 @@ def _plan_inputs(
         for o in objects
         if not o.relpath.endswith(".tar")
     ]
-    items, tar_rejects = _index_tars(tars, cfg.labels) if tars else ([], [])
-    return items, rejects + tar_rejects, sources.tar_classes(items)
+    items, tar_rejects = _index_tars(tars, cfg.labels, ours) if tars else ([], [])
+    classes = sources.tar_classes(items)
+    return _Inputs(items, rejects + tar_rejects, classes, fmt, "cls" if classes else "none")
 
 
 def _load_input_manifest(prefix: str) -> dict | None:
@@ -168,33 +188,50 @@ def _list_output(output: str) -> list[storage.ObjectInfo]:
         raise ConfigError(f"preprocess.output: cannot list {e}") from None
 
 
-def _init_ray() -> None:
+@contextlib.contextmanager
+def _ray_data(cfg: PreprocessConfig) -> Iterator[None]:
+    """Ray (RAY_ADDRESS, a `ray start` cluster here, else a private local one) and
+    the Ray Data settings of this job, restored afterwards."""
     import ray
 
     if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS when set, else a local Ray
+        ray.init()
+    nodes = sum(1 for n in ray.nodes() if n["Alive"])
+    for field in ("input", "output"):
+        if nodes > 1 and not storage.is_s3(getattr(cfg, field)):
+            log.warning(
+                "preprocess.%s is a local path on a %d-node cluster: every node "
+                "must see it (a shared filesystem), or use s3://",
+                field,
+                nodes,
+            )
     ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars, ctx.op_resource_reservation_enabled
     ctx.enable_progress_bars = False  # one bar, counted in images, is ours
     # The job is a single map operator: reserving a share of the CPUs for each
     # operator only holds it below the CPUs it has (measured: one task at a time
     # on 2 CPUs for much of the run, 1.4x slower; see bench/preprocess.py).
     ctx.op_resource_reservation_enabled = False
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = saved
 
 
 def _finished_records(
-    cfg: PreprocessConfig, plans: list[ShardPlan], previous: list[storage.ObjectInfo]
+    output: str, previous: list[storage.ObjectInfo], digests: dict[str, str]
 ) -> dict[str, dict]:
-    """Records of shards a previous run finished with exactly this plan."""
+    """Records of shards a previous run finished with exactly this plan and software."""
     present = {o.relpath for o in previous}
-    config = to_dict(cfg)
+    here = build.software()
     done = {}
-    for plan in plans:
-        record_path = f"{shards.RECORDS}/{plan.name}.json"
-        if record_path not in present or plan.name not in present:
+    for name, digest in digests.items():
+        record_path = f"{shards.RECORDS}/{name}.json"
+        if record_path not in present or name not in present:
             continue
-        record = json.loads(storage.read_bytes(storage.join(cfg.output, record_path)))
-        if record.get("plan_sha256") == plan.digest(config):
-            done[plan.name] = record
+        record = json.loads(storage.read_bytes(storage.join(output, record_path)))
+        if record.get("plan_sha256") == digest and record.get("software") == here:
+            done[name] = record
     return done
 
 
@@ -202,29 +239,48 @@ def _remove_orphans(output: str, previous: list[storage.ObjectInfo], planned: se
     """Delete shards (and records) an interrupted run with another plan left behind."""
     for o in previous:
         name = o.relpath.removeprefix(f"{shards.RECORDS}/").removesuffix(".json")
-        if _SHARD_FILE.match(name) and name not in planned:
+        if shards.is_shard_name(name) and name not in planned:
             storage.delete(o.uri)
 
 
-def _index_tars(objects: list[storage.ObjectInfo], labels: str) -> tuple[list[InputItem], list]:
+def _check_shards(output: str, records: list[dict]) -> None:
+    """Before committing: every shard is there, as its record describes it, and all
+    were built by the same software (else they would not be reproducible)."""
+    sizes = {o.relpath: o.size for o in storage.list_objects(output)}
+    for r in records:
+        if sizes.get(r["name"]) != r["bytes"]:
+            raise RuntimeError(
+                f"{storage.join(output, r['name'])}: changed while the job ran (expected "
+                f"{r['bytes']} bytes, found {sizes.get(r['name'])}); is another job writing here?"
+            )
+    builds = {json.dumps(r["software"], sort_keys=True) for r in records}
+    if len(builds) > 1:
+        raise RuntimeError(f"workers built shards with different software: {sorted(builds)}")
+
+
+def _index_tars(
+    objects: list[storage.ObjectInfo], labels: str, ours: bool
+) -> tuple[list[InputItem], list]:
     """Read every tar's member list on the cluster; inputs are their samples."""
     import ray
 
     rows = [{"uri": o.uri, "relpath": o.relpath, "size": o.size} for o in objects]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        build.index_tars, batch_size=1, fn_kwargs={"labels": labels}
+        build.index_tars, batch_size=1, fn_kwargs={"labels": labels, "ours": ours}
     )
     items, rejects = [], []
     for row in ds.iter_rows():
         items += [InputItem(**d) for d in json.loads(row["items"])]
         rejects += json.loads(row["rejects"])
+    for failure in (r for r in rejects if "error" in r):
+        raise storage.StorageError(failure["error"])
     return items, rejects
 
 
 def _build(
     cfg: PreprocessConfig,
     todo: list[ShardPlan],
-    *,
+    digests: dict[str, str],
     done_inputs: int,
     total_inputs: int,
     progress: bool,
@@ -234,12 +290,11 @@ def _build(
         return
     import ray
 
-    config = to_dict(cfg)
     rows = [
         {
             "split": p.split,
             "index": p.index,
-            "plan_sha256": p.digest(config),
+            "plan_sha256": digests[p.name],
             "items": json.dumps([dataclasses.asdict(i) for i in p.items]),
         }
         for p in todo
@@ -257,12 +312,14 @@ def _build(
     ) as bar:
         for row in ds.iter_rows():
             record = json.loads(row["record"])
+            if "error" in record:
+                raise storage.StorageError(record["error"])
             bar.update(record["inputs"])
             yield record
 
 
 def _manifest(
-    config: dict, classes: list[str], records: list[dict], rejects: list[dict], rejects_bytes: bytes
+    config: dict, found: _Inputs, records: list[dict], rejects: list[dict], rejects_bytes: bytes
 ) -> dict[str, Any]:
     written = sum(r["samples"] for r in records)
     by_split = collections.Counter()
@@ -272,8 +329,10 @@ def _manifest(
         "format": shards.FORMAT,
         "format_version": shards.FORMAT_VERSION,
         "config": config,
+        "input": {"format": found.format, "labels": found.labels},
+        "software": records[0]["software"] if records else build.software(),
         "resolution": config["resolution"],
-        "classes": classes,
+        "classes": found.classes,
         "counts": {
             "inputs": written + len(rejects),
             "written": written,

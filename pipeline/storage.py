@@ -25,6 +25,7 @@ import functools
 import io
 import os
 import posixpath
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 
 _S3 = "s3://"
 _FILE = "file://"
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.partial$")
+_MISSING_CODES = ("NoSuchKey", "NoSuchBucket", "404", "NotFound")
 
 
 class StorageError(RuntimeError):
@@ -64,6 +67,22 @@ class ObjectInfo:
 
 def is_s3(uri: str) -> bool:
     return uri.startswith(_S3)
+
+
+def normalize(uri: str) -> str:
+    """One spelling per location: `s3://bucket/prefix` without a trailing slash, or
+    an absolute local path (`file://` dropped), so that equal locations compare
+    equal and workers on other machines or folders see the same path."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        return f"{_S3}{bucket}/{key}".rstrip("/")
+    return os.path.abspath(_local(uri))
+
+
+def contains(outer: str, inner: str) -> bool:
+    """Whether location `inner` is `outer` or lies below it (both normalized)."""
+    outer, inner = normalize(outer), normalize(inner)
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
 def join(base: str, *parts: str) -> str:
@@ -137,7 +156,7 @@ def _errors(uri: str) -> Iterator[None]:
         err = e.response.get("Error", {})
         code = str(err.get("Code", "unknown"))
         message = err.get("Message") or code
-        if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound"):
+        if code in _MISSING_CODES:
             raise NotFound(f"{uri}: not found ({message})") from None
         raise StorageError(f"{uri}: {code}: {message}") from None
     except bx.NoCredentialsError:
@@ -181,6 +200,8 @@ def _retry_body(read, attempts: int = 4):
 
 def read_bytes(uri: str, start: int = 0, length: int | None = None) -> bytes:
     """The object's bytes, or `length` bytes from offset `start`."""
+    if length == 0:
+        return b""  # an HTTP range cannot say "nothing"
     with _errors(uri):
         if is_s3(uri):
             bucket, key = _split_s3(uri)
@@ -208,7 +229,7 @@ def write_bytes(uri: str, data: bytes) -> None:
             return
         path = _local(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -217,6 +238,21 @@ def write_bytes(uri: str, data: bytes) -> None:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def remove_partial_writes(prefix: str) -> int:
+    """Delete the temporary files that local writes interrupted by a crash left in
+    the folder `prefix` (S3 leaves none: an unfinished upload is never an object).
+    Only for a folder that no other job is writing to. Returns how many went."""
+    if is_s3(prefix) or not _local(prefix).is_dir():
+        return 0
+    removed = 0
+    for folder, _, files in os.walk(_local(prefix)):
+        for name in files:
+            if _TEMPORARY.match(name):
+                os.unlink(os.path.join(folder, name))
+                removed += 1
+    return removed
 
 
 def list_objects(prefix: str) -> list[ObjectInfo]:
@@ -263,7 +299,7 @@ def exists(uri: str) -> bool:
             try:
                 _client().head_object(Bucket=bucket, Key=key)
             except bx.ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                if e.response.get("Error", {}).get("Code") in _MISSING_CODES:
                     return False
                 raise
             return True

@@ -1,8 +1,8 @@
 """What every task does around its one library call: parse, validate, exit codes.
 
 Exit codes: 0 success; 2 a bad input or config (one line naming it, nothing
-written); 1 a failure while running (one line for storage errors, a traceback
-for anything unexpected, which is a bug); 130 interrupted.
+written); 1 a failure while running (one line for storage and other expected
+failures, a traceback for anything unexpected, which is a bug); 130 interrupted.
 """
 
 from __future__ import annotations

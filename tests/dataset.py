@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
-from pathlib import Path
-
-import numpy as np
-from PIL import Image
 
 from pipeline import storage
 from pipeline.data import shards
+from tests import images
 
 
 def manifest(prefix: str) -> dict:
@@ -22,30 +18,30 @@ def manifest(prefix: str) -> dict:
 
 
 def read_with_webdataset(prefix: str) -> dict[str, dict]:
-    """Every sample of every shard in the manifest, read by the webdataset
-    library from a local copy; checks each shard's size and sha256 on the way."""
-    import webdataset as wds
+    """Every sample of every shard in the manifest, parsed and grouped into samples
+    by the webdataset library; checks each shard's size and sha256 on the way."""
+    from webdataset import tariterators
 
     samples: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for entry in manifest(prefix)["shards"]:
-            data = storage.read_bytes(storage.join(prefix, entry["name"]))
-            assert len(data) == entry["bytes"] and shards.sha256(data) == entry["sha256"]
-            path = Path(tmp) / entry["name"]
-            path.write_bytes(data)
-            count = 0
-            for sample in wds.WebDataset(str(path), shardshuffle=False):
-                key = sample["__key__"]
-                assert "." not in key and key not in samples
-                meta = json.loads(sample["json"])
-                samples[key] = {
-                    "pixels": np.asarray(Image.open(io.BytesIO(sample["png"]))),
-                    "meta": meta,
-                    "cls": int(sample["cls"]) if "cls" in sample else None,
-                    "shard": entry["name"],
-                }
-                count += 1
-            assert count == entry["samples"], entry
+    for entry in manifest(prefix)["shards"]:
+        data = storage.read_bytes(storage.join(prefix, entry["name"]))
+        assert len(data) == entry["bytes"] and shards.sha256(data) == entry["sha256"]
+        members = (
+            {**m, "__url__": entry["name"]}
+            for m in tariterators.tar_file_iterator(io.BytesIO(data))
+        )
+        count = 0
+        for sample in tariterators.group_by_keys(members):
+            key = sample["__key__"]
+            assert "." not in key and key not in samples
+            samples[key] = {
+                "pixels": images.pixels_of(sample["png"]),
+                "meta": json.loads(sample["json"]),
+                "cls": int(sample["cls"]) if "cls" in sample else None,
+                "shard": entry["name"],
+            }
+            count += 1
+        assert count == entry["samples"], entry
     return samples
 
 

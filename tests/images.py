@@ -17,6 +17,17 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
+def pixels_of(data: bytes) -> np.ndarray:
+    """The decoded pixels of an encoded image (the file is closed again)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img)
+
+
+def size_of(path: Path) -> tuple[int, int]:
+    with Image.open(path) as img:
+        return img.size
+
+
 def gradient(width: int, height: int) -> Image.Image:
     """R rises linearly with x from 0 to 255, G with y, B is 0."""
     x = np.linspace(0, 255, width)[None, :].repeat(height, 0)

@@ -1,6 +1,7 @@
 """Typed configs: defaults < YAML < flags, and errors that name the field."""
 
 import dataclasses
+import os
 from typing import ClassVar, Literal
 
 import pytest
@@ -17,7 +18,7 @@ def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("input: raw\noutput: out\nresolution: 32\nlabels: none\n")
     cfg = load(["--config", str(path), "--resolution", "16", "--background", "0, 0, 10"])
-    assert cfg.resolution == 16 and cfg.labels == "none" and cfg.input == "raw"
+    assert cfg.resolution == 16 and cfg.labels == "none" and cfg.input == os.path.abspath("raw")
     assert cfg.background == (0, 0, 10)
     assert (
         cfg.samples_per_shard == PreprocessConfig.__dataclass_fields__["samples_per_shard"].default
@@ -48,7 +49,19 @@ def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
             ["--input", "i", "--output", "o", "--background", "1,2"],
             "preprocess.background: must be three integers in 0..255, got (1, 2)",
         ),
-        (["--input", "same", "--output", "same/"], "preprocess.output: must differ from input"),
+        (["--input", "same", "--output", "same/"], "preprocess.output: must not lie inside input"),
+        (
+            ["--input", "photos", "--output", "file://photos/ds"],
+            "preprocess.output: must not lie inside input",
+        ),
+        (
+            ["--input", "s3://b/data/raw", "--output", "s3://b/data"],
+            "preprocess.input: must not lie inside output",
+        ),
+        (
+            ["--input", "s3://", "--output", "o"],
+            "preprocess.input: s3://: an S3 URI needs a bucket",
+        ),
     ],
 )
 def test_bad_values_name_the_field_and_what_is_allowed(argv, message):
@@ -139,3 +152,11 @@ def test_nested_configs_take_dotted_flags_and_nested_yaml(tmp_path):
     assert load(["--limit", "7"], _Outer).limit == 7
     with pytest.raises(ConfigError, match=r"^outer\.inner\.wdth: unknown field"):
         C.from_dict(_Outer, {"inner": {"wdth": 1}})
+
+
+def test_locations_are_normalized_so_equal_places_compare_equal(tmp_path):
+    a = PreprocessConfig(input=f"file://{tmp_path}/raw/", output="s3://bucket/out/")
+    b = PreprocessConfig(input=f"{tmp_path}/raw", output="s3://bucket/out")
+    assert a == b and a.input == f"{tmp_path}/raw" and a.output == "s3://bucket/out"
+    # siblings that share a name prefix are not inside each other
+    PreprocessConfig(input="s3://bucket/data", output="s3://bucket/data2")

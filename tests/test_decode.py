@@ -64,8 +64,11 @@ def test_downscaling_is_antialiased():
 
 
 def test_small_image_is_upscaled_when_asked():
-    out = process(images.encode(Image.new("RGB", (16, 20), (10, 20, 30)), "PNG"), upscale=True)
-    assert out.shape == (RES, RES, 3) and (out == (10, 20, 30)).all()
+    # Upscaling 24x20 to 32: the ramp is reproduced away from the border too.
+    out = process(images.encode(images.gradient(24, 20), "PNG"), upscale=True).astype(float)
+    want = images.expected_gradient(24, 20, RES)
+    inner = slice(4, RES - 4)
+    assert np.abs(out[inner, inner, :2] - want[inner, inner]).max() <= 1.0
 
 
 def test_exif_rotation_swaps_the_reported_size():
@@ -87,4 +90,16 @@ def test_png_encoding_is_deterministic_and_lossless():
     img = images.noise(33, 17, 5)
     a, b = encode_png(img), encode_png(img.copy())
     assert a == b
-    assert (np.asarray(Image.open(__import__("io").BytesIO(a))) == np.asarray(img)).all()
+    assert (images.pixels_of(a) == np.asarray(img)).all()
+
+
+def test_max_pixels_above_pillows_own_limit_takes_effect():
+    # 95M declared pixels: over Pillow's default bomb limit (89.5M) but under
+    # ours, so the file gets as far as decoding (and is then found truncated).
+    data = images.png_declaring(10_000, 9_500)
+    with pytest.raises(Rejected) as err:
+        decode_image(data, max_pixels=100_000_000)
+    assert err.value.reason == "truncated", err.value
+    with pytest.raises(Rejected) as err:
+        decode_image(data, max_pixels=90_000_000)
+    assert err.value.reason == "too_many_pixels", err.value

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import os
+import re
 
 import numpy as np
 import pytest
@@ -26,7 +28,7 @@ def test_two_thousand_mixed_images_to_s3(tmp_path, s3_prefix):
     (raw / "class1" / "checker.png").write_bytes(
         images.encode(images.checkerboard(576, 384, 96), "PNG")
     )
-    too_small = {str(p) for p in paths if min(Image.open(p).size) < 32}
+    too_small = {str(p) for p in paths if min(images.size_of(p)) < 32}
     assert 50 < len(too_small) < 500  # the mix really has some
 
     cfg = PreprocessConfig(
@@ -142,7 +144,7 @@ def test_bad_input_corpus_every_file_written_right_or_rejected(tmp_path, s3_pref
     reasons = collections.Counter(o[2] for o in corpus.values() if o[1] == "rejected")
     assert counts["rejected_by_reason"] == dict(reasons)
     dotted = written[str(raw / "my holiday.photo v2.final.png")]
-    assert dotted["meta"]["key"] == "my_holiday_photo_v2_final_png-" + dotted["meta"]["key"][-12:]
+    assert re.fullmatch(r"my_holiday_photo_v2_final_png-[0-9a-f]{16}", dotted["meta"]["key"])
 
 
 def test_s3_input_and_webdataset_input(tmp_path, s3):
@@ -160,18 +162,19 @@ def test_s3_input_and_webdataset_input(tmp_path, s3):
     assert made.manifest["counts"]["written"] == 60
     assert made.manifest["classes"] == ["c0", "c1", "c2"]
 
-    # A prefix holding a dataset reads as webdataset, through its manifest.
+    # A prefix holding a dataset reads as webdataset, through its manifest, and
+    # every sample keeps its identity: key, split and label.
     again = preprocess(PreprocessConfig(input=first, output=second, resolution=16), progress=False)
-    assert again.manifest["counts"] == {
-        **made.manifest["counts"],
-        "written_by_split": again.manifest["counts"]["written_by_split"],
-    }
+    assert again.manifest["counts"] == made.manifest["counts"]
+    assert again.manifest["input"] == {"format": "webdataset", "labels": "cls"}
     resized = dataset.read_with_webdataset(second)
-    originals = {s["meta"]["key"]: s for s in dataset.read_with_webdataset(first).values()}
-    assert len(resized) == 60
-    for s in resized.values():
-        tar_uri, _, key = s["meta"]["source"].partition("#")
-        assert tar_uri.startswith(first) and key in originals
+    originals = dataset.read_with_webdataset(first)
+    assert set(resized) == set(originals)
+    for key, s in resized.items():
+        tar_uri, _, member = s["meta"]["source"].partition("#")
+        assert tar_uri.startswith(first) and member == key
+        assert s["meta"]["split"] == originals[key]["meta"]["split"]
+        assert s["meta"]["relpath"] == originals[key]["meta"]["relpath"]
         assert s["cls"] == originals[key]["cls"]
         assert s["pixels"].shape == (16, 16, 3)
         assert np.abs(s["pixels"].mean((0, 1)) - originals[key]["pixels"].mean((0, 1))).max() < 2
@@ -187,6 +190,8 @@ def test_foreign_tars_with_broken_members_are_accounted_for(tmp_path, s3):
             jpeg = images.encode(Image.new("RGB", (40, 40), (50 * i, 0, 0)), "JPEG", quality=95)
             sink.write({"__key__": f"sample{i}", "jpg": jpeg, "cls": str(i % 2).encode()})
         sink.write({"__key__": "no-image", "json": b"{}"})
+        sink.write({"__key__": "twice", "png": images.encode(images.noise(40, 40, 1), "PNG")})
+        sink.write({"__key__": "twice", "png": images.encode(images.noise(40, 40, 2), "PNG")})
         sink.write(
             {
                 "__key__": "bad-label",
@@ -199,8 +204,97 @@ def test_foreign_tars_with_broken_members_are_accounted_for(tmp_path, s3):
     result = preprocess(PreprocessConfig(input=tars, output=out, resolution=32), progress=False)
 
     counts = result.manifest["counts"]
-    assert counts["inputs"] == 8 and counts["written"] == 5
-    assert counts["rejected_by_reason"] == {"bad_label": 1, "bad_tar": 1, "no_image_member": 1}
+    assert counts["inputs"] == 9 and counts["written"] == 5
+    assert counts["rejected_by_reason"] == {
+        "bad_label": 1,
+        "bad_tar": 1,
+        "duplicate_member": 1,
+        "no_image_member": 1,
+    }
     written = dataset.read_with_webdataset(out)
     assert sorted(s["cls"] for s in written.values()) == [0, 0, 0, 1, 1]
     assert result.manifest["classes"] == ["0", "1"]
+
+
+def test_resume_with_another_plan_rebuilds_and_removes_orphan_shards(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    images.mixed_folder(raw, 120, classes=2, seed=3)
+    small = PreprocessConfig(input=str(raw), output=str(out), resolution=24, samples_per_shard=10)
+    first = preprocess(small, progress=False)
+    # As if that run had died just before its commit, then the config changed.
+    (out / "manifest.json").unlink()
+    (out / "rejects.jsonl").unlink()
+    (out / ".train-000000.tar.0123456789abcdef0123456789abcdef.partial").write_bytes(b"half")
+    big = PreprocessConfig(input=str(raw), output=str(out), resolution=24, samples_per_shard=40)
+    second = preprocess(big, progress=False)
+
+    assert second.reused_shards == 0  # another plan: nothing of the first run is reused
+    assert len(first.manifest["shards"]) > len(second.manifest["shards"])
+    expected = {s["name"] for s in second.manifest["shards"]}
+    on_disk = {p.name for p in out.iterdir() if p.suffix == ".tar" or p.name.startswith(".")}
+    assert on_disk == expected  # orphans and the partial write are gone
+    assert {p.name for p in (out / "_records").iterdir()} == {f"{n}.json" for n in expected}
+    assert second.manifest["counts"]["written"] == first.manifest["counts"]["written"]
+
+
+def test_label_and_format_decisions(tmp_path):
+    raw = tmp_path / "raw"
+    images.mixed_folder(raw, 12, classes=3, seed=4)
+    (raw / "README.txt").write_text("about this dataset")
+    auto = preprocess(
+        PreprocessConfig(input=str(raw), output=str(tmp_path / "a"), resolution=24), progress=False
+    )
+    # one stray non-image file at the top does not switch class folders off
+    assert auto.manifest["input"] == {"format": "files", "labels": "folders"}
+    assert auto.manifest["classes"] == ["class0", "class1", "class2"]
+    assert dataset.rejects(str(tmp_path / "a"))[0]["reason"] == "no_class_folder"
+
+    none = PreprocessConfig(
+        input=str(raw), output=str(tmp_path / "n"), resolution=24, labels="none"
+    )
+    unlabelled = preprocess(none, progress=False)
+    assert unlabelled.manifest["classes"] == []
+    assert unlabelled.manifest["counts"]["rejected_by_reason"] == {"not_an_image": 1}
+    samples = dataset.read_with_webdataset(str(tmp_path / "n"))
+    assert all(s["cls"] is None and s["meta"]["label"] is None for s in samples.values())
+
+    # a folder of tars with a stray marker file reads as webdataset
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    for shard in (tmp_path / "a").glob("*.tar"):
+        (tars / shard.name).write_bytes(shard.read_bytes())
+    (tars / "_SUCCESS").write_text("")
+    again = preprocess(
+        PreprocessConfig(input=str(tars), output=str(tmp_path / "t"), resolution=24), progress=False
+    )
+    assert again.manifest["input"] == {"format": "webdataset", "labels": "cls"}
+    assert again.manifest["counts"]["written"] == 12
+    assert again.manifest["counts"]["rejected_by_reason"] == {"not_a_tar": 1}
+
+
+def test_unicode_names_are_one_identity_and_duplicates_are_rejected(tmp_path):
+    import unicodedata
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    png = images.encode(images.noise(40, 40, 0), "PNG")
+    nfc, nfd = unicodedata.normalize("NFC", "café.png"), unicodedata.normalize("NFD", "café.png")
+    (raw / nfc).write_bytes(png)
+    (raw / nfd).write_bytes(png)  # the same name as macOS spells it: a second file here
+    os.makedirs(raw, exist_ok=True)
+    with open(os.path.join(os.fsencode(raw), b"latin1-\xe9t\xe9.png"), "wb") as f:
+        f.write(png)  # a name that is not UTF-8
+    result = preprocess(
+        PreprocessConfig(input=str(raw), output=str(tmp_path / "o"), resolution=32), progress=False
+    )
+
+    counts = result.manifest["counts"]
+    assert counts["inputs"] == 3 and counts["written"] == 2
+    assert counts["rejected_by_reason"] == {"duplicate_key": 1}
+    written = dataset.read_with_webdataset(str(tmp_path / "o"))
+    sources = sorted(s["meta"]["source"] for s in written.values())
+    (duplicate,) = dataset.rejects(str(tmp_path / "o"))
+    kept = min(nfc, nfd)  # the first by path, so the same one every time
+    assert sources[0] == str(raw / kept) and duplicate["uri"] == str(raw / max(nfc, nfd))
+    assert duplicate["detail"] == f"same key as {raw / kept}"
+    assert "latin1-" in sources[1] and os.path.exists(sources[1])  # its source still opens

@@ -25,6 +25,7 @@ def test_write_read_and_byte_ranges(root):
     assert storage.read_bytes(uri) == data
     assert storage.read_bytes(uri, 1000, 24) == data[1000:1024]
     assert storage.read_bytes(uri, 255_990) == data[255_990:]
+    assert storage.read_bytes(uri, 5, 0) == b""
 
 
 def test_list_is_recursive_sorted_sized_and_skips_hidden_names(root):

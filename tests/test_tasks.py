@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -129,9 +130,15 @@ class ShardWatcher:
         self._stop.set()
         self._thread.join()
 
+    def listing(self) -> list[storage.ObjectInfo]:
+        try:
+            return storage.list_objects(self.prefix)
+        except storage.NotFound:  # a local output folder appears with the first shard
+            return []
+
     def _watch(self) -> None:
         while not self._stop.is_set():
-            for o in storage.list_objects(self.prefix):
+            for o in self.listing():
                 if o.relpath.endswith(".tar") and o.relpath not in self.checked:
                     digest = hashlib.sha256(storage.read_bytes(o.uri)).hexdigest()
                     if digest != self.reference.get(o.relpath):
@@ -139,14 +146,30 @@ class ShardWatcher:
                     self.checked.add(o.relpath)
 
     def records(self) -> list[str]:
-        return [
-            o.relpath
-            for o in storage.list_objects(self.prefix)
-            if o.relpath.startswith("_records/")
-        ]
+        return [o.relpath for o in self.listing() if o.relpath.startswith("_records/")]
 
 
-def test_killed_job_run_again_ends_as_an_uninterrupted_run(tmp_path, s3, ray_cluster):
+def private_ray_env() -> dict[str, str]:
+    """The environment of a task that starts its own local Ray, as on a laptop."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    return env
+
+
+def wait_for_group_to_end(pgid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)  # killed processes are being reaped
+    os.killpg(pgid, signal.SIGKILL)
+    return False
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_killed_job_run_again_ends_as_an_uninterrupted_run(where, tmp_path, s3, ray_cluster):
     raw = tmp_path / "raw"
     for i in range(720):
         (raw / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
@@ -154,15 +177,21 @@ def test_killed_job_run_again_ends_as_an_uninterrupted_run(tmp_path, s3, ray_clu
             images.encode(images.noise(200, 150, i), "PNG")
         )
     settings = ["--input", str(raw), "--resolution", "32", "--samples_per_shard", "12"]
-    reference_prefix, prefix = s3.prefix("reference"), s3.prefix("killed")
+    if where == "s3":
+        reference_prefix, prefix = s3.prefix("reference"), s3.prefix("killed")
+    else:
+        reference_prefix, prefix = str(tmp_path / "reference"), str(tmp_path / "killed")
     assert run_task("tasks.preprocess", *settings, "--output", reference_prefix).returncode == 0
     reference = dataset.manifest(reference_prefix)
     shard_digests = {s["name"]: s["sha256"] for s in reference["shards"]}
 
     with ShardWatcher(prefix, shard_digests) as watcher:
+        # The job runs its own Ray, in its own process group: SIGKILL takes the
+        # driver, Ray and the workers (mid-write) down together.
         job = subprocess.Popen(
             [sys.executable, "-m", "tasks.preprocess", *settings, "--output", prefix],
             cwd=ROOT,
+            env=private_ray_env(),
             start_new_session=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -172,6 +201,7 @@ def test_killed_job_run_again_ends_as_an_uninterrupted_run(tmp_path, s3, ray_clu
             time.sleep(0.05)  # polling the bucket while the job runs
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
+        assert wait_for_group_to_end(job.pid), "processes of the killed job survived"
         done_at_kill = len(watcher.records())
         assert job.returncode == -signal.SIGKILL
         assert shards.load_manifest(prefix) is None
@@ -180,9 +210,7 @@ def test_killed_job_run_again_ends_as_an_uninterrupted_run(tmp_path, s3, ray_clu
         again = run_task("tasks.preprocess", *settings, "--output", prefix)
     assert again.returncode == 0, again.stderr
     reused = int(re.search(r"shards \((\d+) reused\)", again.stdout).group(1))
-    print(
-        f"killed after {done_at_kill} of {len(reference['shards'])} shards; re-run reused {reused}"
-    )
+    print(f"killed after {done_at_kill} of {len(shard_digests)} shards; re-run reused {reused}")
     assert done_at_kill <= reused < len(reference["shards"])
 
     assert watcher.problems == [] and watcher.checked == set(shard_digests)
@@ -192,6 +220,8 @@ def test_killed_job_run_again_ends_as_an_uninterrupted_run(tmp_path, s3, ray_clu
     assert final == reference
     for name, digest in shard_digests.items():
         assert hashlib.sha256(storage.read_bytes(storage.join(prefix, name))).hexdigest() == digest
+    if where == "local":
+        assert list((tmp_path / "killed").rglob("*.partial")) == []  # interrupted writes gone
 
     third = run_task("tasks.preprocess", *settings, "--output", prefix)
     assert third.returncode == 0 and "already complete" in third.stdout
@@ -206,18 +236,20 @@ def test_digits_are_written_by_class_with_their_pixels(tmp_path):
     assert {o.relpath.split("/")[0] for o in listed} == {str(d) for d in range(10)}
     from PIL import Image
 
-    img = Image.open(tmp_path / str(labels[42]) / "0042.png")
+    with Image.open(tmp_path / str(labels[42]) / "0042.png") as img:
+        img.load()
     assert img.mode == "L" and (np.asarray(img) == pixels[42]).all()
     assert pixels.max() == 255 and pixels.min() == 0
 
 
 def test_quickstart_on_embedded_defaults(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("AWS_")}
+    env = {k: v for k, v in private_ray_env().items() if not k.startswith("AWS_")}
     result = run_task("tasks.quickstart", "--workdir", str(tmp_path / "qs"), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Started a local Ray instance" in result.stderr  # not the test session's cluster
     manifest_uri = str(tmp_path / "qs" / "datasets" / "digits-8" / "manifest.json")
     assert f"manifest at {manifest_uri}" in result.stdout
-    manifest = json.loads(open(manifest_uri).read())
-    assert manifest["counts"]["written"] == 1797 and manifest["classes"] == [
-        str(d) for d in range(10)
-    ]
+    with open(manifest_uri) as f:
+        manifest = json.load(f)
+    assert manifest["counts"]["written"] == 1797
+    assert manifest["classes"] == [str(d) for d in range(10)]

@@ -24,11 +24,30 @@ from pipeline.data.sources import InputItem, ShardPlan
 from pipeline.data.transforms import center_crop_resize, encode_png
 
 
-def index_tars(batch: dict[str, np.ndarray], labels: str) -> dict[str, np.ndarray]:
+def software() -> dict[str, str]:
+    """Versions of what a shard's bytes depend on besides the config and inputs:
+    decoders, resampling and zlib all live in the Pillow build."""
+    import PIL
+    from PIL import features
+
+    return {
+        "format_version": str(shards.FORMAT_VERSION),
+        "pillow": PIL.__version__,
+        "zlib": str(features.version("zlib")),
+        "libjpeg": str(features.version("jpg")),
+        "littlecms": str(features.version("littlecms2")),
+    }
+
+
+def index_tars(batch: dict[str, np.ndarray], labels: str, ours: bool) -> dict[str, np.ndarray]:
     """The inputs (and rejects) found in a batch of webdataset tars, as JSON lists."""
     out_items, out_rejects = [], []
     for uri, relpath, size in zip(batch["uri"], batch["relpath"], batch["size"], strict=True):
-        items, rejects = sources.tar_inputs(storage.ObjectInfo(uri, relpath, int(size)), labels)
+        tar = storage.ObjectInfo(uri, relpath, int(size))
+        try:
+            items, rejects = sources.tar_inputs(tar, labels, ours)
+        except storage.StorageError as e:
+            items, rejects = [], [{"error": str(e)}]
         out_items.append(json.dumps([dataclasses.asdict(i) for i in items]))
         out_rejects.append(json.dumps(rejects))
     return {
@@ -48,7 +67,12 @@ def build_shards(batch: dict[str, np.ndarray], cfg: PreprocessConfig) -> dict[st
         strict=True,
     ):
         plan = ShardPlan(str(split), int(index), tuple(InputItem(**d) for d in json.loads(items)))
-        records.append(json.dumps(_build_shard(plan, str(digest), cfg)))
+        try:
+            record = _build_shard(plan, str(digest), cfg)
+        except storage.StorageError as e:
+            # Travels as data, so the driver can report it in one line.
+            record = {"name": plan.name, "error": str(e)}
+        records.append(json.dumps(record))
     return {"record": np.array(records, dtype=object)}
 
 
@@ -62,6 +86,8 @@ def _build_shard(plan: ShardPlan, digest: str, cfg: PreprocessConfig) -> dict[st
             members += _sample_members(item, data, plan.split, cfg)
         except Rejected as r:
             rejects.append(sources.reject(item.source, r.reason, r.detail))
+        except Exception as e:  # noqa: BLE001 - a decoder bug must cost one image, not the job
+            rejects.append(sources.reject(item.source, "decode_error", f"{type(e).__name__}: {e}"))
     tar = shards.write_tar(members)
     storage.write_bytes(storage.join(cfg.output, plan.name), tar)
     record = {
@@ -74,6 +100,7 @@ def _build_shard(plan: ShardPlan, digest: str, cfg: PreprocessConfig) -> dict[st
         "bytes": len(tar),
         "sha256": shards.sha256(tar),
         "rejects": rejects,
+        "software": software(),
     }
     storage.write_bytes(
         storage.join(cfg.output, shards.RECORDS, f"{plan.name}.json"), shards.dumps(record)
@@ -91,6 +118,7 @@ def _sample_members(
     key = item.key
     meta = {
         "key": key,
+        "relpath": item.relpath,
         "source": item.source,
         "original_size": list(original),
         "label": item.label,

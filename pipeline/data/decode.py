@@ -53,6 +53,10 @@ def decode_image(
     """
     if not data:
         raise Rejected("empty", "zero-byte file")
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        # Pillow's own bomb limit (89M pixels) would otherwise win over a larger
+        # `max_pixels`; ours is checked before any pixel is decoded just the same.
+        Image.MAX_IMAGE_PIXELS = max_pixels
     with warnings.catch_warnings():
         # Pillow warns at 89M pixels and raises at twice that; we check our own
         # limit first, and turn its warning into the same rejection.

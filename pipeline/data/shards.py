@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import tarfile
 from collections.abc import Iterable
 from typing import Any
@@ -29,13 +30,20 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
 
 
+_SHARD_NAME = re.compile(r"^(train|validation)-\d{6}\.tar$")
+
+
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
+def is_shard_name(name: str) -> bool:
+    return bool(_SHARD_NAME.match(name))
+
+
 def dumps(obj: Any) -> bytes:
     """Canonical JSON bytes: sorted keys, so equal data gives equal bytes."""
-    return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode()
+    return (json.dumps(obj, sort_keys=True, indent=1) + "\n").encode()
 
 
 def sha256(data: bytes) -> str:

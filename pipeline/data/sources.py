@@ -1,21 +1,26 @@
 """What the inputs of a dataset are, what they are called, and where they go.
 
 An input is one image file, or one sample of a webdataset tar. Its identity is
-its path relative to the input prefix (`relpath`); everything else derives from
-a SHA-256 of that path, so it never depends on which other inputs exist:
-- its key: a readable slug of the path plus 12 hex digits of the hash, with no
+its path relative to the input prefix (`relpath`, Unicode-normalized to NFC so
+that a name spelled by macOS and by Linux is one name); everything else derives
+from a SHA-256 of that path, so it never depends on which other inputs exist:
+- its key: a readable slug of the path plus 16 hex digits of the hash, with no
   dots (webdataset splits keys from extensions at the first dot);
 - its split: `validation` when the hash, read as a fraction, is below
   `validation_fraction`;
 - its place in the shard order of its split.
+A sample of one of our own datasets keeps the identity it had there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import json
 import re
 import tarfile
+import unicodedata
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,7 +28,11 @@ from pipeline import storage
 from pipeline.data import shards
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm")
-"""Member extensions that hold a tar sample's image, in order of preference."""
+"""Extensions of image files and tar members, in order of preference."""
+
+
+def looks_like_image(relpath: str) -> bool:
+    return relpath.rpartition(".")[2].lower() in IMAGE_EXTENSIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,14 +52,17 @@ class InputItem:
     member: str | None = None
     """For a tar sample: its webdataset key within the tar."""
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
-        return hashlib.sha256(self.relpath.encode()).hexdigest()
+        # surrogateescape: a file name that is not UTF-8 still has stable bytes.
+        name = unicodedata.normalize("NFC", self.relpath)
+        return hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()
 
     @property
     def key(self) -> str:
-        slug = re.sub(r"[^A-Za-z0-9_-]+", "_", self.relpath).strip("_")[-80:]
-        return f"{slug}-{self.digest[:12]}"
+        name = unicodedata.normalize("NFC", self.relpath)
+        slug = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[-80:]
+        return f"{slug}-{self.digest[:16]}"
 
     def split(self, validation_fraction: float) -> str:
         return "validation" if int(self.digest[:16], 16) / 16**16 < validation_fraction else "train"
@@ -75,12 +87,13 @@ def file_inputs(
 ) -> tuple[list[InputItem], list[dict], list[str]]:
     """Image files as inputs: (items, rejects, class names).
 
-    With class folders (`labels` is `folders`, or `auto` and every file sits in
-    a folder), the first folder of each path names its class; classes are
-    numbered in sorted order.
+    With class folders (`labels` is `folders`, or `auto` and every file with an
+    image extension sits in a folder), the first folder of each path names its
+    class; classes are numbered in sorted order.
     """
+    images = [o for o in objects if looks_like_image(o.relpath)]
     use_folders = labels == "folders" or (
-        labels == "auto" and objects and all("/" in o.relpath for o in objects)
+        labels == "auto" and images and all("/" in o.relpath for o in images)
     )
     if not use_folders:
         return [InputItem(o.uri, o.relpath) for o in objects], [], []
@@ -97,37 +110,56 @@ def file_inputs(
     return items, rejects, classes
 
 
-def tar_inputs(tar: storage.ObjectInfo, labels: str) -> tuple[list[InputItem], list[dict]]:
-    """The samples of one webdataset tar as inputs, each pointing at its image's bytes."""
+def tar_inputs(
+    tar: storage.ObjectInfo, labels: str, ours: bool = False
+) -> tuple[list[InputItem], list[dict]]:
+    """The samples of one webdataset tar as inputs, each pointing at its image's bytes.
+
+    With `ours` (the tar is a shard of one of our datasets), a sample keeps the
+    identity (`relpath`) its `.json` records, and so its key and split.
+    """
     data = storage.read_bytes(tar.uri)
     try:
         members = shards.tar_members(data)
     except tarfile.TarError as e:
         return [], [reject(tar.uri, "bad_tar", str(e))]
     samples: dict[str, dict[str, shards.TarMember]] = {}
+    doubled = set()
     for m in members:
         key, ext = shards.split_member_name(m.name)
-        samples.setdefault(key, {})[ext] = m
+        if ext in samples.setdefault(key, {}):
+            doubled.add(key)
+        samples[key][ext] = m
+
+    def text(member: shards.TarMember) -> bytes:
+        return data[member.offset : member.offset + member.size]
+
     items, rejects = [], []
     for key, parts in samples.items():
         uri = f"{tar.uri}#{key}"
         image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+        if key in doubled:
+            rejects.append(reject(uri, "duplicate_member", "a member name occurs twice"))
+            continue
         if image is None:
             rejects.append(reject(uri, "no_image_member", f"members: {', '.join(sorted(parts))}"))
             continue
         label = None
         if "cls" in parts and labels != "none":
-            text = data[parts["cls"].offset : parts["cls"].offset + parts["cls"].size]
             try:
-                label = int(text.decode().strip())
+                label = int(text(parts["cls"]).decode().strip())
                 if label < 0:
                     raise ValueError(label)
             except ValueError:
-                rejects.append(reject(uri, "bad_label", f".cls holds {text[:20]!r}"))
+                rejects.append(reject(uri, "bad_label", f".cls holds {text(parts['cls'])[:20]!r}"))
                 continue
-        items.append(
-            InputItem(tar.uri, f"{tar.relpath}/{key}", label, image.offset, image.size, key)
-        )
+        relpath = f"{tar.relpath}/{key}"
+        if ours and "json" in parts:
+            try:
+                relpath = json.loads(text(parts["json"]))["relpath"]
+            except (ValueError, KeyError, TypeError):
+                pass  # written by an older version: the tar path is its identity
+        items.append(InputItem(tar.uri, relpath, label, image.offset, image.size, key))
     return items, rejects
 
 
@@ -135,6 +167,19 @@ def tar_classes(items: Iterable[InputItem]) -> list[str]:
     """Class names for `.cls` labels: the indices themselves, 0..max."""
     top = max((i.label for i in items if i.label is not None), default=None)
     return [] if top is None else [str(i) for i in range(top + 1)]
+
+
+def unique_keys(items: list[InputItem]) -> tuple[list[InputItem], list[dict]]:
+    """Keep one input per key (the first by path); reject the others. Distinct paths
+    share a key only when they differ in Unicode normalization alone, or when 64
+    bits of SHA-256 collide."""
+    kept: dict[str, InputItem] = {}
+    rejects = []
+    for item in sorted(items, key=lambda i: (i.relpath, i.source)):
+        first = kept.setdefault(item.key, item)
+        if first is not item:
+            rejects.append(reject(item.source, "duplicate_key", f"same key as {first.source}"))
+    return list(kept.values()), rejects
 
 
 @dataclasses.dataclass(frozen=True)
