@@ -38,13 +38,17 @@ if [ -n "$BUCKET" ]; then
     ${PYTHON:-python3} - "$BUCKET" <<'PY'
 import sys, time, boto3, botocore.exceptions as bx
 s3 = boto3.client("s3")
+error = None
 for _ in range(120):
     try:
         s3.create_bucket(Bucket=sys.argv[1]); break
     except s3.exceptions.BucketAlreadyOwnedByYou:
         break
-    except (bx.EndpointConnectionError, bx.ClientError):
-        time.sleep(0.5)
+    except (bx.EndpointConnectionError, bx.ClientError) as e:
+        error = e
+        time.sleep(0.5)  # the server is still starting
+else:
+    sys.exit(f"start-s3.sh: could not create bucket {sys.argv[1]}: {error}")
 PY
   ) &
 fi
