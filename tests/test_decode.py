@@ -103,3 +103,16 @@ def test_max_pixels_above_pillows_own_limit_takes_effect():
     with pytest.raises(Rejected) as err:
         decode_image(data, max_pixels=90_000_000)
     assert err.value.reason == "too_many_pixels", err.value
+
+
+def test_icc_tagged_images_go_through_colour_management():
+    # An sRGB-tagged image converts to itself; a corrupt profile leaves the stored
+    # values, as image viewers show them. (No non-sRGB RGB profile can be built
+    # offline, so a real gamut conversion is not checked here.)
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for icc in (srgb, b"not a profile" * 10):
+        data = images.encode(Image.new("RGB", (64, 64), (200, 50, 50)), "PNG", icc_profile=icc)
+        img, _ = decode_image(data, max_pixels=10**6)
+        assert img.mode == "RGB" and (np.asarray(img) == (200, 50, 50)).all()

@@ -15,6 +15,7 @@ Every choice here is deliberate, because raw datasets hold everything:
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 
@@ -31,7 +32,9 @@ class Rejected(Exception):
         self.detail = detail
 
 
-_SRGB = ImageCms.createProfile("sRGB")
+@functools.cache
+def _srgb() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
 def decode_image(
@@ -124,6 +127,6 @@ def _to_srgb(img: Image.Image, icc: bytes) -> Image.Image:
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         out_mode = "RGBA" if img.mode == "RGBA" else "RGB"
-        return ImageCms.profileToProfile(img, source, _SRGB, outputMode=out_mode)
+        return ImageCms.profileToProfile(img, source, _srgb(), outputMode=out_mode)
     except (ImageCms.PyCMSError, OSError, ValueError):
         return img
