@@ -1,0 +1,97 @@
+"""One training step, torch only: loss -> backward -> clip -> optimizer -> EMA.
+
+The Ray trainer calls this once per global batch; it runs the same in a test
+with no Ray at all. Progress is counted in images seen: the learning-rate
+ramp-up and the EMA are functions of it, so a resumed run continues the same
+curves, and each step's noise comes from a generator seeded by
+(seed, rank, images_seen), so a resumed run draws what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.diffusion.edm import edm_loss
+from pipeline.ema import EMA
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss (or the gradient norm) was NaN or infinite; nothing was updated."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    loss: float
+    """Mean EDM loss over the step's images."""
+    grad_norm: float
+    """Gradient norm before clipping."""
+    learning_rate: float
+    ema_beta: float
+
+
+def learning_rate(images_seen: int, base: float, rampup_images: int) -> float:
+    """EDM's linear ramp-up: base * min(images_seen / rampup_images, 1)."""
+    if rampup_images <= 0:
+        return base
+    return base * min(images_seen / rampup_images, 1.0)
+
+
+def step_generator(seed: int, rank: int, images_seen: int, device="cpu") -> torch.Generator:
+    """The generator for one step's noise, a function of (seed, rank, images_seen)."""
+    state = np.random.SeedSequence([seed, rank, images_seen]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state) & (2**63 - 1))
+
+
+def train_step(
+    denoiser: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: EMA,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
+    *,
+    images_seen: int,
+    base_lr: float,
+    lr_rampup_images: int = 0,
+    max_grad_norm: float | None = 1.0,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    ema_model: nn.Module | None = None,
+) -> StepResult:
+    """One optimizer step over `batches` (micro-batches accumulated into one
+    gradient: the same update as one batch of all their images).
+
+    `denoiser` is what the loss calls (a `Precond`, possibly wrapped by DDP);
+    `ema_model` is the unwrapped module the EMA averages (default: `denoiser`).
+    `images_seen` counts images before this step. Raises NonFiniteLoss, with no
+    parameter changed, when the loss or gradient is NaN or infinite.
+    """
+    lr = learning_rate(images_seen, base_lr, lr_rampup_images)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    total = sum(x.shape[0] for x, _ in batches)
+    loss_sum = torch.zeros((), device=batches[0][0].device)
+    for x, label in batches:
+        precision = (
+            torch.autocast(x.device.type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with precision:
+            loss = edm_loss(denoiser, x, label, generator=generator).sum()
+        (loss / total).backward()
+        loss_sum += loss.detach()
+    params = [p for p in denoiser.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    mean_loss, grad_norm = (loss_sum / total).item(), norm.item()
+    if not (np.isfinite(mean_loss) and np.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(f"loss {mean_loss}, gradient norm {grad_norm}")
+    optimizer.step()
+    beta = ema.update(ema_model if ema_model is not None else denoiser, images_seen, total)
+    return StepResult(mean_loss, grad_norm, lr, beta)

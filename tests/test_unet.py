@@ -1,0 +1,117 @@
+"""The UNet: presets, shapes, labels and their dropout, gradients, layouts, bf16,
+and no graph breaks under torch.compile."""
+
+import pytest
+import torch
+
+from pipeline.model import PRESETS, UNet, UNetConfig, build
+from pipeline.model.unet import GroupNorm
+
+SIZES = {"tiny": (0.2e6, 1e6), "small": (34e6, 40e6), "base": (54e6, 60e6), "base64": (58e6, 66e6)}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_builds_with_its_size_and_maps_shapes(name):
+    torch.manual_seed(0)
+    net = build(name, num_classes=10).eval()
+    low, high = SIZES[name]
+    print(f"{name}: {net.parameter_count() / 1e6:.2f}M parameters")
+    assert low < net.parameter_count() < high
+    res = net.cfg.resolution
+    x = torch.randn(2, 3, res, res)
+    with torch.no_grad():
+        for label in (None, torch.tensor([3, 7])):
+            out = net(x, torch.tensor([-1.0, 0.5]), label)
+            assert out.shape == x.shape and out.dtype == torch.float32
+
+
+def randomised(net: UNet) -> UNet:
+    """The net with its zero-initialised layers given weights, so outputs and
+    gradients depend on everything."""
+    torch.manual_seed(1)
+    for p in net.parameters():
+        if not p.detach().abs().sum():
+            torch.nn.init.normal_(p, std=0.02)
+    return net
+
+
+def test_labels_change_the_output_and_no_label_is_its_own_class():
+    net = randomised(build("tiny", num_classes=10)).eval()
+    x, c = torch.randn(3, 3, 8, 8), torch.zeros(3)
+    with torch.no_grad():
+        a, b = net(x, c, torch.tensor([1, 1, 1])), net(x, c, torch.tensor([2, 2, 2]))
+        unconditional = net(x, c, None)
+        null = net(x, c, torch.full((3,), 10))
+    assert not torch.allclose(a, b) and not torch.allclose(a, unconditional)
+    assert torch.equal(unconditional, null)
+
+
+def test_label_dropout_replaces_labels_by_no_label_in_training_only():
+    torch.manual_seed(2)
+    net = randomised(build("tiny", num_classes=10, label_dropout=0.5, dropout=0.0))
+    x = torch.randn(1, 3, 8, 8).expand(400, -1, -1, -1)
+    c, label = torch.zeros(400), torch.full((400,), 4)
+    with torch.no_grad():
+        net.train()
+        dropped = net(x, c, label)
+        unconditional, conditional = net(x, c, None)[0], net.eval()(x, c, label)[0]
+    is_unconditional = (dropped - unconditional).flatten(1).abs().amax(1) < 1e-6
+    is_conditional = (dropped - conditional).flatten(1).abs().amax(1) < 1e-6
+    assert (is_unconditional ^ is_conditional).all()
+    assert 0.4 < is_unconditional.float().mean() < 0.6
+    assert torch.equal(net.eval()(x, c, label), conditional.expand_as(dropped))
+
+
+def test_gradients_reach_every_parameter():
+    net = build("tiny", num_classes=10)
+    x, c, label = torch.randn(4, 3, 8, 8), torch.randn(4), torch.tensor([0, 3, 5, 10])
+    net(x, c, label).square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters())  # all wired in
+    net.zero_grad()
+    randomised(net)(x, c, label).square().mean().backward()
+    silent = [n for n, p in net.named_parameters() if not p.grad.abs().sum()]
+    assert silent == []
+
+
+def test_channels_last_gives_the_same_output():
+    net = randomised(build("tiny", num_classes=10)).eval()
+    x, c, label = torch.randn(4, 3, 8, 8), torch.randn(4), torch.tensor([0, 3, 5, 9])
+    with torch.no_grad():
+        expected = net(x, c, label)
+        fast = net.to(memory_format=torch.channels_last)
+        out = fast(x.to(memory_format=torch.channels_last), c, label)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_bf16_autocast_stays_close_and_normalises_in_float32():
+    net = randomised(build("tiny", num_classes=10)).eval()
+    x, c = torch.randn(8, 3, 8, 8) * 3, torch.randn(8)
+    with torch.no_grad():
+        expected = net(x, c)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x, c)
+    assert torch.isfinite(out).all()
+    assert (out.float() - expected).norm() / expected.norm() < 0.05
+    # GroupNorm statistics in float32: large offsets do not swallow the signal
+    norm = GroupNorm(2, 4)
+    big = torch.randn(2, 4, 8, 8) + 1000
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = norm(big.bfloat16())
+    assert (low.float() - norm(big.bfloat16().float())).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_no_graph_breaks_under_torch_compile(training):
+    net = build("tiny", num_classes=10, label_dropout=0.1).train(training)
+    x, c = torch.randn(2, 3, 8, 8), torch.randn(2)
+    for label in (None, torch.tensor([1, 2])):
+        explained = torch._dynamo.explain(net)(x, c, label)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="not divisible"):
+        UNetConfig(resolution=30, channel_mult=(1, 2, 2))
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        build("huge")
