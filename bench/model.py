@@ -37,7 +37,6 @@ from pipeline.diffusion import Precond, edm_loss, karras_sigmas  # noqa: E402
 from pipeline.diffusion.analytic import GaussianDenoiser  # noqa: E402
 from pipeline.model import build  # noqa: E402
 
-
 # --- the two networks, each with its own training loss --------------------------------
 
 
@@ -56,7 +55,10 @@ def diffusers_unet(device):
     except ImportError:
         return None
     net = UNet2DModel(
-        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=2,
         block_out_channels=(128, 256, 256, 256),
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
@@ -67,8 +69,9 @@ def diffusers_unet(device):
         t = torch.randint(0, 1000, (x.shape[0],), device=x.device)
         noise = torch.randn_like(x)
         a = alphas[t].reshape(-1, 1, 1, 1)
-        return torch.nn.functional.mse_loss(m(a.sqrt() * x + (1 - a).sqrt() * noise, t).sample,
-                                            noise)
+        return torch.nn.functional.mse_loss(
+            m(a.sqrt() * x + (1 - a).sqrt() * noise, t).sample, noise
+        )
 
     def forward(m, x):
         return m(x, torch.full((x.shape[0],), 500, device=x.device)).sample
@@ -157,8 +160,10 @@ def measure(make, device, batch, mode, warmup, iters):
     forward_s = seconds_per_call(forward, device, warmup, iters)
     return {
         "parameters": sum(p.numel() for p in net.parameters()),
-        "train_images_per_s": batch / train_s, "forward_images_per_s": batch / forward_s,
-        "train_gflop_per_image": train_flop / 1e9, "forward_gflop_per_image": forward_flop / 1e9,
+        "train_images_per_s": batch / train_s,
+        "forward_images_per_s": batch / forward_s,
+        "train_gflop_per_image": train_flop / 1e9,
+        "forward_gflop_per_image": forward_flop / 1e9,
     }
 
 
@@ -190,8 +195,9 @@ def check_correctness(device) -> dict:
                 low = net(x, _sigma(x))
             out["bf16_relative_error"] = ((low - reference).norm() / reference.norm()).item()
             compiled = torch.compile(net)(x, _sigma(x))
-            out["compile_relative_error"] = ((compiled - reference).norm()
-                                             / reference.norm()).item()
+            out["compile_relative_error"] = (
+                (compiled - reference).norm() / reference.norm()
+            ).item()
             assert out["bf16_relative_error"] < 0.05 and out["compile_relative_error"] < 1e-3, out
     return out
 
@@ -201,12 +207,21 @@ def check_correctness(device) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, nargs="+", default=None,
-                        help="batch sizes (default: 8 on CPU, 128 and 512 on CUDA)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batch sizes (default: 8 on CPU, 128 and 512 on CUDA)",
+    )
     parser.add_argument("--iters", type=int, default=None)
-    parser.add_argument("--modes", nargs="+", default=None,
-                        help="fp32, bf16, bf16+compile, bf16+compile+channels_last "
-                             "(default: all on CUDA, fp32 on CPU)")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=None,
+        help="fp32, bf16, bf16+compile, bf16+compile+channels_last "
+        "(default: all on CUDA, fp32 on CPU)",
+    )
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -230,19 +245,34 @@ def main() -> None:
                     print(f"diffusers not installed: baseline skipped ({mode}, batch {batch})")
                     continue
                 if peak:
-                    result["train_mfu"] = (result["train_images_per_s"]
-                                           * result["train_gflop_per_image"] * 1e9 / peak)
-                    result["forward_mfu"] = (result["forward_images_per_s"]
-                                             * result["forward_gflop_per_image"] * 1e9 / peak)
+                    result["train_mfu"] = (
+                        result["train_images_per_s"] * result["train_gflop_per_image"] * 1e9 / peak
+                    )
+                    result["forward_mfu"] = (
+                        result["forward_images_per_s"]
+                        * result["forward_gflop_per_image"]
+                        * 1e9
+                        / peak
+                    )
                 rows.append({"model": label, "mode": mode, "batch": batch, **result})
     _print(name, rows, peak, correctness)
     out = ROOT / "bench" / "results" / f"model-{name.replace(' ', '-')}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "model", "device": name, "torch": torch.__version__,
-        "processor": platform.processor(), "bf16_matmul_peak_tflops": peak and peak / 1e12,
-        "correctness": correctness, "rows": rows,
-    }, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "model",
+                "device": name,
+                "torch": torch.__version__,
+                "processor": platform.processor(),
+                "bf16_matmul_peak_tflops": peak and peak / 1e12,
+                "correctness": correctness,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 
@@ -250,20 +280,26 @@ def _print(name, rows, peak, correctness):
     print(f"\n{name}; correctness: " + ", ".join(f"{k} {v:.2g}" for k, v in correctness.items()))
     if peak:
         print(f"measured bf16 matmul peak: {peak / 1e12:.0f} TFLOP/s")
-    head = f"{'model':<16}{'mode':<28}{'batch':>6}{'params':>9}{'train img/s':>13}" \
-           f"{'fwd img/s':>11}{'GFLOP/img tr,fwd':>18}"
+    head = (
+        f"{'model':<16}{'mode':<28}{'batch':>6}{'params':>9}{'train img/s':>13}"
+        f"{'fwd img/s':>11}{'GFLOP/img tr,fwd':>18}"
+    )
     print(head + ("  MFU tr, fwd" if peak else "") + "   ratio ours/diffusers tr, fwd")
     base = {(r["mode"], r["batch"]): r for r in rows if r["model"] == "diffusers DDPM"}
     for r in rows:
-        line = (f"{r['model']:<16}{r['mode']:<28}{r['batch']:>6}{r['parameters'] / 1e6:>8.1f}M"
-                f"{r['train_images_per_s']:>13.1f}{r['forward_images_per_s']:>11.1f}"
-                f"{r['train_gflop_per_image']:>10.1f},{r['forward_gflop_per_image']:>6.1f}")
+        line = (
+            f"{r['model']:<16}{r['mode']:<28}{r['batch']:>6}{r['parameters'] / 1e6:>8.1f}M"
+            f"{r['train_images_per_s']:>13.1f}{r['forward_images_per_s']:>11.1f}"
+            f"{r['train_gflop_per_image']:>10.1f},{r['forward_gflop_per_image']:>6.1f}"
+        )
         if peak:
             line += f"  {r['train_mfu']:>5.1%}, {r['forward_mfu']:>5.1%}"
         other = base.get((r["mode"], r["batch"]))
         if other and r["model"] == "ours small":
-            line += (f"   {r['train_images_per_s'] / other['train_images_per_s']:.2f},"
-                     f" {r['forward_images_per_s'] / other['forward_images_per_s']:.2f}")
+            line += (
+                f"   {r['train_images_per_s'] / other['train_images_per_s']:.2f},"
+                f" {r['forward_images_per_s'] / other['forward_images_per_s']:.2f}"
+            )
         print(line)
 
 

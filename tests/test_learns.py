@@ -32,9 +32,16 @@ def test_tiny_unet_learns_the_digits():
     losses = []
     for step in range(800):
         batch = train[torch.randint(0, len(train), (64,), generator=pick)]
-        result = train_step(denoiser, optimizer, ema, [(x[batch], y[batch])],
-                            images_seen=64 * step, base_lr=2e-3, lr_rampup_images=10_000,
-                            generator=step_generator(0, 0, 64 * step))
+        result = train_step(
+            denoiser,
+            optimizer,
+            ema,
+            [(x[batch], y[batch])],
+            images_seen=64 * step,
+            base_lr=2e-3,
+            lr_rampup_images=10_000,
+            generator=step_generator(0, 0, 64 * step),
+        )
         losses.append(result.loss)
     first, last = np.mean(losses[:100]), np.mean(losses[-100:])
 
@@ -44,10 +51,13 @@ def test_tiny_unet_learns_the_digits():
     pixels = samples.clamp(-1, 1)[:, 0].flatten(1).numpy()
     reference = x[held_out][:, 0].flatten(1).numpy()
     fd_samples = frechet_distance(pixels, reference)
-    fd_noise = frechet_distance(np.clip(np.random.default_rng(5).normal(size=pixels.shape), -1, 1),
-                                reference)
+    fd_noise = frechet_distance(
+        np.clip(np.random.default_rng(5).normal(size=pixels.shape), -1, 1), reference
+    )
     fd_train = frechet_distance(x[train[:400]][:, 0].flatten(1).numpy(), reference)
-    print(f"\nloss {first:.3f} -> {last:.3f}; pixel FD to held-out digits: samples {fd_samples:.2f},"
-          f" noise {fd_noise:.2f}, training digits {fd_train:.2f}")
+    print(
+        f"\nloss {first:.3f} -> {last:.3f}; pixel FD to held-out digits: "
+        f"samples {fd_samples:.2f}, noise {fd_noise:.2f}, training digits {fd_train:.2f}"
+    )
     assert last < 0.4 * first
     assert fd_samples < 0.1 * fd_noise
