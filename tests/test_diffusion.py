@@ -112,3 +112,32 @@ def test_karras_schedule_matches_eq5():
     eq5 = (80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
     assert torch.allclose(sigmas[:-1], eq5)
     assert (sigmas[1:] < sigmas[:-1]).all()
+
+
+class Recorder(torch.nn.Module):
+    """A stand-in network that records what Precond gives it and returns `out`."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x, c_noise, label):
+        self.x, self.c_noise, self.label = x, c_noise, label
+        return self.out
+
+
+def test_precond_feeds_the_network_c_in_y_and_c_noise_and_combines_its_output():
+    gen = torch.Generator().manual_seed(5)
+    x = edm.SIGMA_DATA * torch.randn(4096, 3, 4, 4, generator=gen)
+    f = torch.randn(x.shape, generator=gen)
+    label = torch.arange(4096) % 10
+    for value in (0.02, 0.5, 20.0):
+        sigma = torch.full((4096,), value)
+        y = x + value * torch.randn(x.shape, generator=gen)
+        net = Recorder(f)
+        d = Precond(net)(y, sigma, label)
+        assert net.x.std().item() == pytest.approx(1.0, rel=0.03)  # unit-variance input
+        assert torch.allclose(net.c_noise, torch.full((4096,), np.log(value) / 4))
+        assert net.label is label
+        s = torch.tensor(value)
+        assert torch.allclose(d, edm.c_skip(s) * y + edm.c_out(s) * f, atol=1e-5)

@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from pipeline.diffusion import Precond, add_noise, loss_weight
+from pipeline.diffusion import Precond, edm_loss
+from pipeline.diffusion.edm import training_noise
 from pipeline.diffusion.step import (
     NonFiniteLoss,
     learning_rate,
@@ -15,6 +16,7 @@ from pipeline.diffusion.step import (
 )
 from pipeline.ema import EMA
 from pipeline.model import build
+from tests.nets import randomised
 
 
 def test_ema_half_life_is_counted_in_images():
@@ -50,10 +52,14 @@ def test_learning_rate_ramps_up_linearly_in_images():
     assert learning_rate(0, 1e-3, 0) == 1e-3
 
 
-def setup(seed=0):
+def setup(seed=0, sgd=False, **net):
     torch.manual_seed(seed)
-    denoiser = Precond(build("tiny", num_classes=10))
-    opt = torch.optim.Adam(denoiser.parameters(), lr=1e-3)
+    denoiser = Precond(randomised(build("tiny", num_classes=10, **net), seed))
+    opt = (
+        torch.optim.SGD(denoiser.parameters(), lr=0.1)
+        if sgd
+        else torch.optim.Adam(denoiser.parameters(), lr=1e-3)
+    )
     return denoiser, opt, EMA(denoiser, halflife_images=500, rampup_ratio=0.05)
 
 
@@ -62,30 +68,70 @@ def data(n=16):
     return torch.randn(n, 3, 8, 8, generator=gen) * 0.5, torch.randint(0, 10, (n,), generator=gen)
 
 
-def test_micro_batches_accumulate_to_the_gradient_of_one_batch():
+def flat(module):
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+def test_micro_batches_give_the_update_of_one_batch():
     x, label = data(16)
-    noise, sigma = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)), 0.7
-    grads = []
-    for parts in ([slice(0, 16)], [slice(0, 8), slice(8, 16)]):
-        denoiser, _, _ = setup()
-        for part in parts:  # the same noise for every image either way
-            y = add_noise(x[part], torch.tensor(sigma), noise[part])
-            error = (denoiser(y, torch.tensor(sigma), label[part]) - x[part]) ** 2
-            (loss_weight(torch.tensor(sigma)) * error.flatten(1).mean(1)).sum().div(16).backward()
-        grads.append(torch.cat([p.grad.flatten() for p in denoiser.parameters()]))
-    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-7)
-    # and train_step runs a list of micro-batches as one update
-    denoiser, opt, ema = setup()
+    after = []
+    for parts in ([slice(0, 16)], [slice(0, 8), slice(8, 16)], [slice(0, 4), slice(4, 16)]):
+        denoiser, opt, ema = setup(sgd=True)
+        before = flat(denoiser)
+        result = train_step(
+            denoiser,
+            opt,
+            ema,
+            [(x[p], label[p]) for p in parts],
+            images_seen=0,
+            base_lr=0.1,
+            max_grad_norm=None,
+            generator=step_generator(0, 0, 0),
+        )
+        after.append((flat(denoiser), result.loss))
+    assert not torch.equal(after[0][0], before)
+    for params, loss in after[1:]:
+        assert torch.allclose(params, after[0][0], atol=1e-6) and loss == pytest.approx(after[0][1])
+    # and that update is SGD on the mean loss over all 16 images, written out
+    denoiser, _, _ = setup(sgd=True)
+    sigma, noise = training_noise(x, step_generator(0, 0, 0))
+    edm_loss(denoiser, x, label, sigma=sigma, noise=noise).mean().backward()
+    expected = torch.cat([(p - 0.1 * p.grad).detach().flatten() for p in denoiser.parameters()])
+    assert torch.allclose(after[0][0], expected, atol=1e-6)
+
+
+def test_gradients_are_clipped_to_the_maximum_norm():
+    denoiser, opt, ema = setup(sgd=True)
+    before = flat(denoiser)
     result = train_step(
         denoiser,
         opt,
         ema,
-        [(x[:8], label[:8]), (x[8:], label[8:])],
-        images_seen=0,
-        base_lr=1e-3,
+        [data()],
+        images_seen=10**6,
+        base_lr=1.0,
+        max_grad_norm=1e-3,
         generator=step_generator(0, 0, 0),
     )
-    assert result.learning_rate == 1e-3 and result.ema_beta == 0.0 and result.loss > 0
+    opt_lr = opt.param_groups[0]["lr"]
+    assert result.grad_norm > 1e-2 and opt_lr == 1.0
+    assert (flat(denoiser) - before).norm().item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_the_ema_follows_the_optimizer_step():
+    denoiser, opt, ema = setup()
+    result = train_step(denoiser, opt, ema, [data()], images_seen=0, base_lr=1e-3)
+    assert result.ema_beta == 0.0  # at 0 images the average is the new weights
+    assert torch.equal(flat(ema.module), flat(denoiser))
+
+
+def test_each_step_draws_its_own_noise_and_the_same_step_the_same():
+    def first(seed, rank, images):
+        return torch.randn(4, generator=step_generator(seed, rank, images))
+
+    assert torch.equal(first(0, 0, 64), first(0, 0, 64))
+    for other in (first(0, 0, 128), first(0, 1, 64), first(1, 0, 64)):
+        assert not torch.equal(first(0, 0, 64), other)
 
 
 def test_a_non_finite_loss_stops_the_step_and_changes_nothing():
@@ -119,20 +165,20 @@ def run_steps(denoiser, opt, ema, start, stop, batch=16):
     return losses
 
 
-def test_a_resumed_run_continues_exactly():
-    straight = setup()
+def test_a_resumed_run_continues_exactly_dropout_included():
+    net = {"dropout": 0.1, "label_dropout": 0.2}
+    straight = setup(**net)
     losses = run_steps(*straight, 0, 128)
 
-    first = setup()
+    first = setup(**net)
     head = run_steps(*first, 0, 64)
     saved = [copy.deepcopy(part.state_dict()) for part in first]
-    resumed = setup(seed=123)  # fresh objects, other initial weights: all come from the save
+    torch.manual_seed(99)  # whatever the global RNG holds, the steps re-seed it
+    resumed = setup(seed=123, **net)  # fresh objects and weights: all come from the save
     for part, state in zip(resumed, saved, strict=True):
         part.load_state_dict(state)
     tail = run_steps(*resumed, 64, 128)
 
     assert head + tail == losses
-    for a, b in zip(straight[0].parameters(), resumed[0].parameters(), strict=True):
-        assert torch.equal(a, b)
-    for a, b in zip(straight[2].module.parameters(), resumed[2].module.parameters(), strict=True):
-        assert torch.equal(a, b)
+    assert torch.equal(flat(straight[0]), flat(resumed[0]))
+    assert torch.equal(flat(straight[2].module), flat(resumed[2].module))

@@ -4,8 +4,9 @@ and no graph breaks under torch.compile."""
 import pytest
 import torch
 
-from pipeline.model import PRESETS, UNet, UNetConfig, build
+from pipeline.model import PRESETS, UNetConfig, build
 from pipeline.model.unet import GroupNorm
+from tests.nets import randomised
 
 SIZES = {"tiny": (0.2e6, 1e6), "small": (34e6, 40e6), "base": (54e6, 60e6), "base64": (58e6, 66e6)}
 
@@ -23,16 +24,6 @@ def test_every_preset_builds_with_its_size_and_maps_shapes(name):
         for label in (None, torch.tensor([3, 7])):
             out = net(x, torch.tensor([-1.0, 0.5]), label)
             assert out.shape == x.shape and out.dtype == torch.float32
-
-
-def randomised(net: UNet) -> UNet:
-    """The net with its zero-initialised layers given weights, so outputs and
-    gradients depend on everything."""
-    torch.manual_seed(1)
-    for p in net.parameters():
-        if not p.detach().abs().sum():
-            torch.nn.init.normal_(p, std=0.02)
-    return net
 
 
 def test_labels_change_the_output_and_no_label_is_its_own_class():
@@ -108,6 +99,28 @@ def test_no_graph_breaks_under_torch_compile(training):
         explained = torch._dynamo.explain(net)(x, c, label)
         assert explained.graph_break_count == 0, explained.break_reasons
         assert explained.graph_count == 1
+
+
+def test_attention_runs_on_the_fused_kernels():
+    # Each head's features must be contiguous for flash / memory-efficient SDPA;
+    # the math fallback would be slower and use memory quadratic in pixels.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    net = randomised(build("small")).eval()
+    x, c = torch.randn(2, 3, 32, 32), torch.zeros(2)
+    with torch.no_grad():
+        expected = net(x, c)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            assert torch.allclose(net(x, c), expected, atol=1e-4)
+            fast = net.to(memory_format=torch.channels_last)
+            assert torch.allclose(
+                fast(x.to(memory_format=torch.channels_last), c), expected, atol=1e-4
+            )
+
+
+def test_an_unconditional_network_refuses_labels():
+    with pytest.raises(ValueError, match="unconditional"):
+        build("tiny")(torch.randn(1, 3, 8, 8), torch.zeros(1), torch.tensor([1]))
 
 
 def test_config_is_checked():

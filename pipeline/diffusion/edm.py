@@ -85,23 +85,37 @@ def edm_loss(
     label: torch.Tensor | None = None,
     *,
     generator: torch.Generator | None = None,
+    sigma: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
     p_mean: float = P_MEAN,
     p_std: float = P_STD,
     sigma_data: float = SIGMA_DATA,
 ) -> torch.Tensor:
     """EDM's training loss (Eq. 8 with Table 1's choices), one value per sample.
 
-    Draws ln(sigma) ~ N(p_mean, p_std^2) and n ~ N(0, I), and returns
-    lambda(sigma) * mean over pixels of (D(x + sigma n; sigma) - x)^2. The mean
-    (not EDM's sum) over pixels makes the loss of an untrained network about 1.
+    Draws ln(sigma) ~ N(p_mean, p_std^2) and n ~ N(0, I) (unless `sigma` and
+    `noise` are given, see `training_noise`), and returns lambda(sigma) * mean over
+    pixels of (D(x + sigma n; sigma) - x)^2. The mean (not EDM's sum) over pixels
+    makes the loss of an untrained network about 1.
     """
-    batch = x.shape[0]
-    rnd = torch.randn(batch, generator=generator, device=x.device)
-    sigma = (rnd * p_std + p_mean).exp()
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if sigma is None or noise is None:
+        sigma, noise = training_noise(x, generator, p_mean, p_std)
     denoised = denoiser(add_noise(x, sigma, noise), sigma, label)
     error = (denoised.float() - x.float()) ** 2
     return loss_weight(sigma, sigma_data) * error.flatten(1).mean(1)
+
+
+def training_noise(
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+    p_mean: float = P_MEAN,
+    p_std: float = P_STD,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample sigma, ln(sigma) ~ N(p_mean, p_std^2), and noise n ~ N(0, I) for
+    a batch shaped like `x`."""
+    rnd = torch.randn(x.shape[0], generator=generator, device=x.device)
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return (rnd * p_std + p_mean).exp(), noise
 
 
 def karras_sigmas(

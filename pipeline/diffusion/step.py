@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.diffusion.edm import edm_loss
+from pipeline.diffusion.edm import edm_loss, training_noise
 from pipeline.ema import EMA
 
 
@@ -62,30 +62,36 @@ def train_step(
     autocast_dtype: torch.dtype | None = None,
     ema_model: nn.Module | None = None,
 ) -> StepResult:
-    """One optimizer step over `batches` (micro-batches accumulated into one
-    gradient: the same update as one batch of all their images).
+    """One optimizer step over `batches`: micro-batches accumulated into one
+    gradient, the same update as one batch of all their images (every image's
+    sigma and noise are drawn up front, in the same order either way).
 
     `denoiser` is what the loss calls (a `Precond`, possibly wrapped by DDP);
     `ema_model` is the unwrapped module the EMA averages (default: `denoiser`).
-    `images_seen` counts images before this step. Raises NonFiniteLoss, with no
-    parameter changed, when the loss or gradient is NaN or infinite.
+    `images_seen` counts images before this step. `generator` (see
+    `step_generator`) drives all of the step's randomness, dropout included, so
+    the step is reproducible. Raises NonFiniteLoss, with no parameter changed,
+    when the loss or gradient is NaN or infinite.
     """
     lr = learning_rate(images_seen, base_lr, lr_rampup_images)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
+    device = batches[0][0].device
     total = sum(x.shape[0] for x, _ in batches)
-    loss_sum = torch.zeros((), device=batches[0][0].device)
-    for x, label in batches:
-        precision = (
-            torch.autocast(x.device.type, dtype=autocast_dtype)
-            if autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with precision:
-            loss = edm_loss(denoiser, x, label, generator=generator).sum()
-        (loss / total).backward()
-        loss_sum += loss.detach()
+    everything = torch.cat([x for x, _ in batches])
+    sigma, noise = training_noise(everything, generator)
+    dropout_seed = int(torch.randint(2**62, (1,), generator=generator, device=device))
+    loss_sum = torch.zeros((), device=device)
+    start = 0
+    with _seeded_global_rng(dropout_seed, device):
+        for x, label in batches:
+            part = slice(start, start + x.shape[0])
+            start += x.shape[0]
+            with _autocast(device, autocast_dtype):
+                loss = edm_loss(denoiser, x, label, sigma=sigma[part], noise=noise[part]).sum()
+            (loss / total).backward()
+            loss_sum += loss.detach()
     params = [p for p in denoiser.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
     mean_loss, grad_norm = (loss_sum / total).item(), norm.item()
@@ -95,3 +101,18 @@ def train_step(
     optimizer.step()
     beta = ema.update(ema_model if ema_model is not None else denoiser, images_seen, total)
     return StepResult(mean_loss, grad_norm, lr, beta)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int, device: torch.device):
+    """Dropout and label dropout draw from torch's global generators: seed them
+    for the step, and leave the caller's state as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

@@ -6,7 +6,7 @@ and ADM (Dhariwal & Nichol 2021): residual blocks with GroupNorm and SiLU, the
 noise embedding applied as a per-channel scale and shift ("adaptive GroupNorm"),
 self-attention at chosen resolutions, skip connections between encoder and
 decoder, residual sums scaled by 1/sqrt(2) (DDPM++), and zero-initialised output
-layers so that every block starts as the identity and the network as zero.
+layers, so that every residual branch and the network itself start at zero.
 
 Written for speed as much as clarity: attention is one call to
 `scaled_dot_product_attention` (flash or memory-efficient kernels on GPUs),
@@ -51,8 +51,9 @@ class UNetConfig:
     num_classes: int = 0
     """Classes for conditioning; 0 for an unconditional network."""
     label_dropout: float = 0.0
-    """Training probability of replacing a label by "no label", which teaches the
-    unconditional model that classifier-free guidance needs."""
+    """Training probability of replacing a label by "no label" (class index
+    num_classes), which teaches the unconditional model that classifier-free
+    guidance needs."""
 
     def __post_init__(self) -> None:
         levels = len(self.channel_mult)
@@ -110,10 +111,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
-        q, k, v = qkv.permute(1, 0, 2, 4, 3).unbind(0)  # each [b, heads, h*w, c/heads]
+        # Pixels-major, so each head's features are contiguous: the layout the
+        # fused (flash, memory-efficient) kernels need. Free for channels_last.
+        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).contiguous()  # [b, h*w, 3c]
+        qkv = qkv.reshape(b, h * w, 3, self.heads, c // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [b, heads, h*w, c/heads]
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        out = out.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)  # channels_last
+        return self.proj(out)
 
 
 class ResBlock(nn.Module):
@@ -207,6 +212,8 @@ class UNet(nn.Module):
         self, x: torch.Tensor, c_noise: torch.Tensor, label: torch.Tensor | None = None
     ) -> torch.Tensor:
         emb = self.embed_noise(c_noise)
+        if label is not None and self.embed_label is None:
+            raise ValueError("this network is unconditional (num_classes=0): pass label=None")
         if self.embed_label is not None:
             null = torch.full((x.shape[0],), self.cfg.num_classes, device=x.device)
             label = null if label is None else label.to(torch.long)
