@@ -7,12 +7,15 @@ Every sampler is one function with one signature, as in k-diffusion:
 - `denoiser(y, sigma, label)` is an EDM denoiser D(y; sigma): a `Precond`-wrapped
   network, or an exact one from `pipeline.diffusion.analytic`.
 - `x` is the starting noise at `sigmas[0]` (see `initial_noise`), `sigmas` the
-  decreasing noise levels (usually `karras_sigmas`, ending in 0).
+  decreasing noise levels (usually `karras_sigmas`, ending in 0). Keep `sigmas`
+  on the CPU: the samplers read them as Python numbers, which on a GPU tensor
+  would wait for the device at every step.
 - `label` (class indices) with `guidance` w != 1 applies classifier-free guidance,
   D = D(y; sigma) + w (D(y; sigma, label) - D(y; sigma)) (Ho & Salimans 2022).
 - `generator` is a list with one torch.Generator per sample: a stochastic sampler
   draws sample k's noise from generator k alone, so a sample does not depend on
-  the batch it is in (see `sample_generators`).
+  the batch it is in (see `sample_generators`). That costs one random-number
+  call per sample per step, small beside a network evaluation.
 - `callback(i, sigma, x, denoised)` runs after step i, for progress bars.
 
 Adding a solver means adding one function and one entry in SAMPLERS.
