@@ -18,18 +18,15 @@ import collections
 import contextlib
 import dataclasses
 import json
-import logging
 from collections.abc import Iterator
 from typing import Any
 
 from tqdm import tqdm
 
-from pipeline import storage
+from pipeline import cluster, storage
 from pipeline.config import ConfigError, PreprocessConfig, to_dict
 from pipeline.data import build, shards, sources
 from pipeline.data.sources import InputItem, ShardPlan
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,32 +187,14 @@ def _list_output(output: str) -> list[storage.ObjectInfo]:
 
 @contextlib.contextmanager
 def _ray_data(cfg: PreprocessConfig) -> Iterator[None]:
-    """Ray (RAY_ADDRESS, a `ray start` cluster here, else a private local one) and
-    the Ray Data settings of this job, restored afterwards."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
-    nodes = sum(1 for n in ray.nodes() if n["Alive"])
-    for field in ("input", "output"):
-        if nodes > 1 and not storage.is_s3(getattr(cfg, field)):
-            log.warning(
-                "preprocess.%s is a local path on a %d-node cluster: every node "
-                "must see it (a shared filesystem), or use s3://",
-                field,
-                nodes,
-            )
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.enable_progress_bars, ctx.op_resource_reservation_enabled
-    ctx.enable_progress_bars = False  # one bar, counted in images, is ours
+    """Ray, and the Ray Data settings of this job (restored afterwards)."""
+    cluster.connect()
+    cluster.warn_local_paths([("preprocess.input", cfg.input), ("preprocess.output", cfg.output)])
     # The job is a single map operator: reserving a share of the CPUs for each
     # operator only holds it below the CPUs it has (measured: one task at a time
     # on 2 CPUs for much of the run, 1.4x slower; see bench/preprocess.py).
-    ctx.op_resource_reservation_enabled = False
-    try:
+    with cluster.data_settings(op_resource_reservation_enabled=False):
         yield
-    finally:
-        ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = saved
 
 
 def _finished_records(

@@ -1,0 +1,30 @@
+"""Typed task configs: frozen dataclasses, loaded from YAML and the command line.
+See `pipeline.config.core` for how; the task configs live beside it."""
+
+from pipeline.config.core import (
+    Checked,
+    ConfigError,
+    field_docs,
+    from_dict,
+    load_yaml,
+    make_parser,
+    parse_args,
+    to_dict,
+)
+from pipeline.config.data import DigitsConfig, PreprocessConfig, QuickstartConfig
+from pipeline.config.train import TrainConfig
+
+__all__ = [
+    "Checked",
+    "ConfigError",
+    "DigitsConfig",
+    "PreprocessConfig",
+    "QuickstartConfig",
+    "TrainConfig",
+    "field_docs",
+    "from_dict",
+    "load_yaml",
+    "make_parser",
+    "parse_args",
+    "to_dict",
+]

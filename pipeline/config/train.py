@@ -1,0 +1,146 @@
+"""The config of the training task."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import ClassVar, Literal
+
+from pipeline.config.core import Checked
+
+PRESET_NAMES = ("tiny", "small", "base", "base64")
+"""The UNet presets (pipeline.model.PRESETS), named here so the config does not
+import torch."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Checked):
+    """Train a denoiser on a preprocessed dataset with Ray Train; track it in MLflow."""
+
+    SECTION: ClassVar[str] = "train"
+
+    dataset: str
+    """A dataset written by `tasks.preprocess` (a folder or `s3://` prefix holding its
+    committed `manifest.json`); training reads its `train` shards."""
+    run_name: str = "diffusion"
+    """Name of the run: its checkpoints live under `storage/run_name`, and the same
+    name resumes it (Ray Train and MLflow alike)."""
+    storage: str = "runs"
+    """Where runs keep their checkpoints: a folder (shared by all nodes) or `s3://`."""
+    preset: str = "tiny"
+    """UNet preset: tiny, small, base or base64 (its resolution must match the data)."""
+    images: int = 100_000
+    """Training length in images seen (the global batch counts once per step)."""
+    epochs: float | None = None
+    """If set, the length in passes over the train split; overrides `images`."""
+    batch_size: int = 64
+    """Global batch: images per optimizer step over all workers together."""
+    micro_batch: int | None = None
+    """Images per worker per forward/backward; smaller than batch_size / workers
+    accumulates gradients. Default: batch_size / workers (no accumulation)."""
+    workers: int = 1
+    """Ray Train workers (processes, one per GPU when GPUs are used)."""
+    use_gpu: bool | None = None
+    """Train on GPUs; default: when the Ray cluster has any."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved by each worker (fractions leave room for Ray Data's readers)."""
+    placement: Literal["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"] = "PACK"
+    """How workers are placed on nodes (Ray placement-group strategy)."""
+    lr: float = 1e-3
+    """Adam learning rate after the ramp-up."""
+    lr_rampup_images: int = 10_000
+    """Images over which the learning rate rises linearly from 0 (EDM)."""
+    max_grad_norm: float = 1.0
+    """Gradients are clipped to this norm."""
+    ema_halflife_images: int = 50_000
+    """Half-life of the weight average, in images."""
+    ema_rampup_ratio: float = 0.05
+    """Early in training the half-life is at most this fraction of the images seen."""
+    dropout: float | None = None
+    """Dropout in the UNet's blocks; default: the preset's."""
+    label_dropout: float = 0.1
+    """Share of labels replaced by "no label" (for classifier-free guidance); applies
+    when the dataset has classes."""
+    hflip: bool = True
+    """Flip each training image horizontally with probability 1/2."""
+    seed: int = 0
+    """Seeds the weights and every step's noise, (seed, rank, images seen)."""
+    bf16: bool = True
+    """bf16 autocast on GPUs (ignored on CPUs)."""
+    compile: bool = False
+    """torch.compile the network."""
+    checkpoint_every_images: int = 20_000
+    """A checkpoint every this many images, and one at the end."""
+    keep_checkpoints: int = 3
+    """Newest checkpoints kept in storage."""
+    log_every_images: int = 1_000
+    """Loss, learning rate and images/s go to MLflow this often."""
+    sample_every_images: int = 50_000
+    """A grid of EMA samples goes to MLflow this often (0: only at the end)."""
+    max_failures: int = 3
+    """Times Ray Train restarts the workers (a lost worker or node) from the last
+    checkpoint before the run fails."""
+    tracking_uri: str = ""
+    """MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
+    experiment: str = "diffusion"
+    """MLflow experiment of the run."""
+    model_name: str = ""
+    """Registered model that receives the final EMA weights; default: run_name."""
+
+    def __post_init__(self) -> None:
+        self.locate("dataset")
+        self.locate("storage")
+        self.check(
+            bool(self.run_name) and "/" not in self.run_name,
+            "run_name",
+            "must be a non-empty name without '/'",
+        )
+        self.check(
+            self.preset in PRESET_NAMES, "preset", f"must be one of {', '.join(PRESET_NAMES)}"
+        )
+        self.check(self.images > 0, "images", "must be a positive integer")
+        self.check(self.epochs is None or self.epochs > 0, "epochs", "must be positive")
+        self.check(self.workers > 0, "workers", "must be a positive integer")
+        self.check(
+            self.batch_size > 0 and self.batch_size % self.workers == 0,
+            "batch_size",
+            f"must be a multiple of the number of workers ({self.workers})",
+        )
+        per_worker = self.batch_size // self.workers
+        self.check(
+            self.micro_batch is None
+            or (0 < self.micro_batch <= per_worker and per_worker % self.micro_batch == 0),
+            "micro_batch",
+            f"must divide batch_size / workers ({per_worker})",
+        )
+        self.check(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
+        self.check(self.lr > 0, "lr", "must be positive")
+        self.check(self.lr_rampup_images >= 0, "lr_rampup_images", "must be >= 0")
+        self.check(self.max_grad_norm > 0, "max_grad_norm", "must be positive")
+        self.check(self.ema_halflife_images > 0, "ema_halflife_images", "must be positive")
+        self.check(self.dropout is None or 0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        self.check(0 <= self.label_dropout < 1, "label_dropout", "must be in [0, 1)")
+        for field in ("checkpoint_every_images", "log_every_images"):
+            self.check(getattr(self, field) > 0, field, "must be a positive integer")
+        self.check(self.sample_every_images >= 0, "sample_every_images", "must be >= 0")
+        self.check(self.keep_checkpoints > 0, "keep_checkpoints", "must be a positive integer")
+        self.check(self.max_failures >= 0, "max_failures", "must be >= 0")
+        object.__setattr__(self, "tracking_uri", resolve_tracking_uri(self.tracking_uri))
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.batch_size // self.workers
+
+    @property
+    def accumulation(self) -> int:
+        return self.per_worker_batch // (self.micro_batch or self.per_worker_batch)
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """The MLflow tracking URI, with a local sqlite file made absolute (workers run
+    in other folders)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "") or "sqlite:///mlflow.db"
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + os.path.abspath(uri[len(prefix) :])
+    return uri
