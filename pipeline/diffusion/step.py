@@ -32,7 +32,8 @@ class StepResult:
     grad_norm: float
     """Gradient norm before clipping."""
     learning_rate: float
-    ema_beta: float
+    ema_beta: float | None
+    """Weight the EMA kept (None without an EMA)."""
 
 
 def learning_rate(images_seen: int, base: float, rampup_images: int) -> float:
@@ -51,7 +52,7 @@ def step_generator(seed: int, rank: int, images_seen: int, device="cpu") -> torc
 def train_step(
     denoiser: nn.Module,
     optimizer: torch.optim.Optimizer,
-    ema: EMA,
+    ema: EMA | None,
     batches: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
     *,
     images_seen: int,
@@ -66,8 +67,9 @@ def train_step(
     gradient, the same update as one batch of all their images (every image's
     sigma and noise are drawn up front, in the same order either way).
 
-    `denoiser` is what the loss calls (a `Precond`, possibly wrapped by DDP);
-    `ema_model` is the unwrapped module the EMA averages (default: `denoiser`).
+    `denoiser` is what the loss calls (a `Precond`, possibly wrapped by DDP, whose
+    gradients are then all-reduced once, after the last micro-batch); `ema_model`
+    is the unwrapped module the EMA averages (default: `denoiser`; no EMA: None).
     `images_seen` counts images before this step. `generator` (see
     `step_generator`) drives all of the step's randomness, dropout included, so
     the step is reproducible. Raises NonFiniteLoss, with no parameter changed,
@@ -84,13 +86,17 @@ def train_step(
     dropout_seed = int(torch.randint(2**62, (1,), generator=generator, device=device))
     loss_sum = torch.zeros((), device=device)
     start = 0
+    no_sync = getattr(denoiser, "no_sync", None)  # DistributedDataParallel's
     with _seeded_global_rng(dropout_seed, device):
-        for x, label in batches:
+        for i, (x, label) in enumerate(batches):
             part = slice(start, start + x.shape[0])
             start += x.shape[0]
-            with _autocast(device, autocast_dtype):
-                loss = edm_loss(denoiser, x, label, sigma=sigma[part], noise=noise[part]).sum()
-            (loss / total).backward()
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                with _autocast(device, autocast_dtype):
+                    loss = edm_loss(denoiser, x, label, sigma=sigma[part], noise=noise[part])
+                    loss = loss.sum()
+                (loss / total).backward()
             loss_sum += loss.detach()
     params = [p for p in denoiser.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
@@ -99,7 +105,9 @@ def train_step(
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLoss(f"loss {mean_loss}, gradient norm {grad_norm}")
     optimizer.step()
-    beta = ema.update(ema_model if ema_model is not None else denoiser, images_seen, total)
+    beta = None
+    if ema is not None:
+        beta = ema.update(ema_model if ema_model is not None else denoiser, images_seen, total)
     return StepResult(mean_loss, grad_norm, lr, beta)
 
 

@@ -117,8 +117,15 @@ class Attention(nn.Module):
         qkv = qkv.reshape(b, h * w, 3, self.heads, c // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [b, heads, h*w, c/heads]
         out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)  # channels_last
-        return self.proj(out)
+        out = out.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)  # NCHW view of NHWC
+        # Back to the input's memory format, so the projection's weight gradient
+        # keeps the layout DDP's buckets expect.
+        return self.proj(out.contiguous(memory_format=_memory_format(x)))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 class ResBlock(nn.Module):
