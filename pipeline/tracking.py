@@ -1,0 +1,204 @@
+"""MLflow: the one module that imports it.
+
+A run is found by its name in an experiment, so re-running the same command
+logs into the same run. Everything goes through `MlflowClient` with an explicit
+tracking URI and run id (no global "active run"), so the driver and the rank-0
+worker can both log to one run from different processes. Models are logged as
+safetensors weights plus a JSON config, never pickles, and registered as a new
+version of a named model.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
+
+RUN_NAME_TAG = "mlflow.runName"
+
+
+def client(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def find_or_create_run(
+    tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None
+) -> str:
+    """The id of the run called `run_name` in `experiment`, created if there is none."""
+    c = client(tracking_uri)
+    found = c.get_experiment_by_name(experiment)
+    experiment_id = (
+        found.experiment_id
+        if found
+        else c.create_experiment(
+            experiment, artifact_location=_local_artifacts(tracking_uri, experiment)
+        )
+    )
+    runs = c.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    if runs:
+        return runs[0].info.run_id
+    return c.create_run(experiment_id, run_name=run_name, tags=dict(tags or {})).info.run_id
+
+
+def _local_artifacts(tracking_uri: str, experiment: str) -> str | None:
+    """Artifacts of an sqlite-tracked experiment go beside the database (MLflow's
+    default is ./mlruns in whatever folder the process runs in)."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    folder = Path(tracking_uri[len(prefix) :]).parent / "mlartifacts" / experiment
+    return folder.as_uri()
+
+
+def set_running(tracking_uri: str, run_id: str) -> None:
+    """Mark a run found again (a resumed one) as running."""
+    client(tracking_uri).update_run(run_id, status="RUNNING")
+
+
+class ParamConflict(ValueError):
+    """A run is resumed with other values of params that must not change."""
+
+    def __init__(self, run_id: str, changes: dict[str, tuple[str, str]]):
+        self.run_id, self.changes = run_id, changes
+        listed = ", ".join(f"{k} ({was} -> {now})" for k, (was, now) in changes.items())
+        super().__init__(f"run {run_id} was started with other values of {listed}")
+
+
+def log_params(
+    tracking_uri: str, run_id: str, params: Mapping[str, Any], mutable: Iterable[str] = ()
+) -> None:
+    """Log flat params, skipping those already logged with the same value (a
+    resumed run logs its config again). MLflow cannot change a param: a changed
+    value of a key in `mutable` (say, the worker count) is recorded as the tag
+    `resumed.<key>` instead; any other change raises ParamConflict, and then
+    nothing is logged."""
+    c = client(tracking_uri)
+    logged = c.get_run(run_id).data.params
+    params = {k: str(v) for k, v in params.items()}
+    changed = {k: (logged[k], v) for k, v in params.items() if k in logged and logged[k] != v}
+    fixed = {k: change for k, change in changed.items() if k not in set(mutable)}
+    if fixed:
+        raise ParamConflict(run_id, fixed)
+    new = [Param(k, v) for k, v in params.items() if k not in logged]
+    for start in range(0, len(new), 100):
+        c.log_batch(run_id, params=new[start : start + 100])
+    for k, (_, now) in changed.items():
+        c.set_tag(run_id, f"resumed.{k}", now)
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}, for params."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def log_dataset(
+    tracking_uri: str, run_id: str, uri: str, digest: str, name: str, context: str = "training"
+) -> None:
+    """Record a dataset (its manifest's URI and digest) as an input of the run."""
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import InputTag
+
+    c = client(tracking_uri)
+    if any(i.dataset.digest == digest[:36] for i in c.get_run(run_id).inputs.dataset_inputs):
+        return
+    dataset = MetaDataset(HTTPDatasetSource(uri), name=name, digest=digest[:36])
+    entity = mlflow.entities.DatasetInput(
+        dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]
+    )
+    c.log_inputs(run_id, datasets=[entity])
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    now = int(time.time() * 1000)
+    entries = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    client(tracking_uri).log_batch(run_id, metrics=entries)
+
+
+def log_image(tracking_uri: str, run_id: str, image, key: str, step: int) -> None:
+    """Log an image (HxWx3 uint8) as a step of the run's `key` image series."""
+    client(tracking_uri).log_image(run_id, image, key=key, step=step)
+
+
+def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    c = client(tracking_uri)
+    for key, value in tags.items():
+        c.set_tag(run_id, key, str(value))
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(tracking_uri).set_terminated(run_id, status=status)
+
+
+def register_model(
+    tracking_uri: str, run_id: str, name: str, files: Mapping[str, bytes], tags: Mapping[str, str]
+) -> int:
+    """Log `files` under the run's `model/` artifacts and register them as a new
+    version of the model `name`; returns the version number. A version of this run
+    with the same tags is returned as it is (a finished run re-run adds none)."""
+    c = client(tracking_uri)
+    for existing in c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        if all(existing.tags.get(k) == str(v) for k, v in tags.items()):
+            return int(existing.version)
+    with tempfile.TemporaryDirectory() as tmp:
+        for filename, data in files.items():
+            (Path(tmp) / filename).write_bytes(data)
+        c.log_artifacts(run_id, tmp, artifact_path="model")
+    try:
+        c.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        c.create_registered_model(name)
+    source = f"{c.get_run(run_id).info.artifact_uri}/model"
+    version = c.create_model_version(name, source, run_id=run_id, tags=dict(tags))
+    return int(version.version)
+
+
+class SystemMetrics:
+    """CPU, memory (and GPU) use of this process's machine, logged to a run by
+    MLflow's own monitor thread while the context is open."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self.monitor = None
+
+    def __enter__(self):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10.0)
+        self.monitor.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.monitor is not None:
+            self.monitor.finish()
+
+
+def png_bytes(image) -> bytes:
+    """PNG bytes of an HxWx3 uint8 array (for artifacts)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
