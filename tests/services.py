@@ -170,7 +170,9 @@ def mlflow_server(workdir: Path, artifacts: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def ray_head(workdir: Path, num_cpus: int = 2) -> Iterator[str]:
+def ray_head(
+    workdir: Path, num_cpus: int = 2, env: dict[str, str] | None = None, dashboard: bool = False
+) -> Iterator[str]:
     """A Ray head node (`ray start --head --block`); yields its address."""
     port = free_port()
     log = workdir / "ray-head.log"
@@ -183,10 +185,62 @@ def ray_head(workdir: Path, num_cpus: int = 2) -> Iterator[str]:
         "--node-ip-address=127.0.0.1",
         f"--num-cpus={num_cpus}",
         "--num-gpus=0",
-        "--include-dashboard=false",
+        f"--include-dashboard={str(dashboard).lower()}",
+        f"--dashboard-port={free_port()}",
         "--disable-usage-stats",
     ]
     address = f"127.0.0.1:{port}"
-    with process_group(cmd, log, service_env()) as proc:
+    with process_group(cmd, log, env or service_env()) as proc:
         wait_until(lambda: "Ray runtime started" in log.read_text(), "Ray head", 90, proc, log)
         yield address
+
+
+class RayCluster:
+    """A local multi-node Ray cluster: a head and worker nodes, each `ray start
+    --block` in its own process group (so a test can SIGKILL one node whole)."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]):
+        self.workdir, self.env = workdir, env
+        self.stack = contextlib.ExitStack()
+        self.nodes: list[subprocess.Popen] = []
+        self.address = ""
+
+    def __enter__(self) -> RayCluster:
+        self.stack.__enter__()
+        # With the dashboard, as clusters run: Ray Train queries its state API.
+        head = ray_head(self.workdir, env=self.env, dashboard=True)
+        self.address = self.stack.enter_context(head)
+        return self
+
+    def add_node(self, num_cpus: int = 2) -> subprocess.Popen:
+        """Start one more worker node and wait until it has joined."""
+        name = f"ray-node-{len(self.nodes) + 1}"
+        log = self.workdir / f"{name}.log"
+        cmd = [str(BIN / "ray"), "start", "--block", f"--address={self.address}",
+               "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0",
+               "--disable-usage-stats"]  # fmt: skip
+        proc = self.stack.enter_context(process_group(cmd, log, self.env))
+        wait_until(lambda: "Ray runtime started" in log.read_text(), name, 90, proc, log)
+        self.nodes.append(proc)
+        return proc
+
+    def kill_node(self, proc: subprocess.Popen) -> None:
+        """SIGKILL a node's whole process group: raylet, its workers, everything."""
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def __exit__(self, *exc) -> None:
+        self.stack.__exit__(*exc)
+
+
+def group_gone(pgid: int, timeout: float = 15) -> bool:
+    """Wait until no process of the process group `pgid` is left (killed ones
+    take a moment to be reaped); whether that happened within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)  # the killed processes are being reaped
+    return False

@@ -1,0 +1,210 @@
+"""What each Ray Train worker runs: ordinary PyTorch between `get_checkpoint()` and
+`report()`.
+
+Every worker builds the same network (same seed), restores the latest
+checkpoint if there is one, and steps through its share of the Ray Data stream
+in lockstep with the others (DDP all-reduces the gradients). Progress is counted
+in images seen by all workers together. Rank 0 alone keeps the EMA, writes the
+checkpoints and logs to MLflow; every rank calls `report()` at the same points.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from pipeline import checkpoint, storage, tracking
+from pipeline.config import TrainConfig, from_dict
+from pipeline.diffusion import Precond, karras_sigmas
+from pipeline.diffusion.step import NonFiniteLoss, step_generator, train_step
+from pipeline.ema import EMA
+from pipeline.model import build
+from pipeline.samplers import initial_noise, sample_generators, sample_heun
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg: TrainConfig = from_dict(TrainConfig, config["train"])
+    plan = config["plan"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+
+    # The same network on every worker, then the latest checkpoint over it.
+    torch.manual_seed(cfg.seed)
+    net = build(cfg.preset, **plan["model"]).to(device)
+    denoiser = Precond(net)
+    optimizer = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    ema = EMA(denoiser, cfg.ema_halflife_images, cfg.ema_rampup_ratio) if rank == 0 else None
+    images_seen = 0
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as folder:
+            state = checkpoint.load(Path(folder), net, ema and ema.module.net, optimizer)
+        images_seen = state["images_seen"]
+    node = ray.get_runtime_context().get_node_id()[:12]
+    print(f"train worker {rank} of {world} on node {node} ({device}) starts at "
+          f"{images_seen} images seen", flush=True)  # fmt: skip
+    model = ray.train.torch.prepare_model(denoiser)  # to the device, and DDP when world > 1
+    if cfg.compile:
+        model = torch.compile(model)
+    bf16 = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else None
+
+    batches = _batches(ray.train.get_dataset_shard("train"), cfg.per_worker_batch, device)
+    log = _Rank0Log(cfg, plan, images_seen) if rank == 0 else None
+    losses: list[float] = []
+    while images_seen < plan["images"]:
+        # One optimizer step over this worker's part of the global batch.
+        batch = next(batches)
+        if plan["nan_at_images"] is not None and images_seen >= plan["nan_at_images"]:
+            batch["image"] = batch["image"] * float("nan")  # a test's injected fault
+        micro = _micro_batches(batch, cfg.micro_batch or cfg.per_worker_batch)
+        try:
+            result = train_step(
+                model, optimizer, ema, micro, images_seen=images_seen, base_lr=cfg.lr,
+                lr_rampup_images=cfg.lr_rampup_images, max_grad_norm=cfg.max_grad_norm,
+                generator=step_generator(cfg.seed, rank, images_seen, device),
+                autocast_dtype=bf16, ema_model=denoiser,
+            )  # fmt: skip
+        except NonFiniteLoss as e:
+            # Every rank sees it (the gradients are all-reduced). Stop without Ray
+            # Train's retries, which would meet it again, and tell the driver.
+            if rank == 0:
+                stop = {"step": images_seen // cfg.batch_size, "images_seen": images_seen,
+                        "detail": str(e)}  # fmt: skip
+                storage.write_bytes(stopped_marker(cfg), json.dumps(stop).encode())
+            return
+        before, images_seen = images_seen, images_seen + cfg.batch_size
+        losses.append(result.loss)
+        done = images_seen >= plan["images"]
+
+        # Logging, sample grids and checkpoints, at fixed image counts on every rank.
+        if _crossed(before, images_seen, cfg.log_every_images) or done:
+            loss = _mean_over_ranks(float(np.mean(losses)), world, device)
+            losses = []
+            if log:
+                log.metrics(images_seen, loss, result)
+        if log and (
+            done
+            or (cfg.sample_every_images and _crossed(before, images_seen, cfg.sample_every_images))
+        ):
+            log.samples(images_seen, ema.module, device)
+        if _crossed(before, images_seen, cfg.checkpoint_every_images) or done:
+            state = {"images_seen": images_seen, "step": images_seen // cfg.batch_size,
+                     "run_id": plan["run_id"], "config": config["train"], "model": plan["model"],
+                     "dataset": plan["dataset"], "seed": cfg.seed}  # fmt: skip
+            _report_checkpoint(rank, state, net, ema, optimizer, result, done)
+    if log:
+        log.close()
+
+
+def stopped_marker(cfg: TrainConfig) -> str:
+    """Where rank 0 records that the loss became NaN or infinite."""
+    return storage.join(cfg.storage, cfg.run_name, "stopped.json")
+
+
+def _report_checkpoint(rank, state, net, ema, optimizer, result, done) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint it just wrote."""
+    metrics = {"status": "done" if done else "running", "images_seen": state["images_seen"],
+               "step": state["step"], "loss": result.loss,
+               "learning_rate": result.learning_rate}  # fmt: skip
+    name = f"checkpoint-{state['images_seen']:012d}"
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint.save(Path(folder), net, ema.module.net, optimizer, state)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(folder),
+            checkpoint_dir_name=name,
+        )
+
+
+def _batches(shard, size: int, device) -> Iterator[dict[str, torch.Tensor]]:
+    """This worker's batches, epoch after epoch. Every worker's split has the same
+    number of rows and the last partial batch is dropped, so all workers run the
+    same number of steps per epoch and stay in lockstep."""
+    while True:
+        empty = True
+        for batch in shard.iter_torch_batches(batch_size=size, drop_last=True, device=device):
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError(f"this worker's share of the data holds fewer than {size} images")
+
+
+def _micro_batches(batch: dict[str, torch.Tensor], size: int):
+    x, label = batch["image"], batch.get("label")
+    return [(x[i : i + size], None if label is None else label[i : i + size])
+            for i in range(0, len(x), size)]  # fmt: skip
+
+
+def _crossed(before: int, after: int, every: int) -> bool:
+    return before // every != after // every
+
+
+def _mean_over_ranks(value: float, world: int, device) -> float:
+    if world == 1:
+        return value
+    tensor = torch.tensor([value], device=device, dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return tensor.item() / world
+
+
+class _Rank0Log:
+    """Rank 0's MLflow logging: metrics, images/s, sample grids, system metrics."""
+
+    def __init__(self, cfg: TrainConfig, plan: dict, images_seen: int):
+        self.uri, self.run_id, self.plan = cfg.tracking_uri, plan["run_id"], plan
+        self.seed = cfg.seed
+        self.system = tracking.SystemMetrics(self.uri, self.run_id).__enter__()
+        self.clock, self.images = time.perf_counter(), images_seen
+
+    def metrics(self, images_seen: int, loss: float, result) -> None:
+        now = time.perf_counter()
+        rate = (images_seen - self.images) / max(now - self.clock, 1e-9)
+        self.clock, self.images = now, images_seen
+        tracking.log_metrics(self.uri, self.run_id, {
+            "loss": loss, "learning_rate": result.learning_rate, "grad_norm": result.grad_norm,
+            "images_per_second": rate, "images_seen": images_seen,
+        }, step=images_seen)  # fmt: skip
+
+    def samples(self, images_seen: int, ema_denoiser, device, count: int = 64) -> None:
+        """A grid of EMA samples from fixed seeds (and labels cycling through the
+        classes), so the grids of a run show the same noise becoming images."""
+        classes = self.plan["model"].get("num_classes", 0)
+        resolution = self.plan["resolution"]
+        generators = sample_generators(self.seed, range(count), device)
+        x = initial_noise((count, 3, resolution, resolution), 80.0, generators, device)
+        label = torch.arange(count, device=device) % classes if classes else None
+        images = sample_heun(ema_denoiser, x, karras_sigmas(18), label=label)
+        tracking.log_image(self.uri, self.run_id, grid(images), key="samples", step=images_seen)
+        self.clock = time.perf_counter()  # sampling time is not training time
+
+    def close(self) -> None:
+        self.system.__exit__(None, None, None)
+
+
+def grid(images: torch.Tensor, columns: int = 8, min_side: int = 32, gap: int = 2) -> np.ndarray:
+    """[N, 3, H, W] in [-1, 1] -> one uint8 HxWx3 image, `columns` images a row,
+    each enlarged (nearest) to at least `min_side` pixels and `gap` pixels apart."""
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    scale = max(1, -(-min_side // pixels.shape[2]))
+    pixels = pixels.repeat(scale, axis=2).repeat(scale, axis=3)
+    n, c, h, w = pixels.shape
+    rows = -(-n // columns)
+    canvas = np.zeros((rows * (h + gap) - gap, columns * (w + gap) - gap, c), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        r, col = divmod(i, columns)
+        top, left = r * (h + gap), col * (w + gap)
+        canvas[top : top + h, left : left + w] = image.transpose(1, 2, 0)
+    return canvas

@@ -1,0 +1,294 @@
+"""Training on Ray Train: a TorchTrainer fed by Ray Data, tracked in MLflow.
+
+The driver checks the config and the dataset before anything is written, finds
+(or creates) the MLflow run by name, logs the config and the dataset, and runs a
+`TorchTrainer` whose workers (`pipeline.train_worker`) stream the dataset's
+train shards through Ray Data. Re-running the same command with the same run
+name resumes: Ray Train restores the latest checkpoint from `storage/run_name`,
+and MLflow logs into the same run. Ray Train's FailureConfig restarts the
+workers from the last checkpoint when a worker or node is lost. At the end the
+EMA weights are registered as a new version of the model in MLflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from pipeline import cluster, storage, tracking
+from pipeline.config import ConfigError, TrainConfig, to_dict
+from pipeline.data import shards
+
+log = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on its own: the loss became NaN or infinite."""
+
+
+class TrainingFailed(RuntimeError):
+    """Ray Train gave up: a worker failed more often than `max_failures` allows."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    images_seen: int
+    loss: float
+    checkpoint: str
+    """Where the final checkpoint is."""
+    model_name: str
+    model_version: int
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train (or finish training) the run `cfg` describes; see the module doc."""
+    manifest, digest = _load_dataset(cfg)
+    plan = _plan(cfg, manifest, digest)
+    _check_storage(cfg)
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train_worker import stopped_marker, train_loop_per_worker
+
+    # MLflow first: a resumed run whose settings changed is refused before Ray starts.
+    plan["run_id"] = tracking.find_or_create_run(cfg.tracking_uri, cfg.experiment, cfg.run_name)
+    _log_inputs(cfg, plan)
+    tracking.set_running(cfg.tracking_uri, plan["run_id"])
+
+    cluster.connect()
+    cluster.warn_local_paths([("train.dataset", cfg.dataset), ("train.storage", cfg.storage)])
+    resources = ray.cluster_resources()
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else resources.get("GPU", 0) > 0
+    spare = resources.get("CPU", 0) - cfg.workers * cfg.cpus_per_worker
+    if spare < 1:
+        log.warning(
+            "the cluster has %g CPUs: %d workers x %g CPUs leave %g for Ray Data's readers, "
+            "which wait until the cluster grows (lower train.cpus_per_worker or add nodes)",
+            resources.get("CPU", 0), cfg.workers, cfg.cpus_per_worker, max(spare, 0),
+        )  # fmt: skip
+
+    fs, path = storage.arrow_filesystem(cfg.storage)
+    with cluster.data_settings():
+        data = training_data(cfg.dataset, manifest, plan["num_classes"] > 0, cfg.hflip)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": to_dict(cfg), "plan": plan},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=use_gpu, placement_strategy=cfg.placement,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=cfg.run_name, storage_path=path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+        datasets={"train": data},
+    )  # fmt: skip
+    storage.delete(stopped_marker(cfg))
+    try:
+        with cluster.data_settings():
+            result = trainer.fit()
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        tracking.end_run(cfg.tracking_uri, plan["run_id"], "KILLED" if interrupted else "FAILED")
+        if interrupted or not isinstance(e, Exception):
+            raise
+        raise TrainingFailed(f"training failed (the last checkpoint is kept): {e}") from e
+    metrics = result.metrics or {}
+    final = result.checkpoint.path if result.checkpoint else None
+    try:
+        stop = json.loads(storage.read_bytes(stopped_marker(cfg)))
+    except storage.NotFound:
+        stop = None
+    if stop is not None:
+        tracking.end_run(cfg.tracking_uri, plan["run_id"], status="FAILED")
+        raise TrainingStopped(
+            f"stopped at step {stop['step']} ({stop['images_seen']} images seen): "
+            f"{stop['detail']}; last good checkpoint: {_uri(cfg, final)}"
+        )
+    version = _register(cfg, plan, final, fs)
+    tracking.end_run(cfg.tracking_uri, plan["run_id"])
+    return TrainResult(plan["run_id"], metrics["images_seen"], metrics["loss"], _uri(cfg, final),
+                       cfg.model_name or cfg.run_name, version)  # fmt: skip
+
+
+def _load_dataset(cfg: TrainConfig) -> tuple[dict, str]:
+    """The committed manifest of `cfg.dataset` and its digest; a config error if none."""
+    uri = storage.join(cfg.dataset, shards.MANIFEST)
+    try:
+        data = storage.read_bytes(uri)
+    except storage.NotFound:
+        raise ConfigError(
+            f"train.dataset: no committed dataset at {cfg.dataset} "
+            f"({shards.MANIFEST} is missing: run tasks.preprocess)"
+        ) from None
+    except storage.StorageError as e:
+        raise ConfigError(f"train.dataset: cannot read {e}") from None
+    try:
+        manifest = json.loads(data)
+    except ValueError:
+        raise ConfigError(f"train.dataset: {uri} is not valid JSON") from None
+    if manifest.get("format") != shards.FORMAT:
+        raise ConfigError(f"train.dataset: {uri} is not a manifest written by tasks.preprocess")
+    return manifest, hashlib.sha256(data).hexdigest()
+
+
+def _check_storage(cfg: TrainConfig) -> None:
+    """A run's storage in a bucket that does not exist (or cannot be reached) is a
+    config error, found before anything is written."""
+    if not storage.is_s3(cfg.storage):
+        return  # a local folder is created
+    try:
+        storage.list_objects(storage.join(cfg.storage, cfg.run_name))
+    except storage.StorageError as e:
+        raise ConfigError(f"train.storage: {e}") from None
+
+
+def _plan(cfg: TrainConfig, manifest: dict, digest: str) -> dict[str, Any]:
+    """What the workers need beyond the config: derived sizes, the model's shape."""
+    from pipeline.model import PRESETS
+
+    resolution = manifest["resolution"]
+    preset_resolution = PRESETS[cfg.preset]().resolution
+    if resolution != preset_resolution:
+        raise ConfigError(
+            f"train.preset: {cfg.preset} is for {preset_resolution}x"
+            f"{preset_resolution} images; the dataset's are {resolution}x{resolution}"
+        )
+    train_images = manifest["counts"]["written_by_split"]["train"]
+    if train_images < cfg.batch_size:
+        raise ConfigError(
+            f"train.batch_size: larger than the dataset's {train_images} "
+            f"training images, got {cfg.batch_size}"
+        )
+    images = cfg.images if cfg.epochs is None else math.ceil(cfg.epochs * train_images)
+    images = math.ceil(images / cfg.batch_size) * cfg.batch_size  # whole global batches
+    num_classes = len(manifest.get("classes") or [])
+    model: dict[str, Any] = {"num_classes": num_classes}
+    if num_classes:
+        model["label_dropout"] = cfg.label_dropout
+    if cfg.dropout is not None:
+        model["dropout"] = cfg.dropout
+    dataset = {"uri": storage.join(cfg.dataset, shards.MANIFEST), "digest": digest,
+               "train_images": train_images}  # fmt: skip
+    return {
+        "images": images,
+        "num_classes": num_classes,
+        "model": model,
+        "resolution": resolution,
+        "dataset": dataset,
+        "classes": manifest.get("classes"),
+        # Tests inject a NaN into the loss from this many images on.
+        "nan_at_images": _int_env("PIPELINE_TEST_NAN_AT_IMAGES"),
+    }
+
+
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    return None if value is None else int(value)
+
+
+def training_data(dataset: str, manifest: dict, labelled: bool, hflip: bool):
+    """The dataset's train shards as a Ray Data stream of float images in [-1, 1]
+    (NCHW) and int64 labels, flipped left-right at random when `hflip`."""
+    import ray
+
+    fs, path = storage.arrow_filesystem(dataset)
+    paths = [f"{path}/{s['name']}" for s in manifest["shards"]
+             if s["split"] == "train" and s["samples"]]  # fmt: skip
+    suffixes = ["png", "cls"] if labelled else ["png"]
+    ds = ray.data.read_webdataset(paths, filesystem=fs, suffixes=suffixes)
+    return ds.map_batches(to_training_batch, fn_kwargs={"hflip": hflip}, batch_format="numpy")
+
+
+def to_training_batch(batch: dict[str, np.ndarray], hflip: bool) -> dict[str, np.ndarray]:
+    """Decoded webdataset samples -> {"image": float32 [B, 3, H, W], "label": int64}."""
+    pixels = np.stack(list(batch["png"])) if batch["png"].dtype == object else batch["png"]
+    image = pixels.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+    if hflip:
+        flip = np.random.default_rng().random(len(image)) < 0.5
+        image[flip] = image[flip, :, :, ::-1]
+    out = {"image": np.ascontiguousarray(image)}
+    if "cls" in batch:
+        out["label"] = batch["cls"].astype(np.int64)
+    return out
+
+
+RESUMABLE_CHANGES = (
+    "images", "epochs", "workers", "micro_batch", "use_gpu", "cpus_per_worker", "placement",
+    "compile", "checkpoint_every_images", "keep_checkpoints", "log_every_images",
+    "sample_every_images", "max_failures", "tracking_uri", "plan.images",
+)  # fmt: skip
+"""Params a resumed run may change (how long, on what, how often); any other
+change is refused, since the checkpoint would continue a different run."""
+
+
+def _log_inputs(cfg: TrainConfig, plan: dict) -> None:
+    params = tracking.flatten(to_dict(cfg))
+    params.update({"plan.images": plan["images"], "plan.num_classes": plan["num_classes"],
+                   "plan.resolution": plan["resolution"],
+                   "plan.dataset_digest": plan["dataset"]["digest"]})  # fmt: skip
+    try:
+        tracking.log_params(cfg.tracking_uri, plan["run_id"], params, RESUMABLE_CHANGES)
+    except tracking.ParamConflict as e:
+        key, (was, now) = next(iter(e.changes.items()))
+        field = key.replace("plan.dataset_digest", "dataset")
+        raise ConfigError(
+            f"train.{field}: run {cfg.run_name!r} was started with {key}={was}, now {now}; "
+            f"resume it with the same value, or start a new train.run_name"
+        ) from None
+    tracking.log_dataset(
+        cfg.tracking_uri,
+        plan["run_id"],
+        plan["dataset"]["uri"],
+        plan["dataset"]["digest"],
+        name=cfg.dataset.rstrip("/").split("/")[-1],
+    )
+    tracking.set_tags(cfg.tracking_uri, plan["run_id"], {
+        "dataset_digest": plan["dataset"]["digest"], "dataset_uri": plan["dataset"]["uri"],
+        "preset": cfg.preset,
+    })  # fmt: skip
+
+
+def _register(cfg: TrainConfig, plan: dict, final: str, fs) -> int:
+    """Register the final checkpoint's EMA weights as a new model version."""
+    from pipeline import checkpoint
+
+    files = {
+        name: _read(fs, f"{final}/{name}") for name in (checkpoint.EMA_WEIGHTS, checkpoint.STATE)
+    }
+    state = json.loads(files.pop(checkpoint.STATE))
+    card = {"preset": cfg.preset, "model": plan["model"], "resolution": plan["resolution"],
+            "classes": plan["classes"], "sigma_data": 0.5, "images_seen": state["images_seen"],
+            "dataset": plan["dataset"], "run_id": plan["run_id"]}  # fmt: skip
+    files = {
+        "model.safetensors": files[checkpoint.EMA_WEIGHTS],
+        "model.json": json.dumps(card, indent=1, sort_keys=True).encode(),
+    }
+    tags = {"dataset_digest": plan["dataset"]["digest"], "dataset_uri": plan["dataset"]["uri"],
+            "run_id": plan["run_id"], "images_seen": str(state["images_seen"]),
+            "checkpoint": _uri(cfg, final)}  # fmt: skip
+    return tracking.register_model(
+        cfg.tracking_uri, plan["run_id"], cfg.model_name or cfg.run_name, files, tags
+    )
+
+
+def _read(fs, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def _uri(cfg: TrainConfig, path: str | None) -> str:
+    """A checkpoint path as Ray Train gives it (no scheme) back as a URI."""
+    if path is None:
+        return "(none)"
+    return f"s3://{path}" if storage.is_s3(cfg.storage) else path

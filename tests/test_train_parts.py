@@ -1,0 +1,199 @@
+"""The parts of the training task that need no cluster: the batch transform, the
+sample grid, checkpoints, the config and the plan; and the MLflow bookkeeping of
+resumed runs, against a real MLflow (server, and an sqlite store)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from pipeline import checkpoint, tracking
+from pipeline.config import ConfigError, TrainConfig
+from pipeline.config.train import resolve_tracking_uri
+from pipeline.diffusion import Precond
+from pipeline.diffusion.step import step_generator, train_step
+from pipeline.ema import EMA
+from pipeline.model import build
+from pipeline.train_worker import grid
+from pipeline.training import _plan, to_training_batch
+from tests.nets import randomised
+
+
+def test_training_batch_maps_pixels_to_minus_one_one_in_nchw():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
+    pixels[0, 0, 0] = [0, 255, 128]
+    out = to_training_batch({"png": pixels, "cls": np.arange(5, dtype=np.int32)}, hflip=False)
+    assert out["image"].dtype == np.float32 and out["image"].shape == (5, 3, 8, 8)
+    assert out["image"][0, :, 0, 0].tolist() == [-1.0, 1.0, pytest.approx(1 / 255, abs=1e-6)]
+    np.testing.assert_allclose(out["image"], pixels.transpose(0, 3, 1, 2) / 127.5 - 1, atol=1e-6)
+    assert out["label"].dtype == np.int64 and out["label"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_training_batch_takes_decoded_images_as_objects_and_no_labels():
+    images = [np.full((4, 4, 3), v, np.uint8) for v in (0, 255)]
+    column = np.empty(2, dtype=object)
+    column[:] = images
+    out = to_training_batch({"png": column}, hflip=False)
+    assert set(out) == {"image"}
+    assert out["image"][0].max() == -1.0 and out["image"][1].min() == 1.0
+
+
+def test_horizontal_flip_mirrors_about_half_of_the_images_whole():
+    pixels = np.zeros((400, 8, 8, 3), np.uint8)
+    pixels[:, :, :2] = 255  # a bar on the left: flipped images have it on the right
+    out = to_training_batch({"png": pixels}, hflip=True)["image"]
+    left = (out[:, :, :, :2] == 1).all(axis=(1, 2, 3))
+    right = (out[:, :, :, -2:] == 1).all(axis=(1, 2, 3))
+    assert (left ^ right).all()  # each image is the original or its mirror image
+    assert 140 < right.sum() < 260  # Binomial(400, 1/2): outside this, p < 1e-9
+
+
+def test_grid_places_enlarged_images_in_rows_with_gaps():
+    images = torch.stack([torch.full((3, 8, 8), v) for v in (-1.0, 0.0, 1.0)])
+    images[1, 0] = 1.0  # red channel up: (255, 128, 128)
+    canvas = grid(images, columns=2, min_side=32, gap=2)
+    assert canvas.shape == (2 * 32 + 2, 2 * 32 + 2, 3) and canvas.dtype == np.uint8
+    assert (canvas[:32, :32] == 0).all()
+    assert (canvas[:32, 34:] == [255, 128, 128]).all()
+    assert (canvas[34:, :32] == 255).all()
+    assert (canvas[32:34] == 0).all() and (canvas[34:, 34:] == 0).all()  # gap, empty slot
+
+
+def test_checkpoint_round_trip_continues_the_same_training(tmp_path):
+    def parts(seed):
+        torch.manual_seed(seed)
+        net = randomised(build("tiny", num_classes=0, dropout=0.0), seed)
+        denoiser = Precond(net)
+        opt = torch.optim.Adam(denoiser.parameters(), lr=1e-3)
+        return net, denoiser, opt, EMA(denoiser, 100, None)
+
+    def step(denoiser, opt, ema, seen):
+        x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(seen))
+        return train_step(denoiser, opt, ema, [(x, None)], images_seen=seen, base_lr=1e-3,
+                          generator=step_generator(0, 0, seen))  # fmt: skip
+
+    net, denoiser, opt, ema = parts(1)
+    step(denoiser, opt, ema, 0)
+    folder = tmp_path / "checkpoint"
+    checkpoint.save(folder, net, ema.module.net, opt, {"images_seen": 4, "run_id": "r"})
+    net2, denoiser2, opt2, ema2 = parts(2)  # other weights, empty optimizer
+    state = checkpoint.load(folder, net2, ema2.module.net, opt2)
+    assert state == {"images_seen": 4, "run_id": "r"}
+    for a, b in [(net, net2), (ema.module.net, ema2.module.net)]:
+        for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+            assert k == k2 and torch.equal(v, v2)
+    # The next step from the restored parts is the step the original takes.
+    step(denoiser, opt, ema, 4)
+    step(denoiser2, opt2, ema2, 4)
+    for p, p2 in zip(denoiser.parameters(), denoiser2.parameters(), strict=True):
+        assert torch.equal(p, p2)
+    assert sorted(f.name for f in folder.iterdir()) == [
+        "ema.safetensors", "model.safetensors", "optimizer.pt", "state.json"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"batch_size": 30, "workers": 4}, "train.batch_size: must be a multiple of the number "
+         "of workers (4), got 30"),
+        ({"batch_size": 64, "workers": 2, "micro_batch": 24}, "train.micro_batch: must divide "
+         "batch_size / workers (32), got 24"),
+        ({"run_name": "a/b"}, "train.run_name: must be a non-empty name without '/', got 'a/b'"),
+        ({"preset": "huge"}, "train.preset: must be one of tiny, small, base, base64, got 'huge'"),
+        ({"images": 0}, "train.images: must be a positive integer, got 0"),
+    ],
+)  # fmt: skip
+def test_train_config_errors_name_the_field(changes, message, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(dataset=str(tmp_path), **changes)
+    assert str(e.value) == message
+
+
+def test_accumulation_keeps_the_global_batch():
+    cfg = TrainConfig(dataset="/d", batch_size=64, workers=2, micro_batch=8)
+    assert (cfg.per_worker_batch, cfg.accumulation) == (32, 4)
+
+
+def test_tracking_uri_resolution(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri("") == f"sqlite:///{tmp_path}/mlflow.db"
+    assert resolve_tracking_uri("sqlite:///x/m.db") == f"sqlite:///{tmp_path}/x/m.db"
+    assert resolve_tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert resolve_tracking_uri("") == "http://mlflow:5000"
+
+
+MANIFEST = {"resolution": 8, "counts": {"written_by_split": {"train": 1610}},
+            "classes": [str(d) for d in range(10)]}  # fmt: skip
+
+
+def test_plan_rounds_the_length_up_to_whole_batches():
+    cfg = TrainConfig(dataset="/d", batch_size=32, images=1000)
+    assert _plan(cfg, MANIFEST, "digest")["images"] == 1024
+    by_epochs = dataclasses.replace(cfg, epochs=2)
+    assert _plan(by_epochs, MANIFEST, "digest")["images"] == 3232  # 3220 rounded up
+    plan = _plan(cfg, MANIFEST, "digest")
+    assert plan["num_classes"] == 10 and plan["model"]["label_dropout"] == 0.1
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"preset": "small"}, "train.preset: small is for 32x32 images; the dataset's are 8x8"),
+        ({"batch_size": 2048}, "train.batch_size: larger than the dataset's 1610 training "
+         "images, got 2048"),
+    ],
+)  # fmt: skip
+def test_plan_refuses_a_model_or_batch_that_does_not_fit_the_data(changes, message):
+    with pytest.raises(ConfigError) as e:
+        _plan(TrainConfig(dataset="/d", **changes), MANIFEST, "digest")
+    assert str(e.value) == message
+
+
+@pytest.mark.slow
+def test_a_resumed_run_is_the_same_run_and_refuses_changed_settings(mlflow_server, request):
+    name = f"resume-{request.node.name[-8:]}-{np.random.default_rng().integers(1 << 30)}"
+    run_id = tracking.find_or_create_run(mlflow_server, "unit", name)
+    assert tracking.find_or_create_run(mlflow_server, "unit", name) == run_id
+    params = {"lr": 0.002, "workers": 2, "images": 1000}
+    tracking.log_params(mlflow_server, run_id, params, mutable=["workers", "images"])
+    tracking.log_params(mlflow_server, run_id, params, mutable=["workers", "images"])  # again
+    tracking.log_params(mlflow_server, run_id, {**params, "workers": 4, "seed": 1}, ["workers"])
+    found = MlflowClient(mlflow_server).get_run(run_id)
+    assert found.data.params == {"lr": "0.002", "workers": "2", "images": "1000", "seed": "1"}
+    assert found.data.tags["resumed.workers"] == "4"
+    with pytest.raises(tracking.ParamConflict) as e:
+        tracking.log_params(mlflow_server, run_id, {"lr": 0.001, "other": 1}, ["workers"])
+    assert e.value.changes == {"lr": ("0.002", "0.001")}
+    assert "other" not in MlflowClient(mlflow_server).get_run(run_id).data.params
+
+
+@pytest.mark.slow
+def test_registering_twice_adds_one_version_per_distinct_checkpoint(mlflow_server):
+    name = f"reg-{np.random.default_rng().integers(1 << 30)}"
+    run_id = tracking.find_or_create_run(mlflow_server, "unit", name)
+    files = {"model.safetensors": b"weights", "model.json": b"{}"}
+    first = tracking.register_model(mlflow_server, run_id, name, files, {"images_seen": "10"})
+    again = tracking.register_model(mlflow_server, run_id, name, files, {"images_seen": "10"})
+    later = tracking.register_model(mlflow_server, run_id, name, files, {"images_seen": "20"})
+    assert (first, again, later) == (1, 1, 2)
+    c = MlflowClient(mlflow_server)
+    assert c.get_model_version(name, "2").tags["images_seen"] == "20"
+
+
+def test_sqlite_runs_keep_their_artifacts_beside_the_database(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/db/mlflow.db"
+    (tmp_path / "db").mkdir()
+    run_id = tracking.find_or_create_run(uri, "local", "r")
+    tracking.log_image(uri, run_id, np.zeros((4, 4, 3), np.uint8), key="samples", step=1)
+    assert not (tmp_path / "mlruns").exists()
+    logged = list((tmp_path / "db" / "mlartifacts" / "local").rglob("*.png"))
+    assert len(logged) == 1 and "samples" in logged[0].name

@@ -1,0 +1,327 @@
+"""`tasks.train` as users run it: on a two-node local Ray cluster, from shards in
+the SeaweedFS bucket, tracked by an MLflow server, with checkpoints in the bucket.
+Killed and run again, a node lost mid-run, bad inputs, a NaN in the loss."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import storage
+from pipeline.data import shards
+from pipeline.data.digits import write_digits
+from tests import services
+from tests.services import ROOT
+
+pytestmark = pytest.mark.slow
+
+K = 1024
+"""Run B of the resume test is killed after its checkpoint at K images."""
+
+TRAINING = [
+    "--preset", "tiny", "--batch_size", "32", "--lr", "2e-3", "--lr_rampup_images", "256",
+    "--ema_halflife_images", "500", "--log_every_images", "128", "--sample_every_images", "1024",
+    "--checkpoint_every_images", "512", "--keep_checkpoints", "2", "--experiment", "tests",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cluster(s3, session_dir):
+    """Two Ray nodes of 2 CPUs each (one training worker and Ray Data's readers on
+    each), separate from the session's one-node cluster, with its own RAY_TMPDIR."""
+    workdir = session_dir / "ray-two-nodes"
+    workdir.mkdir()
+    env = services.service_env(RAY_TMPDIR=tempfile.mkdtemp(prefix="r", dir="/tmp"))
+    env.pop("RAY_ADDRESS", None)
+    with services.RayCluster(workdir, env) as c:
+        c.add_node()
+        c.env = dict(env, RAY_ADDRESS=c.address)
+        yield c
+
+
+@pytest.fixture(scope="module")
+def digits(cluster, s3, tmp_path_factory):
+    """The digits preprocessed into the bucket by `tasks.preprocess` on the cluster."""
+    raw = tmp_path_factory.mktemp("digits")
+    write_digits(str(raw))
+    out = s3.prefix("datasets/digits-8")
+    result = run([sys.executable, "-m", "tasks.preprocess", "--input", str(raw), "--output", out,
+                  "--resolution", "8", "--validation_fraction", "0.1"], cluster.env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def run(argv: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        argv, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600, **kw
+    )
+
+
+def train_argv(dataset: str, runs: str, tracking: str, name: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "tasks.train", "--dataset", dataset, "--storage", runs,
+            "--tracking_uri", tracking, "--run_name", name, *TRAINING, *extra]  # fmt: skip
+
+
+def start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """A task in its own process group (so the test can kill it whole)."""
+    with open(log, "w") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                start_new_session=True)  # fmt: skip
+
+
+def wait_for(check, what: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the task ended before {what}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)  # polling the bucket while training runs
+    raise AssertionError(f"no {what} after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
+
+
+def checkpoints(runs: str, name: str) -> dict[int, set[str]]:
+    """{images seen: file names} of the checkpoints of run `name` in storage."""
+    found: dict[int, set[str]] = {}
+    for obj in storage.list_objects(storage.join(runs, name)):
+        folder, _, file = obj.relpath.partition("/")
+        if folder.startswith("checkpoint-") and file:
+            found.setdefault(int(folder.removeprefix("checkpoint-")), set()).add(file)
+    return found
+
+
+def final_state(runs: str, name: str) -> dict:
+    last = max(checkpoints(runs, name))
+    return json.loads(storage.read_bytes(f"{runs}/{name}/checkpoint-{last:012d}/state.json"))
+
+
+def runs_named(client: MlflowClient, name: str) -> list:
+    experiment = client.get_experiment_by_name("tests")
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], f"tags.`mlflow.runName` = '{name}'")
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> dict[int, list[float]]:
+    """{step: values in the order logged} of a metric."""
+    out: dict[int, list[float]] = {}
+    for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp):
+        out.setdefault(m.step, []).append(m.value)
+    return out
+
+
+def test_two_workers_on_two_nodes_from_the_bucket_tracked_in_mlflow(
+    cluster, digits, s3_prefix, mlflow_server
+):
+    argv = train_argv(digits, s3_prefix, mlflow_server, "two-nodes", "--workers", "2",
+                      "--placement", "STRICT_SPREAD", "--images", "2048")  # fmt: skip
+    result = run(argv, cluster.env)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "train: 2048 images seen" in result.stdout
+    logs = result.stdout + result.stderr
+    assert "Started training worker group of size 2" in logs
+    nodes = dict(re.findall(r"train worker (\d) of 2 on node (\w+)", logs))
+    assert set(nodes) == {"0", "1"} and nodes["0"] != nodes["1"], logs[-5000:]  # one per node
+
+    # Checkpoints in the bucket: every 512 images, the newest two kept, complete.
+    kept = checkpoints(s3_prefix, "two-nodes")
+    files = {"model.safetensors", "ema.safetensors", "optimizer.pt", "state.json"}
+    assert kept == {1536: files, 2048: files}
+    state = final_state(s3_prefix, "two-nodes")
+    assert state["images_seen"] == 2048 and state["step"] == 64
+    assert state["config"]["workers"] == 2 and state["config"]["lr"] == 2e-3
+
+    # MLflow: one run with the config, the metrics, the dataset and the samples.
+    client = MlflowClient(mlflow_server)
+    [found] = runs_named(client, "two-nodes")
+    run_id = found.info.run_id
+    assert state["run_id"] == run_id
+    assert found.info.status == "FINISHED"
+    params = found.data.params
+    assert params["preset"] == "tiny" and params["workers"] == "2"
+    assert params["plan.images"] == "2048" and params["dataset"] == digits
+    manifest = storage.read_bytes(f"{digits}/{shards.MANIFEST}")
+    digest = hashlib.sha256(manifest).hexdigest()
+    [dataset] = found.inputs.dataset_inputs
+    assert dataset.dataset.digest == digest[:36]
+    assert json.loads(dataset.dataset.source)["url"] == f"{digits}/{shards.MANIFEST}"
+
+    loss = history(client, run_id, "loss")
+    assert sorted(loss) == list(range(128, 2049, 128))
+    first, last = loss[128][0] + loss[256][0], loss[1920][0] + loss[2048][0]
+    assert last < 0.75 * first, loss  # the loss falls
+    lr = history(client, run_id, "learning_rate")
+    # The rate of the step that ended there: ramped up over 256 images, then constant.
+    assert lr[128] == [pytest.approx(2e-3 * (128 - 32) / 256)] and lr[2048] == [2e-3]
+    assert min(v[0] for v in history(client, run_id, "images_per_second").values()) > 0
+    assert any(k.startswith("system/cpu") for k in found.data.metrics)
+    images = [a.path for a in client.list_artifacts(run_id, "images")]
+    assert any("samples+step+1024+" in p and p.endswith(".png") for p in images), images
+    assert any("samples+step+2048+" in p and p.endswith(".png") for p in images), images
+
+    # The registered version: the final EMA weights, tagged with the dataset.
+    [version] = client.search_model_versions("name = 'two-nodes'")
+    assert version.run_id == run_id
+    assert version.tags["dataset_digest"] == digest
+    assert version.tags["images_seen"] == "2048"
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client.download_artifacts(run_id, "model", tmp)
+        registered = Path(local, "model.safetensors").read_bytes()
+        card = json.loads(Path(local, "model.json").read_text())
+    assert registered == storage.read_bytes(f"{s3_prefix}/two-nodes/checkpoint-000000002048/"
+                                            "ema.safetensors")  # fmt: skip
+    assert card["preset"] == "tiny" and card["dataset"]["digest"] == digest
+
+
+def test_killed_run_resumed_continues_the_straight_run(
+    cluster, digits, s3_prefix, mlflow_server, tmp_path
+):
+    args = ("--workers", "2", "--images", str(2 * K))
+    straight = run(train_argv(digits, s3_prefix, mlflow_server, "A", *args), cluster.env)
+    assert straight.returncode == 0, straight.stderr[-5000:]
+
+    # Run B: killed (its whole process group) once the checkpoint at K is stored.
+    argv, log = train_argv(digits, s3_prefix, mlflow_server, "B", *args), tmp_path / "b.log"
+    proc = start(argv, cluster.env, log)
+    try:
+        wait_for(lambda: K in checkpoints(s3_prefix, "B"), f"checkpoint at {K}", proc, log)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert max(checkpoints(s3_prefix, "B")) < 2 * K
+    again = run(argv, cluster.env)
+    assert again.returncode == 0, again.stderr[-5000:]
+    assert f"train: {2 * K} images seen" in again.stdout
+
+    a, b = final_state(s3_prefix, "A"), final_state(s3_prefix, "B")
+    assert a["images_seen"] == b["images_seen"] == 2 * K
+    client = MlflowClient(mlflow_server)
+    [run_a], [run_b] = runs_named(client, "A"), runs_named(client, "B")  # one run for B
+    assert run_b.info.status == "FINISHED" and b["run_id"] == run_b.info.run_id
+    loss_a = history(client, run_a.info.run_id, "loss")
+    loss_b = history(client, run_b.info.run_id, "loss")
+    # B's second invocation started at K: the steps before it were logged once.
+    assert all(len(loss_b[step]) == 1 for step in loss_b if step <= K)
+    assert sorted(loss_b) == sorted(loss_a)
+    # The learning rate is a function of images seen: equal at every step.
+    lr_a = history(client, run_a.info.run_id, "learning_rate")
+    lr_b = history(client, run_b.info.run_id, "learning_rate")
+    assert {s: v[-1] for s, v in lr_a.items()} == {s: v[-1] for s, v in lr_b.items()}
+    # Loss curves: same weights at K, different batches after it (the stream's
+    # order is not reproduced), so they agree within the batch-to-batch noise:
+    # every logged mean (over 4 batches of 32) within 20%, on average within 8%.
+    # A run that restarted from scratch after K would be 40-60% above A there.
+    gaps = [abs(loss_b[s][-1] - loss_a[s][-1]) / loss_a[s][-1] for s in loss_a if s > K]
+    assert max(gaps) < 0.20 and sum(gaps) / len(gaps) < 0.08, (loss_a, loss_b)
+
+    # Resuming with a setting that must not change is refused, naming it.
+    changed = run(argv + ["--lr", "1e-3"], cluster.env)
+    assert changed.returncode == 2
+    assert changed.stderr.strip() == (
+        "tasks.train: error: train.lr: run 'B' was started with lr=0.002, now 0.001; "
+        "resume it with the same value, or start a new train.run_name"
+    )
+
+
+def test_node_lost_mid_run_restarts_from_checkpoint_and_finishes(
+    cluster, digits, s3_prefix, mlflow_server, tmp_path
+):
+    argv = train_argv(digits, s3_prefix, mlflow_server, "node-loss", "--workers", "2",
+                      "--placement", "STRICT_SPREAD", "--images", "3072")  # fmt: skip
+    log = tmp_path / "train.log"
+    proc = start(argv, cluster.env, log)
+    try:
+        wait_for(lambda: 1024 in checkpoints(s3_prefix, "node-loss"), "checkpoint", proc, log)
+        node = cluster.nodes[-1]
+        cluster.kill_node(node)
+        assert services.group_gone(node.pid)
+        cluster.add_node()  # the replacement
+        assert proc.wait(timeout=600) == 0, log.read_text()[-5000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = log.read_text()
+    assert "train: 3072 images seen" in output
+    # (Two nodes on one machine print every log line twice: count nothing from it.)
+    pattern = r"train worker (\d) of 2 on node (\w+) \(cpu\) starts at (\d+)"
+    starts = set(re.findall(pattern, output))
+    resumed = {int(at) for _, _, at in starts} - {0}
+    assert len(resumed) == 1 and min(resumed) >= 1024  # restarted from a checkpoint
+    assert len({node for _, node, _ in starts}) == 3  # the replacement node took a worker
+    assert final_state(s3_prefix, "node-loss")["images_seen"] == 3072
+    client = MlflowClient(mlflow_server)
+    [found] = runs_named(client, "node-loss")
+    assert found.info.status == "FINISHED"
+    loss = history(client, found.info.run_id, "loss")
+    assert max(loss) == 3072
+    assert all(len(loss[step]) == 1 for step in loss if step <= 1024)  # not from the start
+
+
+@pytest.mark.parametrize("case", ["no-manifest", "uncommitted", "unknown-preset",
+                                  "indivisible-batch", "no-bucket"])  # fmt: skip
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(
+    case, cluster, digits, s3, s3_prefix, mlflow_server
+):
+    dataset, extra = digits, []
+    if case in ("no-manifest", "uncommitted"):
+        dataset = f"{s3_prefix}/dataset"
+        if case == "uncommitted":  # the shards of a job that has not finished
+            for obj in storage.list_objects(digits):
+                if obj.relpath != shards.MANIFEST:
+                    storage.write_bytes(f"{dataset}/{obj.relpath}", storage.read_bytes(obj.uri))
+    runs, name = f"{s3_prefix}/runs", f"bad-{case}"
+    expected = {
+        "no-manifest": f"train.dataset: no committed dataset at {dataset} (manifest.json is "
+        "missing: run tasks.preprocess)",
+        "uncommitted": f"train.dataset: no committed dataset at {dataset} (manifest.json is "
+        "missing: run tasks.preprocess)",
+        "unknown-preset": "train.preset: must be one of tiny, small, base, base64, got 'huge'",
+        "indivisible-batch": "train.batch_size: must be a multiple of the number of workers "
+        "(2), got 33",
+        "no-bucket": "train.storage: s3://no-such-bucket/runs/bad-no-bucket: not found",
+    }[case]
+    if case == "unknown-preset":
+        extra = ["--preset", "huge"]
+    elif case == "indivisible-batch":
+        extra = ["--workers", "2", "--batch_size", "33"]
+    elif case == "no-bucket":
+        runs = "s3://no-such-bucket/runs"
+    before = {o.relpath for o in storage.list_objects(s3_prefix)}
+    result = run(train_argv(dataset, runs, mlflow_server, name) + extra, cluster.env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"tasks.train: error: {expected}"), result.stderr
+    assert {o.relpath for o in storage.list_objects(s3_prefix)} == before
+    assert runs_named(MlflowClient(mlflow_server), name) == []
+
+
+def test_nan_in_the_loss_stops_with_step_and_checkpoint_named(
+    cluster, digits, s3_prefix, mlflow_server
+):
+    env = dict(cluster.env, PIPELINE_TEST_NAN_AT_IMAGES="640")
+    argv = train_argv(digits, s3_prefix, mlflow_server, "nan", "--images", "2048",
+                      "--checkpoint_every_images", "256")  # fmt: skip
+    result = run(argv, env)
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line == (
+        "tasks.train: failed: stopped at step 20 (640 images seen): loss nan, gradient norm "
+        f"nan; last good checkpoint: {s3_prefix}/nan/checkpoint-000000000512"
+    )
+    assert final_state(s3_prefix, "nan")["images_seen"] == 512
+    client = MlflowClient(mlflow_server)
+    [found] = runs_named(client, "nan")
+    assert found.info.status == "FAILED"
+    assert client.search_model_versions("name = 'nan'") == []
