@@ -253,3 +253,19 @@ def test_quickstart_on_embedded_defaults(tmp_path):
         manifest = json.load(f)
     assert manifest["counts"]["written"] == 1797
     assert manifest["classes"] == [str(d) for d in range(10)]
+    # Then trains the tiny model on them, tracked in an sqlite MLflow in the workdir.
+    qs = tmp_path / "qs"
+    assert "quickstart: trained tiny on 12800 images" in result.stdout
+    ui = f"mlflow ui --backend-store-uri sqlite:///{qs}/mlflow.db"
+    assert result.stdout.rstrip().endswith(ui)
+    assert (qs / "runs/quickstart-digits-8/checkpoint-000000012800/ema.safetensors").is_file()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{qs}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["preset"] == "tiny"
+    loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert loss[12800] < 0.6 * loss[640]  # it learns
+    [version] = client.search_model_versions("name = 'quickstart-digits-8'")
+    assert version.run_id == run.info.run_id
+    assert list((qs / "mlartifacts").rglob("samples*.png"))  # artifacts beside the database

@@ -82,6 +82,9 @@ class DigitsConfig(Checked):
         self.locate("output")
 
 
+QUICKSTART_PRESETS = {8: "tiny", 32: "small", 64: "base"}
+
+
 @dataclasses.dataclass(frozen=True)
 class QuickstartConfig(Checked):
     """The whole pipeline on embedded defaults, on the digits."""
@@ -91,8 +94,22 @@ class QuickstartConfig(Checked):
     workdir: str = "quickstart"
     """Folder (or `s3://` prefix) that receives the raw digits and the dataset."""
     resolution: int = 8
-    """Side of the preprocessed images; the digits are 8x8, larger values upscale them."""
+    """Side of the preprocessed images: 8 (the digits' own; trains the tiny preset),
+    32 (small) or 64 (base) upscale them."""
+    images: int = 12_800
+    """Images the small model trains on (about 8 passes over the digits)."""
+    workers: int = 1
+    """Ray Train workers."""
+    tracking_uri: str = ""
+    """MLflow tracking URI; default: an sqlite file in workdir (or $MLFLOW_TRACKING_URI
+    when workdir is in S3)."""
 
     def __post_init__(self) -> None:
         self.locate("workdir")
-        self.check(self.resolution >= 8, "resolution", "must be an integer >= 8")
+        self.check(
+            self.resolution in QUICKSTART_PRESETS,
+            "resolution",
+            "must be 8, 32 or 64 (the resolutions of the UNet presets)",
+        )
+        self.check(self.images > 0, "images", "must be a positive integer")
+        self.check(self.workers > 0, "workers", "must be a positive integer")
