@@ -217,16 +217,25 @@ def check_correctness(device) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=None,
-                        help="one batch size for every case, training and forward "
-                             "(default: 8 on CPU; on CUDA the reference settings)")
-    parser.add_argument("--modes", nargs="+", default=None,
-                        help="any of fp32, bf16, bf16+compile, bf16+compile+channels_last "
-                             "(default: fp32 on CPU; on CUDA fp32, bf16, "
-                             "bf16+compile+channels_last)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="one batch size for every case, training and forward "
+        "(default: 8 on CPU; on CUDA the reference settings)",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=None,
+        help="any of fp32, bf16, bf16+compile, bf16+compile+channels_last "
+        "(default: fp32 on CPU; on CUDA fp32, bf16, "
+        "bf16+compile+channels_last)",
+    )
     parser.add_argument("--iters", type=int, default=None, help="timed calls per measurement")
-    parser.add_argument("--out", default=None,
-                        help="folder for the JSON (default: $OUT if set, else bench/results)")
+    parser.add_argument(
+        "--out", default=None, help="folder for the JSON (default: $OUT if set, else bench/results)"
+    )
     args = parser.parse_args()  # fmt: skip
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
