@@ -101,6 +101,17 @@ def checkpoints(runs: str, name: str) -> dict[int, set[str]]:
     return found
 
 
+def registered(runs: str, name: str) -> set[int]:
+    """Images seen of the checkpoints Ray Train has recorded for run `name`: what a
+    restart resumes from. (A checkpoint's files are uploaded before it is
+    recorded, so a run killed in between resumes from the one before.)"""
+    try:
+        snapshot = json.loads(storage.read_bytes(f"{runs}/{name}/checkpoint_manager_snapshot.json"))
+    except storage.NotFound:
+        return set()
+    return {r["metrics"]["images_seen"] for r in snapshot["checkpoint_results"]}
+
+
 def final_state(runs: str, name: str) -> dict:
     last = max(checkpoints(runs, name))
     return json.loads(storage.read_bytes(f"{runs}/{name}/checkpoint-{last:012d}/state.json"))
@@ -191,11 +202,11 @@ def test_killed_run_resumed_continues_the_straight_run(
     straight = run(train_argv(digits, s3_prefix, mlflow_server, "A", *args), cluster.env)
     assert straight.returncode == 0, straight.stderr[-5000:]
 
-    # Run B: killed (its whole process group) once the checkpoint at K is stored.
+    # Run B: killed (its whole process group) once the checkpoint at K is recorded.
     argv, log = train_argv(digits, s3_prefix, mlflow_server, "B", *args), tmp_path / "b.log"
     proc = start(argv, cluster.env, log)
     try:
-        wait_for(lambda: K in checkpoints(s3_prefix, "B"), f"checkpoint at {K}", proc, log)
+        wait_for(lambda: K in registered(s3_prefix, "B"), f"checkpoint at {K}", proc, log)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -242,7 +253,7 @@ def test_node_lost_mid_run_restarts_from_checkpoint_and_finishes(
     log = tmp_path / "train.log"
     proc = start(argv, cluster.env, log)
     try:
-        wait_for(lambda: 1024 in checkpoints(s3_prefix, "node-loss"), "checkpoint", proc, log)
+        wait_for(lambda: 1024 in registered(s3_prefix, "node-loss"), "checkpoint", proc, log)
         node = cluster.nodes[-1]
         cluster.kill_node(node)
         assert services.group_gone(node.pid)
