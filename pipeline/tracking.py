@@ -202,3 +202,34 @@ def png_bytes(image) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
+
+
+class NotRegistered(LookupError):
+    """No registered model, version or alias of that name."""
+
+
+def load_registered(
+    tracking_uri: str, name: str, version: int | None = None, alias: str | None = None
+) -> tuple[int, str, dict[str, bytes]]:
+    """A registered model version (by number or alias): (version, run id, the files
+    of its `model/` artifacts). Raises NotRegistered naming what is missing."""
+    from mlflow.artifacts import download_artifacts
+
+    c = client(tracking_uri)
+    try:
+        c.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        raise NotRegistered(f"no registered model {name!r} at {tracking_uri}") from None
+    try:
+        found = (
+            c.get_model_version_by_alias(name, alias)
+            if alias is not None
+            else c.get_model_version(name, str(version))
+        )
+    except mlflow.exceptions.MlflowException:
+        what = f"alias {alias!r}" if alias is not None else f"version {version}"
+        raise NotRegistered(f"model {name!r} has no {what}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(download_artifacts(found.source, dst_path=tmp, tracking_uri=tracking_uri))
+        files = {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()}
+    return int(found.version), found.run_id, files

@@ -12,6 +12,7 @@ from pipeline.config.core import (
     to_dict,
 )
 from pipeline.config.data import DigitsConfig, PreprocessConfig, QuickstartConfig
+from pipeline.config.sample import SampleConfig
 from pipeline.config.train import TrainConfig
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "DigitsConfig",
     "PreprocessConfig",
     "QuickstartConfig",
+    "SampleConfig",
     "TrainConfig",
     "field_docs",
     "from_dict",

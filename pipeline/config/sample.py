@@ -1,0 +1,83 @@
+"""The config of the batch sampling task."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import ClassVar, Literal
+
+from pipeline.config.core import Checked
+from pipeline.config.train import resolve_tracking_uri
+
+SAMPLER_NAMES = ("euler", "heun", "dpmpp_2m", "euler_ancestral", "edm_stochastic")
+
+_REGISTRY_REF = re.compile(r"^[A-Za-z0-9_.-]+(@[A-Za-z0-9_-]+|/\d+)$")
+
+
+def is_registry_ref(model: str) -> bool:
+    """`name@alias` or `name/version`, against a checkpoint location."""
+    return bool(_REGISTRY_REF.match(model)) and not model.startswith(".")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig(Checked):
+    """Generate images with a trained model into webdataset shards in object storage."""
+
+    SECTION: ClassVar[str] = "sample"
+
+    model: str
+    """The model: `name@alias` or `name/version` in the MLflow registry, or a
+    checkpoint folder (local or `s3://`) written by `tasks.train` (its EMA weights)."""
+    output: str
+    """Folder or `s3://` prefix that receives the shards and the manifest."""
+    images: int = 10_000
+    """Images to generate."""
+    samples_per_shard: int = 1000
+    """Images per shard: shard i holds seeds [i*S, (i+1)*S)."""
+    sampler: Literal["euler", "heun", "dpmpp_2m", "euler_ancestral", "edm_stochastic"] = "heun"
+    """The sampler (pipeline.samplers)."""
+    steps: int = 18
+    """Sampler steps (Heun and EDM's stochastic sampler evaluate the network 2*steps-1 times)."""
+    guidance: float = 1.0
+    """Classifier-free guidance scale; 1 is none (one network evaluation per step)."""
+    labels: str = "uniform"
+    """Class labels: `uniform` (each image's drawn from its seed), `none`
+    (unconditional), or one class name for every image."""
+    seed: int = 0
+    """Job seed: image k comes from a generator seeded from (seed, k)."""
+    batch_size: int = 64
+    """Images sampled together on an actor: memory and speed only, never the pixels;
+    a multiple of network_batch."""
+    network_batch: int = 16
+    """Images per network call, padded when fewer: fixed for the job, because the
+    same images in calls of another size differ in the last bits."""
+    actors: int = 1
+    """Sampling actors (one GPU each when GPUs are used)."""
+    use_gpu: bool | None = None
+    """Sample on GPUs; default: when the Ray cluster has any."""
+    tracking_uri: str = ""
+    """MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
+    experiment: str = "sampling"
+    """MLflow experiment of the job's run (named after the output prefix)."""
+
+    def __post_init__(self) -> None:
+        self.check(bool(self.model), "model", "must be name@alias, name/version or a checkpoint")
+        if not is_registry_ref(self.model):
+            self.locate("model")
+        self.locate("output")
+        self.check(self.images > 0, "images", "must be a positive integer")
+        self.check(self.samples_per_shard > 0, "samples_per_shard", "must be a positive integer")
+        self.check(
+            self.sampler in SAMPLER_NAMES, "sampler", f"must be one of {', '.join(SAMPLER_NAMES)}"
+        )
+        self.check(self.steps > 0, "steps", "must be a positive integer")
+        self.check(self.guidance >= 0, "guidance", "must be >= 0")
+        self.check(bool(self.labels), "labels", "must be uniform, none or a class name")
+        self.check(self.network_batch > 0, "network_batch", "must be a positive integer")
+        self.check(
+            self.batch_size > 0 and self.batch_size % self.network_batch == 0,
+            "batch_size",
+            f"must be a multiple of network_batch ({self.network_batch})",
+        )
+        self.check(self.actors > 0, "actors", "must be a positive integer")
+        object.__setattr__(self, "tracking_uri", resolve_tracking_uri(self.tracking_uri))

@@ -1,0 +1,365 @@
+"""Batch generation: a registered model (or a checkpoint) -> webdataset shards.
+
+The unit of work is a shard: shard i holds the images of seeds [i*S, (i+1)*S),
+and image k comes from its own generator seeded from (job seed, k), its label
+too. The network always runs on calls of `network_batch` images, aligned to the
+shard, so an image's pixels depend on neither the batch size nor the number of
+actors nor retries. Each shard is written atomically, then a small record of it;
+a re-run lists the records and generates only the missing shards, over a Ray
+Data actor pool (one actor per GPU, or CPU actors). The manifest is written
+last. Per image the shard holds `{key}.png`, `{key}.json` (seed, label,
+guidance, sampler, steps, the model's name, version and weights digest) and
+`{key}.cls` when labelled.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+from typing import Any
+
+import numpy as np
+
+from pipeline import cluster, storage, tracking
+from pipeline.config import ConfigError, SampleConfig, to_dict
+from pipeline.config.sample import is_registry_ref
+from pipeline.data import shards
+
+log = logging.getLogger(__name__)
+
+FORMAT = "diffusion-pipeline.samples"
+JOB = "_job.json"
+"""Written before the first shard: the job's identity, so that a re-run with
+other settings is refused instead of mixing two jobs' shards."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """The weights to sample from and where they came from."""
+
+    card: dict[str, Any]
+    """preset, model overrides, resolution, classes (as `tasks.train` registers them)."""
+    weights: bytes
+    lineage: dict[str, Any]
+    """name, version, run_id, source, digest (sha256 of the weights)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleResult:
+    written: int
+    """Shards written by this run (the others were already complete)."""
+    shards: int
+    images: int
+    manifest_uri: str
+    run_id: str
+
+    def summary(self) -> str:
+        return (f"{self.images} images in {self.shards} shards ({self.written} written now, "
+                f"{self.shards - self.written} already complete)")  # fmt: skip
+
+
+def sample(cfg: SampleConfig) -> SampleResult:
+    """Generate the images `cfg` describes; see the module doc."""
+    model = load_model(cfg)
+    job = _job(cfg, model)
+    names = [shards.shard_name("train", i) for i in range(_shard_count(cfg))]
+    manifest_uri = storage.join(cfg.output, shards.MANIFEST)
+    done = _check_output(cfg, job)
+    run_id = tracking.find_or_create_run(cfg.tracking_uri, cfg.experiment, _run_name(cfg))
+    tracking.set_running(cfg.tracking_uri, run_id)
+    tracking.log_params(cfg.tracking_uri, run_id, tracking.flatten(to_dict(cfg)))
+    tracking.set_tags(cfg.tracking_uri, run_id, {
+        "model_name": model.lineage["name"], "model_version": model.lineage["version"],
+        "model_digest": model.lineage["digest"], "output": cfg.output,
+    })  # fmt: skip
+
+    missing = [i for i, name in enumerate(names) if name not in done]
+    if missing and not storage.exists(storage.join(cfg.output, JOB)):
+        storage.write_bytes(storage.join(cfg.output, JOB), shards.dumps(job))
+    if missing:
+        done.update(_generate(cfg, model, job, missing))
+    manifest = {"format": FORMAT, "format_version": 1, "job": job, "output": cfg.output,
+                "resolution": model.card["resolution"], "classes": model.card.get("classes"),
+                "counts": {"images": cfg.images, "shards": len(names),
+                           "written_by_split": {"train": cfg.images}},
+                "shards": [done[name] for name in names]}  # fmt: skip
+    data = shards.dumps(manifest)
+    try:
+        unchanged = storage.read_bytes(manifest_uri) == data
+    except storage.NotFound:
+        unchanged = False
+    if not unchanged:
+        storage.write_bytes(manifest_uri, data)
+    tracking.log_metrics(cfg.tracking_uri, run_id,
+                         {"images": cfg.images, "shards": len(names)}, step=0)  # fmt: skip
+    tracking.end_run(cfg.tracking_uri, run_id)
+    return SampleResult(len(missing), len(names), cfg.images, manifest_uri, run_id)
+
+
+def load_model(cfg: SampleConfig) -> Model:
+    """The model `cfg.model` names, from the registry or a checkpoint; a config error
+    naming what is missing."""
+    if is_registry_ref(cfg.model):
+        name, sep, rest = cfg.model.partition("@")
+        if not sep:
+            name, _, rest = cfg.model.rpartition("/")
+        try:
+            version, run_id, files = tracking.load_registered(
+                cfg.tracking_uri, name, version=None if sep else int(rest),
+                alias=rest if sep else None,
+            )  # fmt: skip
+        except tracking.NotRegistered as e:
+            raise ConfigError(f"sample.model: {e}") from None
+        if "model.safetensors" not in files or "model.json" not in files:
+            raise ConfigError(f"sample.model: {cfg.model} has no model.safetensors/model.json")
+        card, weights = json.loads(files["model.json"]), files["model.safetensors"]
+        lineage = {"name": name, "version": version, "run_id": run_id}
+    else:
+        from pipeline import checkpoint
+        from pipeline.model import PRESETS
+
+        try:
+            state = json.loads(storage.read_bytes(storage.join(cfg.model, checkpoint.STATE)))
+            weights = storage.read_bytes(storage.join(cfg.model, checkpoint.EMA_WEIGHTS))
+        except storage.StorageError as e:
+            raise ConfigError(f"sample.model: no checkpoint at {cfg.model} ({e})") from None
+        preset = state["config"]["preset"]
+        card = {"preset": preset, "model": state["model"],
+                "resolution": PRESETS[preset]().resolution, "classes": None}  # fmt: skip
+        lineage = {"name": None, "version": None, "run_id": state.get("run_id"),
+                   "checkpoint": cfg.model}  # fmt: skip
+    lineage["digest"] = hashlib.sha256(weights).hexdigest()
+    return Model(card, weights, lineage)
+
+
+def _job(cfg: SampleConfig, model: Model) -> dict[str, Any]:
+    """What decides the pixels: a re-run must match it to continue a job."""
+    classes = model.card["model"].get("num_classes", 0)
+    if cfg.labels == "uniform":
+        labels: str | int = "uniform" if classes else "none"
+    elif cfg.labels == "none":
+        labels = "none"
+    else:
+        names = model.card.get("classes") or [str(c) for c in range(classes)]
+        if cfg.labels not in names:
+            raise ConfigError(
+                f"sample.labels: the model's classes are {', '.join(names) or 'none'}, "
+                f"got {cfg.labels!r}"
+            )
+        labels = names.index(cfg.labels)
+    if labels == "none" and cfg.guidance != 1.0:
+        raise ConfigError(f"sample.guidance: needs class labels, got {cfg.guidance}")
+    return {"model": model.lineage, "images": cfg.images, "samples_per_shard":
+            cfg.samples_per_shard, "sampler": cfg.sampler, "steps": cfg.steps,
+            "guidance": cfg.guidance, "labels": labels, "seed": cfg.seed,
+            "network_batch": cfg.network_batch, "preset": model.card["preset"]}  # fmt: skip
+
+
+def _shard_count(cfg: SampleConfig) -> int:
+    return math.ceil(cfg.images / cfg.samples_per_shard)
+
+
+def _run_name(cfg: SampleConfig) -> str:
+    return "sample-" + hashlib.sha256(cfg.output.encode()).hexdigest()[:12]
+
+
+def _check_output(cfg: SampleConfig, job: dict) -> dict[str, dict]:
+    """The records of the shards already complete; a config error when the output
+    holds another job (or cannot be listed)."""
+    try:
+        existing = storage.read_bytes(storage.join(cfg.output, JOB))
+    except storage.NotFound:
+        existing = None
+    except storage.StorageError as e:
+        raise ConfigError(f"sample.output: {e}") from None
+    if existing is not None and json.loads(existing) != json.loads(shards.dumps(job)):
+        raise ConfigError(
+            f"sample.output: {cfg.output} holds another job's images (other model or "
+            "settings); use another output, or the same settings to continue it"
+        )
+    try:
+        records = storage.list_objects(storage.join(cfg.output, shards.RECORDS))
+    except storage.NotFound as e:
+        if storage.is_s3(cfg.output) and existing is None:
+            try:
+                storage.list_objects(cfg.output)
+            except storage.NotFound:
+                raise ConfigError(f"sample.output: {e}") from None
+        records = []
+    done = {}
+    for obj in records:
+        record = json.loads(storage.read_bytes(obj.uri))
+        done[record["name"]] = record
+    return done
+
+
+def _generate(cfg: SampleConfig, model: Model, job: dict, missing: list[int]) -> dict[str, dict]:
+    """Generate the `missing` shards over an actor pool; their records by name."""
+    import ray
+    from ray.data import ActorPoolStrategy
+    from tqdm import tqdm
+
+    cluster.connect()
+    cluster.warn_local_paths([("sample.output", cfg.output)])
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    items = [{"shard": i} for i in missing]
+    total = sum(_seeds(cfg, i)[1] - _seeds(cfg, i)[0] for i in missing)
+    records = {}
+    with cluster.data_settings():
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            ShardSampler,
+            batch_size=1,
+            compute=ActorPoolStrategy(size=cfg.actors),
+            num_gpus=1 if use_gpu else 0,
+            fn_constructor_kwargs={"card": model.card, "weights": model.weights, "job": job,
+                                   "output": cfg.output, "batch_size": cfg.batch_size},
+        )  # fmt: skip
+        with tqdm(total=total, unit="img", desc="sample", dynamic_ncols=True) as bar:
+            for row in ds.iter_rows():
+                record = json.loads(row["record"])
+                if "error" in record:
+                    raise storage.StorageError(record["error"])
+                records[record["name"]] = record
+                bar.update(record["samples"])
+    return records
+
+
+def _seeds(cfg_or_job, shard: int) -> tuple[int, int]:
+    """The image indices [start, stop) of a shard."""
+    per, images = _get(cfg_or_job, "samples_per_shard"), _get(cfg_or_job, "images")
+    return shard * per, min((shard + 1) * per, images)
+
+
+def _get(obj, name):
+    return obj[name] if isinstance(obj, dict) else getattr(obj, name)
+
+
+class ShardSampler:
+    """A Ray Data actor: loads the model once, then generates one shard per call,
+    writes it and its record, and returns the record. PNG encoding runs in threads
+    while the next batch is sampled."""
+
+    def __init__(self, card: dict, weights: bytes, job: dict, output: str, batch_size: int):
+        import torch
+        from safetensors.torch import load
+
+        from pipeline.diffusion import Precond
+        from pipeline.model import build
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.backends.cudnn.benchmark = False  # the same kernels for the same shapes
+        torch.backends.cudnn.deterministic = True
+        net = build(card["preset"], **{**card["model"], "dropout": 0.0})
+        net.load_state_dict(load(weights))
+        self.denoiser = FixedBatch(Precond(net).to(self.device).eval(), job["network_batch"])
+        self.card, self.job, self.output, self.batch_size = card, job, output, batch_size
+        self.encoder = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        records = []
+        for i in batch["shard"]:
+            try:
+                records.append(self.shard(int(i)))
+            except storage.StorageError as e:  # as data: Ray would keep only its text
+                records.append({"error": str(e)})
+        return {"record": [json.dumps(r) for r in records]}
+
+    def shard(self, index: int) -> dict:
+        start, stop = _seeds(self.job, index)
+        pending = []
+        for first in range(start, stop, self.batch_size):
+            indices = list(range(first, min(first + self.batch_size, stop)))
+            images, labels = generate(self.denoiser, self.job, self.card, indices, self.device)
+            pending.append(self.encoder.submit(self._members, indices, images, labels))
+        members = [m for future in pending for m in future.result()]
+        name = shards.shard_name("train", index)
+        data = shards.write_tar(members)
+        storage.write_bytes(storage.join(self.output, name), data)
+        record = {"name": name, "split": "train", "samples": stop - start, "seeds": [start, stop],
+                  "bytes": len(data), "sha256": shards.sha256(data)}  # fmt: skip
+        record_uri = storage.join(self.output, shards.RECORDS, name.replace(".tar", ".json"))
+        storage.write_bytes(record_uri, shards.dumps(record))
+        return record
+
+    def _members(self, indices, images: np.ndarray, labels) -> list[tuple[str, bytes]]:
+        from PIL import Image
+
+        members = []
+        for k, pixels, label in zip(indices, images, labels, strict=True):
+            key = f"{k:09d}"
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, format="PNG", compress_level=6)
+            info = {"key": key, "index": k, "seed": self.job["seed"], "label": label,
+                    "class": None if label is None else _class_name(self.card, label),
+                    "sampler": self.job["sampler"], "steps": self.job["steps"],
+                    "guidance": self.job["guidance"], "model": self.job["model"]}  # fmt: skip
+            members += [(f"{key}.png", buf.getvalue()), (f"{key}.json", shards.dumps(info))]
+            if label is not None:
+                members.append((f"{key}.cls", str(label).encode()))
+        return members
+
+
+def _class_name(card: dict, label: int) -> str:
+    classes = card.get("classes")
+    return classes[label] if classes else str(label)
+
+
+def image_labels(job: dict, indices: list[int], num_classes: int) -> list[int | None]:
+    """Each image's label: none, the fixed class, or drawn from (seed, index)."""
+    if job["labels"] == "none":
+        return [None] * len(indices)
+    if job["labels"] != "uniform":
+        return [int(job["labels"])] * len(indices)
+    return [int(np.random.default_rng([job["seed"], k, 1]).integers(num_classes))
+            for k in indices]  # fmt: skip
+
+
+def generate(denoiser, job: dict, card: dict, indices: list[int], device):
+    """The uint8 images [N, H, W, 3] and labels of image `indices`."""
+    import torch
+
+    from pipeline.diffusion import karras_sigmas
+    from pipeline.samplers import SAMPLERS, initial_noise, sample_generators
+
+    resolution = card["resolution"]
+    labels = image_labels(job, indices, card["model"].get("num_classes", 0))
+    generators = sample_generators(job["seed"], indices, device)
+    sigmas = karras_sigmas(job["steps"]).to(device)
+    x = initial_noise((len(indices), 3, resolution, resolution), float(sigmas[0]), generators,
+                      device)  # fmt: skip
+    label = None if labels[0] is None else torch.tensor(labels, device=device)
+    stochastic = job["sampler"] in ("euler_ancestral", "edm_stochastic")
+    with torch.no_grad():
+        out = SAMPLERS[job["sampler"]](denoiser, x, sigmas, label=label, guidance=job["guidance"],
+                                       generator=generators if stochastic else None)  # fmt: skip
+    pixels = ((out.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy(), labels
+
+
+class FixedBatch:
+    """Calls the denoiser on batches of exactly `size` images, padding the last one:
+    an image's result then does not depend on how many others share its call."""
+
+    def __init__(self, denoiser, size: int):
+        self.denoiser, self.size = denoiser, size
+
+    def __call__(self, x, sigma, label=None):
+        import torch
+
+        out = []
+        for i in range(0, len(x), self.size):
+            xs, ss = x[i : i + self.size], sigma[i : i + self.size]
+            ls = None if label is None else label[i : i + self.size]
+            n = len(xs)
+            if n < self.size:
+                pad = self.size - n
+                xs = torch.cat([xs, xs.new_zeros((pad, *xs.shape[1:]))])
+                ss = torch.cat([ss, ss.new_ones(pad)])
+                ls = None if ls is None else torch.cat([ls, ls.new_zeros(pad)])
+            out.append(self.denoiser(xs, ss, ls)[:n])
+        return torch.cat(out)

@@ -1,0 +1,256 @@
+"""`tasks.sample` as users run it: a registered model into shards in the SeaweedFS
+bucket on the session's Ray cluster, tracked by the MLflow server. Lineage,
+determinism across batch sizes and actor counts, a killed job run again, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+from safetensors.torch import save
+
+from pipeline import storage, tracking
+from pipeline.data import shards
+from pipeline.model import build
+from tests.nets import randomised
+from tests.services import ROOT, group_gone
+
+pytestmark = pytest.mark.slow
+
+JOB = ["--images", "640", "--samples_per_shard", "64", "--sampler", "heun", "--steps", "6",
+       "--network_batch", "16", "--seed", "7"]  # fmt: skip
+"""The job of the determinism and exactly-once tests: 10 shards."""
+
+
+@pytest.fixture(scope="module")
+def registered(mlflow_server) -> dict:
+    """A tiny class-conditional model (random weights) registered as `tiny-digits`
+    version 1 with the alias `champion`, as tasks.train registers models."""
+    net = randomised(build("tiny", num_classes=10), seed=3)
+    weights = save({k: v.contiguous() for k, v in net.state_dict().items()})
+    card = {"preset": "tiny", "model": {"num_classes": 10}, "resolution": 8,
+            "classes": [str(d) for d in range(10)]}  # fmt: skip
+    run_id = tracking.find_or_create_run(mlflow_server, "tests", "tiny-digits-training")
+    files = {"model.safetensors": weights, "model.json": json.dumps(card).encode()}
+    version = tracking.register_model(mlflow_server, run_id, "tiny-digits", files, {"k": "v"})
+    MlflowClient(mlflow_server).set_registered_model_alias("tiny-digits", "champion", version)
+    return {"version": version, "digest": hashlib.sha256(weights).hexdigest(), "uri": mlflow_server}
+
+
+def sample_task(model: str, output: str, tracking_uri: str, *extra: str, **kw):
+    argv = [sys.executable, "-m", "tasks.sample", "--model", model, "--output", output,
+            "--tracking_uri", tracking_uri, *extra]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ),
+                          timeout=600, **kw)  # fmt: skip
+
+
+def read_shards(prefix: str) -> dict[str, dict[str, bytes]]:
+    """{shard name: {member name: bytes}} of every shard under `prefix`."""
+    out = {}
+    for obj in storage.list_objects(prefix):
+        if obj.relpath.endswith(".tar") and "/" not in obj.relpath:
+            with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(obj.uri))) as tar:
+                out[obj.relpath] = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    return out
+
+
+def listing(prefix: str) -> dict[str, tuple]:
+    import boto3
+
+    bucket, _, key = prefix.removeprefix("s3://").partition("/")
+    client = boto3.client("s3")
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/")
+    return {o["Key"]: (o["ETag"], o["LastModified"]) for p in pages for o in p.get("Contents", [])}
+
+
+def test_two_thousand_images_with_lineage_into_the_bucket(registered, ray_cluster, s3_prefix):
+    result = sample_task("tiny-digits@champion", s3_prefix, registered["uri"], "--images", "2000",
+                         "--samples_per_shard", "300", "--actors", "2", "--sampler", "dpmpp_2m",
+                         "--steps", "8", "--guidance", "2", "--batch_size", "64")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sample: 2000 images in 7 shards (7 written now, 0 already complete)" in result.stdout
+
+    manifest = json.loads(storage.read_bytes(f"{s3_prefix}/{shards.MANIFEST}"))
+    assert manifest["counts"]["images"] == 2000 and manifest["counts"]["shards"] == 7
+    assert sum(s["samples"] for s in manifest["shards"]) == 2000
+    lineage = {"name": "tiny-digits", "version": registered["version"],
+               "digest": registered["digest"]}  # fmt: skip
+    assert {k: manifest["job"]["model"][k] for k in lineage} == lineage
+    found = read_shards(s3_prefix)
+    assert sorted(found) == [f"train-{i:06d}.tar" for i in range(7)]
+    labels = []
+    for entry in manifest["shards"]:
+        data = storage.read_bytes(f"{s3_prefix}/{entry['name']}")
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["bytes"], entry["sha256"])
+        i = int(entry["name"][6:12])
+        start, stop = i * 300, min((i + 1) * 300, 2000)
+        assert entry["seeds"] == [start, stop]
+        members = found[entry["name"]]
+        keys = sorted({name.split(".")[0] for name in members})
+        assert keys == [f"{k:09d}" for k in range(start, stop)]  # exactly its seed range
+        for key in keys:
+            info = json.loads(members[f"{key}.json"])
+            assert {k: info["model"][k] for k in lineage} == lineage
+            assert (info["seed"], info["index"], info["sampler"], info["steps"],
+                    info["guidance"]) == (0, int(key), "dpmpp_2m", 8, 2.0)  # fmt: skip
+            assert int(members[f"{key}.cls"]) == info["label"] and info["class"] == str(
+                info["label"]
+            )
+            labels.append(info["label"])
+            image = Image.open(io.BytesIO(members[f"{key}.png"]))
+            assert image.size == (8, 8) and image.mode == "RGB"
+    counts = np.bincount(labels, minlength=10)
+    assert counts.min() > 140 and counts.max() < 260  # uniform over 10 classes (p < 1e-6)
+
+    client = MlflowClient(registered["uri"])
+    [run] = client.search_runs([client.get_experiment_by_name("sampling").experiment_id],
+                               f"tags.output = '{s3_prefix}'")  # fmt: skip
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["model_name"] == "tiny-digits"
+    assert run.data.tags["model_version"] == str(registered["version"])
+    assert run.data.tags["model_digest"] == registered["digest"]
+    assert run.data.params["images"] == "2000" and run.data.metrics["images"] == 2000
+
+
+@pytest.fixture(scope="module")
+def reference(registered, ray_cluster, s3) -> dict[str, dict[str, bytes]]:
+    """JOB by version number, uninterrupted, with 2 actors and batches of 32."""
+    prefix = s3.prefix("reference")
+    result = sample_task("tiny-digits/1", prefix, registered["uri"], *JOB, "--actors", "2",
+                         "--batch_size", "32")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return read_shards(prefix)
+
+
+def test_other_batch_size_and_actor_count_give_identical_pngs(registered, reference, s3_prefix):
+    result = sample_task("tiny-digits@champion", s3_prefix, registered["uri"], *JOB,
+                         "--actors", "1", "--batch_size", "48")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = read_shards(s3_prefix)
+    assert sorted(found) == sorted(reference) and len(found) == 10
+    pngs = {n: d for shard in found.values() for n, d in shard.items() if n.endswith(".png")}
+    ref = {n: d for shard in reference.values() for n, d in shard.items() if n.endswith(".png")}
+    assert len(pngs) == 640 and pngs == ref
+    assert found == reference  # labels and lineage too
+
+
+def test_killed_job_run_again_writes_each_shard_once(registered, reference, s3_prefix):
+    argv = [sys.executable, "-m", "tasks.sample", "--model", "tiny-digits@champion", "--output",
+            s3_prefix, "--tracking_uri", registered["uri"], *JOB, "--actors", "1",
+            "--batch_size", "16"]  # fmt: skip
+    seen: dict[str, bytes] = {}
+    stop = threading.Event()
+
+    def watch() -> None:  # every shard ever listed must be complete
+        while not stop.is_set():
+            for obj in storage.list_objects(s3_prefix):
+                if obj.relpath.endswith(".tar") and obj.relpath not in seen:
+                    seen[obj.relpath] = storage.read_bytes(obj.uri)
+            time.sleep(0.2)  # listing the bucket while the job runs
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        job = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ), start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while len(storage.list_objects(f"{s3_prefix}/{shards.RECORDS}")) < 2:
+            assert job.poll() is None and time.monotonic() < deadline, "no shard written"
+            time.sleep(0.2)  # waiting for the job to be part-way
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        assert group_gone(job.pid)
+        written = len(storage.list_objects(f"{s3_prefix}/{shards.RECORDS}"))
+        assert written < 10 and not storage.exists(f"{s3_prefix}/{shards.MANIFEST}")
+        again = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert f"({10 - written} written now, {written} already complete)" in again.stdout
+    finally:
+        stop.set()
+        watcher.join()
+    assert read_shards(s3_prefix) == reference
+    for name, data in seen.items():
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            assert {m.name: tar.extractfile(m).read() for m in tar.getmembers()} == reference[name]
+
+    before = listing(s3_prefix)
+    third = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert third.returncode == 0 and "(0 written now, 10 already complete)" in third.stdout
+    assert listing(s3_prefix) == before  # wrote nothing
+
+
+@pytest.mark.parametrize("case", ["unknown-model", "unknown-alias", "unknown-version",
+                                  "missing-checkpoint", "unknown-sampler", "zero-steps",
+                                  "negative-images", "unknown-class"])  # fmt: skip
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(
+    case, registered, ray_cluster, s3_prefix, tmp_path
+):
+    model, extra = "tiny-digits@champion", []
+    expected = {
+        "unknown-model": "sample.model: no registered model 'no-such-model' at ",
+        "unknown-alias": "sample.model: model 'tiny-digits' has no alias 'nightly'",
+        "unknown-version": "sample.model: model 'tiny-digits' has no version 99",
+        "missing-checkpoint": f"sample.model: no checkpoint at {tmp_path}/nowhere (",
+        "unknown-sampler": "sample.sampler: must be one of euler, heun, dpmpp_2m, "
+        "euler_ancestral, edm_stochastic; got 'ddim'",
+        "zero-steps": "sample.steps: must be a positive integer, got 0",
+        "negative-images": "sample.images: must be a positive integer, got -5",
+        "unknown-class": "sample.labels: the model's classes are 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, "
+        "got 'cat'",
+    }[case]
+    if case == "unknown-model":
+        model = "no-such-model@champion"
+    elif case == "unknown-alias":
+        model = "tiny-digits@nightly"
+    elif case == "unknown-version":
+        model = "tiny-digits/99"
+    elif case == "missing-checkpoint":
+        model = str(tmp_path / "nowhere")
+    elif case == "unknown-sampler":
+        extra = ["--sampler", "ddim"]
+    elif case == "zero-steps":
+        extra = ["--steps", "0"]
+    elif case == "negative-images":
+        extra = ["--images", "-5"]
+    elif case == "unknown-class":
+        extra = ["--labels", "cat"]
+    result = sample_task(model, s3_prefix, registered["uri"], *extra)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"tasks.sample: error: {expected}"), result.stderr
+    assert storage.list_objects(s3_prefix) == []
+    client = MlflowClient(registered["uri"])
+    experiment = client.get_experiment_by_name("sampling")
+    if experiment is not None:
+        assert not client.search_runs([experiment.experiment_id], f"tags.output = '{s3_prefix}'")
+
+
+def test_fixed_batch_makes_an_image_independent_of_its_neighbours():
+    from pipeline.diffusion import Precond
+    from pipeline.sampling import FixedBatch
+
+    torch.manual_seed(0)
+    denoiser = Precond(randomised(build("tiny", num_classes=10))).eval()
+    fixed = FixedBatch(denoiser, 8)
+    x, sigma, label = torch.randn(13, 3, 8, 8), torch.rand(13) * 5, torch.arange(13) % 10
+    with torch.no_grad():
+        whole = fixed(x, sigma, label)
+        alone = torch.cat([fixed(x[i : i + 8], sigma[i : i + 8], label[i : i + 8])
+                           for i in (0, 8)])  # fmt: skip
+        other = x.clone()
+        other[3:8] = 0  # other neighbours in the same call
+        assert torch.equal(fixed(other, sigma, label)[:3], whole[:3])
+    assert whole.shape == (13, 3, 8, 8) and torch.equal(whole, alone)
