@@ -33,7 +33,7 @@ against a UNet2DModel of the same layout, 0.40M; 2048 8x8 images, DPM-Solver++(2
 The running job reaches 0.96 of the bare loop. The whole job of 2,048 images does
 not reach the 0.9 goal (0.68): 8.6 s of fixed costs (Ray Data's start, the actor
 and its model load, the MLflow run, listing the output) against 18.6 s of
-sampling. The fixed costs do not grow with the job, so from about 40,000 images
+sampling. The fixed costs do not grow with the job, so from about 14,000 images
 on the whole job passes 0.9 here. The GPU case was not measured (no GPU lent).
 diffusers' network of the same size runs these tiny shapes faster per
 evaluation; its DDIM pipeline's per-step scheduler and numpy output cost it more.

@@ -254,3 +254,32 @@ def test_fixed_batch_makes_an_image_independent_of_its_neighbours():
         other[3:8] = 0  # other neighbours in the same call
         assert torch.equal(fixed(other, sigma, label)[:3], whole[:3])
     assert whole.shape == (13, 3, 8, 8) and torch.equal(whole, alone)
+
+
+def test_from_a_checkpoint_folder_with_one_class_and_a_stochastic_sampler(
+    ray_cluster, tmp_path, mlflow_server
+):
+    from pipeline import checkpoint
+    from pipeline.diffusion import Precond
+
+    net = randomised(build("tiny", num_classes=10), seed=5)
+    optimizer = torch.optim.Adam(Precond(net).parameters())
+    folder = tmp_path / "checkpoint-000000000512"
+    checkpoint.save(folder, net, net, optimizer, {"config": {"preset": "tiny"}, "run_id": "r1",
+                                                  "model": {"num_classes": 10}})  # fmt: skip
+    out = tmp_path / "out"
+    result = sample_task(str(folder), str(out), mlflow_server, "--images", "40",
+                         "--samples_per_shard", "25", "--labels", "3", "--sampler",
+                         "euler_ancestral", "--steps", "4", "--batch_size", "16")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    digest = hashlib.sha256((folder / checkpoint.EMA_WEIGHTS).read_bytes()).hexdigest()
+    found = read_shards(str(out))
+    assert sorted(found) == ["train-000000.tar", "train-000001.tar"]
+    infos = [json.loads(d) for s in found.values() for n, d in s.items() if n.endswith(".json")]
+    assert sorted(i["index"] for i in infos) == list(range(40))
+    assert {(i["label"], i["class"], i["sampler"]) for i in infos} == {(3, "3", "euler_ancestral")}
+    assert {json.dumps(i["model"], sort_keys=True) for i in infos} == {json.dumps(
+        {"checkpoint": str(folder), "digest": digest, "name": None, "run_id": "r1",
+         "version": None}, sort_keys=True)}  # fmt: skip
+    pngs = [d for s in found.values() for n, d in s.items() if n.endswith(".png")]
+    assert len(set(pngs)) == 40  # every seed its own image
