@@ -17,7 +17,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
@@ -208,7 +207,7 @@ def _generate(cfg: SampleConfig, model: Model, job: dict, missing: list[int]) ->
     cluster.warn_local_paths([("sample.output", cfg.output)])
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     items = [{"shard": i} for i in missing]
-    total = sum(_seeds(cfg, i)[1] - _seeds(cfg, i)[0] for i in missing)
+    total = sum(stop - start for start, stop in (_seeds(job, i) for i in missing))
     records = {}
     with cluster.data_settings():
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -229,14 +228,10 @@ def _generate(cfg: SampleConfig, model: Model, job: dict, missing: list[int]) ->
     return records
 
 
-def _seeds(cfg_or_job, shard: int) -> tuple[int, int]:
+def _seeds(job: dict, shard: int) -> tuple[int, int]:
     """The image indices [start, stop) of a shard."""
-    per, images = _get(cfg_or_job, "samples_per_shard"), _get(cfg_or_job, "images")
-    return shard * per, min((shard + 1) * per, images)
-
-
-def _get(obj, name):
-    return obj[name] if isinstance(obj, dict) else getattr(obj, name)
+    per = job["samples_per_shard"]
+    return shard * per, min((shard + 1) * per, job["images"])
 
 
 class ShardSampler:
@@ -289,16 +284,17 @@ class ShardSampler:
     def _members(self, indices, images: np.ndarray, labels) -> list[tuple[str, bytes]]:
         from PIL import Image
 
+        from pipeline.data.transforms import encode_png
+
         members = []
         for k, pixels, label in zip(indices, images, labels, strict=True):
             key = f"{k:09d}"
-            buf = io.BytesIO()
-            Image.fromarray(pixels).save(buf, format="PNG", compress_level=6)
             info = {"key": key, "index": k, "seed": self.job["seed"], "label": label,
                     "class": None if label is None else _class_name(self.card, label),
                     "sampler": self.job["sampler"], "steps": self.job["steps"],
                     "guidance": self.job["guidance"], "model": self.job["model"]}  # fmt: skip
-            members += [(f"{key}.png", buf.getvalue()), (f"{key}.json", shards.dumps(info))]
+            png = encode_png(Image.fromarray(pixels))
+            members += [(f"{key}.png", png), (f"{key}.json", shards.dumps(info))]
             if label is not None:
                 members.append((f"{key}.cls", str(label).encode()))
         return members

@@ -10,7 +10,6 @@ version of a named model.
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 import time
@@ -193,15 +192,6 @@ class SystemMetrics:
     def __exit__(self, *exc):
         if self.monitor is not None:
             self.monitor.finish()
-
-
-def png_bytes(image) -> bytes:
-    """PNG bytes of an HxWx3 uint8 array (for artifacts)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class NotRegistered(LookupError):

@@ -120,7 +120,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             f"stopped at step {stop['step']} ({stop['images_seen']} images seen): "
             f"{stop['detail']}; last good checkpoint: {_uri(cfg, final)}"
         )
-    version = _register(cfg, plan, final, fs)
+    version = _register(cfg, plan, final)
     tracking.end_run(cfg.tracking_uri, plan["run_id"])
     return TrainResult(plan["run_id"], metrics["images_seen"], metrics["loss"], _uri(cfg, final),
                        cfg.model_name or cfg.run_name, version)  # fmt: skip
@@ -269,32 +269,25 @@ def _log_inputs(cfg: TrainConfig, plan: dict) -> None:
     })  # fmt: skip
 
 
-def _register(cfg: TrainConfig, plan: dict, final: str, fs) -> int:
+def _register(cfg: TrainConfig, plan: dict, final: str) -> int:
     """Register the final checkpoint's EMA weights as a new model version."""
     from pipeline import checkpoint
 
-    files = {
-        name: _read(fs, f"{final}/{name}") for name in (checkpoint.EMA_WEIGHTS, checkpoint.STATE)
-    }
-    state = json.loads(files.pop(checkpoint.STATE))
+    folder = _uri(cfg, final)
+    state = json.loads(storage.read_bytes(storage.join(folder, checkpoint.STATE)))
     card = {"preset": cfg.preset, "model": plan["model"], "resolution": plan["resolution"],
             "classes": plan["classes"], "sigma_data": 0.5, "images_seen": state["images_seen"],
             "dataset": plan["dataset"], "run_id": plan["run_id"]}  # fmt: skip
     files = {
-        "model.safetensors": files[checkpoint.EMA_WEIGHTS],
+        "model.safetensors": storage.read_bytes(storage.join(folder, checkpoint.EMA_WEIGHTS)),
         "model.json": json.dumps(card, indent=1, sort_keys=True).encode(),
     }
     tags = {"dataset_digest": plan["dataset"]["digest"], "dataset_uri": plan["dataset"]["uri"],
             "run_id": plan["run_id"], "images_seen": str(state["images_seen"]),
-            "checkpoint": _uri(cfg, final)}  # fmt: skip
+            "checkpoint": folder}  # fmt: skip
     return tracking.register_model(
         cfg.tracking_uri, plan["run_id"], cfg.model_name or cfg.run_name, files, tags
     )
-
-
-def _read(fs, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
-        return f.read()
 
 
 def _uri(cfg: TrainConfig, path: str | None) -> str:
