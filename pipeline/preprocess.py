@@ -10,11 +10,17 @@ driver writes `rejects.jsonl` and, last, `manifest.json`.
 So a re-run after a crash rebuilds only the shards without a record (their
 bytes are deterministic, so the result is the one an uninterrupted run gives),
 and a re-run after success finds the manifest and writes nothing.
+
+With `append=True` (the nightly job), a committed dataset grows instead: the
+inputs it does not hold yet (see `pipeline.data.versions`) go into new shards
+numbered after its last ones, read exactly as its own were (same format, same
+label space: an input of a class it lacks is rejected as `unknown_class`), and
+the next version of the manifest lists its shards unchanged, then the new ones.
+The same resume rules hold, and with nothing new an append writes nothing.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import json
@@ -25,7 +31,7 @@ from tqdm import tqdm
 
 from pipeline import cluster, storage
 from pipeline.config import ConfigError, PreprocessConfig, to_dict
-from pipeline.data import build, shards, sources
+from pipeline.data import build, shards, sources, versions
 from pipeline.data.sources import InputItem, ShardPlan
 
 
@@ -37,14 +43,25 @@ class PreprocessResult:
     """True when the output already held this dataset and nothing was written."""
     reused_shards: int = 0
     """Shards an interrupted earlier run had finished, kept rather than rebuilt."""
+    added_inputs: int = 0
+    """Inputs this call added to the dataset, written or rejected (all of them for
+    a first build; only the new ones for an append)."""
+    added_shards: int = 0
+    """Shards this call added to the dataset."""
 
     def summary(self) -> str:
         c = self.manifest["counts"]
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(c["rejected_by_reason"].items()))
         splits = ", ".join(f"{s} {n}" for s, n in c["written_by_split"].items())
-        head = "already complete: " if self.already_complete else ""
-        n_shards = len(self.manifest["shards"])
         resumed = f" ({self.reused_shards} reused)" if self.reused_shards else ""
+        head = "already complete: " if self.already_complete else ""
+        if self.manifest.get("previous") and not self.already_complete:
+            head = (
+                f"appended {self.added_inputs} new inputs in {self.added_shards} shards"
+                f"{resumed} to version {self.manifest['version']}: "
+            )
+            resumed = ""
+        n_shards = len(self.manifest["shards"])
         return (
             f"{head}{c['inputs']} inputs -> {c['written']} written ({splits}) in "
             f"{n_shards} shards{resumed}, {c['rejected']} rejected"
@@ -65,21 +82,31 @@ class _Inputs:
     """Where labels came from: `folders`, `cls` or `none`."""
 
 
-def preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> PreprocessResult:
-    """Build (or finish building) the dataset `cfg` describes; see the module doc."""
+def preprocess(
+    cfg: PreprocessConfig, *, progress: bool = True, append: bool = False
+) -> PreprocessResult:
+    """Build (or finish building) the dataset `cfg` describes; with `append`, add
+    the inputs that arrived since its last version. See the module doc."""
     config = to_dict(cfg)
     manifest_uri = storage.join(cfg.output, shards.MANIFEST)
-    existing = _committed_manifest(cfg, config)
-    if existing is not None:
-        return PreprocessResult(manifest_uri, existing, already_complete=True)
+    committed = _committed_manifest(cfg, config)
+    if committed is not None and not append:
+        return PreprocessResult(manifest_uri, json.loads(committed), already_complete=True)
+    # Without a committed dataset, an append is the first build: it adds to nothing.
+    base = versions.EMPTY if committed is None else versions.read_base(cfg.output, committed)
 
     objects = _list_inputs(cfg)
     previous = _list_output(cfg.output)
-    storage.remove_partial_writes(cfg.output)
     with _ray_data(cfg):
-        found = _plan_inputs(cfg, objects)
-        items, duplicates = sources.unique_keys(found.items)
-        plans = sources.plan_shards(items, cfg.validation_fraction, cfg.samples_per_shard)
+        found, taken = _new_inputs(_plan_inputs(cfg, objects, base), base)
+        if base.version and not found.items and not found.rejects:
+            versions.restore_rejects(cfg.output, base)
+            return PreprocessResult(manifest_uri, base.manifest, already_complete=True)
+        storage.remove_partial_writes(cfg.output)
+        items, duplicates = sources.unique_keys(found.items, taken)
+        plans = sources.plan_shards(
+            items, cfg.validation_fraction, cfg.samples_per_shard, base.next_index()
+        )
         digests = {p.name: p.digest(config) for p in plans}
         records = _finished_records(cfg.output, previous, digests)
         reused = len(records)
@@ -87,37 +114,44 @@ def preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> PreprocessRes
         done = sum(r["inputs"] for r in records.values())
         for record in _build(cfg, todo, digests, done, len(items), progress):
             records[record["name"]] = record
-    _remove_orphans(cfg.output, previous, set(digests))
+    # The base's shards are part of what is kept, whatever the plan.
+    kept = set(digests) | {e["name"] for e in base.manifest["shards"]}
+    _remove_orphans(cfg.output, previous, kept)
     ordered = [records[p.name] for p in plans]
-    _check_shards(cfg.output, ordered)
+    added = len(found.items) + len(found.rejects)
+    manifest, rejects_bytes = versions.next_manifest(
+        base, config, {"format": found.format, "labels": found.labels}, found.classes,
+        found.rejects + duplicates, ordered, added,
+    )  # fmt: skip
+    _check_shards(cfg.output, manifest["shards"], ordered)
 
-    rejects = found.rejects + duplicates + [r for rec in ordered for r in rec["rejects"]]
-    rejects.sort(key=lambda r: r["uri"])
-    rejects_bytes = b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in rejects)
+    versions.keep(cfg.output, base)  # before anything of the base is replaced
     storage.write_bytes(storage.join(cfg.output, shards.REJECTS), rejects_bytes)
-    manifest = _manifest(config, found, ordered, rejects, rejects_bytes)
-    if manifest["counts"]["inputs"] != len(found.items) + len(found.rejects):
-        raise AssertionError("an input was neither written nor rejected")
     storage.write_bytes(manifest_uri, shards.dumps(manifest))
-    return PreprocessResult(manifest_uri, manifest, already_complete=False, reused_shards=reused)
+    return PreprocessResult(manifest_uri, manifest, already_complete=False, reused_shards=reused,
+                            added_inputs=added, added_shards=len(plans))  # fmt: skip
 
 
 # --- the driver's side -----------------------------------------------------------------
 
 
-def _committed_manifest(cfg: PreprocessConfig, config: dict) -> dict | None:
-    """The output's manifest if it holds this very dataset; an error if another."""
+def _committed_manifest(cfg: PreprocessConfig, config: dict) -> bytes | None:
+    """The bytes of the output's manifest if it holds this very dataset; an error
+    if another."""
     try:
-        existing = shards.load_manifest(cfg.output)
+        data = storage.read_bytes(storage.join(cfg.output, shards.MANIFEST))
+        existing = json.loads(data)
+    except storage.NotFound:
+        return None
     except (storage.StorageError, ValueError) as e:
         raise ConfigError(f"preprocess.output: cannot read its manifest: {e}") from None
-    if existing is not None and existing.get("config") != config:
+    if existing.get("config") != config:
         changed = sorted(k for k in config if existing.get("config", {}).get(k) != config[k])
         raise ConfigError(
             f"preprocess.output: {cfg.output} already holds a dataset built with another "
             f"config (differs in {', '.join(changed)}); choose a new output"
         )
-    return existing
+    return data
 
 
 def _list_inputs(cfg: PreprocessConfig) -> list[storage.ObjectInfo]:
@@ -130,13 +164,19 @@ def _list_inputs(cfg: PreprocessConfig) -> list[storage.ObjectInfo]:
     return objects
 
 
-def _plan_inputs(cfg: PreprocessConfig, objects: list[storage.ObjectInfo]) -> _Inputs:
+def _plan_inputs(
+    cfg: PreprocessConfig, objects: list[storage.ObjectInfo], base: versions.Base = versions.EMPTY
+) -> _Inputs:
     """The inputs under `cfg.input`, the rejected ones, and the classes.
 
     `auto` reads webdataset when the prefix holds `.tar` files and no image
     files. A prefix holding one of our datasets (a committed manifest) is read
     as webdataset through it: its inputs are the samples of the listed shards.
+    Given a `base` dataset to append to, the inputs are read as its own were:
+    the same format, labels and classes (the model's label space).
     """
+    if base.version:
+        return _plan_like(cfg, objects, base.manifest)
     fmt, ours = cfg.input_format, False
     if fmt != "files":
         dataset = _load_input_manifest(cfg.input)
@@ -164,6 +204,29 @@ def _plan_inputs(cfg: PreprocessConfig, objects: list[storage.ObjectInfo]) -> _I
     items, tar_rejects = _index_tars(tars, cfg.labels, ours) if tars else ([], [])
     classes = sources.tar_classes(items)
     return _Inputs(items, rejects + tar_rejects, classes, fmt, "cls" if classes else "none")
+
+
+def _plan_like(cfg: PreprocessConfig, objects: list[storage.ObjectInfo], base: dict) -> _Inputs:
+    """`_plan_inputs` for an append: decided as the base decided, not afresh (one
+    new file outside a class folder must not switch class folders off)."""
+    fmt, labels, classes = base["input"]["format"], base["input"]["labels"], base["classes"]
+    if fmt == "files":
+        items, rejects, _ = sources.file_inputs(objects, labels, classes)
+        return _Inputs(items, rejects, classes, fmt, labels)
+    found = _plan_inputs(dataclasses.replace(cfg, input_format="webdataset"), objects)
+    items, unknown = sources.known_labels(found.items, classes)
+    return _Inputs(items, found.rejects + unknown, classes, fmt, labels)
+
+
+def _new_inputs(found: _Inputs, base: versions.Base) -> tuple[_Inputs, list[InputItem]]:
+    """The inputs (and rejects) of `found` that `base` does not hold yet, and the
+    ones it holds (whose keys are taken)."""
+    if not base.inputs:
+        return found, []
+    new = [i for i in found.items if i.source not in base.inputs]
+    taken = [i for i in found.items if i.source in base.inputs]
+    rejects = [r for r in found.rejects if r["uri"] not in base.inputs]
+    return dataclasses.replace(found, items=new, rejects=rejects), taken
 
 
 def _load_input_manifest(prefix: str) -> dict | None:
@@ -222,11 +285,12 @@ def _remove_orphans(output: str, previous: list[storage.ObjectInfo], planned: se
             storage.delete(o.uri)
 
 
-def _check_shards(output: str, records: list[dict]) -> None:
-    """Before committing: every shard is there, as its record describes it, and all
-    were built by the same software (else they would not be reproducible)."""
+def _check_shards(output: str, entries: list[dict], records: list[dict]) -> None:
+    """Before committing: every shard is there, as its entry describes it, and the
+    ones built now were built by the same software (else they would not be
+    reproducible)."""
     sizes = {o.relpath: o.size for o in storage.list_objects(output)}
-    for r in records:
+    for r in entries:
         if sizes.get(r["name"]) != r["bytes"]:
             raise RuntimeError(
                 f"{storage.join(output, r['name'])}: changed while the job ran (expected "
@@ -295,38 +359,3 @@ def _build(
                 raise storage.StorageError(record["error"])
             bar.update(record["inputs"])
             yield record
-
-
-def _manifest(
-    config: dict, found: _Inputs, records: list[dict], rejects: list[dict], rejects_bytes: bytes
-) -> dict[str, Any]:
-    written = sum(r["samples"] for r in records)
-    by_split = collections.Counter()
-    for r in records:
-        by_split[r["split"]] += r["samples"]
-    return {
-        "format": shards.FORMAT,
-        "format_version": shards.FORMAT_VERSION,
-        "config": config,
-        "input": {"format": found.format, "labels": found.labels},
-        "software": records[0]["software"] if records else build.software(),
-        "resolution": config["resolution"],
-        "classes": found.classes,
-        "counts": {
-            "inputs": written + len(rejects),
-            "written": written,
-            "written_by_split": {s: by_split[s] for s in shards.SPLITS},
-            "rejected": len(rejects),
-            "rejected_by_reason": dict(
-                sorted(collections.Counter(r["reason"] for r in rejects).items())
-            ),
-        },
-        "shards": [
-            {k: r[k] for k in ("name", "split", "samples", "bytes", "sha256")} for r in records
-        ],
-        "rejects": {
-            "name": shards.REJECTS,
-            "sha256": shards.sha256(rejects_bytes),
-            "count": len(rejects),
-        },
-    }

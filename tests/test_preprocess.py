@@ -1,12 +1,18 @@
 """The preprocess job on Ray Data against the real S3 server: every input
-accounted for, shards readable by webdataset and Ray, reproducible, resumable."""
+accounted for, shards readable by webdataset and Ray, reproducible, resumable,
+and appendable (new inputs in new shards, old shards untouched)."""
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import os
 import re
+import shutil
+import tarfile
+import unicodedata
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +20,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.config import PreprocessConfig
+from pipeline.data import shards
 from pipeline.data.sources import InputItem
 from pipeline.preprocess import preprocess
 from tests import dataset, images
@@ -273,8 +280,6 @@ def test_label_and_format_decisions(tmp_path):
 
 
 def test_unicode_names_are_one_identity_and_duplicates_are_rejected(tmp_path):
-    import unicodedata
-
     raw = tmp_path / "raw"
     raw.mkdir()
     png = images.encode(images.noise(40, 40, 0), "PNG")
@@ -298,3 +303,222 @@ def test_unicode_names_are_one_identity_and_duplicates_are_rejected(tmp_path):
     assert sources[0] == str(raw / kept) and duplicate["uri"] == str(raw / max(nfc, nfd))
     assert duplicate["detail"] == f"same key as {raw / kept}"
     assert "latin1-" in sources[1] and os.path.exists(sources[1])  # its source still opens
+
+
+# --- appending: the nightly job adds what arrived since the last version ---------------
+
+
+def _files(root: Path) -> dict[str, tuple]:
+    """Every file under `root`, hidden ones included: (size, sha256, inode, mtime),
+    so that a rewrite with the same bytes shows too."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            digest = hashlib.sha256(p.read_bytes()).hexdigest()
+            out[p.relative_to(root).as_posix()] = (st.st_size, digest, st.st_ino, st.st_mtime_ns)
+    return out
+
+
+def _shard_inputs(out: Path, names: list[str]) -> set[str]:
+    """The inputs the shards `names` hold: their samples' sources and their rejects."""
+    found = set()
+    for name in names:
+        record = json.loads((out / "_records" / f"{name}.json").read_text())
+        found |= {r["uri"] for r in record["rejects"]}
+        with tarfile.open(out / name) as tar:
+            found |= {
+                json.loads(tar.extractfile(m).read())["source"]
+                for m in tar.getmembers()
+                if m.name.endswith(".json")
+            }
+    return found
+
+
+def test_append_adds_only_new_inputs_in_new_shards_and_leaves_the_old_untouched(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    images.mixed_folder(raw, 40, classes=3, seed=11)
+    (raw / "README.txt").write_text("about")  # rejected by the dataset as a whole
+    png = images.encode(images.noise(40, 32, 0), "PNG")
+    nfc, nfd = unicodedata.normalize("NFC", "café.png"), unicodedata.normalize("NFD", "café.png")
+    (raw / "class0" / nfc).write_bytes(png)
+    cfg = PreprocessConfig(input=str(raw), output=str(out), resolution=24, samples_per_shard=6,
+                           validation_fraction=0.25)  # fmt: skip
+    first = preprocess(cfg, progress=False)
+    assert first.manifest["version"] == 1 and "previous" not in first.manifest
+    old_inputs = {str(p) for p in raw.rglob("*") if p.is_file()}
+    # A shard recorded before records listed their sources: read from the shard.
+    legacy = out / "_records" / "train-000000.tar.json"
+    record = json.loads(legacy.read_text())
+    assert len(record.pop("sources")) == 6
+    legacy.write_bytes(shards.dumps(record))
+    before, old_manifest = _files(out), (out / "manifest.json").read_bytes()
+
+    for i in range(14):
+        (raw / f"class{i % 3}" / f"new{i:02d}.png").write_bytes(
+            images.encode(images.noise(40, 32, 100 + i), "PNG")
+        )
+    (raw / "aardvark").mkdir()
+    (raw / "aardvark" / "a.png").write_bytes(png)  # a class the model does not know
+    (raw / "class1" / "corrupt.jpg").write_bytes(b"not a jpeg\n" * 20)
+    (raw / "stray.png").write_bytes(png)  # would switch class folders off, decided afresh
+    (raw / "class0" / nfd).write_bytes(png)  # the key of an input the dataset holds
+    new_inputs = {str(p) for p in raw.rglob("*") if p.is_file()} - old_inputs
+    second = preprocess(cfg, progress=False, append=True)
+    m, old = second.manifest, first.manifest
+
+    assert not second.already_complete and second.added_inputs == len(new_inputs) == 18
+    after = _files(out)
+    for path, state in before.items():
+        if path not in ("manifest.json", "rejects.jsonl"):
+            assert after[path] == state, path  # not rewritten, not deleted
+    assert (out / "manifests" / "000001.json").read_bytes() == old_manifest
+    previous = {"version": 1, "sha256": hashlib.sha256(old_manifest).hexdigest()}
+    assert m["version"] == 2 and m["previous"] == previous
+    assert m["classes"] == old["classes"] == ["class0", "class1", "class2"]
+    assert m["input"] == old["input"] and m["config"] == old["config"]
+    assert m["shards"][: len(old["shards"])] == old["shards"]
+    added = m["shards"][len(old["shards"]) :]
+    assert second.added_shards == len(added)
+    for split in shards.SPLITS:
+        n_old = sum(e["split"] == split for e in old["shards"])
+        names = [e["name"] for e in added if e["split"] == split]
+        assert names and names == [shards.shard_name(split, n_old + i) for i in range(len(names))]
+
+    c, c0 = m["counts"], old["counts"]
+    new_by_split = {s: sum(e["samples"] for e in added if e["split"] == s) for s in shards.SPLITS}
+    assert c["inputs"] == c0["inputs"] + 18 and c["written"] == c0["written"] + 14
+    assert c["rejected"] == c0["rejected"] + 4 and sum(new_by_split.values()) == 14
+    assert c["written_by_split"] == {s: c0["written_by_split"][s] + new_by_split[s]
+                                     for s in shards.SPLITS}  # fmt: skip
+    new_reasons = collections.Counter(
+        ["unknown_class", "not_an_image", "no_class_folder", "duplicate_key"]
+    )
+    assert c["rejected_by_reason"] == dict(
+        sorted((collections.Counter(c0["rejected_by_reason"]) + new_reasons).items())
+    )
+
+    # Every input is accounted for once: written (with its folder's old label) or rejected.
+    written = dataset.by_source(dataset.read_with_webdataset(str(out)))
+    rejected = {r["uri"]: r for r in dataset.rejects(str(out))}
+    assert len(rejected) == c["rejected"] and not set(written) & set(rejected)
+    assert set(written) | set(rejected) == old_inputs | new_inputs and len(written) == c["written"]
+    for source, s in written.items():
+        assert s["cls"] == m["classes"].index(Path(source).parent.name)
+    assert rejected[str(raw / "aardvark" / "a.png")]["reason"] == "unknown_class"
+    assert "aardvark" in rejected[str(raw / "aardvark" / "a.png")]["detail"]
+    assert rejected[str(raw / "class1" / "corrupt.jpg")]["reason"] == "not_an_image"
+    assert rejected[str(raw / "stray.png")]["reason"] == "no_class_folder"
+    duplicate = rejected[str(raw / "class0" / nfd)]
+    assert duplicate["reason"] == "duplicate_key" and str(raw / "class0" / nfc) in written
+    assert [r["uri"] for r in dataset.rejects(str(out))] == sorted(rejected)
+
+    # The new shards hold exactly the new inputs (but those rejected as a whole),
+    # and their records say so.
+    as_a_whole = {
+        str(raw / "aardvark" / "a.png"),
+        str(raw / "stray.png"),
+        str(raw / "class0" / nfd),
+    }
+    in_shards = new_inputs - as_a_whole
+    assert _shard_inputs(out, [e["name"] for e in added]) == in_shards
+    sources = [json.loads((out / "_records" / f"{e['name']}.json").read_text())["sources"]
+               for e in added]  # fmt: skip
+    assert sorted(u for s in sources for u in s) == sorted(in_shards)
+    assert second.summary().startswith(
+        f"appended 18 new inputs in {len(added)} shards to version 2"
+    )
+
+    # Nothing new: nothing written, replaced or deleted.
+    state = _files(out)
+    third = preprocess(cfg, progress=False, append=True)
+    assert third.already_complete and third.manifest == m and third.added_inputs == 0
+    assert preprocess(cfg, progress=False).already_complete
+    assert _files(out) == state
+
+
+def test_interrupted_append_resumes_to_the_same_manifest(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    images.mixed_folder(raw, 24, classes=2, seed=12)
+    cfg = PreprocessConfig(input=str(raw), output=str(out), resolution=24, samples_per_shard=4,
+                           validation_fraction=0.25)  # fmt: skip
+    first = preprocess(cfg, progress=False)
+    v1 = {p: (out / p).read_bytes() for p in ("manifest.json", "rejects.jsonl")}
+    for i in range(16):
+        (raw / f"class{i % 2}" / f"new{i:02d}.png").write_bytes(
+            images.encode(images.noise(32, 32, 200 + i), "PNG")
+        )
+    (raw / "class0" / "corrupt.png").write_bytes(b"\x89PNG broken")  # rejected in a new shard
+    (raw / "zebra").mkdir()
+    (raw / "zebra" / "z.png").write_bytes(images.encode(images.noise(32, 32, 1), "PNG"))
+    uninterrupted = preprocess(cfg, progress=False, append=True)
+    done = {p: v[1] for p, v in _files(out).items()}
+    new = [e["name"] for e in uninterrupted.manifest["shards"][len(first.manifest["shards"]) :]]
+    assert len(new) >= 4
+
+    # Killed while building: the base still committed, one new shard written but
+    # not yet its record, one not written at all, the others finished.
+    for name, data in v1.items():
+        (out / name).write_bytes(data)
+    shutil.rmtree(out / "manifests")
+    (out / "_records" / f"{new[0]}.json").unlink()
+    (out / new[1]).unlink()
+    (out / "_records" / f"{new[1]}.json").unlink()
+    finished = {p: s for p, s in _files(out).items() if any(n in p for n in new[2:])}
+    resumed = preprocess(cfg, progress=False, append=True)
+    assert resumed.reused_shards == len(new) - 2
+    assert {p: v[1] for p, v in _files(out).items()} == done
+    assert all(_files(out)[p] == s for p, s in finished.items())  # reused, not rebuilt
+
+    # Killed between writing the new rejects.jsonl and the new manifest.json.
+    (out / "manifest.json").write_bytes(v1["manifest.json"])
+    again = preprocess(cfg, progress=False, append=True)
+    assert again.reused_shards == len(new) and not again.already_complete
+    assert {p: v[1] for p, v in _files(out).items()} == done
+    assert again.manifest == uninterrupted.manifest
+
+
+def test_append_to_a_webdataset_dataset_in_s3_keeps_its_label_space(tmp_path, s3):
+    import webdataset as wds
+
+    tars, out = s3.prefix("tars"), s3.prefix("out")
+
+    def upload(name: str, labels: list[int | None]) -> None:
+        path = tmp_path / name
+        with wds.TarWriter(str(path)) as sink:
+            for i, label in enumerate(labels):
+                sample = {"__key__": f"s{i}", "png": png(i, label)}
+                if label is not None:
+                    sample["cls"] = str(label).encode()
+                sink.write(sample)
+        storage.write_bytes(storage.join(tars, name), path.read_bytes())
+
+    def png(i: int, label: int | None) -> bytes:
+        return images.encode(Image.new("RGB", (32, 32), (40 * i, 60 * (label or 0), 9)), "PNG")
+
+    upload("a.tar", [0, 1, 0, 1])
+    cfg = PreprocessConfig(input=tars, output=out, resolution=16, samples_per_shard=3)
+    first = preprocess(cfg, progress=False)
+    assert first.manifest["classes"] == ["0", "1"]
+    before, old_manifest = _listing(out), storage.read_bytes(storage.join(out, "manifest.json"))
+
+    upload("b.tar", [1, 2, None, 0])  # label 2 is not in the dataset's label space
+    second = preprocess(cfg, progress=False, append=True)
+    m = second.manifest
+    assert m["version"] == 2 and m["classes"] == ["0", "1"]
+    assert m["counts"]["inputs"] == 8 and m["counts"]["written"] == 7
+    assert m["counts"]["rejected_by_reason"] == {"unknown_class": 1}
+    (reject,) = dataset.rejects(out)
+    assert reject["uri"] == f"{tars}/b.tar#s1" and "label 2" in reject["detail"]
+    after = _listing(out)
+    replaced = [k for k, v in before.items() if after[k] != v]  # ETag, time and size
+    assert sorted(k.rpartition("/")[2] for k in replaced) == ["manifest.json", "rejects.jsonl"]
+    assert storage.read_bytes(storage.join(out, "manifests", "000001.json")) == old_manifest
+    written = dataset.read_with_webdataset(out)
+    new_shards = {e["name"] for e in m["shards"][len(first.manifest["shards"]) :]}
+    from_b = {k: s for k, s in written.items() if s["meta"]["source"].startswith(f"{tars}/b.tar")}
+    assert {s["cls"] for s in from_b.values()} == {1, None, 0} and len(from_b) == 3
+    assert {s["shard"] for s in from_b.values()} <= new_shards
+
+    again = preprocess(cfg, progress=False, append=True)
+    assert again.already_complete and again.manifest == m and _listing(out) == after

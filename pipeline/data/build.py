@@ -101,6 +101,9 @@ def _build_shard(plan: ShardPlan, digest: str, cfg: PreprocessConfig) -> dict[st
         "sha256": shards.sha256(tar),
         "rejects": rejects,
         "software": software(),
+        # Every input planned here, written or rejected: what an append reads to
+        # know which inputs the dataset already holds.
+        "sources": [item.source for item in plan.items],
     }
     storage.write_bytes(
         storage.join(cfg.output, shards.RECORDS, f"{plan.name}.json"), shards.dumps(record)

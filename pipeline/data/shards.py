@@ -2,7 +2,9 @@
 
 A dataset is a prefix holding `{split}-{index:06d}.tar` shards, `rejects.jsonl`
 and `manifest.json`. The manifest is written last and is the commit point: a
-prefix without one holds no dataset, whatever else is there. Shards follow
+prefix without one holds no dataset, whatever else is there. A dataset grows by
+versions (`pipeline.data.versions`): each appends shards, and the manifest and
+rejects of every earlier version stay readable under `manifests/`. Shards follow
 webdataset conventions (members `{key}.png`, `{key}.json`, `{key}.cls`, keys
 without dots) and are byte-for-byte reproducible: members carry no times,
 owners or permissions of the machine that wrote them.
@@ -25,6 +27,8 @@ MANIFEST = "manifest.json"
 RECORDS = "_records"
 """Folder of per-shard records: what a finished shard holds, so a re-run can skip it."""
 REJECTS = "rejects.jsonl"
+MANIFESTS = "manifests"
+"""Folder of the manifests (and rejects) of a dataset's earlier versions."""
 FORMAT = "diffusion-pipeline.dataset"
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
@@ -39,6 +43,12 @@ def shard_name(split: str, index: int) -> str:
 
 def is_shard_name(name: str) -> bool:
     return bool(_SHARD_NAME.match(name))
+
+
+def shard_index(name: str) -> int:
+    """The index in a shard's name: 3 for `train-000003.tar`."""
+    assert is_shard_name(name), name
+    return int(name.rpartition("-")[2].removesuffix(".tar"))
 
 
 def dumps(obj: Any) -> bytes:

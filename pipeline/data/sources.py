@@ -83,13 +83,15 @@ def reject(uri: str, reason: str, detail: str = "") -> dict[str, str]:
 
 
 def file_inputs(
-    objects: list[storage.ObjectInfo], labels: str
+    objects: list[storage.ObjectInfo], labels: str, classes: list[str] | None = None
 ) -> tuple[list[InputItem], list[dict], list[str]]:
     """Image files as inputs: (items, rejects, class names).
 
     With class folders (`labels` is `folders`, or `auto` and every file with an
     image extension sits in a folder), the first folder of each path names its
-    class; classes are numbered in sorted order.
+    class; classes are numbered in sorted order. Given `classes` (an append to a
+    dataset, whose label space is fixed), a file in any other folder is rejected
+    as `unknown_class` rather than given a new index.
     """
     images = [o for o in objects if looks_like_image(o.relpath)]
     use_folders = labels == "folders" or (
@@ -97,17 +99,22 @@ def file_inputs(
     )
     if not use_folders:
         return [InputItem(o.uri, o.relpath) for o in objects], [], []
-    classes = sorted({o.relpath.split("/")[0] for o in objects if "/" in o.relpath})
+    if classes is None:
+        classes = sorted({o.relpath.split("/")[0] for o in objects if "/" in o.relpath})
     index = {name: i for i, name in enumerate(classes)}
     items, rejects = [], []
     for o in objects:
-        if "/" not in o.relpath:
+        folder = o.relpath.split("/")[0] if "/" in o.relpath else None
+        if folder is None:
             rejects.append(
                 reject(o.uri, "no_class_folder", "labels=folders needs class sub-folders")
             )
+        elif folder not in index:
+            detail = f"class folder {folder!r} is not one of the dataset's {len(classes)} classes"
+            rejects.append(reject(o.uri, "unknown_class", detail))
         else:
-            items.append(InputItem(o.uri, o.relpath, label=index[o.relpath.split("/")[0]]))
-    return items, rejects, classes
+            items.append(InputItem(o.uri, o.relpath, label=index[folder]))
+    return items, rejects, list(classes)
 
 
 def tar_inputs(
@@ -169,17 +176,41 @@ def tar_classes(items: Iterable[InputItem]) -> list[str]:
     return [] if top is None else [str(i) for i in range(top + 1)]
 
 
-def unique_keys(items: list[InputItem]) -> tuple[list[InputItem], list[dict]]:
+def known_labels(items: list[InputItem], classes: list[str]) -> tuple[list[InputItem], list[dict]]:
+    """Split `.cls`-labelled inputs into those within a fixed class list and rejects
+    (`unknown_class`) for the others; unlabelled inputs pass, as in a build."""
+    kept, rejects = [], []
+    for item in items:
+        if item.label is not None and item.label >= len(classes):
+            detail = f"label {item.label} is outside the dataset's {len(classes)} classes"
+            rejects.append(reject(item.source, "unknown_class", detail))
+        else:
+            kept.append(item)
+    return kept, rejects
+
+
+def unique_keys(
+    items: list[InputItem], taken: Iterable[InputItem] = ()
+) -> tuple[list[InputItem], list[dict]]:
     """Keep one input per key (the first by path); reject the others. Distinct paths
     share a key only when they differ in Unicode normalization alone, or when 64
-    bits of SHA-256 collide."""
-    kept: dict[str, InputItem] = {}
-    rejects = []
-    for item in sorted(items, key=lambda i: (i.relpath, i.source)):
-        first = kept.setdefault(item.key, item)
-        if first is not item:
+    bits of SHA-256 collide. The keys of `taken` (inputs already in the dataset)
+    are never given to an input of `items`."""
+
+    def order(i: InputItem) -> tuple[str, str]:
+        return i.relpath, i.source
+
+    owner = {}
+    for item in sorted(taken, key=order):
+        owner.setdefault(item.key, item)
+    kept, rejects = [], []
+    for item in sorted(items, key=order):
+        first = owner.setdefault(item.key, item)
+        if first is item:
+            kept.append(item)
+        else:
             rejects.append(reject(item.source, "duplicate_key", f"same key as {first.source}"))
-    return list(kept.values()), rejects
+    return kept, rejects
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,14 +232,20 @@ class ShardPlan:
 
 
 def plan_shards(
-    items: list[InputItem], validation_fraction: float, per_shard: int
+    items: list[InputItem],
+    validation_fraction: float,
+    per_shard: int,
+    first_index: dict[str, int] | None = None,
 ) -> list[ShardPlan]:
-    """Inputs of each split in hash order, cut into shards of `per_shard`."""
+    """Inputs of each split in hash order, cut into shards of `per_shard`, numbered
+    from `first_index[split]` (0 by default; an append continues after the last
+    shard of each split)."""
     plans = []
     for split in shards.SPLITS:
         members = sorted(
             (i for i in items if i.split(validation_fraction) == split), key=lambda i: i.digest
         )
-        for index, start in enumerate(range(0, len(members), per_shard)):
-            plans.append(ShardPlan(split, index, tuple(members[start : start + per_shard])))
+        first = (first_index or {}).get(split, 0)
+        for n, start in enumerate(range(0, len(members), per_shard)):
+            plans.append(ShardPlan(split, first + n, tuple(members[start : start + per_shard])))
     return plans
