@@ -24,9 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import cluster, storage, tracking
+from pipeline import cluster, registry, storage, tracking
 from pipeline.config import ConfigError, SampleConfig, to_dict
-from pipeline.config.sample import is_registry_ref
 from pipeline.data import shards
 
 log = logging.getLogger(__name__)
@@ -35,17 +34,6 @@ FORMAT = "diffusion-pipeline.samples"
 JOB = "_job.json"
 """Written before the first shard: the job's identity, so that a re-run with
 other settings is refused instead of mixing two jobs' shards."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Model:
-    """The weights to sample from and where they came from."""
-
-    card: dict[str, Any]
-    """preset, model overrides, resolution, classes (as `tasks.train` registers them)."""
-    weights: bytes
-    lineage: dict[str, Any]
-    """name, version, run_id, source, digest (sha256 of the weights)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +51,19 @@ class SampleResult:
 
 
 def sample(cfg: SampleConfig) -> SampleResult:
-    """Generate the images `cfg` describes; see the module doc."""
-    model = load_model(cfg)
+    """Generate the images `cfg` describes; see the module doc. A finished job run
+    again writes nothing, to the output or to MLflow."""
+    model = registry.load_model(cfg.model, cfg.tracking_uri, "sample.model")
     job = _job(cfg, model)
     names = [shards.shard_name("train", i) for i in range(_shard_count(cfg))]
     manifest_uri = storage.join(cfg.output, shards.MANIFEST)
     done = _check_output(cfg, job)
+    missing = [i for i, name in enumerate(names) if name not in done]
+    found = tracking.find_run(cfg.tracking_uri, cfg.experiment, _run_name(cfg))
+    if not missing and found and found[1] == "FINISHED":
+        if _read_or_none(manifest_uri) == _manifest(cfg, model, job, names, done):
+            return SampleResult(0, len(names), cfg.images, manifest_uri, found[0])
+
     run_id = tracking.find_or_create_run(cfg.tracking_uri, cfg.experiment, _run_name(cfg))
     tracking.set_running(cfg.tracking_uri, run_id)
     tracking.log_params(cfg.tracking_uri, run_id, tracking.flatten(to_dict(cfg)))
@@ -76,23 +71,12 @@ def sample(cfg: SampleConfig) -> SampleResult:
         "model_name": model.lineage["name"], "model_version": model.lineage["version"],
         "model_digest": model.lineage["digest"], "output": cfg.output,
     })  # fmt: skip
-
-    missing = [i for i, name in enumerate(names) if name not in done]
     if missing and not storage.exists(storage.join(cfg.output, JOB)):
         storage.write_bytes(storage.join(cfg.output, JOB), shards.dumps(job))
     if missing:
         done.update(_generate(cfg, model, job, missing))
-    manifest = {"format": FORMAT, "format_version": 1, "job": job, "output": cfg.output,
-                "resolution": model.card["resolution"], "classes": model.card.get("classes"),
-                "counts": {"images": cfg.images, "shards": len(names),
-                           "written_by_split": {"train": cfg.images}},
-                "shards": [done[name] for name in names]}  # fmt: skip
-    data = shards.dumps(manifest)
-    try:
-        unchanged = storage.read_bytes(manifest_uri) == data
-    except storage.NotFound:
-        unchanged = False
-    if not unchanged:
+    data = _manifest(cfg, model, job, names, done)
+    if _read_or_none(manifest_uri) != data:
         storage.write_bytes(manifest_uri, data)
     tracking.log_metrics(cfg.tracking_uri, run_id,
                          {"images": cfg.images, "shards": len(names)}, step=0)  # fmt: skip
@@ -100,43 +84,25 @@ def sample(cfg: SampleConfig) -> SampleResult:
     return SampleResult(len(missing), len(names), cfg.images, manifest_uri, run_id)
 
 
-def load_model(cfg: SampleConfig) -> Model:
-    """The model `cfg.model` names, from the registry or a checkpoint; a config error
-    naming what is missing."""
-    if is_registry_ref(cfg.model):
-        name, sep, rest = cfg.model.partition("@")
-        if not sep:
-            name, _, rest = cfg.model.rpartition("/")
-        try:
-            version, run_id, files = tracking.load_registered(
-                cfg.tracking_uri, name, version=None if sep else int(rest),
-                alias=rest if sep else None,
-            )  # fmt: skip
-        except tracking.NotRegistered as e:
-            raise ConfigError(f"sample.model: {e}") from None
-        if "model.safetensors" not in files or "model.json" not in files:
-            raise ConfigError(f"sample.model: {cfg.model} has no model.safetensors/model.json")
-        card, weights = json.loads(files["model.json"]), files["model.safetensors"]
-        lineage = {"name": name, "version": version, "run_id": run_id}
-    else:
-        from pipeline import checkpoint
-        from pipeline.model import PRESETS
-
-        try:
-            state = json.loads(storage.read_bytes(storage.join(cfg.model, checkpoint.STATE)))
-            weights = storage.read_bytes(storage.join(cfg.model, checkpoint.EMA_WEIGHTS))
-        except storage.StorageError as e:
-            raise ConfigError(f"sample.model: no checkpoint at {cfg.model} ({e})") from None
-        preset = state["config"]["preset"]
-        card = {"preset": preset, "model": state["model"],
-                "resolution": PRESETS[preset]().resolution, "classes": None}  # fmt: skip
-        lineage = {"name": None, "version": None, "run_id": state.get("run_id"),
-                   "checkpoint": cfg.model}  # fmt: skip
-    lineage["digest"] = hashlib.sha256(weights).hexdigest()
-    return Model(card, weights, lineage)
+def _manifest(cfg: SampleConfig, model: registry.Model, job: dict, names: list[str],
+              done: dict[str, dict]) -> bytes:  # fmt: skip
+    return shards.dumps({
+        "format": FORMAT, "format_version": 1, "job": job, "output": cfg.output,
+        "resolution": model.card["resolution"], "classes": model.card.get("classes"),
+        "counts": {"images": cfg.images, "shards": len(names),
+                   "written_by_split": {"train": cfg.images}},
+        "shards": [done[name] for name in names],
+    })  # fmt: skip
 
 
-def _job(cfg: SampleConfig, model: Model) -> dict[str, Any]:
+def _read_or_none(uri: str) -> bytes | None:
+    try:
+        return storage.read_bytes(uri)
+    except storage.NotFound:
+        return None
+
+
+def _job(cfg: SampleConfig, model: registry.Model) -> dict[str, Any]:
     """What decides the pixels: a re-run must match it to continue a job."""
     classes = model.card["model"].get("num_classes", 0)
     if cfg.labels == "uniform":
@@ -197,7 +163,9 @@ def _check_output(cfg: SampleConfig, job: dict) -> dict[str, dict]:
     return done
 
 
-def _generate(cfg: SampleConfig, model: Model, job: dict, missing: list[int]) -> dict[str, dict]:
+def _generate(
+    cfg: SampleConfig, model: registry.Model, job: dict, missing: list[int]
+) -> dict[str, dict]:
     """Generate the `missing` shards over an actor pool; their records by name."""
     import ray
     from ray.data import ActorPoolStrategy

@@ -34,24 +34,34 @@ def find_or_create_run(
     tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None
 ) -> str:
     """The id of the run called `run_name` in `experiment`, created if there is none."""
+    found = find_run(tracking_uri, experiment, run_name)
+    if found is not None:
+        return found[0]
     c = client(tracking_uri)
-    found = c.get_experiment_by_name(experiment)
+    existing = c.get_experiment_by_name(experiment)
     experiment_id = (
-        found.experiment_id
-        if found
+        existing.experiment_id
+        if existing
         else c.create_experiment(
             experiment, artifact_location=_local_artifacts(tracking_uri, experiment)
         )
     )
+    return c.create_run(experiment_id, run_name=run_name, tags=dict(tags or {})).info.run_id
+
+
+def find_run(tracking_uri: str, experiment: str, run_name: str) -> tuple[str, str] | None:
+    """(run id, status) of the latest run called `run_name` in `experiment`, if any."""
+    c = client(tracking_uri)
+    found = c.get_experiment_by_name(experiment)
+    if found is None:
+        return None
     runs = c.search_runs(
-        [experiment_id],
+        [found.experiment_id],
         filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
         max_results=1,
         order_by=["attributes.start_time DESC"],
     )
-    if runs:
-        return runs[0].info.run_id
-    return c.create_run(experiment_id, run_name=run_name, tags=dict(tags or {})).info.run_id
+    return (runs[0].info.run_id, runs[0].info.status) if runs else None
 
 
 def _local_artifacts(tracking_uri: str, experiment: str) -> str | None:
@@ -171,6 +181,49 @@ def register_model(
     source = f"{c.get_run(run_id).info.artifact_uri}/model"
     version = c.create_model_version(name, source, run_id=run_id, tags=dict(tags))
     return int(version.version)
+
+
+def model_version(
+    tracking_uri: str, name: str, version: int | None = None, alias: str | None = None
+) -> dict[str, Any] | None:
+    """{version, run_id, tags, aliases} of a version (by number, alias, or the latest
+    when neither is given); None when there is no such version."""
+    c = client(tracking_uri)
+    try:
+        if alias is not None:
+            found = c.get_model_version_by_alias(name, alias)
+        elif version is not None:
+            found = c.get_model_version(name, str(version))
+        else:
+            versions = c.search_model_versions(f"name = '{name}'")
+            if not versions:
+                return None
+            found = max(versions, key=lambda v: int(v.version))
+    except mlflow.exceptions.MlflowException:
+        return None
+    return {"version": int(found.version), "run_id": found.run_id, "tags": dict(found.tags),
+            "aliases": list(found.aliases)}  # fmt: skip
+
+
+def run_model_version(tracking_uri: str, name: str, run_id: str) -> int | None:
+    """The latest version of model `name` registered from run `run_id`, if any."""
+    found = client(tracking_uri).search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return max((int(v.version) for v in found), default=None)
+
+
+def run_params(tracking_uri: str, run_id: str) -> dict[str, str]:
+    return dict(client(tracking_uri).get_run(run_id).data.params)
+
+
+def set_version_tags(tracking_uri: str, name: str, version: int, tags: Mapping[str, Any]) -> None:
+    c = client(tracking_uri)
+    for key, value in tags.items():
+        c.set_model_version_tag(name, str(version), key, str(value))
+
+
+def set_alias(tracking_uri: str, name: str, alias: str, version: int) -> None:
+    """Point `alias` of model `name` at `version` (moving it from any other)."""
+    client(tracking_uri).set_registered_model_alias(name, alias, str(version))
 
 
 class SystemMetrics:

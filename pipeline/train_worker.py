@@ -21,6 +21,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from safetensors.torch import load as load_weights
 
 from pipeline import checkpoint, storage, tracking
 from pipeline.config import TrainConfig, from_dict
@@ -39,13 +40,16 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     # The same network on every worker, then the latest checkpoint over it.
+    # A warm start begins from another model's weights, its average too.
     torch.manual_seed(cfg.seed)
     net = build(cfg.preset, **plan["model"]).to(device)
+    restored = ray.train.get_checkpoint()
+    if restored is None and config.get("init_weights") is not None:
+        net.load_state_dict(load_weights(ray.get(config["init_weights"])))
     denoiser = Precond(net)
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     ema = EMA(denoiser, cfg.ema_halflife_images, cfg.ema_rampup_ratio) if rank == 0 else None
     images_seen = 0
-    restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
             state = checkpoint.load(Path(folder), net, ema and ema.module.net, optimizer)

@@ -54,8 +54,9 @@ class TrainResult:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train (or finish training) the run `cfg` describes; see the module doc."""
-    manifest, digest = _load_dataset(cfg)
+    manifest, digest = load_dataset(cfg.dataset, "train.dataset")
     plan = _plan(cfg, manifest, digest)
+    init = _init_model(cfg, plan)
     _check_storage(cfg)
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -66,6 +67,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     # MLflow first: a resumed run whose settings changed is refused before Ray starts.
     plan["run_id"] = tracking.find_or_create_run(cfg.tracking_uri, cfg.experiment, cfg.run_name)
     _log_inputs(cfg, plan)
+    if init is not None:
+        tags = {"init_from.model": init.describe(), "init_from.digest": init.lineage["digest"]}
+        tracking.set_tags(cfg.tracking_uri, plan["run_id"], tags)
     tracking.set_running(cfg.tracking_uri, plan["run_id"])
 
     cluster.connect()
@@ -86,7 +90,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         data = training_data(cfg.dataset, manifest, plan["num_classes"] > 0, cfg.hflip, passes)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": to_dict(cfg), "plan": plan},
+        train_loop_config={"train": to_dict(cfg), "plan": plan,
+                           "init_weights": ray.put(init.weights) if init else None},
         scaling_config=ScalingConfig(
             num_workers=cfg.workers, use_gpu=use_gpu, placement_strategy=cfg.placement,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
@@ -126,25 +131,44 @@ def train(cfg: TrainConfig) -> TrainResult:
                        cfg.model_name or cfg.run_name, version)  # fmt: skip
 
 
-def _load_dataset(cfg: TrainConfig) -> tuple[dict, str]:
-    """The committed manifest of `cfg.dataset` and its digest; a config error if none."""
-    uri = storage.join(cfg.dataset, shards.MANIFEST)
+def load_dataset(prefix: str, field: str) -> tuple[dict, str]:
+    """The committed manifest of the dataset at `prefix` and its digest (sha256 of
+    its bytes); a config error naming `field` (say `train.dataset`) if there is none."""
+    uri = storage.join(prefix, shards.MANIFEST)
     try:
         data = storage.read_bytes(uri)
     except storage.NotFound:
         raise ConfigError(
-            f"train.dataset: no committed dataset at {cfg.dataset} "
+            f"{field}: no committed dataset at {prefix} "
             f"({shards.MANIFEST} is missing: run tasks.preprocess)"
         ) from None
     except storage.StorageError as e:
-        raise ConfigError(f"train.dataset: cannot read {e}") from None
+        raise ConfigError(f"{field}: cannot read {e}") from None
     try:
         manifest = json.loads(data)
     except ValueError:
-        raise ConfigError(f"train.dataset: {uri} is not valid JSON") from None
+        raise ConfigError(f"{field}: {uri} is not valid JSON") from None
     if manifest.get("format") != shards.FORMAT:
-        raise ConfigError(f"train.dataset: {uri} is not a manifest written by tasks.preprocess")
+        raise ConfigError(f"{field}: {uri} is not a manifest written by tasks.preprocess")
     return manifest, hashlib.sha256(data).hexdigest()
+
+
+def _init_model(cfg: TrainConfig, plan: dict):
+    """The model a warm start begins from (None without one); it must have the
+    shape this run trains."""
+    if not cfg.init_from:
+        return None
+    from pipeline import registry
+
+    init = registry.load_model(cfg.init_from, cfg.tracking_uri, "train.init_from")
+    have = (init.card["preset"], init.card["model"].get("num_classes", 0))
+    want = (cfg.preset, plan["num_classes"])
+    if have != want:
+        raise ConfigError(
+            f"train.init_from: {init.describe()} is a {have[0]} model with {have[1]} classes; "
+            f"this run trains {want[0]} with {want[1]} classes, got {cfg.init_from!r}"
+        )
+    return init
 
 
 def _check_storage(cfg: TrainConfig) -> None:

@@ -86,6 +86,10 @@ class TrainConfig(Checked):
     """MLflow experiment of the run."""
     model_name: str = ""
     """Registered model that receives the final EMA weights; default: run_name."""
+    init_from: str = ""
+    """Warm start: begin from this model's weights (`name@alias`, `name/version` or a
+    checkpoint folder; its EMA weights) instead of random ones. The optimizer, the
+    schedules and the images seen start from zero; a resumed run ignores it."""
 
     def __post_init__(self) -> None:
         self.locate("dataset")
