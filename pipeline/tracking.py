@@ -186,7 +186,7 @@ def register_model(
 def model_version(
     tracking_uri: str, name: str, version: int | None = None, alias: str | None = None
 ) -> dict[str, Any] | None:
-    """{version, run_id, tags, aliases} of a version (by number, alias, or the latest
+    """{version, run_id, tags} of a version (by number, alias, or the latest
     when neither is given); None when there is no such version."""
     c = client(tracking_uri)
     try:
@@ -201,8 +201,7 @@ def model_version(
             found = max(versions, key=lambda v: int(v.version))
     except mlflow.exceptions.MlflowException:
         return None
-    return {"version": int(found.version), "run_id": found.run_id, "tags": dict(found.tags),
-            "aliases": list(found.aliases)}  # fmt: skip
+    return {"version": int(found.version), "run_id": found.run_id, "tags": dict(found.tags)}
 
 
 def run_model_version(tracking_uri: str, name: str, run_id: str) -> int | None:

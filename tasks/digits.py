@@ -12,8 +12,8 @@ from tasks.cli import run_task
 def main(cfg: DigitsConfig) -> None:
     from pipeline.data.digits import write_digits
 
-    count = write_digits(cfg.output)
-    print(f"digits: wrote {count} PNGs under {cfg.output}/<label>/")
+    count = write_digits(cfg.output, cfg.first, cfg.count or None)
+    print(f"digits: {count} PNGs (from index {cfg.first}) under {cfg.output}/<label>/")
 
 
 if __name__ == "__main__":

@@ -1,73 +1,49 @@
-"""The pipeline end to end on embedded defaults: a local Ray, a local folder as
-the object store. Today: write the example digits, preprocess them, train a
-small model on them (tracked in a local MLflow database).
+"""The nightly pipeline end to end on embedded defaults: a local Ray, a local
+folder as the object store, an sqlite MLflow. It writes the example digits as the
+night's raw images, then runs `tasks.nightly`: preprocess, train, evaluate
+(Heun against the 1000-step stochastic sampler), promote, generate 1,000 images.
 
     python -m tasks.quickstart [--workdir quickstart]
 
-Running it again reuses what is done: the shards, and the finished training run.
+Running it again changes nothing; `--night` with a new date retrains from the champion.
 """
 
 import sys
 
 from pipeline import storage
-from pipeline.config import PreprocessConfig, QuickstartConfig, TrainConfig
+from pipeline.config import NightlyConfig, QuickstartConfig
 from pipeline.config.data import QUICKSTART_PRESETS
 from tasks.cli import run_task
 
 
 def main(cfg: QuickstartConfig) -> None:
     from pipeline.data.digits import write_digits
-    from pipeline.preprocess import preprocess
-    from pipeline.training import train
+    from pipeline.nightly import nightly
 
     raw = storage.join(cfg.workdir, "raw", "digits")
-    print(f"quickstart: wrote {write_digits(raw)} example digits under {raw}")
-    dataset = storage.join(cfg.workdir, "datasets", f"digits-{cfg.resolution}")
-    result = preprocess(
-        PreprocessConfig(
-            input=raw,
-            output=dataset,
-            resolution=cfg.resolution,
-            small_images="upscale",
-            validation_fraction=0.1,
-        )
-    )
-    print(f"quickstart: {result.summary()}")
-    print(f"quickstart: shards in {dataset}/, manifest at {result.manifest_uri}")
-
+    print(f"quickstart: {write_digits(raw)} example digits under {raw}")
     tracking_uri = cfg.tracking_uri
     if not tracking_uri and not storage.is_s3(cfg.workdir):
         tracking_uri = f"sqlite:///{storage.join(cfg.workdir, 'mlflow.db')}"
-    preset = QUICKSTART_PRESETS[cfg.resolution]
-    trained = train(
-        TrainConfig(
-            dataset=dataset,
-            run_name=f"quickstart-digits-{cfg.resolution}",
-            storage=storage.join(cfg.workdir, "runs"),
-            preset=preset,
-            images=cfg.images,
-            batch_size=64,
-            workers=cfg.workers,
-            lr=2e-3,
-            lr_rampup_images=1_000,
-            ema_halflife_images=2_000,
-            checkpoint_every_images=cfg.images // 4,
-            log_every_images=640,
-            sample_every_images=cfg.images // 2,
-            tracking_uri=tracking_uri,
-            experiment="quickstart",
-        )
-    )
-    print(
-        f"quickstart: trained {preset} on {trained.images_seen} images, loss "
-        f"{trained.loss:.3f}; checkpoint {trained.checkpoint}; registered "
-        f"{trained.model_name} version {trained.model_version}"
-    )
-    tracking = TrainConfig(dataset=dataset, tracking_uri=tracking_uri).tracking_uri
-    if tracking.startswith("sqlite:"):
-        print(f"quickstart: see the run in MLflow: mlflow ui --backend-store-uri {tracking}")
+    night = NightlyConfig(
+        raw=raw, dataset=storage.join(cfg.workdir, "datasets", f"digits-{cfg.resolution}"),
+        storage=storage.join(cfg.workdir, "runs"),
+        evaluations=storage.join(cfg.workdir, "evaluations"),
+        samples=storage.join(cfg.workdir, "samples"), model_name=f"digits-{cfg.resolution}",
+        night=cfg.night, resolution=cfg.resolution, preset=QUICKSTART_PRESETS[cfg.resolution],
+        images=cfg.images, workers=cfg.workers, eval_images=cfg.eval_images,
+        eval_compare=cfg.compare, sample_images=cfg.sample_images, tracking_uri=tracking_uri,
+    )  # fmt: skip
+    result = nightly(night, say=lambda line: print(f"quickstart: {line}", flush=True))
+    print(f"quickstart: the dataset (version {result.dataset_version}) is in {night.dataset}/, "
+          f"checkpoints in {night.storage}/, evaluations in {night.evaluations}/")  # fmt: skip
+    if result.samples:
+        print(f"quickstart: {cfg.sample_images} generated digits: {result.samples}")
+    if night.tracking_uri.startswith("sqlite:"):
+        print(f"quickstart: see the runs in MLflow: mlflow ui --backend-store-uri "
+              f"{night.tracking_uri}")  # fmt: skip
     else:
-        print(f"quickstart: see the run in MLflow at {tracking} (experiment quickstart)")
+        print(f"quickstart: see the runs in MLflow at {night.tracking_uri} (experiment nightly)")
 
 
 if __name__ == "__main__":

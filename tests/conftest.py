@@ -83,16 +83,23 @@ def mlflow_server(s3, session_dir) -> str:
         yield uri
 
 
+_DASHBOARD: dict[str, str] = {}
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3, session_dir) -> str:
     """A one-node local Ray cluster (2 CPUs) that this process is connected to.
     RAY_ADDRESS points at it, so task subprocesses join it too. It starts after
-    the S3 server so that its workers inherit the S3 settings."""
+    the S3 server so that its workers inherit the S3 settings. Its dashboard (the
+    Jobs API: `ray_dashboard`) runs as on real clusters, where Ray Train queries it."""
     import ray
 
     workdir = session_dir / "ray"
     workdir.mkdir()
-    with services.ray_head(workdir) as address:
+    port = services.free_port()
+    _DASHBOARD["url"] = f"http://127.0.0.1:{port}"
+    head = services.ray_head(workdir, dashboard=True, dashboard_port=port)
+    with head as address:
         os.environ["RAY_ADDRESS"] = address
         ray.init(address=address)
         try:
@@ -100,3 +107,9 @@ def ray_cluster(s3, session_dir) -> str:
         finally:
             ray.shutdown()
             os.environ.pop("RAY_ADDRESS", None)
+
+
+@pytest.fixture(scope="session")
+def ray_dashboard(ray_cluster) -> str:
+    """The session cluster's dashboard, where `ray job submit` sends jobs."""
+    return _DASHBOARD["url"]

@@ -171,9 +171,14 @@ def mlflow_server(workdir: Path, artifacts: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def ray_head(
-    workdir: Path, num_cpus: int = 2, env: dict[str, str] | None = None, dashboard: bool = False
+    workdir: Path,
+    num_cpus: int = 2,
+    env: dict[str, str] | None = None,
+    dashboard: bool = False,
+    dashboard_port: int | None = None,
 ) -> Iterator[str]:
-    """A Ray head node (`ray start --head --block`); yields its address."""
+    """A Ray head node (`ray start --head --block`); yields its address. With the
+    dashboard on `dashboard_port`, jobs can be submitted at http://127.0.0.1:PORT."""
     port = free_port()
     log = workdir / "ray-head.log"
     cmd = [
@@ -186,7 +191,7 @@ def ray_head(
         f"--num-cpus={num_cpus}",
         "--num-gpus=0",
         f"--include-dashboard={str(dashboard).lower()}",
-        f"--dashboard-port={free_port()}",
+        f"--dashboard-port={dashboard_port or free_port()}",
         "--disable-usage-stats",
     ]
     address = f"127.0.0.1:{port}"

@@ -240,28 +240,39 @@ def test_digits_are_written_by_class_with_their_pixels(tmp_path):
 
 def test_quickstart_on_embedded_defaults(tmp_path):
     env = {k: v for k, v in private_ray_env().items() if not k.startswith("AWS_")}
-    result = run_task("tasks.quickstart", "--workdir", str(tmp_path / "qs"), env=env)
+    small = ["--images", "1280", "--eval_images", "64", "--compare", "euler_ancestral:20",
+             "--sample_images", "32", "--night", "2026-11-26"]  # fmt: skip
+    result = run_task("tasks.quickstart", "--workdir", str(tmp_path / "qs"), *small, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Started a local Ray instance" in result.stderr  # not the test session's cluster
-    manifest_uri = str(tmp_path / "qs" / "datasets" / "digits-8" / "manifest.json")
-    assert f"manifest at {manifest_uri}" in result.stdout
+    qs = tmp_path / "qs"
+    manifest_uri = str(qs / "datasets" / "digits-8" / "manifest.json")
+    assert f"manifest: {manifest_uri}" in result.stdout
     with open(manifest_uri) as f:
         manifest = json.load(f)
-    assert manifest["counts"]["written"] == 1797
+    assert manifest["counts"]["written"] == 1797 and manifest["version"] == 1
     assert manifest["classes"] == [str(d) for d in range(10)]
-    # Then trains the tiny model on them, tracked in an sqlite MLflow in the workdir.
-    qs = tmp_path / "qs"
-    assert "quickstart: trained tiny on 12800 images" in result.stdout
+    # The whole night: trained, evaluated with both samplers, promoted, generated.
+    assert "train: digits-8-2026-11-26 (from scratch), 1280 images" in result.stdout
+    assert re.search(r"evaluate: digits-8/1: heun 18 steps \(35 network evaluations\): "
+                     r"pixel Frechet distance [\d.]+ over 64 images", result.stdout)  # fmt: skip
+    evaluated = "evaluate: digits-8/1: euler_ancestral 20 steps (20 network evaluations)"
+    assert evaluated in result.stdout
+    assert "digits-8 version 1 is the first champion" in result.stdout
+    samples = json.loads((qs / "samples/2026-11-26/manifest.json").read_text())
+    assert samples["counts"]["images"] == 32 and samples["job"]["model"]["version"] == 1
     ui = f"mlflow ui --backend-store-uri sqlite:///{qs}/mlflow.db"
     assert result.stdout.rstrip().endswith(ui)
-    assert (qs / "runs/quickstart-digits-8/checkpoint-000000012800/ema.safetensors").is_file()
+    assert (qs / "runs/digits-8-2026-11-26/checkpoint-000000001280/ema.safetensors").is_file()
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{qs}/mlflow.db")
-    [run] = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    [run] = client.search_runs([client.get_experiment_by_name("nightly").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["preset"] == "tiny"
-    loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
-    assert loss[12800] < 0.6 * loss[640]  # it learns
-    [version] = client.search_model_versions("name = 'quickstart-digits-8'")
+    loss = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert len(loss) == 20 and sum(loss[-3:]) < 0.8 * sum(loss[:3])  # it learns
+    [version] = client.search_model_versions("name = 'digits-8'")
     assert version.run_id == run.info.run_id
-    assert list((qs / "mlartifacts").rglob("samples*.png"))  # artifacts beside the database
+    assert int(client.get_model_version_by_alias("digits-8", "champion").version) == 1
+    assert "eval.key" in version.tags
+    assert list((qs / "evaluations").glob("digits-8-v1-*.json"))

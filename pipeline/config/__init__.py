@@ -12,6 +12,8 @@ from pipeline.config.core import (
     to_dict,
 )
 from pipeline.config.data import DigitsConfig, PreprocessConfig, QuickstartConfig
+from pipeline.config.evaluate import EvaluateConfig, PromoteConfig
+from pipeline.config.nightly import NightlyConfig
 from pipeline.config.sample import SampleConfig
 from pipeline.config.train import TrainConfig
 
@@ -19,7 +21,10 @@ __all__ = [
     "Checked",
     "ConfigError",
     "DigitsConfig",
+    "EvaluateConfig",
+    "NightlyConfig",
     "PreprocessConfig",
+    "PromoteConfig",
     "QuickstartConfig",
     "SampleConfig",
     "TrainConfig",

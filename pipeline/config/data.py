@@ -77,9 +77,15 @@ class DigitsConfig(Checked):
 
     output: str = "quickstart/raw/digits"
     """Folder or `s3://` prefix to write `{label}/{index:04d}.png` into."""
+    first: int = 0
+    """Index of the first digit written (of 1,797)."""
+    count: int = 0
+    """How many digits to write; 0: all from `first` on."""
 
     def __post_init__(self) -> None:
         self.locate("output")
+        self.check(0 <= self.first < 1797, "first", "must be in 0..1796")
+        self.check(self.count >= 0, "count", "must be >= 0")
 
 
 QUICKSTART_PRESETS = {8: "tiny", 32: "small", 64: "base"}
@@ -87,7 +93,7 @@ QUICKSTART_PRESETS = {8: "tiny", 32: "small", 64: "base"}
 
 @dataclasses.dataclass(frozen=True)
 class QuickstartConfig(Checked):
-    """The whole pipeline on embedded defaults, on the digits."""
+    """The nightly pipeline end to end on embedded defaults, on the digits."""
 
     SECTION: ClassVar[str] = "quickstart"
 
@@ -100,6 +106,15 @@ class QuickstartConfig(Checked):
     """Images the small model trains on (about 8 passes over the digits)."""
     workers: int = 1
     """Ray Train workers."""
+    eval_images: int = 500
+    """Images generated from fixed seeds to score the model."""
+    compare: tuple[str, ...] = ("euler_ancestral:1000",)
+    """Samplers scored beside Heun (18 steps, 35 network evaluations): by default
+    the 1000-step stochastic sampler, the slow reference."""
+    sample_images: int = 1000
+    """Images the champion generates at the end."""
+    night: str = ""
+    """The night's label (YYYY-MM-DD); default: today (UTC)."""
     tracking_uri: str = ""
     """MLflow tracking URI; default: an sqlite file in workdir (or $MLFLOW_TRACKING_URI
     when workdir is in S3)."""
@@ -113,3 +128,5 @@ class QuickstartConfig(Checked):
         )
         self.check(self.images > 0, "images", "must be a positive integer")
         self.check(self.workers > 0, "workers", "must be a positive integer")
+        self.check(self.eval_images > 1, "eval_images", "must be an integer above 1")
+        self.check(self.sample_images >= 0, "sample_images", "must be >= 0")

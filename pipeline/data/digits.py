@@ -27,10 +27,22 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     return images, digits.target.astype(np.int64)
 
 
-def write_digits(output: str) -> int:
-    """Write every digit under `output`; returns how many were written."""
+def write_digits(output: str, first: int = 0, count: int | None = None) -> int:
+    """Write digits [first, first + count) (default: all from `first`) under `output`,
+    skipping files already there; returns how many there are in that range."""
     images, labels = load_digits()
-    for index, (pixels, label) in enumerate(zip(images, labels, strict=True)):
-        png = encode_png(Image.fromarray(pixels, "L"))
-        storage.write_bytes(storage.join(output, str(label), f"{index:04d}.png"), png)
-    return len(images)
+    stop = len(images) if count is None else min(len(images), first + count)
+    present = {o.relpath for o in _listing(output)}
+    for index in range(first, stop):
+        relpath = f"{labels[index]}/{index:04d}.png"
+        if relpath not in present:
+            png = encode_png(Image.fromarray(images[index], "L"))
+            storage.write_bytes(storage.join(output, relpath), png)
+    return max(0, stop - first)
+
+
+def _listing(output: str) -> list[storage.ObjectInfo]:
+    try:
+        return storage.list_objects(output)
+    except storage.NotFound:
+        return []

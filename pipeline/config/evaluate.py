@@ -1,0 +1,126 @@
+"""The configs of evaluation and promotion."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from pipeline.config.core import Checked
+from pipeline.config.sample import SAMPLER_NAMES, is_registry_ref
+from pipeline.config.train import resolve_tracking_uri
+
+LOWER_IS_BETTER = ("fd_pixel", "swd_pixel", "heldout_loss", "fid", "kid")
+HIGHER_IS_BETTER = ("precision", "recall")
+METRICS = LOWER_IS_BETTER + HIGHER_IS_BETTER
+"""What `tasks.evaluate` reports and `tasks.promote` can decide on."""
+
+
+def parse_sampler(text: str) -> tuple[str, int]:
+    """`heun:18` -> ("heun", 18); a ValueError naming what is wrong."""
+    name, _, steps = text.partition(":")
+    if name not in SAMPLER_NAMES or not steps.isdigit() or int(steps) < 1:
+        raise ValueError(f"expected sampler:steps with a sampler of {', '.join(SAMPLER_NAMES)}")
+    return name, int(steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig(Checked):
+    """Score a model against its dataset: samples from fixed seeds against the
+    dataset's reference statistics, and the held-out denoising loss."""
+
+    SECTION: ClassVar[str] = "evaluate"
+
+    model: str
+    """The model: `name@alias` or `name/version` in the MLflow registry, or a
+    checkpoint folder written by `tasks.train`."""
+    dataset: str
+    """A dataset written by `tasks.preprocess`: its train split is the reference,
+    its validation split gives the held-out loss. Reference statistics are computed
+    once per manifest version and kept beside it, under `reference/`."""
+    output: str = "evaluations"
+    """Folder or `s3://` prefix that receives one JSON file of results per model,
+    dataset version and settings."""
+    images: int = 1000
+    """Images generated from seeds 0..images-1 (the same seeds for every model)."""
+    sampler: str = "heun:18"
+    """The sampler and its steps whose samples are scored (heun:18 is 35 network
+    evaluations)."""
+    compare: tuple[str, ...] = ()
+    """More samplers scored the same way, reported beside the first, e.g.
+    `euler_ancestral:1000` (the 1000-step stochastic sampler)."""
+    guidance: float = 1.0
+    """Classifier-free guidance scale of the samples."""
+    seed: int = 0
+    """Seed of the samples and of the held-out noise."""
+    reference_images: int = 10_000
+    """At most this many train images make the reference (the first in shard order)."""
+    heldout_images: int = 1000
+    """At most this many validation images give the held-out loss."""
+    heldout_sigmas: tuple[float, ...] = (0.01, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0)
+    """Noise levels of the held-out loss; each image gets fixed noise at each."""
+    neighbours: int = 3
+    """k of the k-nearest-neighbour precision and recall."""
+    inception: str = ""
+    """A local TorchScript Inception-v3 feature extractor (NVIDIA's
+    `inception-2015-12-05.pt`); with it FID and KID are computed, without it they are
+    reported as not computed."""
+    batch_size: int = 256
+    """Images per network call."""
+    use_gpu: bool | None = None
+    """Evaluate on a GPU; default: when the Ray cluster has any."""
+    tracking_uri: str = ""
+    """MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
+
+    def __post_init__(self) -> None:
+        self.check(bool(self.model), "model", "must be name@alias, name/version or a checkpoint")
+        if not is_registry_ref(self.model):
+            self.locate("model")
+        self.locate("dataset")
+        self.locate("output")
+        for field in ("images", "reference_images", "heldout_images", "batch_size"):
+            self.check(getattr(self, field) > 1, field, "must be an integer above 1")
+        for text in (self.sampler, *self.compare):
+            try:
+                parse_sampler(text)
+            except ValueError as e:
+                field = "sampler" if text == self.sampler else "compare"
+                self.check(False, field, str(e))
+        self.check(
+            bool(self.heldout_sigmas) and all(s > 0 for s in self.heldout_sigmas),
+            "heldout_sigmas",
+            "must be positive numbers",
+        )
+        self.check(self.neighbours > 0, "neighbours", "must be a positive integer")
+        self.check(self.guidance >= 0, "guidance", "must be >= 0")
+        object.__setattr__(self, "tracking_uri", resolve_tracking_uri(self.tracking_uri))
+
+
+@dataclasses.dataclass(frozen=True)
+class PromoteConfig(Checked):
+    """Move the `champion` alias to a candidate version when it beats the champion."""
+
+    SECTION: ClassVar[str] = "promote"
+
+    model_name: str
+    """The registered model."""
+    version: int = 0
+    """The candidate version; 0: the latest."""
+    metric: str = "fd_pixel"
+    """What decides, as evaluated by `tasks.evaluate` on the same data and settings
+    for both: fd_pixel, swd_pixel, heldout_loss, fid, kid (lower is better),
+    precision or recall (higher is better)."""
+    margin: float = 0.02
+    """The candidate must be better by this fraction of the champion's value
+    (0.02: 2% lower, or higher for precision and recall)."""
+    alias: str = "champion"
+    """The alias that marks the model in use."""
+    tracking_uri: str = ""
+    """MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
+
+    def __post_init__(self) -> None:
+        self.check(bool(self.model_name), "model_name", "must name a registered model")
+        self.check(self.version >= 0, "version", "must be a version number, or 0 for the latest")
+        self.check(self.metric in METRICS, "metric", f"must be one of {', '.join(METRICS)}")
+        self.check(0 <= self.margin < 1, "margin", "must be in [0, 1)")
+        self.check(bool(self.alias), "alias", "must be a non-empty name")
+        object.__setattr__(self, "tracking_uri", resolve_tracking_uri(self.tracking_uri))

@@ -1,0 +1,350 @@
+"""Evaluation: how good a model is against the data it was trained for.
+
+The model generates images from fixed seeds (the same seeds, labels and noise
+for every model), and the samples are compared with the dataset's reference
+images in pixel space: Frechet distance, sliced Wasserstein distance and k-NN
+precision and recall (`pipeline.metrics`); FID and KID on Inception features
+when the user gives a local weights file. The held-out denoising loss is EDM's
+loss on the validation split at fixed noise levels with fixed noise, so two
+models see exactly the same noisy images.
+
+The reference depends only on the dataset's manifest, so it is computed once and
+kept beside the dataset (`reference/`). The results go to one JSON file per
+(model weights, dataset version, settings): its presence means done, so a re-run
+writes nothing. They also go to MLflow: metrics on the training run of the model
+version, and tags on the version (`eval.key`, `eval.<key>.<metric>`) that
+`tasks.promote` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+from pipeline import cluster, metrics, registry, storage, tracking
+from pipeline.config import ConfigError, to_dict
+from pipeline.config.evaluate import EvaluateConfig, parse_sampler
+from pipeline.data import shards
+from pipeline.training import load_dataset
+
+REFERENCE = "reference"
+PIXEL_SIDE = 32
+"""Pixel-space metrics see images of at most this side (larger ones are averaged
+down): the covariance of 64x64x3 pixels would not fit in memory."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateResult:
+    uri: str
+    """The JSON file of the results."""
+    results: dict[str, Any]
+    already_complete: bool
+
+    def sampler_lines(self) -> list[str]:
+        """Per sampler: its network evaluations and the pixel Frechet distance."""
+        from pipeline.samplers import evaluations
+
+        settings, lines = self.results["settings"], []
+        for i, text in enumerate([settings["sampler"], *settings["compare"]]):
+            sampler, steps = parse_sampler(text)
+            fd = self.results["metrics"][("" if i == 0 else f"{sampler}_{steps}.") + "fd_pixel"]
+            lines.append(f"{sampler} {steps} steps ({evaluations(sampler, steps)} network "
+                         f"evaluations): pixel Frechet distance {fd:.4f} over "
+                         f"{settings['images']} images")  # fmt: skip
+        return lines
+
+    def summary(self) -> str:
+        m = self.results["metrics"]
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in m.items() if "sigma" not in k)
+        head = "already evaluated: " if self.already_complete else ""
+        return f"{head}{self.results['model_ref']}: {shown}; results at {self.uri}"
+
+
+def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
+    """Score the model `cfg` names; see the module doc."""
+    model = registry.load_model(cfg.model, cfg.tracking_uri, "evaluate.model")
+    manifest, digest = load_dataset(cfg.dataset, "evaluate.dataset")
+    if manifest["resolution"] != model.card["resolution"]:
+        raise ConfigError(
+            f"evaluate.dataset: its images are {manifest['resolution']} px, the model's "
+            f"{model.card['resolution']} px, got {cfg.dataset!r}"
+        )
+    settings = evaluation_settings(cfg, digest)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    uri = storage.join(cfg.output, f"{_slug(model)}-{model.lineage['digest'][:12]}-{key}.json")
+    try:
+        return EvaluateResult(uri, json.loads(storage.read_bytes(uri)), already_complete=True)
+    except storage.NotFound:
+        pass
+    inception = _inception(cfg)
+
+    reference = reference_features(cfg.dataset, manifest, digest, cfg.reference_images)
+    heldout, labels = read_split(cfg.dataset, manifest, "validation", cfg.heldout_images)
+    outputs = _model_outputs(cfg, model, heldout, labels)
+    scores, not_computed = {}, {}
+    for i, name in enumerate([cfg.sampler, *cfg.compare]):
+        prefix = "" if i == 0 else f"{name.replace(':', '_')}."
+        fake = pixel_features(outputs["samples"][name])
+        scores.update({prefix + k: v for k, v in _pixel_scores(reference, fake, cfg).items()})
+        if inception is None:
+            not_computed[prefix + "fid"] = not_computed[prefix + "kid"] = (
+                "no Inception weights file given (evaluate.inception)"
+            )
+        else:
+            from pipeline.inception import fid_kid
+
+            real_features = _reference_inception(cfg, manifest, digest, inception)
+            fake_features = inception.features(outputs["samples"][name])
+            found = fid_kid(real_features, fake_features)
+            scores.update({prefix + k: v for k, v in found.items()})
+    if outputs["heldout"] is None:
+        not_computed["heldout_loss"] = "the dataset has no validation images"
+    else:
+        for sigma, loss in zip(cfg.heldout_sigmas, outputs["heldout"], strict=True):
+            scores[f"heldout_loss.sigma_{sigma:g}"] = loss
+        scores["heldout_loss"] = float(np.mean(outputs["heldout"]))
+
+    results = {"model_ref": model.describe(), "model": model.lineage, "key": key,
+               "dataset": {"uri": cfg.dataset, "digest": digest,
+                           "version": manifest.get("version", 1)},
+               "settings": settings, "metrics": scores, "not_computed": not_computed,
+               "evaluated_at": datetime.datetime.now(datetime.UTC).isoformat()}  # fmt: skip
+    _track(cfg, model, results)
+    storage.write_bytes(uri, json.dumps(results, indent=1, sort_keys=True).encode())
+    return EvaluateResult(uri, results, already_complete=False)
+
+
+def evaluation_settings(cfg: EvaluateConfig, dataset_digest: str) -> dict[str, Any]:
+    """What decides the scores besides the model: two models are comparable when
+    these are equal (their hash is the evaluation key)."""
+    settings = to_dict(cfg)
+    for field in ("model", "output", "batch_size", "use_gpu", "tracking_uri", "inception"):
+        settings.pop(field)
+    settings["dataset"] = dataset_digest
+    settings["inception"] = _file_digest(cfg.inception) if cfg.inception else None
+    return settings
+
+
+def _slug(model: registry.Model) -> str:
+    if model.lineage.get("name") is not None:
+        return f"{model.lineage['name']}-v{model.lineage['version']}"
+    return "checkpoint"
+
+
+def _file_digest(path: str) -> str:
+    try:
+        return hashlib.sha256(storage.read_bytes(path)).hexdigest()
+    except storage.StorageError as e:
+        raise ConfigError(f"evaluate.inception: cannot read {path} ({e})") from None
+
+
+def _inception(cfg: EvaluateConfig):
+    if not cfg.inception:
+        return None
+    from pipeline.inception import InceptionFeatures
+
+    try:
+        return InceptionFeatures(cfg.inception)
+    except ValueError as e:
+        raise ConfigError(f"evaluate.inception: {e}") from None
+
+
+# --- the data side: reference images and features ----------------------------------
+
+
+def read_split(
+    dataset: str, manifest: dict, split: str, limit: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The first `limit` images of a split in shard order, uint8 [N, H, W, 3], and
+    their labels (None for an unlabelled dataset); (None, None) if the split is empty."""
+    from PIL import Image
+
+    images, labels = [], []
+    for entry in manifest["shards"]:
+        if entry["split"] != split or not entry["samples"] or len(images) >= limit:
+            continue
+        data = storage.read_bytes(storage.join(dataset, entry["name"]))
+        members: dict[str, dict[str, bytes]] = {}
+        for m in shards.tar_members(data):
+            key, ext = shards.split_member_name(m.name)
+            members.setdefault(key, {})[ext] = data[m.offset : m.offset + m.size]
+        for sample in members.values():
+            if "png" not in sample or len(images) >= limit:
+                continue
+            images.append(np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB")))
+            labels.append(int(sample["cls"]) if "cls" in sample else None)
+    if not images:
+        return None, None
+    return np.stack(images), None if labels[0] is None else np.array(labels, dtype=np.int64)
+
+
+def pixel_features(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W, C] -> float64 [N, D] in [-1, 1], averaged down to at most
+    PIXEL_SIDE pixels a side."""
+    x = images.astype(np.float64) / 127.5 - 1.0
+    factor = max(1, x.shape[1] // PIXEL_SIDE)
+    if factor > 1:
+        n, h, w, c = x.shape
+        x = x.reshape(n, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
+    return x.reshape(len(x), -1)
+
+
+def reference_features(dataset: str, manifest: dict, digest: str, limit: int) -> np.ndarray:
+    """Pixel features of the train split's first `limit` images, computed once per
+    manifest version and kept in the dataset as `reference/pixels-<digest>-<n>.npz`."""
+    uri = storage.join(dataset, REFERENCE, f"pixels-{digest[:16]}-{limit}.npz")
+    try:
+        with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as saved:
+            return saved["features"]
+    except storage.NotFound:
+        pass
+    images, _ = read_split(dataset, manifest, "train", limit)
+    if images is None:
+        raise ConfigError(f"evaluate.dataset: {dataset} has no train images to compare with")
+    features = pixel_features(images)
+    buf = io.BytesIO()
+    np.savez(buf, features=features.astype(np.float32))
+    storage.write_bytes(uri, buf.getvalue())
+    return features.astype(np.float32)
+
+
+def _reference_inception(cfg: EvaluateConfig, manifest: dict, digest: str, inception):
+    uri = storage.join(cfg.dataset, REFERENCE,
+                       f"inception-{digest[:16]}-{cfg.reference_images}-"
+                       f"{_file_digest(cfg.inception)[:12]}.npz")  # fmt: skip
+    try:
+        with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as saved:
+            return saved["features"]
+    except storage.NotFound:
+        pass
+    images, _ = read_split(cfg.dataset, manifest, "train", cfg.reference_images)
+    features = inception.features(images)
+    buf = io.BytesIO()
+    np.savez(buf, features=features)
+    storage.write_bytes(uri, buf.getvalue())
+    return features
+
+
+def _pixel_scores(reference: np.ndarray, fake: np.ndarray, cfg: EvaluateConfig) -> dict:
+    precision, recall = metrics.precision_recall(reference, fake, k=cfg.neighbours)
+    return {
+        "fd_pixel": metrics.frechet_distance(reference, fake),
+        "swd_pixel": metrics.sliced_wasserstein(reference, fake, seed=cfg.seed),
+        "precision": precision,
+        "recall": recall,
+    }
+
+
+# --- the model side, on the cluster ------------------------------------------------
+
+
+def _model_outputs(cfg: EvaluateConfig, model: registry.Model, heldout, labels) -> dict:
+    """Samples of every sampler and the held-out losses, computed by one Ray task
+    (on a GPU when the cluster has one)."""
+    import ray
+
+    cluster.connect()
+    cluster.warn_local_paths([("evaluate.dataset", cfg.dataset)])
+    use_gpu = cfg.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    cpus = 1 if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)))
+    task = ray.remote(model_outputs).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0)
+    samplers = [cfg.sampler, *cfg.compare]
+    job = {"images": cfg.images, "guidance": cfg.guidance, "seed": cfg.seed,
+           "labels": "uniform" if model.card["model"].get("num_classes") else "none",
+           "sigmas": list(cfg.heldout_sigmas), "batch_size": cfg.batch_size,
+           "threads": cpus}  # fmt: skip
+    return ray.get(task.remote(model.card, model.weights, samplers, job, heldout, labels))
+
+
+def model_outputs(card, weights, samplers, job, heldout, labels) -> dict:
+    """The model's samples ({sampler: uint8 [N, H, W, 3]}) and its mean held-out
+    loss at each of `job["sigmas"]` (None without held-out images)."""
+    import torch
+    from safetensors.torch import load
+
+    from pipeline.diffusion import Precond
+    from pipeline.model import build
+    from pipeline.sampling import generate
+
+    torch.set_num_threads(job["threads"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = build(card["preset"], **{**card["model"], "dropout": 0.0})
+    net.load_state_dict(load(weights))
+    denoiser = Precond(net).to(device).eval()
+    samples = {}
+    for text in samplers:
+        sampler, steps = parse_sampler(text)
+        spec = {**job, "sampler": sampler, "steps": steps}
+        chunks = []
+        for start in range(0, job["images"], job["batch_size"]):
+            indices = list(range(start, min(start + job["batch_size"], job["images"])))
+            chunks.append(generate(denoiser, spec, card, indices, device)[0])
+        samples[text] = np.concatenate(chunks)
+    if heldout is None:
+        return {"samples": samples, "heldout": None}
+
+    # Copies: arrays from Ray's object store are read-only.
+    x = torch.tensor(heldout).permute(0, 3, 1, 2) / 127.5 - 1
+    label = None if labels is None else torch.tensor(labels)
+    losses = heldout_losses(
+        denoiser, x, label, job["sigmas"], job["seed"], job["batch_size"], device
+    )
+    return {"samples": samples, "heldout": losses}
+
+
+def heldout_losses(
+    denoiser, x, label, sigmas, seed: int, batch_size: int, device="cpu"
+) -> list[float]:
+    """EDM's loss (`edm_loss`) of `denoiser` on images `x` [N, C, H, W] at each of
+    `sigmas`, averaged over the images. Image i's noise at every sigma comes from
+    its own generator (seed, i), so the result does not depend on the batch size."""
+    import torch
+
+    from pipeline.diffusion import edm_loss
+
+    sigma = torch.tensor(sigmas, dtype=torch.float32)
+    totals = torch.zeros(len(sigma), dtype=torch.float64)
+    per_call = max(1, batch_size // len(sigma))
+    with torch.no_grad():
+        for start in range(0, len(x), per_call):
+            index = range(start, min(start + per_call, len(x)))
+            chunk = x[index.start : index.stop]
+            noise = np.stack([np.random.default_rng([seed, i, 2]).standard_normal(
+                (len(sigma), *chunk.shape[1:]), dtype=np.float32) for i in index])  # fmt: skip
+            loss = edm_loss(
+                denoiser,
+                chunk.repeat_interleave(len(sigma), 0).to(device),
+                None if label is None else label[index.start : index.stop]
+                .repeat_interleave(len(sigma), 0).to(device),
+                sigma=sigma.repeat(len(chunk)).to(device),
+                noise=torch.from_numpy(noise).flatten(0, 1).to(device),
+            )  # fmt: skip
+            totals += loss.reshape(len(chunk), len(sigma)).sum(0).double().cpu()
+    return (totals / len(x)).tolist()
+
+
+# --- MLflow -----------------------------------------------------------------------------
+
+
+def _track(cfg: EvaluateConfig, model: registry.Model, results: dict) -> None:
+    """Metrics on the model's training run (step: the dataset's version), and for a
+    registered model, tags on its version for `tasks.promote`."""
+    scores, key = results["metrics"], results["key"]
+    run_id = model.lineage.get("run_id")
+    if run_id:
+        tracking.log_metrics(cfg.tracking_uri, run_id, {f"eval.{k}": v for k, v in scores.items()},
+                             step=results["dataset"]["version"])  # fmt: skip
+    if model.lineage.get("name") is not None:
+        tags = {f"eval.{key}.{k}": f"{v:.8g}" for k, v in scores.items()}
+        tags.update({"eval.key": key, f"eval.{key}.dataset": results["dataset"]["digest"]})
+        tracking.set_version_tags(
+            cfg.tracking_uri, model.lineage["name"], model.lineage["version"], tags
+        )

@@ -1,0 +1,29 @@
+"""Score a model against its dataset: pixel-space Frechet and sliced Wasserstein
+distances, k-NN precision/recall, the held-out denoising loss (and FID/KID with a
+local Inception weights file). Results go to a JSON file and to MLflow.
+
+    python -m tasks.evaluate --model digits@champion --dataset s3://bucket/datasets/digits \\
+        --output s3://bucket/evaluations --compare euler_ancestral:1000
+
+Running the same command again finds the results and writes nothing.
+"""
+
+import sys
+
+from pipeline.config import EvaluateConfig
+from tasks.cli import run_task
+
+
+def main(cfg: EvaluateConfig) -> None:
+    from pipeline.evaluation import evaluate
+
+    result = evaluate(cfg)
+    for line in result.sampler_lines():
+        print(f"evaluate: {line}")
+    for name, reason in result.results["not_computed"].items():
+        print(f"evaluate: {name} not computed: {reason}")
+    print(f"evaluate: {result.summary()}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_task("tasks.evaluate", EvaluateConfig, main))

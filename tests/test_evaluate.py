@@ -1,0 +1,134 @@
+"""Evaluation and promotion: the held-out loss against the closed form of the
+exact denoiser, the pixel features, and promotion decisions in a real MLflow."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import tracking
+from pipeline.config import ConfigError, PromoteConfig
+from pipeline.diffusion import SIGMA_DATA
+from pipeline.diffusion.analytic import GaussianDenoiser
+from pipeline.evaluation import heldout_losses, pixel_features
+from pipeline.promotion import EXPERIMENT, promote
+
+
+def test_heldout_loss_of_the_exact_denoiser_is_the_closed_form():
+    # x ~ N(0, s^2) per pixel: D* has the posterior variance s^2 sigma^2 / (s^2 + sigma^2),
+    # so its EDM loss is lambda(sigma) times that (GaussianDenoiser.loss_per_dim).
+    std = torch.full((3, 4, 4), 0.5)
+    exact = GaussianDenoiser(torch.zeros(3, 4, 4), std)
+    x = exact.sample(4000, torch.Generator().manual_seed(1))
+    sigmas = [0.05, 0.5, 2.0, 10.0]
+    losses = heldout_losses(exact, x, None, sigmas, seed=0, batch_size=400)
+    for sigma, loss in zip(sigmas, losses, strict=True):
+        expected = float(exact.loss_per_dim(torch.tensor(sigma), SIGMA_DATA))
+        # 4000 images x 48 pixels of a scaled chi-square: relative std ~ 1/sqrt(96000).
+        assert loss == pytest.approx(expected, rel=0.02), sigma
+    # Fixed noise per image: another batch size gives the same numbers (to float32
+    # rounding of the per-image means; other noise moves them by ~1e-3).
+    again = heldout_losses(exact, x, None, sigmas, seed=0, batch_size=36)
+    assert again == pytest.approx(losses, rel=1e-6)
+    # And other noise (another seed) other numbers, still near the closed form.
+    other = heldout_losses(exact, x, None, sigmas, seed=1, batch_size=400)
+    assert max(abs(o / a - 1) for o, a in zip(other, losses, strict=True)) > 1e-4
+
+
+def test_a_worse_denoiser_has_a_higher_heldout_loss():
+    std = torch.full((3, 4, 4), 0.5)
+    exact = GaussianDenoiser(torch.zeros(3, 4, 4), std)
+    wrong = GaussianDenoiser(torch.zeros(3, 4, 4), std * 2)  # assumes the wrong variance
+    x = exact.sample(500, torch.Generator().manual_seed(2))
+    good = heldout_losses(exact, x, None, [0.5, 1.0], seed=0, batch_size=100)
+    bad = heldout_losses(wrong, x, None, [0.5, 1.0], seed=0, batch_size=100)
+    assert all(b > g * 1.05 for g, b in zip(good, bad, strict=True))
+
+
+def test_pixel_features_scale_to_unit_range_and_average_large_images_down():
+    small = np.array([[[[0, 255, 0]]]], dtype=np.uint8)  # one 1x1 RGB image
+    assert pixel_features(small).tolist() == [[-1.0, 1.0, -1.0]]
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    big = blocks.repeat(2, axis=1).repeat(2, axis=2)  # 64x64 made of 2x2 blocks
+    assert pixel_features(big).shape == (2, 32 * 32 * 3)
+    np.testing.assert_allclose(pixel_features(big), pixel_features(blocks), atol=1e-12)
+
+
+# --- promotion, in a real MLflow server ------------------------------------------------
+
+
+def _version(uri: str, name: str, scores: dict[str, float], key: str = "k1") -> int:
+    """Register a version (placeholder files) scored with evaluation `key`."""
+    run_id = tracking.find_or_create_run(uri, "promotion-test", f"{name}-{uuid.uuid4().hex[:6]}")
+    files = {"model.safetensors": uuid.uuid4().bytes, "model.json": b"{}"}
+    version = tracking.register_model(uri, run_id, name, files, {"run_id": run_id})
+    tags = {f"eval.{key}.{metric}": value for metric, value in scores.items()}
+    tracking.set_version_tags(uri, name, version, {"eval.key": key, **tags})
+    return version
+
+
+def _champion(uri: str, name: str) -> int:
+    return tracking.model_version(uri, name, alias="champion")["version"]
+
+
+def test_promotion_decides_on_the_metric_with_a_margin_and_records_both_numbers(mlflow_server):
+    uri, name = mlflow_server, f"promo-{uuid.uuid4().hex[:8]}"
+    cfg = dict(model_name=name, metric="fd_pixel", margin=0.1, tracking_uri=uri)
+
+    v1 = _version(uri, name, {"fd_pixel": 6.0, "precision": 0.5})
+    first = promote(PromoteConfig(**cfg))  # version 0: the latest
+    assert first.promoted and first.champion is None and _champion(uri, name) == v1
+    assert tracking.model_version(uri, name, v1)["tags"]["promotion.decision"] == "first_champion"
+
+    v2 = _version(uri, name, {"fd_pixel": 5.0, "precision": 0.6})  # 5.0 < 6.0 * 0.9
+    better = promote(PromoteConfig(**cfg, version=v2))
+    assert better.promoted and (better.candidate_value, better.champion_value) == (5.0, 6.0)
+    assert _champion(uri, name) == v2
+
+    v3 = _version(uri, name, {"fd_pixel": 4.9, "precision": 0.6})  # better, not by 10%
+    worse = promote(PromoteConfig(**cfg, version=v3))
+    assert not worse.promoted and _champion(uri, name) == v2
+    tags = tracking.model_version(uri, name, v3)["tags"]
+    assert tags["promotion.decision"] == "kept_champion"
+    assert float(tags["promotion.candidate_value"]) == 4.9
+    assert float(tags["promotion.champion_value"]) == 5.0
+    assert tags["promotion.champion_version"] == str(v2)
+
+    # Both decisions against a champion are runs with the two numbers.
+    c = tracking.client(uri)
+    runs = c.search_runs([c.get_experiment_by_name(EXPERIMENT).experiment_id],
+                         filter_string=f"tags.model_name = '{name}'")  # fmt: skip
+    numbers = {r.data.tags["decision"]: r.data.metrics for r in runs}
+    assert numbers["promoted"] == {"candidate": 5.0, "champion": 6.0}
+    assert numbers["kept_champion"] == {"candidate": 4.9, "champion": 5.0}
+
+    # Deciding again on v3 writes nothing.
+    again = promote(PromoteConfig(**cfg, version=v3))
+    assert again.already_decided and not again.promoted
+    assert len(c.search_runs([c.get_experiment_by_name(EXPERIMENT).experiment_id],
+                             filter_string=f"tags.model_name = '{name}'")) == len(runs)  # fmt: skip
+
+    # Higher is better for precision.
+    v4 = _version(uri, name, {"fd_pixel": 9.0, "precision": 0.7})
+    assert promote(PromoteConfig(**{**cfg, "metric": "precision"}, version=v4)).promoted
+    assert _champion(uri, name) == v4
+
+
+def test_a_missing_score_is_an_error_not_a_promotion(mlflow_server):
+    uri, name = mlflow_server, f"promo-{uuid.uuid4().hex[:8]}"
+    cfg = dict(model_name=name, metric="fd_pixel", tracking_uri=uri)
+    v1 = _version(uri, name, {"fd_pixel": 6.0})
+    promote(PromoteConfig(**cfg))
+    v2 = _version(uri, name, {"precision": 0.9})  # no fd_pixel
+    with pytest.raises(ConfigError, match=rf"version {v2} has no fd_pixel"):
+        promote(PromoteConfig(**cfg, version=v2))
+    v3 = _version(uri, name, {"fd_pixel": 1.0}, key="k2")  # the champion has no k2 score
+    with pytest.raises(ConfigError, match=rf"version {v1} has no fd_pixel from evaluation k2"):
+        promote(PromoteConfig(**cfg, version=v3))
+    assert _champion(uri, name) == v1
+    with pytest.raises(ConfigError, match="promote.version: model .* has no version 99"):
+        promote(PromoteConfig(**cfg, version=99))

@@ -1,0 +1,48 @@
+"""Tasks as Ray Jobs: submitted to the session cluster's dashboard (127.0.0.1 in
+the test's network namespace), with this repository as the working directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from pipeline import storage
+from pipeline.data import shards
+from tests.services import BIN, ROOT
+
+
+def run(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ),
+                          timeout=600)  # fmt: skip
+
+
+def test_tasks_submitted_as_ray_jobs_write_to_the_bucket(ray_dashboard, s3_prefix):
+    raw, dataset = f"{s3_prefix}/raw", f"{s3_prefix}/dataset"
+    # tasks.submit: follows the job's logs and exits with its outcome.
+    submitted = run([sys.executable, "-m", "tasks.submit", "--address", ray_dashboard,
+                     "digits", "--output", raw, "--count", "40"])  # fmt: skip
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    assert "digits: 40 PNGs" in submitted.stdout and "SUCCEEDED" in submitted.stdout
+    assert len(storage.list_objects(raw)) == 40
+
+    # The plain Ray CLI, as the README documents it.
+    cli = run([str(BIN / "ray"), "job", "submit", "--address", ray_dashboard, "--working-dir",
+               ".", "--", "python", "-m", "tasks.preprocess", "--input", raw, "--output",
+               dataset, "--resolution", "8", "--small_images", "upscale"])  # fmt: skip
+    assert cli.returncode == 0, cli.stdout[-3000:] + cli.stderr[-3000:]
+    assert "succeeded" in cli.stdout.lower()
+    manifest = json.loads(storage.read_bytes(f"{dataset}/{shards.MANIFEST}"))
+    assert manifest["counts"]["inputs"] == 40 and manifest["counts"]["written"] == 40
+    for entry in manifest["shards"]:
+        data = storage.read_bytes(storage.join(dataset, entry["name"]))
+        assert shards.sha256(data) == entry["sha256"]
+
+    # A job that fails on bad input fails the submission, with the task's one line.
+    bad = run([sys.executable, "-m", "tasks.submit", "--address", ray_dashboard,
+               "preprocess", "--input", raw, "--output", f"{s3_prefix}/bad",
+               "--resolution", "-5"])  # fmt: skip
+    assert bad.returncode == 1 and "FAILED" in bad.stdout
+    assert "preprocess.resolution: must be an integer in 1..4096, got -5" in bad.stdout
+    assert storage.list_objects(f"{s3_prefix}/bad") == []

@@ -1,0 +1,149 @@
+"""The nightly pipeline on the real services: SeaweedFS, an MLflow server and the
+session's Ray cluster. Three runs: a first night, a second night after new raw
+images arrived, and the second night again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+from pipeline import storage, tracking
+from pipeline.data import shards
+from pipeline.data.digits import write_digits
+from tests.services import ROOT
+
+SMALL = ["--images", "640", "--lr_rampup_images", "128", "--eval_images", "128",
+         "--eval_sampler", "heun:4", "--sample_images", "64",
+         "--sample_sampler", "heun:4"]  # fmt: skip
+
+
+def nightly_task(prefix: str, name: str, night: str, uri: str) -> subprocess.CompletedProcess:
+    paths = [arg for part in ("raw", "dataset", "storage", "evaluations", "samples")
+             for arg in (f"--{part}", f"{prefix}/{part}")]  # fmt: skip
+    argv = [sys.executable, "-m", "tasks.nightly", *paths, "--model_name", name,
+            "--night", night, "--tracking_uri", uri, *SMALL]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ),
+                          timeout=900)  # fmt: skip
+
+
+def bucket_listing(prefix: str) -> dict[str, tuple]:
+    import boto3
+
+    bucket, _, key = prefix.removeprefix("s3://").partition("/")
+    pages = (
+        boto3.client("s3")
+        .get_paginator("list_objects_v2")
+        .paginate(Bucket=bucket, Prefix=key + "/")
+    )
+    return {o["Key"]: (o["ETag"], o["LastModified"]) for p in pages for o in p.get("Contents", [])}
+
+
+def mlflow_state(uri: str, name: str) -> dict:
+    """Every run of the nightly's experiments and every version of the model, with
+    everything a re-run could change."""
+    c = tracking.client(uri)
+    runs = {}
+    for experiment in ("nightly", "promotion", "sampling"):
+        found = c.get_experiment_by_name(experiment)
+        for r in c.search_runs([found.experiment_id]) if found else []:
+            history = {k: [(m.step, m.value) for m in c.get_metric_history(r.info.run_id, k)]
+                       for k in r.data.metrics}  # fmt: skip
+            runs[r.info.run_id] = (r.info.status, r.info.end_time, r.data.params,
+                                   r.data.tags, history)  # fmt: skip
+    versions = {v.version: v.tags for v in c.search_model_versions(f"name = '{name}'")}
+    champion = tracking.model_version(uri, name, alias="champion")["version"]
+    return {"runs": runs, "versions": versions, "champion": champion}
+
+
+def shard_digests(dataset: str, manifest: dict) -> dict[str, str]:
+    return {s["name"]: hashlib.sha256(storage.read_bytes(storage.join(dataset, s["name"])))
+            .hexdigest() for s in manifest["shards"]}  # fmt: skip
+
+
+def test_three_nights(ray_cluster, mlflow_server, s3_prefix):
+    uri, name = mlflow_server, f"digits-{uuid.uuid4().hex[:6]}"
+    dataset = f"{s3_prefix}/dataset"
+    write_digits(f"{s3_prefix}/raw", 0, 600)
+
+    # Night 1: builds the dataset, trains from scratch, the first model is champion.
+    first = nightly_task(s3_prefix, name, "2026-11-24", uri)
+    assert first.returncode == 0, first.stderr[-3000:]
+    v1_bytes = storage.read_bytes(f"{dataset}/{shards.MANIFEST}")
+    v1 = json.loads(v1_bytes)
+    assert v1["version"] == 1 and v1["counts"]["inputs"] == 600
+    old_digests = shard_digests(dataset, v1)
+    assert old_digests == {s["name"]: s["sha256"] for s in v1["shards"]}
+    assert tracking.model_version(uri, name, alias="champion")["version"] == 1
+    version1 = tracking.model_version(uri, name, 1)
+    assert version1["tags"]["promotion.decision"] == "first_champion"
+    key1 = version1["tags"]["eval.key"]
+    for metric in ("fd_pixel", "swd_pixel", "precision", "recall", "heldout_loss"):
+        assert float(version1["tags"][f"eval.{key1}.{metric}"]) >= 0
+    [result_file] = storage.list_objects(f"{s3_prefix}/evaluations")
+    results = json.loads(storage.read_bytes(result_file.uri))
+    assert results["model"]["version"] == 1 and results["dataset"]["version"] == 1
+    assert set(results["not_computed"]) == {"fid", "kid"}  # no Inception weights given
+    samples = json.loads(storage.read_bytes(f"{s3_prefix}/samples/2026-11-24/manifest.json"))
+    assert samples["counts"]["images"] == 64 and samples["job"]["model"]["version"] == 1
+
+    # New raw images arrive; night 2 preprocesses only those, from the champion.
+    write_digits(f"{s3_prefix}/raw", 600, 300)
+    second = nightly_task(s3_prefix, name, "2026-11-25", uri)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "appended 300 new inputs" in second.stdout
+    v2_bytes = storage.read_bytes(f"{dataset}/{shards.MANIFEST}")
+    v2 = json.loads(v2_bytes)
+    assert v2["version"] == 2
+    assert v2["previous"] == {"version": 1, "sha256": hashlib.sha256(v1_bytes).hexdigest()}
+    assert storage.read_bytes(f"{dataset}/manifests/000001.json") == v1_bytes
+    assert v2["shards"][: len(v1["shards"])] == v1["shards"] or all(
+        s in v2["shards"] for s in v1["shards"]
+    )
+    assert {n: d for n, d in shard_digests(dataset, v2).items() if n in old_digests} == old_digests
+    assert v2["counts"]["inputs"] == 900
+    assert v2["counts"]["written"] + v2["counts"]["rejected"] == 900
+
+    c = tracking.client(uri)
+    nightly_runs = c.get_experiment_by_name("nightly").experiment_id
+    night2 = f"tags.`mlflow.runName` = '{name}-2026-11-25'"
+    [run2] = c.search_runs([nightly_runs], filter_string=night2)
+    assert run2.info.status == "FINISHED"
+    assert run2.data.params["init_from"] == f"{name}/1"
+    assert run2.data.tags["init_from.digest"] == results["model"]["digest"]
+    version2 = tracking.model_version(uri, name, 2)
+    key2 = version2["tags"]["eval.key"]
+    assert key2 != key1  # a new dataset version: a new evaluation ...
+    champion_tags = tracking.model_version(uri, name, 1)["tags"]
+    assert f"eval.{key2}.fd_pixel" in champion_tags  # ... of the champion too
+    decision = version2["tags"]["promotion.decision"]
+    assert decision in ("promoted", "kept_champion")
+    assert float(version2["tags"]["promotion.candidate_value"]) == float(
+        version2["tags"][f"eval.{key2}.fd_pixel"]
+    )
+    assert float(version2["tags"]["promotion.champion_value"]) == float(
+        champion_tags[f"eval.{key2}.fd_pixel"]
+    )
+    champion = tracking.model_version(uri, name, alias="champion")["version"]
+    assert champion == (2 if decision == "promoted" else 1)
+    night2_samples = json.loads(storage.read_bytes(f"{s3_prefix}/samples/2026-11-25/manifest.json"))
+    assert night2_samples["job"]["model"]["version"] == champion
+
+    # The same night again writes nothing: not to the bucket, not to MLflow.
+    bucket_before, mlflow_before = bucket_listing(s3_prefix), mlflow_state(uri, name)
+    third = nightly_task(s3_prefix, name, "2026-11-25", uri)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert bucket_listing(s3_prefix) == bucket_before
+    assert mlflow_state(uri, name) == mlflow_before
+    assert "already complete" in third.stdout and "finished earlier" in third.stdout
+
+    # No credential value reached MLflow or the logs.
+    secrets = [os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]]
+    logged = json.dumps(mlflow_before, default=str) + "".join(
+        r.stdout + r.stderr for r in (first, second, third)
+    )
+    for secret in secrets:
+        assert secret not in logged
