@@ -39,6 +39,13 @@ PIXEL_SIDE = 32
 down): the covariance of 64x64x3 pixels would not fit in memory."""
 
 
+def metric_prefix(position: int, sampler: str) -> str:
+    """Metrics of the first sampler have plain names (`fd_pixel`), the compared
+    ones the sampler's (`euler_ancestral_1000.fd_pixel`)."""
+    name, steps = parse_sampler(sampler)
+    return "" if position == 0 else f"{name}_{steps}."
+
+
 @dataclasses.dataclass(frozen=True)
 class EvaluateResult:
     uri: str
@@ -53,7 +60,7 @@ class EvaluateResult:
         settings, lines = self.results["settings"], []
         for i, text in enumerate([settings["sampler"], *settings["compare"]]):
             sampler, steps = parse_sampler(text)
-            fd = self.results["metrics"][("" if i == 0 else f"{sampler}_{steps}.") + "fd_pixel"]
+            fd = self.results["metrics"][metric_prefix(i, text) + "fd_pixel"]
             lines.append(f"{sampler} {steps} steps ({evaluations(sampler, steps)} network "
                          f"evaluations): pixel Frechet distance {fd:.4f} over "
                          f"{settings['images']} images")  # fmt: skip
@@ -75,6 +82,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
             f"evaluate.dataset: its images are {manifest['resolution']} px, the model's "
             f"{model.card['resolution']} px, got {cfg.dataset!r}"
         )
+    check_fits(cfg, model, manifest)
     settings = evaluation_settings(cfg, digest)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     uri = storage.join(cfg.output, f"{_slug(model)}-{model.lineage['digest'][:12]}-{key}.json")
@@ -86,10 +94,12 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
 
     reference = reference_features(cfg.dataset, manifest, digest, cfg.reference_images)
     heldout, labels = read_split(cfg.dataset, manifest, "validation", cfg.heldout_images)
+    if not model.card["model"].get("num_classes"):
+        labels = None  # an unconditional model of a labelled dataset
     outputs = _model_outputs(cfg, model, heldout, labels)
     scores, not_computed = {}, {}
     for i, name in enumerate([cfg.sampler, *cfg.compare]):
-        prefix = "" if i == 0 else f"{name.replace(':', '_')}."
+        prefix = metric_prefix(i, name)
         fake = pixel_features(outputs["samples"][name])
         scores.update({prefix + k: v for k, v in _pixel_scores(reference, fake, cfg).items()})
         if inception is None:
@@ -118,6 +128,26 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     _track(cfg, model, results)
     storage.write_bytes(uri, json.dumps(results, indent=1, sort_keys=True).encode())
     return EvaluateResult(uri, results, already_complete=False)
+
+
+def check_fits(cfg: EvaluateConfig, model: registry.Model, manifest: dict) -> None:
+    """The model can be scored on this dataset; a config error naming what differs."""
+    classes = model.card["model"].get("num_classes", 0)
+    names = model.card.get("classes")
+    if classes and len(manifest.get("classes") or []) != classes:
+        raise ConfigError(
+            f"evaluate.dataset: the model has {classes} classes, the dataset "
+            f"{len(manifest.get('classes') or [])}, got {cfg.dataset!r}"
+        )
+    if names and manifest.get("classes") and names != manifest["classes"]:
+        raise ConfigError(
+            f"evaluate.dataset: the model's classes are {names}, the dataset's "
+            f"{manifest['classes']}, got {cfg.dataset!r}"
+        )
+    if cfg.neighbours >= min(cfg.images, cfg.reference_images):
+        raise ConfigError(
+            f"evaluate.neighbours: must be below images and reference_images, got {cfg.neighbours}"
+        )
 
 
 def evaluation_settings(cfg: EvaluateConfig, dataset_digest: str) -> dict[str, Any]:
@@ -254,7 +284,9 @@ def _model_outputs(cfg: EvaluateConfig, model: registry.Model, heldout, labels) 
     use_gpu = cfg.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    cpus = 1 if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # On CPUs, all of the largest node's (the task runs on one node).
+    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+    cpus = 1 if use_gpu else max(1, int(largest))
     task = ray.remote(model_outputs).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0)
     samplers = [cfg.sampler, *cfg.compare]
     job = {"images": cfg.images, "guidance": cfg.guidance, "seed": cfg.seed,

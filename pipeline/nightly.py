@@ -6,8 +6,8 @@ done, so running the same night again changes nothing:
 - preprocessing appends only the raw inputs that no version of the dataset holds
   yet, as new shards, and commits a new manifest version listing old and new;
 - training is the run `<model_name>-<night>`: skipped when it finished, resumed
-  when it was interrupted, and skipped when the dataset has not changed since
-  the champion was trained on it;
+  when it was interrupted, and skipped when a version was already trained on
+  this dataset version (a night without new data);
 - evaluation skips a model already scored on this dataset version and settings;
   the champion is scored on the new version too, so the two are comparable;
 - promotion skips a candidate already decided against the same champion;
@@ -19,18 +19,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from pipeline import storage, tracking
-from pipeline.config import (
-    EvaluateConfig,
-    PreprocessConfig,
-    PromoteConfig,
-    SampleConfig,
-    TrainConfig,
-)
-from pipeline.config.evaluate import parse_sampler
+from pipeline import tracking
 from pipeline.config.nightly import NightlyConfig
+from pipeline.promotion import promote
 
-EXPERIMENT = "nightly"
 ALIAS = "champion"
 
 
@@ -51,11 +43,7 @@ def nightly(cfg: NightlyConfig, say: Callable[[str], None] = print) -> NightResu
     from pipeline.training import load_dataset
 
     uri, name = cfg.tracking_uri, cfg.model_name
-    prepared = preprocess(
-        PreprocessConfig(input=cfg.raw, output=cfg.dataset, resolution=cfg.resolution,
-                         small_images="upscale", validation_fraction=cfg.validation_fraction),
-        append=True,
-    )  # fmt: skip
+    prepared = preprocess(cfg.preprocess_config(), append=True)
     say(f"nightly {cfg.night}: preprocess: {prepared.summary()}")
     manifest, digest = load_dataset(cfg.dataset, "nightly.dataset")
 
@@ -63,9 +51,10 @@ def nightly(cfg: NightlyConfig, say: Callable[[str], None] = print) -> NightResu
     promoted = False
     if candidate is not None:
         champion = tracking.model_version(uri, name, alias=ALIAS)
+        keys = {}
         for version in sorted({candidate} | ({champion["version"]} if champion else set())):
-            _evaluate(cfg, version, say)
-        decision = _promote(cfg, candidate)
+            keys[version] = _evaluate(cfg, version, say)
+        decision = promote(cfg.promote_config(candidate, keys[candidate]))
         promoted = decision.promoted and not decision.already_decided
         say(f"nightly {cfg.night}: promote: {decision.summary()}")
     champion = tracking.model_version(uri, name, alias=ALIAS)
@@ -78,73 +67,52 @@ def nightly(cfg: NightlyConfig, say: Callable[[str], None] = print) -> NightResu
 
 def _train(cfg: NightlyConfig, digest: str, say) -> int | None:
     """Tonight's model version: trained now, or found from an earlier run tonight;
-    None when the champion was already trained on exactly this dataset."""
+    None when a version was already trained on exactly this dataset (a night
+    without new data trains nothing, even after a candidate lost)."""
     from pipeline.training import train
 
     uri, name = cfg.tracking_uri, cfg.model_name
-    run_name = f"{name}-{cfg.night}"
-    found = tracking.find_run(uri, EXPERIMENT, run_name)
+    tonight = cfg.train_config("")
+    run_name = tonight.run_name
+    found = tracking.find_run(uri, tonight.experiment, run_name)
     if found is not None and found[1] == "FINISHED":
         version = tracking.run_model_version(uri, name, found[0])
         if version is not None:
             say(f"nightly {cfg.night}: train: run {run_name} finished earlier: version {version}")
             return version
-    champion = tracking.model_version(uri, name, alias=ALIAS)
-    if found is None and champion and champion["tags"].get("dataset_digest") == digest:
-        say(f"nightly {cfg.night}: train: nothing new since the champion "
-            f"(version {champion['version']}) was trained on this dataset")  # fmt: skip
+    trained = tracking.versions_with_tag(uri, name, "dataset_digest", digest)
+    if found is None and trained:
+        say(f"nightly {cfg.night}: train: nothing new: version {trained[-1]} was trained on "
+            f"this dataset version")  # fmt: skip
         return None
+    champion = tracking.model_version(uri, name, alias=ALIAS)
     if found is not None:
         # An interrupted run resumes from the model it started from.
         init_from = tracking.run_params(uri, found[0]).get("init_from", "")
     else:
         init_from = f"{name}/{champion['version']}" if champion else ""
-    result = train(TrainConfig(
-        dataset=cfg.dataset, run_name=run_name, storage=cfg.storage, preset=cfg.preset,
-        images=cfg.images, batch_size=cfg.batch_size, workers=cfg.workers, use_gpu=cfg.use_gpu,
-        cpus_per_worker=cfg.cpus_per_worker, lr=cfg.lr, lr_rampup_images=cfg.lr_rampup_images,
-        ema_halflife_images=cfg.ema_halflife_images,
-        checkpoint_every_images=max(cfg.batch_size, cfg.images // 4),
-        log_every_images=max(cfg.batch_size, cfg.images // 20), sample_every_images=0,
-        tracking_uri=uri, experiment=EXPERIMENT, model_name=name, init_from=init_from,
-    ))  # fmt: skip
+    result = train(cfg.train_config(init_from))
     start = f"from {init_from}" if init_from else "from scratch"
     say(f"nightly {cfg.night}: train: {run_name} ({start}), {result.images_seen} images, "
         f"loss {result.loss:.4f}: version {result.model_version}")  # fmt: skip
     return result.model_version
 
 
-def _evaluate(cfg: NightlyConfig, version: int, say) -> None:
+def _evaluate(cfg: NightlyConfig, version: int, say) -> str:
+    """Score `version` on tonight's dataset; returns the evaluation key."""
     from pipeline.evaluation import evaluate
 
-    result = evaluate(EvaluateConfig(
-        model=f"{cfg.model_name}/{version}", dataset=cfg.dataset, output=cfg.evaluations,
-        images=cfg.eval_images, sampler=cfg.eval_sampler, compare=cfg.eval_compare,
-        batch_size=min(cfg.eval_images, 500), use_gpu=cfg.use_gpu, tracking_uri=cfg.tracking_uri,
-    ))  # fmt: skip
+    result = evaluate(cfg.evaluate_config(version))
     for line in result.sampler_lines():
         say(f"nightly {cfg.night}: evaluate: {cfg.model_name}/{version}: {line}")
     say(f"nightly {cfg.night}: evaluate: {result.summary()}")
-
-
-def _promote(cfg: NightlyConfig, candidate: int):
-    from pipeline.promotion import promote
-
-    return promote(PromoteConfig(
-        model_name=cfg.model_name, version=candidate, metric=cfg.metric, margin=cfg.margin,
-        alias=ALIAS, tracking_uri=cfg.tracking_uri,
-    ))  # fmt: skip
+    return result.results["key"]
 
 
 def _sample(cfg: NightlyConfig, champion: int, say) -> str:
     from pipeline.sampling import sample
 
-    sampler, steps = parse_sampler(cfg.sample_sampler)
-    result = sample(SampleConfig(
-        model=f"{cfg.model_name}/{champion}", output=storage.join(cfg.samples, cfg.night),
-        images=cfg.sample_images, sampler=sampler, steps=steps, use_gpu=cfg.use_gpu,
-        tracking_uri=cfg.tracking_uri,
-    ))  # fmt: skip
+    result = sample(cfg.sample_config(champion))
     say(f"nightly {cfg.night}: sample: {cfg.model_name}/{champion}: {result.summary()}; "
         f"manifest at {result.manifest_uri}")  # fmt: skip
     return result.manifest_uri

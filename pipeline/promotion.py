@@ -49,22 +49,19 @@ def promote(cfg: PromoteConfig) -> Decision:
     uri, name = cfg.tracking_uri, cfg.model_name
     candidate = tracking.model_version(uri, name, cfg.version or None)
     if candidate is None:
-        what = f"version {cfg.version}" if cfg.version else "any version"
-        raise ConfigError(f"promote.version: model {name!r} has no {what} at {uri}")
+        what = f"version {cfg.version}" if cfg.version else "versions"
+        where = tracking.redact(uri)
+        raise ConfigError(f"promote.version: model {name!r} has no {what} at {where}")
     champion = tracking.model_version(uri, name, alias=cfg.alias)
     version = candidate["version"]
     if champion is not None and champion["version"] == version:
         return Decision(name, version, version, False, cfg.metric, None, None, True)
-    previous = candidate["tags"].get("promotion.decision")
-    if previous and candidate["tags"].get("promotion.champion_version") == str(
-        champion["version"] if champion else None
-    ):
-        return _recorded(cfg, candidate, champion)
-
+    key = cfg.key or candidate["tags"].get("eval.key")
     if champion is None:
         decision = Decision(name, version, None, True, cfg.metric, None, None)
+    elif _decided(candidate, champion, cfg, key):
+        return _recorded(cfg, candidate, champion)
     else:
-        key = candidate["tags"].get("eval.key")
         if key is None:
             raise ConfigError(
                 f"promote.version: {name} version {version} has no evaluation "
@@ -72,16 +69,30 @@ def promote(cfg: PromoteConfig) -> Decision:
             )
         cand_value = _score(candidate, key, cfg.metric, name)
         champ_value = _score(champion, key, cfg.metric, name)
+        # The margin is relative to the champion's magnitude (KID can be negative).
+        needed = cfg.margin * abs(champ_value)
         if cfg.metric in HIGHER_IS_BETTER:
-            better = cand_value > champ_value * (1 + cfg.margin)
+            better = cand_value > champ_value + needed
         else:
-            better = cand_value < champ_value * (1 - cfg.margin)
+            better = cand_value < champ_value - needed
         decision = Decision(name, version, champion["version"], better, cfg.metric,
                             cand_value, champ_value)  # fmt: skip
-    _record(cfg, decision)
+    # The alias first: a crash before the record leaves a champion, and deciding
+    # again finds the candidate holding the alias.
     if decision.promoted:
         tracking.set_alias(uri, name, cfg.alias, version)
+    _record(cfg, decision, key)
     return decision
+
+
+def _decided(candidate: dict, champion: dict, cfg: PromoteConfig, key: str | None) -> bool:
+    """Whether this very question (same champion, metric, margin, evaluation) was
+    decided before."""
+    tags = candidate["tags"]
+    asked = {"promotion.champion_version": str(champion["version"]),
+             "promotion.metric": cfg.metric, "promotion.margin": str(cfg.margin),
+             "promotion.key": str(key)}  # fmt: skip
+    return "promotion.decision" in tags and all(tags.get(k) == v for k, v in asked.items())
 
 
 def _score(version: dict, key: str, metric: str, name: str) -> float:
@@ -96,7 +107,7 @@ def _score(version: dict, key: str, metric: str, name: str) -> float:
     return float(value)
 
 
-def _record(cfg: PromoteConfig, d: Decision) -> None:
+def _record(cfg: PromoteConfig, d: Decision, key: str | None) -> None:
     """The decision and both numbers: tags on the candidate, and a run."""
     if d.champion is None:
         verdict = "first_champion"
@@ -105,7 +116,7 @@ def _record(cfg: PromoteConfig, d: Decision) -> None:
     tags = {"promotion.decision": verdict, "promotion.metric": d.metric,
             "promotion.margin": cfg.margin, "promotion.champion_version": d.champion,
             "promotion.candidate_value": d.candidate_value,
-            "promotion.champion_value": d.champion_value}  # fmt: skip
+            "promotion.champion_value": d.champion_value, "promotion.key": key}  # fmt: skip
     run_id = tracking.find_or_create_run(
         cfg.tracking_uri, EXPERIMENT, f"{d.model_name}-v{d.candidate}-vs-v{d.champion}"
     )

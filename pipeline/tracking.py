@@ -11,6 +11,7 @@ version of a named model.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
@@ -18,12 +19,22 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow prints each ended run's URL, user:password of the tracking URI included;
+# the tasks print their own lines, with credentials redacted.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
 
 RUN_NAME_TAG = "mlflow.runName"
+_USERINFO = re.compile(r"(?<=://)[^/\s]+@")
+
+
+def redact(text: str) -> str:
+    """`text` with the user:password of any URL in it replaced by `***`, so that a
+    tracking URI with credentials can be logged and printed."""
+    return _USERINFO.sub("***@", text)
 
 
 def client(tracking_uri: str) -> MlflowClient:
@@ -98,7 +109,7 @@ def log_params(
     nothing is logged."""
     c = client(tracking_uri)
     logged = c.get_run(run_id).data.params
-    params = {k: str(v) for k, v in params.items()}
+    params = {k: redact(str(v)) for k, v in params.items()}
     changed = {k: (logged[k], v) for k, v in params.items() if k in logged and logged[k] != v}
     fixed = {k: change for k, change in changed.items() if k not in set(mutable)}
     if fixed:
@@ -153,7 +164,7 @@ def log_image(tracking_uri: str, run_id: str, image, key: str, step: int) -> Non
 def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, str]) -> None:
     c = client(tracking_uri)
     for key, value in tags.items():
-        c.set_tag(run_id, key, str(value))
+        c.set_tag(run_id, key, redact(str(value)))
 
 
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
@@ -176,7 +187,9 @@ def register_model(
         c.log_artifacts(run_id, tmp, artifact_path="model")
     try:
         c.get_registered_model(name)
-    except mlflow.exceptions.MlflowException:
+    except mlflow.exceptions.MlflowException as e:
+        if not _missing(e):
+            raise
         c.create_registered_model(name)
     source = f"{c.get_run(run_id).info.artifact_uri}/model"
     version = c.create_model_version(name, source, run_id=run_id, tags=dict(tags))
@@ -199,15 +212,29 @@ def model_version(
             if not versions:
                 return None
             found = max(versions, key=lambda v: int(v.version))
-    except mlflow.exceptions.MlflowException:
-        return None
+    except mlflow.exceptions.MlflowException as e:
+        if _missing(e):
+            return None
+        raise
     return {"version": int(found.version), "run_id": found.run_id, "tags": dict(found.tags)}
+
+
+def _missing(e: Exception) -> bool:
+    """Whether an MLflow error says "no such model/version/alias" (MLflow answers
+    INVALID_PARAMETER_VALUE for an unknown alias), not a failure to ask."""
+    return getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 def run_model_version(tracking_uri: str, name: str, run_id: str) -> int | None:
     """The latest version of model `name` registered from run `run_id`, if any."""
     found = client(tracking_uri).search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     return max((int(v.version) for v in found), default=None)
+
+
+def versions_with_tag(tracking_uri: str, name: str, key: str, value: str) -> list[int]:
+    """The versions of model `name` whose tag `key` is `value`, in order."""
+    found = client(tracking_uri).search_model_versions(f"name = '{name}'")
+    return sorted(int(v.version) for v in found if v.tags.get(key) == value)
 
 
 def run_params(tracking_uri: str, run_id: str) -> dict[str, str]:
@@ -260,15 +287,19 @@ def load_registered(
     c = client(tracking_uri)
     try:
         c.get_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        raise NotRegistered(f"no registered model {name!r} at {tracking_uri}") from None
+    except mlflow.exceptions.MlflowException as e:
+        if not _missing(e):
+            raise
+        raise NotRegistered(f"no registered model {name!r} at {redact(tracking_uri)}") from None
     try:
         found = (
             c.get_model_version_by_alias(name, alias)
             if alias is not None
             else c.get_model_version(name, str(version))
         )
-    except mlflow.exceptions.MlflowException:
+    except mlflow.exceptions.MlflowException as e:
+        if not _missing(e):
+            raise
         what = f"alias {alias!r}" if alias is not None else f"version {version}"
         raise NotRegistered(f"model {name!r} has no {what}") from None
     with tempfile.TemporaryDirectory() as tmp:

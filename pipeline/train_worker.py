@@ -103,7 +103,9 @@ def train_loop_per_worker(config: dict) -> None:
             log.samples(images_seen, ema.module, device)
         if _crossed(before, images_seen, cfg.checkpoint_every_images) or done:
             state = {"images_seen": images_seen, "step": images_seen // cfg.batch_size,
-                     "run_id": plan["run_id"], "config": config["train"], "model": plan["model"],
+                     "run_id": plan["run_id"], "model": plan["model"],
+                     "config": {**config["train"],
+                                "tracking_uri": tracking.redact(cfg.tracking_uri)},
                      "dataset": plan["dataset"], "seed": cfg.seed}  # fmt: skip
             _report_checkpoint(rank, state, net, ema, optimizer, result, done)
     if log:

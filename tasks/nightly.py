@@ -19,9 +19,9 @@ def main(cfg: NightlyConfig) -> None:
     from pipeline.nightly import nightly
 
     night = nightly(cfg)
+    champion = f"{cfg.model_name}/{night.champion}" if night.champion else "none"
     print(f"nightly {cfg.night}: done: dataset version {night.dataset_version}, champion "
-          f"{cfg.model_name}/{night.champion}"
-          f"{' (promoted tonight)' if night.promoted else ''}")  # fmt: skip
+          f"{champion}{' (promoted tonight)' if night.promoted else ''}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ night's raw images, then runs `tasks.nightly`: preprocess, train, evaluate
 
     python -m tasks.quickstart [--workdir quickstart]
 
-Running it again changes nothing; `--night` with a new date retrains from the champion.
+Running it again changes nothing (another `--night` without new digits trains
+nothing either: the champion was trained on this very dataset).
 """
 
 import sys
@@ -43,7 +44,10 @@ def main(cfg: QuickstartConfig) -> None:
         print(f"quickstart: see the runs in MLflow: mlflow ui --backend-store-uri "
               f"{night.tracking_uri}")  # fmt: skip
     else:
-        print(f"quickstart: see the runs in MLflow at {night.tracking_uri} (experiment nightly)")
+        from pipeline.tracking import redact
+
+        print(f"quickstart: see the runs in MLflow at {redact(night.tracking_uri)} "
+              "(experiment nightly)")  # fmt: skip
 
 
 if __name__ == "__main__":

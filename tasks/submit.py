@@ -7,9 +7,10 @@ follow its logs.
 This is `ray job submit --working-dir . -- python -m tasks.<task> ARGS` with the
 runtime environment the tasks need: this repository as the working directory and
 the non-secret S3 and MLflow settings of this shell (endpoint, region, tracking
-URI). Credentials are never sent: a job's runtime environment shows in the
-dashboard, so the cluster's nodes hold them (Kubernetes Secrets, instance roles).
-Exit code: the job's (0 when it succeeded), or 0 at once with --no-wait.
+URI, without any user:password in it). Credentials are never sent: a job's
+runtime environment shows in the dashboard, so the cluster's nodes hold them
+(Kubernetes Secrets, instance roles). Exit code: the task's (0 when it succeeded;
+1 when the job failed without one), or 0 at once with --no-wait.
 """
 
 import argparse
@@ -41,13 +42,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    client = JobSubmissionClient(args.address)
-    job_id = client.submit_job(
-        entrypoint=shlex.join(["python", "-m", f"tasks.{args.task}", *args.args]),
-        runtime_env={"working_dir": str(ROOT),
-                     "env_vars": {k: os.environ[k] for k in PASSED_ON if os.environ.get(k)}},
-        metadata={"task": args.task},
-    )  # fmt: skip
+    env = {k: os.environ[k] for k in PASSED_ON if os.environ.get(k)}
+    if "@" in env.get("MLFLOW_TRACKING_URI", "").split("//")[-1].split("/")[0]:
+        parser.error("MLFLOW_TRACKING_URI holds credentials; give them to the cluster's "
+                     "nodes instead (MLFLOW_TRACKING_USERNAME/PASSWORD from a secret)")  # fmt: skip
+    try:
+        client = JobSubmissionClient(args.address)
+        job_id = client.submit_job(
+            entrypoint=shlex.join(["python", "-m", f"tasks.{args.task}", *args.args]),
+            runtime_env={"working_dir": str(ROOT), "env_vars": env},
+            metadata={"task": args.task},
+        )
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        print(f"tasks.submit: failed: cannot submit to {args.address}: {e}", file=sys.stderr)
+        return 1
     print(f"submit: job {job_id} (tasks.{args.task}) submitted to {args.address}", flush=True)
     if args.no_wait:
         return 0
@@ -57,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             print(lines, end="", flush=True)
 
     asyncio.run(follow())
-    status = client.get_job_status(job_id)
-    print(f"submit: job {job_id} {status.value}")
-    return 0 if status == JobStatus.SUCCEEDED else 1
+    info = client.get_job_info(job_id)
+    print(f"submit: job {job_id} {info.status.value}")
+    if info.status == JobStatus.SUCCEEDED:
+        return 0
+    return info.driver_exit_code or 1
 
 
 if __name__ == "__main__":

@@ -14,13 +14,14 @@ from tasks.cli import run_task
 
 
 def main(cfg: TrainConfig) -> None:
+    from pipeline.tracking import redact
     from pipeline.training import train
 
     result = train(cfg)
     print(
         f"train: {result.images_seen} images seen, loss {result.loss:.4f}; "
         f"checkpoint {result.checkpoint}; registered {result.model_name} "
-        f"version {result.model_version} (MLflow run {result.run_id} at {cfg.tracking_uri})"
+        f"version {result.model_version} (MLflow run {result.run_id} at {redact(cfg.tracking_uri)})"
     )
 
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from pipeline import tracking
-from pipeline.config import ConfigError, PromoteConfig
+from pipeline.config import ConfigError, EvaluateConfig, PromoteConfig
 from pipeline.diffusion import SIGMA_DATA
 from pipeline.diffusion.analytic import GaussianDenoiser
-from pipeline.evaluation import heldout_losses, pixel_features
+from pipeline.evaluation import check_fits, heldout_losses, pixel_features
 from pipeline.promotion import EXPERIMENT, promote
+from pipeline.registry import Model
 
 
 def test_heldout_loss_of_the_exact_denoiser_is_the_closed_form():
@@ -56,6 +57,37 @@ def test_pixel_features_scale_to_unit_range_and_average_large_images_down():
     big = blocks.repeat(2, axis=1).repeat(2, axis=2)  # 64x64 made of 2x2 blocks
     assert pixel_features(big).shape == (2, 32 * 32 * 3)
     np.testing.assert_allclose(pixel_features(big), pixel_features(blocks), atol=1e-12)
+
+
+def test_credentials_in_urls_are_redacted_for_logs():
+    uri = "https://alice:s3cret@mlflow.example.com:5000/path?x=1"
+    assert tracking.redact(uri) == "https://***@mlflow.example.com:5000/path?x=1"
+    text = f"run at {uri} and s3://bucket/key@v1 and sqlite:////tmp/mlflow.db"
+    assert tracking.redact(text) == (
+        "run at https://***@mlflow.example.com:5000/path?x=1 and "
+        "s3://bucket/key@v1 and sqlite:////tmp/mlflow.db"
+    )
+
+
+def _model(classes: list[str] | None, num_classes: int) -> Model:
+    card = {"preset": "tiny", "model": {"num_classes": num_classes}, "resolution": 8,
+            "classes": classes}  # fmt: skip
+    return Model(card, b"", {"name": "m", "version": 1, "digest": "0" * 64})
+
+
+def test_a_model_that_does_not_fit_the_dataset_is_refused_before_any_work():
+    cfg = EvaluateConfig(model="m/1", dataset="/tmp/d", images=16, reference_images=16)
+    digits = {"classes": [str(d) for d in range(10)], "resolution": 8}
+    check_fits(cfg, _model([str(d) for d in range(10)], 10), digits)  # fits
+    check_fits(cfg, _model(None, 0), digits)  # unconditional: labels are not used
+    with pytest.raises(ConfigError, match="the model has 3 classes, the dataset 10"):
+        check_fits(cfg, _model(["a", "b", "c"], 3), digits)
+    renamed = [str(d) for d in range(9)] + ["x"]
+    with pytest.raises(ConfigError, match="the model's classes are"):
+        check_fits(cfg, _model(renamed, 10), digits)
+    too_few = EvaluateConfig(model="m/1", dataset="/tmp/d", images=3, neighbours=3)
+    with pytest.raises(ConfigError, match="evaluate.neighbours: must be below images"):
+        check_fits(too_few, _model(None, 0), digits)
 
 
 # --- promotion, in a real MLflow server ------------------------------------------------
@@ -116,6 +148,18 @@ def test_promotion_decides_on_the_metric_with_a_margin_and_records_both_numbers(
     v4 = _version(uri, name, {"fd_pixel": 9.0, "precision": 0.7})
     assert promote(PromoteConfig(**{**cfg, "metric": "precision"}, version=v4)).promoted
     assert _champion(uri, name) == v4
+    # The champion itself is no candidate: nothing to decide, nothing written.
+    same = promote(PromoteConfig(**cfg, version=v4))
+    assert same.already_decided and same.champion == same.candidate == v4
+
+    # The margin is relative to the champion's magnitude, also below zero (KID).
+    kid = {**cfg, "metric": "kid"}
+    v5 = _version(uri, name, {"kid": -0.001})
+    tracking.set_version_tags(uri, name, v4, {"eval.k1.kid": -0.0009})
+    assert promote(PromoteConfig(**kid, version=v5)).promoted  # -0.001 < -0.0009 - 0.00009
+    v6 = _version(uri, name, {"kid": -0.00105})  # better, but by 5% < 10%
+    assert not promote(PromoteConfig(**kid, version=v6)).promoted
+    assert _champion(uri, name) == v5
 
 
 def test_a_missing_score_is_an_error_not_a_promotion(mlflow_server):
@@ -132,3 +176,8 @@ def test_a_missing_score_is_an_error_not_a_promotion(mlflow_server):
     assert _champion(uri, name) == v1
     with pytest.raises(ConfigError, match="promote.version: model .* has no version 99"):
         promote(PromoteConfig(**cfg, version=99))
+    run_id = tracking.find_or_create_run(uri, "promotion-test", f"{name}-unscored")
+    unscored = tracking.register_model(uri, run_id, name, {"model.json": b"{}"}, {"x": "1"})
+    with pytest.raises(ConfigError, match=rf"version {unscored} has no evaluation"):
+        promote(PromoteConfig(**cfg, version=unscored))
+    assert _champion(uri, name) == v1

@@ -43,6 +43,6 @@ def test_tasks_submitted_as_ray_jobs_write_to_the_bucket(ray_dashboard, s3_prefi
     bad = run([sys.executable, "-m", "tasks.submit", "--address", ray_dashboard,
                "preprocess", "--input", raw, "--output", f"{s3_prefix}/bad",
                "--resolution", "-5"])  # fmt: skip
-    assert bad.returncode == 1 and "FAILED" in bad.stdout
+    assert bad.returncode == 2 and "FAILED" in bad.stdout  # the task's exit code
     assert "preprocess.resolution: must be an integer in 1..4096, got -5" in bad.stdout
     assert storage.list_objects(f"{s3_prefix}/bad") == []

@@ -114,6 +114,9 @@ class PromoteConfig(Checked):
     (0.02: 2% lower, or higher for precision and recall)."""
     alias: str = "champion"
     """The alias that marks the model in use."""
+    key: str = ""
+    """The evaluation (`eval.key`, a dataset version and settings) whose scores are
+    compared; default: the candidate's latest."""
     tracking_uri: str = ""
     """MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
 

@@ -7,9 +7,12 @@ import datetime
 import re
 from typing import ClassVar
 
-from pipeline.config.core import Checked
-from pipeline.config.evaluate import METRICS, parse_sampler
-from pipeline.config.train import PRESET_NAMES, resolve_tracking_uri
+from pipeline import storage
+from pipeline.config.core import Checked, ConfigError
+from pipeline.config.data import PreprocessConfig
+from pipeline.config.evaluate import METRICS, EvaluateConfig, PromoteConfig, parse_sampler
+from pipeline.config.sample import SampleConfig
+from pipeline.config.train import PRESET_RESOLUTIONS, TrainConfig, resolve_tracking_uri
 
 
 def today() -> str:
@@ -86,20 +89,75 @@ class NightlyConfig(Checked):
             self.locate(field)
         if not self.night:
             object.__setattr__(self, "night", today())
-        self.check(
-            bool(re.fullmatch(r"\d{4}-\d{2}-\d{2}", self.night)), "night", "must be YYYY-MM-DD"
-        )
+        try:
+            datetime.date.fromisoformat(self.night)
+            well_formed = bool(re.fullmatch(r"\d{4}-\d{2}-\d{2}", self.night))
+        except ValueError:
+            well_formed = False
+        self.check(well_formed, "night", "must be a date, YYYY-MM-DD")
         self.check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.model_name)), "model_name",
                    "must be letters, digits, '_', '.' or '-'")  # fmt: skip
-        presets = ", ".join(PRESET_NAMES)
-        self.check(self.preset in PRESET_NAMES, "preset", f"must be one of {presets}")
-        for field in ("resolution", "images", "batch_size", "workers", "eval_images"):
-            self.check(getattr(self, field) > 0, field, "must be a positive integer")
+        self.check(
+            PRESET_RESOLUTIONS.get(self.preset) == self.resolution,
+            "resolution",
+            f"must be the preset's ({self.preset}: {PRESET_RESOLUTIONS.get(self.preset)})",
+        )
         self.check(self.sample_images >= 0, "sample_images", "must be >= 0")
-        self.check(self.metric in METRICS, "metric", f"must be one of {', '.join(METRICS)}")
-        for field in ("eval_sampler", "sample_sampler"):
-            try:
-                parse_sampler(getattr(self, field))
-            except ValueError as e:
-                self.check(False, field, str(e))
+        allowed = [m for m in METRICS if m not in ("fid", "kid")]
+        self.check(self.metric in allowed, "metric",
+                   f"must be one of {', '.join(allowed)} (FID and KID need Inception "
+                   "weights, which the nightly does not take)")  # fmt: skip
+        try:
+            parse_sampler(self.sample_sampler)
+        except ValueError as e:
+            self.check(False, "sample_sampler", str(e))
         object.__setattr__(self, "tracking_uri", resolve_tracking_uri(self.tracking_uri))
+        # Every step's config, built once here so that a bad value stops the night
+        # before anything is written.
+        try:
+            self.preprocess_config(), self.train_config(""), self.promote_config(1)
+            self.evaluate_config(1), self.sample_config(1)
+        except ConfigError as e:
+            raise ConfigError(f"{self.SECTION}: {e}") from None
+
+    def preprocess_config(self) -> PreprocessConfig:
+        return PreprocessConfig(
+            input=self.raw, output=self.dataset, resolution=self.resolution,
+            small_images="upscale", validation_fraction=self.validation_fraction,
+        )  # fmt: skip
+
+    def train_config(self, init_from: str) -> TrainConfig:
+        """Tonight's training run, warm-started from `init_from` (or from scratch)."""
+        return TrainConfig(
+            dataset=self.dataset, run_name=f"{self.model_name}-{self.night}",
+            storage=self.storage, preset=self.preset, images=self.images,
+            batch_size=self.batch_size, workers=self.workers, use_gpu=self.use_gpu,
+            cpus_per_worker=self.cpus_per_worker, lr=self.lr,
+            lr_rampup_images=self.lr_rampup_images, ema_halflife_images=self.ema_halflife_images,
+            checkpoint_every_images=max(self.batch_size, self.images // 4),
+            log_every_images=max(self.batch_size, self.images // 20), sample_every_images=0,
+            tracking_uri=self.tracking_uri, experiment="nightly", model_name=self.model_name,
+            init_from=init_from,
+        )  # fmt: skip
+
+    def evaluate_config(self, version: int) -> EvaluateConfig:
+        return EvaluateConfig(
+            model=f"{self.model_name}/{version}", dataset=self.dataset, output=self.evaluations,
+            images=self.eval_images, sampler=self.eval_sampler, compare=self.eval_compare,
+            batch_size=max(2, min(self.eval_images, 500)), use_gpu=self.use_gpu,
+            tracking_uri=self.tracking_uri,
+        )  # fmt: skip
+
+    def promote_config(self, version: int, key: str = "") -> PromoteConfig:
+        return PromoteConfig(
+            model_name=self.model_name, version=version, metric=self.metric, margin=self.margin,
+            key=key, tracking_uri=self.tracking_uri,
+        )  # fmt: skip
+
+    def sample_config(self, version: int) -> SampleConfig:
+        sampler, steps = parse_sampler(self.sample_sampler)
+        return SampleConfig(
+            model=f"{self.model_name}/{version}", output=storage.join(self.samples, self.night),
+            images=max(1, self.sample_images), sampler=sampler, steps=steps,
+            use_gpu=self.use_gpu, tracking_uri=self.tracking_uri,
+        )  # fmt: skip

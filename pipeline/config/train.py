@@ -8,9 +8,10 @@ from typing import ClassVar, Literal
 
 from pipeline.config.core import Checked
 
-PRESET_NAMES = ("tiny", "small", "base", "base64")
-"""The UNet presets (pipeline.model.PRESETS), named here so the config does not
-import torch."""
+PRESET_RESOLUTIONS = {"tiny": 8, "small": 32, "base": 32, "base64": 64}
+"""The UNet presets (pipeline.model.PRESETS) and their image sides, here so that
+configs do not import torch."""
+PRESET_NAMES = tuple(PRESET_RESOLUTIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +90,8 @@ class TrainConfig(Checked):
     init_from: str = ""
     """Warm start: begin from this model's weights (`name@alias`, `name/version` or a
     checkpoint folder; its EMA weights) instead of random ones. The optimizer, the
-    schedules and the images seen start from zero; a resumed run ignores it."""
+    schedules and the images seen start from zero. A resumed run continues from its
+    checkpoint and must name the same init_from."""
 
     def __post_init__(self) -> None:
         self.locate("dataset")
