@@ -107,6 +107,7 @@ def _champion(uri: str, name: str) -> int:
     return tracking.model_version(uri, name, alias="champion")["version"]
 
 
+@pytest.mark.slow
 def test_promotion_decides_on_the_metric_with_a_margin_and_records_both_numbers(mlflow_server):
     uri, name = mlflow_server, f"promo-{uuid.uuid4().hex[:8]}"
     cfg = dict(model_name=name, metric="fd_pixel", margin=0.1, tracking_uri=uri)
@@ -162,6 +163,7 @@ def test_promotion_decides_on_the_metric_with_a_margin_and_records_both_numbers(
     assert _champion(uri, name) == v5
 
 
+@pytest.mark.slow
 def test_a_missing_score_is_an_error_not_a_promotion(mlflow_server):
     uri, name = mlflow_server, f"promo-{uuid.uuid4().hex[:8]}"
     cfg = dict(model_name=name, metric="fd_pixel", tracking_uri=uri)

@@ -8,9 +8,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from pipeline import storage
 from pipeline.data import shards
 from tests.services import BIN, ROOT
+
+pytestmark = pytest.mark.slow
 
 
 def run(argv: list[str]) -> subprocess.CompletedProcess:

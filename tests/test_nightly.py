@@ -11,10 +11,14 @@ import subprocess
 import sys
 import uuid
 
+import pytest
+
 from pipeline import storage, tracking
 from pipeline.data import shards
 from pipeline.data.digits import write_digits
 from tests.services import ROOT
+
+pytestmark = pytest.mark.slow
 
 # Known fake MLflow credentials (the test server ignores them), searched for below:
 # in the environment, and as user:password in the tracking URI the tasks are given.
