@@ -370,11 +370,17 @@ def _track(cfg: EvaluateConfig, model: registry.Model, results: dict) -> None:
     """Metrics on the model's training run (step: the dataset's version), and for a
     registered model, tags on its version for `tasks.promote`."""
     scores, key = results["metrics"], results["key"]
-    run_id = model.lineage.get("run_id")
+    run_id, name = model.lineage.get("run_id"), model.lineage.get("name")
+    if name is not None:
+        # The version's tags are written last: present, they say a run that crashed
+        # before writing the JSON logged the metrics already.
+        tags = tracking.model_version(cfg.tracking_uri, name, model.lineage["version"])["tags"]
+        if f"eval.{key}.dataset" in tags:
+            run_id = None
     if run_id:
         tracking.log_metrics(cfg.tracking_uri, run_id, {f"eval.{k}": v for k, v in scores.items()},
                              step=results["dataset"]["version"])  # fmt: skip
-    if model.lineage.get("name") is not None:
+    if name is not None:
         tags = {f"eval.{key}.{k}": f"{v:.8g}" for k, v in scores.items()}
         tags.update({"eval.key": key, f"eval.{key}.dataset": results["dataset"]["digest"]})
         tracking.set_version_tags(

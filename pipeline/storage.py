@@ -40,6 +40,13 @@ _S3 = "s3://"
 _FILE = "file://"
 _TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.partial$")
 _MISSING_CODES = ("NoSuchKey", "NoSuchBucket", "404", "NotFound")
+_USERINFO = re.compile(r"(?<=://)[^/\s]+@")
+
+
+def redact(text: str) -> str:
+    """`text` with the user:password of any URL in it replaced by `***`, so that a
+    URI with credentials (say, an MLflow tracking URI) can be logged and printed."""
+    return _USERINFO.sub("***@", text)
 
 
 class StorageError(RuntimeError):

@@ -11,7 +11,6 @@ version of a named model.
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
@@ -27,14 +26,9 @@ import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
 
+from pipeline.storage import redact  # noqa: E402  (tracking URIs are redacted like any)
+
 RUN_NAME_TAG = "mlflow.runName"
-_USERINFO = re.compile(r"(?<=://)[^/\s]+@")
-
-
-def redact(text: str) -> str:
-    """`text` with the user:password of any URL in it replaced by `***`, so that a
-    tracking URI with credentials can be logged and printed."""
-    return _USERINFO.sub("***@", text)
 
 
 def client(tracking_uri: str) -> MlflowClient:

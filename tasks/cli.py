@@ -1,8 +1,9 @@
 """What every task does around its one library call: parse, validate, exit codes.
 
 Exit codes: 0 success; 2 a bad input or config (one line naming it, nothing
-written); 1 a failure while running (one line for storage and other expected
-failures, a traceback for anything unexpected, which is a bug); 130 interrupted.
+written); 1 a failure while running (one line for storage, MLflow and other
+expected failures, a traceback for anything unexpected, which is a bug); 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -32,4 +33,12 @@ def run_task(
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        # An MLflow server that cannot be reached (or refuses) is no bug: one line,
+        # with any credentials of the tracking URI redacted.
+        if type(e).__module__.split(".")[0] != "mlflow":
+            raise
+        detail = " ".join(storage.redact(str(e)).split())[:500]
+        print(f"{prog}: failed: MLflow: {detail}", file=sys.stderr)
+        return 1
     return 0

@@ -3,6 +3,9 @@ exact denoiser, the pixel features, and promotion decisions in a real MLflow."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 
 import numpy as np
@@ -16,6 +19,7 @@ from pipeline.diffusion.analytic import GaussianDenoiser
 from pipeline.evaluation import check_fits, heldout_losses, pixel_features
 from pipeline.promotion import EXPERIMENT, promote
 from pipeline.registry import Model
+from tests.services import ROOT
 
 
 def test_heldout_loss_of_the_exact_denoiser_is_the_closed_form():
@@ -88,6 +92,18 @@ def test_a_model_that_does_not_fit_the_dataset_is_refused_before_any_work():
     too_few = EvaluateConfig(model="m/1", dataset="/tmp/d", images=3, neighbours=3)
     with pytest.raises(ConfigError, match="evaluate.neighbours: must be below images"):
         check_fits(too_few, _model(None, 0), digits)
+
+
+def test_an_unreachable_mlflow_is_one_redacted_line_and_exit_1():
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    uri = "http://promoter:topsecret@127.0.0.1:9"  # nothing listens on port 9 here
+    done = subprocess.run([sys.executable, "-m", "tasks.promote", "--model_name", "x",
+                           "--tracking_uri", uri], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=120)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith("tasks.promote: failed: MLflow: ") and "http://***@127.0.0.1:9" in line
+    assert "topsecret" not in done.stdout + done.stderr
 
 
 # --- promotion, in a real MLflow server ------------------------------------------------
