@@ -30,7 +30,7 @@ def test_tiny_unet_learns_the_digits():
     ema = EMA(denoiser, halflife_images=20_000)
     pick = torch.Generator().manual_seed(1)
     losses = []
-    for step in range(800):
+    for step in range(600):
         batch = train[torch.randint(0, len(train), (64,), generator=pick)]
         result = train_step(
             denoiser,
