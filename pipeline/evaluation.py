@@ -98,6 +98,9 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
         labels = None  # an unconditional model of a labelled dataset
     outputs = _model_outputs(cfg, model, heldout, labels)
     scores, not_computed = {}, {}
+    real_inception = None
+    if inception is not None:
+        real_inception = _reference_inception(cfg, manifest, settings, inception)
     for i, name in enumerate([cfg.sampler, *cfg.compare]):
         prefix = metric_prefix(i, name)
         fake = pixel_features(outputs["samples"][name])
@@ -109,9 +112,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
         else:
             from pipeline.inception import fid_kid
 
-            real_features = _reference_inception(cfg, manifest, digest, inception)
-            fake_features = inception.features(outputs["samples"][name])
-            found = fid_kid(real_features, fake_features)
+            found = fid_kid(real_inception, inception.features(outputs["samples"][name]))
             scores.update({prefix + k: v for k, v in found.items()})
     if outputs["heldout"] is None:
         not_computed["heldout_loss"] = "the dataset has no validation images"
@@ -228,33 +229,37 @@ def pixel_features(images: np.ndarray) -> np.ndarray:
 def reference_features(dataset: str, manifest: dict, digest: str, limit: int) -> np.ndarray:
     """Pixel features of the train split's first `limit` images, computed once per
     manifest version and kept in the dataset as `reference/pixels-<digest>-<n>.npz`."""
+
+    def compute() -> np.ndarray:
+        images, _ = read_split(dataset, manifest, "train", limit)
+        if images is None:
+            raise ConfigError(f"evaluate.dataset: {dataset} has no train images to compare with")
+        return pixel_features(images).astype(np.float32)
+
     uri = storage.join(dataset, REFERENCE, f"pixels-{digest[:16]}-{limit}.npz")
+    return _kept(uri, compute)
+
+
+def _reference_inception(cfg: EvaluateConfig, manifest: dict, settings: dict, inception):
+    """Inception features of the same reference images, kept per weights file."""
+
+    def compute() -> np.ndarray:
+        images, _ = read_split(cfg.dataset, manifest, "train", cfg.reference_images)
+        return inception.features(images)
+
+    name = (f"inception-{settings['dataset'][:16]}-{cfg.reference_images}-"
+            f"{settings['inception'][:12]}.npz")  # fmt: skip
+    return _kept(storage.join(cfg.dataset, REFERENCE, name), compute)
+
+
+def _kept(uri: str, compute) -> np.ndarray:
+    """The features array stored at `uri`; computed and stored there if absent."""
     try:
         with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as saved:
             return saved["features"]
     except storage.NotFound:
         pass
-    images, _ = read_split(dataset, manifest, "train", limit)
-    if images is None:
-        raise ConfigError(f"evaluate.dataset: {dataset} has no train images to compare with")
-    features = pixel_features(images)
-    buf = io.BytesIO()
-    np.savez(buf, features=features.astype(np.float32))
-    storage.write_bytes(uri, buf.getvalue())
-    return features.astype(np.float32)
-
-
-def _reference_inception(cfg: EvaluateConfig, manifest: dict, digest: str, inception):
-    uri = storage.join(cfg.dataset, REFERENCE,
-                       f"inception-{digest[:16]}-{cfg.reference_images}-"
-                       f"{_file_digest(cfg.inception)[:12]}.npz")  # fmt: skip
-    try:
-        with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as saved:
-            return saved["features"]
-    except storage.NotFound:
-        pass
-    images, _ = read_split(cfg.dataset, manifest, "train", cfg.reference_images)
-    features = inception.features(images)
+    features = compute()
     buf = io.BytesIO()
     np.savez(buf, features=features)
     storage.write_bytes(uri, buf.getvalue())
