@@ -70,7 +70,7 @@ def bench_loop(config: dict) -> None:
 
     device = ray.train.torch.get_device()
     torch.manual_seed(0)
-    denoiser = Precond(build(config["preset"], num_classes=10))
+    denoiser = Precond(build(config["preset"], config["resolution"], num_classes=10))
     ema = EMA(denoiser.to(device), 50_000)
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=1e-4)
     model = ray.train.torch.prepare_model(denoiser)

@@ -16,6 +16,7 @@ from typing import Any
 from pipeline import storage, tracking
 from pipeline.config import ConfigError
 from pipeline.config.sample import is_registry_ref
+from pipeline.model.architecture import NATIVE_RESOLUTION, UNetConfig, architecture
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,11 +24,16 @@ class Model:
     """The weights of a trained denoiser and where they came from."""
 
     card: dict[str, Any]
-    """preset, model overrides, resolution, classes (as `tasks.train` registers them)."""
+    """template, model (the whole architecture, `UNetConfig.to_dict`), resolution,
+    classes, augmentation... (as `tasks.train` registers them)."""
     weights: bytes
     """The EMA weights, as safetensors bytes."""
     lineage: dict[str, Any]
     """name, version, run_id (or checkpoint), digest (sha256 of the weights)."""
+
+    def architecture(self) -> UNetConfig:
+        """The network the weights belong to."""
+        return UNetConfig.from_dict(self.card["model"])
 
     def describe(self) -> str:
         """`name/version` for a registered model, else the checkpoint folder."""
@@ -60,18 +66,33 @@ def load_model(ref: str, tracking_uri: str, field: str) -> Model:
         lineage = {"name": name, "version": version, "run_id": run_id}
     else:
         from pipeline import checkpoint
-        from pipeline.model import PRESETS
 
         try:
             state = json.loads(storage.read_bytes(storage.join(ref, checkpoint.STATE)))
             weights = storage.read_bytes(storage.join(ref, checkpoint.EMA_WEIGHTS))
         except storage.StorageError as e:
             raise ConfigError(f"{field}: no checkpoint at {ref} ({e})") from None
-        preset = state["config"]["preset"]
-        card = {"preset": preset, "model": state["model"],
-                "resolution": PRESETS[preset]().resolution, "classes": None,
-                "dataset": state.get("dataset")}  # fmt: skip
+        config = state["config"]
+        template = config.get("preset") or config["model"]["template"]
+        card = {"template": template, "model": state["model"], "classes": None,
+                "dataset": state.get("dataset"),
+                "augmentation": {"hflip": config.get("hflip")}}  # fmt: skip
         lineage = {"name": None, "version": None, "run_id": state.get("run_id"),
                    "checkpoint": ref}  # fmt: skip
+    card = _complete(card)
     lineage["digest"] = hashlib.sha256(weights).hexdigest()
     return Model(card, weights, lineage)
+
+
+def _complete(card: dict[str, Any]) -> dict[str, Any]:
+    """The card with the whole architecture. Models registered before templates
+    (0.1.0) name a preset and record only what differed from it; at the preset's
+    own resolution its template is the same network."""
+    if "preset" in card:
+        card = {**card, "template": card["preset"]}
+        del card["preset"]
+    model = card["model"]
+    if "channels" not in model:
+        resolution = card.get("resolution") or NATIVE_RESOLUTION[card["template"]]
+        model = architecture(card["template"], resolution, **model).to_dict()
+    return {**card, "model": model, "resolution": model["resolution"]}

@@ -25,10 +25,11 @@ from safetensors.torch import load as load_weights
 
 from pipeline import checkpoint, storage, tracking
 from pipeline.config import TrainConfig, from_dict
+from pipeline.data.transforms import tile
 from pipeline.diffusion import Precond, karras_sigmas
 from pipeline.diffusion.step import NonFiniteLoss, step_generator, train_step
 from pipeline.ema import EMA
-from pipeline.model import build
+from pipeline.model import UNet, UNetConfig
 from pipeline.samplers import initial_noise, sample_generators, sample_heun
 
 
@@ -42,7 +43,7 @@ def train_loop_per_worker(config: dict) -> None:
     # The same network on every worker, then the latest checkpoint over it.
     # A warm start begins from another model's weights, its average too.
     torch.manual_seed(cfg.seed)
-    net = build(cfg.preset, **plan["model"]).to(device)
+    net = UNet(UNetConfig.from_dict(plan["model"])).to(device)
     restored = ray.train.get_checkpoint()
     if restored is None and config.get("init_weights") is not None:
         net.load_state_dict(load_weights(ray.get(config["init_weights"])))
@@ -200,17 +201,7 @@ class _Rank0Log:
         self.system.__exit__(None, None, None)
 
 
-def grid(images: torch.Tensor, columns: int = 8, min_side: int = 32, gap: int = 2) -> np.ndarray:
-    """[N, 3, H, W] in [-1, 1] -> one uint8 HxWx3 image, `columns` images a row,
-    each enlarged (nearest) to at least `min_side` pixels and `gap` pixels apart."""
+def grid(images: torch.Tensor, columns: int = 8) -> np.ndarray:
+    """[N, 3, H, W] in [-1, 1] -> one uint8 HxWx3 image (see `transforms.tile`)."""
     pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-    scale = max(1, -(-min_side // pixels.shape[2]))
-    pixels = pixels.repeat(scale, axis=2).repeat(scale, axis=3)
-    n, c, h, w = pixels.shape
-    rows = -(-n // columns)
-    canvas = np.zeros((rows * (h + gap) - gap, columns * (w + gap) - gap, c), dtype=np.uint8)
-    for i, image in enumerate(pixels):
-        r, col = divmod(i, columns)
-        top, left = r * (h + gap), col * (w + gap)
-        canvas[top : top + h, left : left + w] = image.transpose(1, 2, 0)
-    return canvas
+    return tile(pixels.transpose(0, 2, 3, 1), columns)

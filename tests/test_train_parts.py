@@ -12,12 +12,12 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline import checkpoint, tracking
-from pipeline.config import ConfigError, TrainConfig
+from pipeline.config import ConfigError, ModelConfig, TrainConfig
 from pipeline.config.train import resolve_tracking_uri
 from pipeline.diffusion import Precond
 from pipeline.diffusion.step import step_generator, train_step
 from pipeline.ema import EMA
-from pipeline.model import build
+from pipeline.model import architecture, build
 from pipeline.train_worker import grid
 from pipeline.training import _plan, to_training_batch
 from tests.nets import randomised
@@ -53,15 +53,15 @@ def test_horizontal_flip_mirrors_about_half_of_the_images_whole():
     assert 140 < right.sum() < 260  # Binomial(400, 1/2): outside this, p < 1e-9
 
 
-def test_grid_places_enlarged_images_in_rows_with_gaps():
+def test_grid_places_enlarged_images_in_rows_with_grey_gaps():
     images = torch.stack([torch.full((3, 8, 8), v) for v in (-1.0, 0.0, 1.0)])
     images[1, 0] = 1.0  # red channel up: (255, 128, 128)
-    canvas = grid(images, columns=2, min_side=32, gap=2)
+    canvas = grid(images, columns=2)  # each 8x8 image enlarged to 32x32, 2 px apart
     assert canvas.shape == (2 * 32 + 2, 2 * 32 + 2, 3) and canvas.dtype == np.uint8
     assert (canvas[:32, :32] == 0).all()
     assert (canvas[:32, 34:] == [255, 128, 128]).all()
     assert (canvas[34:, :32] == 255).all()
-    assert (canvas[32:34] == 0).all() and (canvas[34:, 34:] == 0).all()  # gap, empty slot
+    assert (canvas[32:34] == 128).all() and (canvas[34:, 34:] == 128).all()  # gap, empty slot
 
 
 def test_checkpoint_round_trip_continues_the_same_training(tmp_path):
@@ -105,7 +105,7 @@ def test_checkpoint_round_trip_continues_the_same_training(tmp_path):
         ({"batch_size": 64, "workers": 2, "micro_batch": 24}, "train.micro_batch: must divide "
          "batch_size / workers (32), got 24"),
         ({"run_name": "a/b"}, "train.run_name: must be a non-empty name without '/', got 'a/b'"),
-        ({"preset": "huge"}, "train.preset: must be one of tiny, small, base, base64, got 'huge'"),
+        ({"hflip": True, "lr": -1.0}, "train.lr: must be positive, got -1.0"),
         ({"images": 0}, "train.images: must be a positive integer, got 0"),
     ],
 )  # fmt: skip
@@ -146,15 +146,31 @@ def test_plan_rounds_the_length_up_to_whole_batches():
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"preset": "small"}, "train.preset: small is for 32x32 images; the dataset's are 8x8"),
+        ({"model": ModelConfig(channel_mult=(1, 2, 2, 2, 2))}, "train.model: the tiny template "
+         "takes images of 16 to 512 px and a multiple of 16 (channel_mult 1,2,2,2,2 halves the "
+         "side 4 times), got the dataset's images of 8"),
+        ({"model": ModelConfig("small")}, None),  # any template whose levels divide the side
         ({"batch_size": 2048}, "train.batch_size: larger than the dataset's 1610 training "
          "images, got 2048"),
     ],
 )  # fmt: skip
 def test_plan_refuses_a_model_or_batch_that_does_not_fit_the_data(changes, message):
+    if message is None:
+        _plan(TrainConfig(dataset="/d", **changes), MANIFEST, "digest")
+        return
     with pytest.raises(ConfigError) as e:
         _plan(TrainConfig(dataset="/d", **changes), MANIFEST, "digest")
     assert str(e.value) == message
+
+
+def test_the_plan_holds_the_whole_network_for_the_datas_side_and_classes():
+    cfg = TrainConfig(dataset="/d", model=ModelConfig("small", channels=32, blocks=1),
+                      label_dropout=0.2)  # fmt: skip
+    plan = _plan(cfg, {**MANIFEST, "resolution": 24}, "digest")
+    assert plan["model"] == architecture("small", 24, channels=32, blocks=1, num_classes=10,
+                                         label_dropout=0.2).to_dict()  # fmt: skip
+    unlabelled = _plan(cfg, {**MANIFEST, "classes": None}, "digest")["model"]
+    assert (unlabelled["num_classes"], unlabelled["label_dropout"]) == (0, 0.0)
 
 
 @pytest.mark.slow

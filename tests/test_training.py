@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from pipeline import storage
 from pipeline.data import shards
 from pipeline.data.digits import write_digits
+from pipeline.model import architecture
 from tests import services
 from tests.services import ROOT
 
@@ -30,7 +31,7 @@ K = 1024
 """Run B of the resume test is killed after its checkpoint at K images."""
 
 TRAINING = [
-    "--preset", "tiny", "--batch_size", "32", "--lr", "2e-3", "--lr_rampup_images", "256",
+    "--model.template", "tiny", "--batch_size", "32", "--lr", "2e-3", "--lr_rampup_images", "256",
     "--ema_halflife_images", "500", "--log_every_images", "128", "--sample_every_images", "1024",
     "--checkpoint_every_images", "512", "--keep_checkpoints", "2", "--experiment", "tests",
 ]  # fmt: skip
@@ -160,7 +161,8 @@ def test_two_workers_on_two_nodes_from_the_bucket_tracked_in_mlflow(
     assert state["run_id"] == run_id
     assert found.info.status == "FINISHED"
     params = found.data.params
-    assert params["preset"] == "tiny" and params["workers"] == "2"
+    assert params["model.template"] == "tiny" and params["workers"] == "2"
+    assert params["hflip"] == "False" and params["architecture.channels"] == "24"
     assert params["plan.images"] == "2048" and params["dataset"] == digits
     manifest = storage.read_bytes(f"{digits}/{shards.MANIFEST}")
     digest = hashlib.sha256(manifest).hexdigest()
@@ -192,7 +194,11 @@ def test_two_workers_on_two_nodes_from_the_bucket_tracked_in_mlflow(
         card = json.loads(Path(local, "model.json").read_text())
     assert registered == storage.read_bytes(f"{s3_prefix}/two-nodes/checkpoint-000000002048/"
                                             "ema.safetensors")  # fmt: skip
-    assert card["preset"] == "tiny" and card["dataset"]["digest"] == digest
+    assert card["template"] == "tiny" and card["dataset"]["digest"] == digest
+    assert card["augmentation"] == {"hflip": False} and version.tags["hflip"] == "False"
+    # The whole network, as the workers built it (also in every checkpoint).
+    assert card["model"] == architecture("tiny", 8, num_classes=10, label_dropout=0.1).to_dict()
+    assert state["model"] == card["model"]
 
 
 def test_killed_run_resumed_continues_the_straight_run(
@@ -280,7 +286,7 @@ def test_node_lost_mid_run_restarts_from_checkpoint_and_finishes(
     assert all(len(loss[step]) == 1 for step in loss if step <= 1024)  # not from the start
 
 
-@pytest.mark.parametrize("case", ["no-manifest", "uncommitted", "unknown-preset",
+@pytest.mark.parametrize("case", ["no-manifest", "uncommitted", "unknown-template",
                                   "indivisible-batch", "no-bucket"])  # fmt: skip
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     case, cluster, digits, s3, s3_prefix, mlflow_server
@@ -298,13 +304,14 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
         "missing: run tasks.preprocess)",
         "uncommitted": f"train.dataset: no committed dataset at {dataset} (manifest.json is "
         "missing: run tasks.preprocess)",
-        "unknown-preset": "train.preset: must be one of tiny, small, base, base64, got 'huge'",
+        "unknown-template": "train.model.template: must be one of tiny, small, base, base64, "
+        "got 'huge'",
         "indivisible-batch": "train.batch_size: must be a multiple of the number of workers "
         "(2), got 33",
         "no-bucket": "train.storage: s3://no-such-bucket/runs/bad-no-bucket: not found",
     }[case]
-    if case == "unknown-preset":
-        extra = ["--preset", "huge"]
+    if case == "unknown-template":
+        extra = ["--model.template", "huge"]
     elif case == "indivisible-batch":
         extra = ["--workers", "2", "--batch_size", "33"]
     elif case == "no-bucket":

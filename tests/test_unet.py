@@ -1,18 +1,18 @@
-"""The UNet: presets, shapes, labels and their dropout, gradients, layouts, bf16,
-and no graph breaks under torch.compile."""
+"""The UNet: templates at any resolution, shapes, labels and their dropout,
+gradients, layouts, bf16, and no graph breaks under torch.compile."""
 
 import pytest
 import torch
 
-from pipeline.model import PRESETS, UNetConfig, build
-from pipeline.model.unet import GroupNorm
+from pipeline.model import TEMPLATES, UNetConfig, architecture, build
+from pipeline.model.unet import Attention, GroupNorm
 from tests.nets import randomised
 
 SIZES = {"tiny": (0.2e6, 1e6), "small": (34e6, 40e6), "base": (54e6, 60e6), "base64": (58e6, 66e6)}
 
 
-@pytest.mark.parametrize("name", PRESETS)
-def test_every_preset_builds_with_its_size_and_maps_shapes(name):
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_every_template_builds_with_its_size_and_maps_shapes(name):
     torch.manual_seed(0)
     net = build(name, num_classes=10).eval()
     low, high = SIZES[name]
@@ -124,7 +124,60 @@ def test_an_unconditional_network_refuses_labels():
 
 
 def test_config_is_checked():
-    with pytest.raises(ValueError, match="not divisible"):
+    with pytest.raises(ValueError, match=r"resolution: must be 8 to 512 px and a multiple of 4 "
+                       r"\(channel_mult 1,2,2 halves the side twice\), got 30"):  # fmt: skip
         UNetConfig(resolution=30, channel_mult=(1, 2, 2))
-    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+    with pytest.raises(ValueError, match="unknown template 'huge'"):
         build("huge")
+    with pytest.raises(ValueError, match=r"attention: levels must lie in 0\.\.1"):
+        architecture("tiny", 8, attention=(2,))
+    with pytest.raises(ValueError, match="template tiny: .*unexpected keyword argument 'chanels'"):
+        architecture("tiny", 8, chanels=3)
+
+
+@pytest.mark.parametrize("resolution", [8, 16, 24, 40, 64])
+def test_a_template_takes_any_side_its_levels_divide(resolution):
+    # Convolutions do not care about the side: the same template has the same
+    # parameters at every resolution, and attention stays at its level.
+    net = build("tiny", resolution, num_classes=10).eval()
+    assert net.parameter_count() == build("tiny", 8, num_classes=10).parameter_count()
+    sides = []
+    for module in net.modules():
+        if isinstance(module, Attention):
+            module.register_forward_hook(lambda m, i, o: sides.append(i[0].shape[-1]))
+    x = torch.randn(2, 3, resolution, resolution)
+    with torch.no_grad():
+        out = net(x, torch.zeros(2), torch.tensor([1, 2]))
+    assert out.shape == x.shape
+    # level 1 is half the side: its encoder block, the bottleneck's (tiny has
+    # two levels, so the bottleneck is at level 1 too) and its 2 decoder blocks
+    assert sides == [resolution // 2] * 4
+
+
+def test_overrides_change_width_and_depth():
+    wide = architecture("tiny", 16, channels=32, channel_mult=(1, 2, 2), attention=(2,))
+    assert (wide.channels, wide.channel_mult, wide.attention) == (32, (1, 2, 2), (2,))
+    net = build("tiny", 16, channels=32, channel_mult=(1, 2, 2), attention=(2,))
+    assert net.conv_in.out_channels == 32 and len(net.down) == 3 * 1 + 2
+    assert net.parameter_count() > build("tiny", 16).parameter_count()
+
+
+def test_an_architecture_round_trips_through_plain_data_and_rebuilds_the_network():
+    cfg = architecture("small", 16, num_classes=10, channels=32, blocks=1)
+    plain = cfg.to_dict()
+    assert plain["channel_mult"] == [1, 2, 2, 2] and UNetConfig.from_dict(plain) == cfg
+    net = randomised(build("small", 16, num_classes=10, channels=32, blocks=1))
+    again = UNetConfig.from_dict(plain)
+    rebuilt = type(net)(again)
+    rebuilt.load_state_dict(net.state_dict())  # every key and shape the same
+    with pytest.raises(ValueError, match=r"unknown \['depth'\], missing \['blocks'\]"):
+        UNetConfig.from_dict({**{k: v for k, v in plain.items() if k != "blocks"}, "depth": 2})
+
+
+def test_a_negative_label_is_no_label():
+    net = randomised(build("tiny", num_classes=10)).eval()
+    x, c = torch.randn(4, 3, 8, 8), torch.zeros(4)
+    with torch.no_grad():
+        mixed = net(x, c, torch.tensor([3, -1, 3, -1]))
+        assert torch.equal(mixed[1::2], net(x, c, None)[1::2])
+        assert torch.equal(mixed[0::2], net(x, c, torch.tensor([3, 3, 3, 3]))[0::2])

@@ -18,6 +18,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -66,7 +67,8 @@ def _describe(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
+        parts = [_describe(a) for a in typing.get_args(tp)]
+        return ("; or " if any("," in p for p in parts) else " or ").join(parts)
     if origin is tuple:
         return f"a comma-separated list, each {_describe(typing.get_args(tp)[0])}"
     return {
@@ -129,9 +131,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise bad
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise bad from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise bad
@@ -169,7 +174,16 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str | None = None) -> 
             kwargs[name] = from_dict(tp, value, f"{prefix}.{name}")
         else:
             kwargs[name] = _coerce(value, tp, f"{prefix}.{name}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        # A nested config names its fields by its own section ("model.channels");
+        # here it lives at `prefix` ("train.model.channels").
+        section = getattr(cls, "SECTION", prefix)
+        message = str(e)
+        if prefix == section or not message.startswith(section):
+            raise
+        raise ConfigError(prefix + message[len(section) :]) from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -212,17 +226,21 @@ class _OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _flags(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
-    """(dotted name, help, default) for every leaf field of `cls`."""
+def _add_flags(parser: argparse.ArgumentParser, group, cls: type, prefix: str = "") -> None:
+    """One `--field` flag per leaf field of `cls`, its docstring as help; a nested
+    config gets a group of `--name.field` flags, its docstring as description."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
-    out = []
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            out += _flags(tp, f"{prefix}{f.name}.")
+            title = f"{prefix}{f.name} (--{prefix}{f.name}.FIELD)"
+            about = textwrap.fill(docs.get(f.name, ""), 78, initial_indent="  ",
+                                  subsequent_indent="  ")  # fmt: skip
+            nested = parser.add_argument_group(title, about)
+            _add_flags(parser, nested, tp, f"{prefix}{f.name}.")
             continue
         if f.default is not dataclasses.MISSING:
             default = f"default: {f.default!r}"
@@ -230,8 +248,15 @@ def _flags(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
             default = f"default: {f.default_factory()!r}"
         else:
             default = "required"
-        out.append((prefix + f.name, f"{docs.get(f.name, '')} [{_describe(tp)}; {default}]", tp))
-    return out
+        # argparse formats help with %: a literal one must be doubled.
+        text = f"{docs.get(f.name, '')} [{_describe(tp)}; {default}]".replace("%", "%%")
+        group.add_argument(
+            f"--{prefix}{f.name}",
+            dest=f"field:{prefix}{f.name}",
+            metavar="VALUE",
+            default=argparse.SUPPRESS,
+            help=text,
+        )
 
 
 def make_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
@@ -244,15 +269,7 @@ def make_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPars
         metavar="FILE",
         help="YAML file of field values; command-line flags override it",
     )
-    group = parser.add_argument_group("config fields")
-    for name, help_text, _ in _flags(cls):
-        group.add_argument(
-            f"--{name}",
-            dest=f"field:{name}",
-            metavar="VALUE",
-            default=argparse.SUPPRESS,
-            help=help_text,
-        )
+    _add_flags(parser, parser.add_argument_group("config fields"), cls)
     return parser
 
 

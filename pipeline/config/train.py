@@ -7,11 +7,7 @@ import os
 from typing import ClassVar, Literal
 
 from pipeline.config.core import Checked
-
-PRESET_RESOLUTIONS = {"tiny": 8, "small": 32, "base": 32, "base64": 64}
-"""The UNet presets (pipeline.model.PRESETS) and their image sides, here so that
-configs do not import torch."""
-PRESET_NAMES = tuple(PRESET_RESOLUTIONS)
+from pipeline.config.model import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +24,10 @@ class TrainConfig(Checked):
     name resumes it (Ray Train and MLflow alike)."""
     storage: str = "runs"
     """Where runs keep their checkpoints: a folder (shared by all nodes) or `s3://`."""
-    preset: str = "tiny"
-    """UNet preset: tiny, small, base or base64 (its resolution must match the data)."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    """The network: `--model.template` and overrides of its width and depth
+    (`--model.channels 64 --model.channel_mult 1,2,2`); resolution and classes come
+    from the dataset."""
     images: int = 100_000
     """Training length in images seen (the global batch counts once per step)."""
     epochs: float | None = None
@@ -47,23 +45,27 @@ class TrainConfig(Checked):
     """CPUs reserved by each worker (fractions leave room for Ray Data's readers)."""
     placement: Literal["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"] = "PACK"
     """How workers are placed on nodes (Ray placement-group strategy)."""
-    lr: float = 1e-3
-    """Adam learning rate after the ramp-up."""
-    lr_rampup_images: int = 10_000
+    lr: float = 2e-3
+    """Adam learning rate after the ramp-up. The defaults of lr, lr_rampup_images and
+    ema_halflife_images fit small data and the tiny template (the digits: 2e-3, 1,000,
+    4,000); for EDM-size networks on large datasets use EDM's 1e-3, 10,000,000 and
+    500,000 (CIFAR-10 at batch 512). tasks.nightly and tasks.quickstart use these
+    defaults too."""
+    lr_rampup_images: int = 1_000
     """Images over which the learning rate rises linearly from 0 (EDM)."""
     max_grad_norm: float = 1.0
     """Gradients are clipped to this norm."""
-    ema_halflife_images: int = 50_000
-    """Half-life of the weight average, in images."""
+    ema_halflife_images: int = 4_000
+    """Half-life of the weight average, in images (see lr for larger runs)."""
     ema_rampup_ratio: float = 0.05
     """Early in training the half-life is at most this fraction of the images seen."""
-    dropout: float | None = None
-    """Dropout in the UNet's blocks; default: the preset's."""
     label_dropout: float = 0.1
     """Share of labels replaced by "no label" (for classifier-free guidance); applies
     when the dataset has classes."""
-    hflip: bool = True
-    """Flip each training image horizontally with probability 1/2."""
+    hflip: bool = False
+    """Flip each training image left-right with probability 1/2. Off by default
+    (as diffusers' --random_flip and EDM's --xflip): a mirrored digit or letter is
+    not one. Turn it on for data whose mirror images are as real (faces, scenes)."""
     seed: int = 0
     """Seeds the weights and every step's noise, (seed, rank, images seen)."""
     bf16: bool = True
@@ -101,9 +103,6 @@ class TrainConfig(Checked):
             "run_name",
             "must be a non-empty name without '/'",
         )
-        self.check(
-            self.preset in PRESET_NAMES, "preset", f"must be one of {', '.join(PRESET_NAMES)}"
-        )
         self.check(self.images > 0, "images", "must be a positive integer")
         self.check(self.epochs is None or self.epochs > 0, "epochs", "must be positive")
         self.check(self.workers > 0, "workers", "must be a positive integer")
@@ -124,7 +123,6 @@ class TrainConfig(Checked):
         self.check(self.lr_rampup_images >= 0, "lr_rampup_images", "must be >= 0")
         self.check(self.max_grad_norm > 0, "max_grad_norm", "must be positive")
         self.check(self.ema_halflife_images > 0, "ema_halflife_images", "must be positive")
-        self.check(self.dropout is None or 0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         self.check(0 <= self.label_dropout < 1, "label_dropout", "must be in [0, 1)")
         for field in ("checkpoint_every_images", "log_every_images"):
             self.check(getattr(self, field) > 0, field, "must be a positive integer")

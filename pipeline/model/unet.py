@@ -4,7 +4,7 @@ The network knows nothing of noise schedules: `pipeline.diffusion.Precond` feeds
 it c_in * y and c_noise and combines its output. It follows DDPM (Ho et al. 2020)
 and ADM (Dhariwal & Nichol 2021): residual blocks with GroupNorm and SiLU, the
 noise embedding applied as a per-channel scale and shift ("adaptive GroupNorm"),
-self-attention at chosen resolutions, skip connections between encoder and
+self-attention at chosen levels, skip connections between encoder and
 decoder, residual sums scaled by 1/sqrt(2) (DDPM++), and zero-initialised output
 layers, so that every residual branch and the network itself start at zero.
 
@@ -17,50 +17,13 @@ layer works on `channels_last` tensors.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclasses.dataclass(frozen=True)
-class UNetConfig:
-    """Shape of the network."""
-
-    resolution: int = 32
-    """Side of the (square) images, in pixels."""
-    in_channels: int = 3
-    """Channels of the input images."""
-    out_channels: int = 3
-    """Channels of the output."""
-    channels: int = 128
-    """Channels at the first resolution; level l has channels * channel_mult[l]."""
-    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
-    """Channel multiplier per resolution level; each level after the first halves
-    the resolution."""
-    blocks: int = 2
-    """Residual blocks per level in the encoder (the decoder has one more)."""
-    attention: tuple[int, ...] = (16,)
-    """Resolutions at which blocks add self-attention."""
-    head_channels: int = 64
-    """Channels per attention head."""
-    dropout: float = 0.1
-    """Dropout before each block's second convolution."""
-    num_classes: int = 0
-    """Classes for conditioning; 0 for an unconditional network."""
-    label_dropout: float = 0.0
-    """Training probability of replacing a label by "no label" (class index
-    num_classes), which teaches the unconditional model that classifier-free
-    guidance needs."""
-
-    def __post_init__(self) -> None:
-        levels = len(self.channel_mult)
-        if self.resolution % 2 ** (levels - 1):
-            raise ValueError(f"resolution {self.resolution} is not divisible by 2^{levels - 1}")
-        if not 0 <= self.label_dropout < 1:
-            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+from pipeline.model.architecture import UNetConfig, architecture
 
 
 class GroupNorm(nn.GroupNorm):
@@ -188,18 +151,17 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.channels, 3, padding=1)
 
         self.down = nn.ModuleList()
-        skips, ch, res = [cfg.channels], cfg.channels, cfg.resolution
+        skips, ch = [cfg.channels], cfg.channels
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.blocks):
                 self.down.append(
-                    ResBlock(ch, cfg.channels * mult, emb_ch, cfg, res in cfg.attention)
+                    ResBlock(ch, cfg.channels * mult, emb_ch, cfg, level in cfg.attention)
                 )
                 ch = cfg.channels * mult
                 skips.append(ch)
             if level < len(cfg.channel_mult) - 1:
                 self.down.append(Downsample(ch))
                 skips.append(ch)
-                res //= 2
         self.mid = nn.ModuleList(
             [ResBlock(ch, ch, emb_ch, cfg, attention=True), ResBlock(ch, ch, emb_ch, cfg, False)]
         )
@@ -207,23 +169,26 @@ class UNet(nn.Module):
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for _ in range(cfg.blocks + 1):
                 out = cfg.channels * mult
-                self.up.append(ResBlock(ch + skips.pop(), out, emb_ch, cfg, res in cfg.attention))
+                self.up.append(ResBlock(ch + skips.pop(), out, emb_ch, cfg, level in cfg.attention))
                 ch = out
             if level > 0:
                 self.up.append(Upsample(ch))
-                res *= 2
         self.norm_out = _norm(ch)
         self.conv_out = _zero(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(
         self, x: torch.Tensor, c_noise: torch.Tensor, label: torch.Tensor | None = None
     ) -> torch.Tensor:
+        """F(x, c_noise, label) for a batch; `label` holds class indices, None or a
+        negative index meaning no label (unconditional)."""
         emb = self.embed_noise(c_noise)
         if label is not None and self.embed_label is None:
             raise ValueError("this network is unconditional (num_classes=0): pass label=None")
         if self.embed_label is not None:
             null = torch.full((x.shape[0],), self.cfg.num_classes, device=x.device)
-            label = null if label is None else label.to(torch.long)
+            # A negative label is "no label" for that row: guidance batches
+            # conditional and unconditional rows into one call.
+            label = null if label is None else torch.where(label < 0, null, label.to(torch.long))
             if self.training and self.cfg.label_dropout > 0:
                 drop = torch.rand(x.shape[0], device=x.device) < self.cfg.label_dropout
                 label = torch.where(drop, null, label)
@@ -245,3 +210,9 @@ class UNet(nn.Module):
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def build(template: str, resolution: int | None = None, **overrides) -> UNet:
+    """The UNet of a template at `resolution` (default: the template's own), with
+    any UNetConfig field overridden: `build("small", 64, num_classes=10)`."""
+    return UNet(architecture(template, resolution, **overrides))
