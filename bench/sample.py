@@ -62,20 +62,51 @@ def our_model(device):
     return Precond(build("tiny", num_classes=10, dropout=0.0)).to(device).eval()
 
 
-def bare_loop(args, device) -> float:
-    """Seconds for `args.images` images with the sampler alone."""
+class TwoCalls:
+    """The denoiser with classifier-free guidance done the usual way: one network
+    call with the labels and one without (the baseline of `guidance_speedup`)."""
+
+    def __init__(self, denoiser):
+        self.denoiser = denoiser
+
+    def __call__(self, x, sigma, label=None):
+        return self.denoiser(x, sigma, label)
+
+    def guided(self, x, sigma, label, guidance):
+        cond, uncond = self.denoiser(x, sigma, label), self.denoiser(x, sigma, None)
+        return uncond + guidance * (cond - uncond)
+
+
+def bare_loop(args, device, images: int, batch: int, guidance: float = 1.0,
+              two_calls: bool = False) -> float:  # fmt: skip
+    """Seconds for `images` images with the sampler alone, `batch` at a time; with
+    guidance, in one batched network call per step, or in two (`two_calls`)."""
     from pipeline.sampling import generate
 
     denoiser = our_model(device)
+    if two_calls:
+        denoiser = TwoCalls(denoiser)
     job = {"seed": 0, "labels": "uniform", "steps": args.steps, "sampler": args.sampler,
-           "guidance": 1.0}  # fmt: skip
+           "guidance": guidance}  # fmt: skip
     card = {"resolution": 8, "model": {"num_classes": 10}}
-    generate(denoiser, job, card, list(range(args.batch)), device)  # warm-up
+    generate(denoiser, job, card, list(range(batch)), device)  # warm-up
     start = time.perf_counter()
-    for first in range(0, args.images, args.batch):
-        indices = list(range(first, min(first + args.batch, args.images)))
+    for first in range(0, images, batch):
+        indices = list(range(first, min(first + batch, images)))
         generate(denoiser, job, card, indices, device)
     return time.perf_counter() - start
+
+
+def guided_speedups(args, device) -> dict[int, dict[str, float]]:
+    """Per batch size: images/s of guided sampling in one batched call per step and
+    in two calls, and their ratio (fewer images for small batches)."""
+    out = {}
+    for batch in sorted({*args.guided_batches, args.batch}):
+        images = min(args.images, 64 * batch)
+        one = images / bare_loop(args, device, images, batch, args.guidance)
+        two = images / bare_loop(args, device, images, batch, args.guidance, two_calls=True)
+        out[batch] = {"images": images, "one_call": one, "two_calls": two, "speedup": one / two}
+    return out
 
 
 def job(args, device, tmp: Path, images: int) -> float:
@@ -92,7 +123,8 @@ def job(args, device, tmp: Path, images: int) -> float:
     net = our_model("cpu").net
     (folder / checkpoint.EMA_WEIGHTS).write_bytes(save(net.state_dict()))
     (folder / checkpoint.STATE).write_text(json.dumps(
-        {"config": {"preset": "tiny"}, "model": {"num_classes": 10}, "run_id": None}))  # fmt: skip
+        {"config": {"model": {"template": "tiny"}}, "model": net.cfg.to_dict(),
+         "run_id": None}))  # fmt: skip
     cfg = SampleConfig(model=str(folder), output=str(tmp / "out"), images=images,
                        samples_per_shard=max(args.batch, args.images // 8), sampler=args.sampler,
                        steps=args.steps, batch_size=args.batch, network_batch=args.batch,
@@ -139,6 +171,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="images per batch")
     parser.add_argument("--sampler", default="dpmpp_2m", help="our sampler")
     parser.add_argument("--steps", type=int, default=20, help="our sampler's steps")
+    parser.add_argument("--guidance", type=float, default=2.0, help="guidance of the guided cases")
+    parser.add_argument("--guided_batches", type=int, nargs="+", default=[1, 4, 16],
+                        help="more batch sizes of the guided comparison")  # fmt: skip
     parser.add_argument(
         "--out",
         default=os.environ.get("OUT") or str(RESULTS),
@@ -161,7 +196,12 @@ def main() -> None:
         "ours (tiny)": sum(p.numel() for p in build("tiny", num_classes=10).parameters()),
         "diffusers UNet2DModel": sum(p.numel() for p in diffusers_unet("cpu").parameters()),
     }
-    seconds = {"bare loop": bare_loop(args, device)}
+    seconds = {"bare loop": bare_loop(args, device, args.images, args.batch)}
+    # Classifier-free guidance at the same batch: one batched call against two.
+    seconds["guided, one call"] = bare_loop(args, device, args.images, args.batch, args.guidance)
+    seconds["guided, two calls"] = bare_loop(args, device, args.images, args.batch,
+                                             args.guidance, two_calls=True)  # fmt: skip
+    by_batch = guided_speedups(args, device)
     with tempfile.TemporaryDirectory() as tmp:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
         start_up = job(args, device, Path(tmp), args.batch)  # one batch: the fixed costs
@@ -175,15 +215,24 @@ def main() -> None:
     rate["job, running"] = (args.images - args.batch) / (seconds["job"] - start_up)
     print(f"\n{args.images} images, {args.sampler} {args.steps} steps = {nfe} network "
           f"evaluations each, batch {args.batch}, {device}; parameters: {params}")  # fmt: skip
-    print(f"{'case':<16} {'images/s':>9} {'vs bare loop':>13}")
+    print(f"{'case':<18} {'images/s':>9} {'vs bare loop':>13}")
     for k in rate:
-        print(f"{k:<16} {rate[k]:>9.1f} {rate[k] / rate['bare loop']:>13.3f}")
+        print(f"{k:<18} {rate[k]:>9.1f} {rate[k] / rate['bare loop']:>13.3f}")
+    speedup = rate["guided, one call"] / rate["guided, two calls"]
+    print(f"\nguidance {args.guidance:g}, images/s by batch size:")
+    print(f"{'batch':>5} {'one call':>9} {'two calls':>10} {'speed-up':>9}")
+    for batch, row in by_batch.items():
+        print(f"{batch:>5} {row['one_call']:>9.1f} {row['two_calls']:>10.1f} "
+              f"{row['speedup']:>9.2f}")  # fmt: skip
+    print(f"at batch {args.batch}, one batched call is {speedup:.2f}x two calls")
     result = {"machine": machine, "platform": platform.platform(), "torch": torch.__version__,
               "images": args.images, "batch": args.batch, "sampler": args.sampler,
               "steps": args.steps, "nfe": nfe, "parameters": params, "seconds": seconds,
               "job_start_up_seconds": start_up,
               "images_per_second": rate,
-              "ratios_to_bare_loop": {k: rate[k] / rate["bare loop"] for k in rate}}  # fmt: skip
+              "ratios_to_bare_loop": {k: rate[k] / rate["bare loop"] for k in rate},
+              "guidance": args.guidance, "guidance_speedup": speedup,
+              "guidance_speedup_by_batch": by_batch}  # fmt: skip
     out = Path(args.out, f"sample-{machine}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

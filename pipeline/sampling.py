@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
@@ -122,7 +123,7 @@ def _job(cfg: SampleConfig, model: registry.Model) -> dict[str, Any]:
     return {"model": model.lineage, "images": cfg.images, "samples_per_shard":
             cfg.samples_per_shard, "sampler": cfg.sampler, "steps": cfg.steps,
             "guidance": cfg.guidance, "labels": labels, "seed": cfg.seed,
-            "network_batch": cfg.network_batch, "preset": model.card["preset"]}  # fmt: skip
+            "network_batch": cfg.network_batch, "template": model.card["template"]}  # fmt: skip
 
 
 def _shard_count(cfg: SampleConfig) -> int:
@@ -183,8 +184,10 @@ def _generate(
             batch_size=1,
             compute=ActorPoolStrategy(size=cfg.actors),
             num_gpus=1 if use_gpu else 0,
-            fn_constructor_kwargs={"card": model.card, "weights": model.weights, "job": job,
-                                   "output": cfg.output, "batch_size": cfg.batch_size},
+            # The weights by reference: one copy in the object store for all actors.
+            fn_constructor_kwargs={"card": model.card, "weights": [ray.put(model.weights)],
+                                   "job": job, "output": cfg.output,
+                                   "batch_size": cfg.batch_size},
         )  # fmt: skip
         with tqdm(total=total, unit="img", desc="sample", dynamic_ncols=True) as bar:
             for row in ds.iter_rows():
@@ -207,18 +210,19 @@ class ShardSampler:
     writes it and its record, and returns the record. PNG encoding runs in threads
     while the next batch is sampled."""
 
-    def __init__(self, card: dict, weights: bytes, job: dict, output: str, batch_size: int):
+    def __init__(self, card: dict, weights: list, job: dict, output: str, batch_size: int):
+        import ray
         import torch
         from safetensors.torch import load
 
         from pipeline.diffusion import Precond
-        from pipeline.model import build
+        from pipeline.model import UNet, UNetConfig
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.backends.cudnn.benchmark = False  # the same kernels for the same shapes
         torch.backends.cudnn.deterministic = True
-        net = build(card["preset"], **{**card["model"], "dropout": 0.0})
-        net.load_state_dict(load(weights))
+        net = UNet(UNetConfig.from_dict(card["model"]))
+        net.load_state_dict(load(ray.get(weights[0])))
         self.denoiser = FixedBatch(Precond(net).to(self.device).eval(), job["network_batch"])
         self.card, self.job, self.output, self.batch_size = card, job, output, batch_size
         self.encoder = concurrent.futures.ThreadPoolExecutor(max_workers=2)
@@ -268,6 +272,33 @@ class ShardSampler:
         return members
 
 
+def preview(output: str, per_class: int = 10, count: int = 100) -> np.ndarray:
+    """A grid (uint8 HxWx3) of a finished job's first images: `per_class` of each
+    class, a row per class, when labelled; else the first `count`, 10 a row."""
+    from PIL import Image
+
+    from pipeline.data.transforms import tile
+
+    manifest = json.loads(storage.read_bytes(storage.join(output, shards.MANIFEST)))
+    classes = len(manifest.get("classes") or [])
+    rows: dict[int | None, list[np.ndarray]] = {}
+    for entry in manifest["shards"]:
+        data = storage.read_bytes(storage.join(output, entry["name"]))
+        members = {m.name: data[m.offset : m.offset + m.size] for m in shards.tar_members(data)}
+        for name in sorted(n for n in members if n.endswith(".png")):
+            label = json.loads(members[name.replace(".png", ".json")])["label"]
+            row = rows.setdefault(label if classes else None, [])
+            if len(row) < (per_class if classes else count):
+                row.append(np.asarray(Image.open(io.BytesIO(members[name])).convert("RGB")))
+        if sum(map(len, rows.values())) >= (classes * per_class if classes else count):
+            break
+    if classes:
+        blank = np.zeros_like(next(iter(rows.values()))[0])
+        picked = [(rows.get(c, []) + [blank] * per_class)[:per_class] for c in range(classes)]
+        return tile(np.stack([image for row in picked for image in row]), per_class)
+    return tile(np.stack(rows[None]), 10)
+
+
 def _class_name(card: dict, label: int) -> str:
     classes = card.get("classes")
     return classes[label] if classes else str(label)
@@ -307,12 +338,26 @@ def generate(denoiser, job: dict, card: dict, indices: list[int], device):
 
 class FixedBatch:
     """Calls the denoiser on batches of exactly `size` images, padding the last one:
-    an image's result then does not depend on how many others share its call."""
+    an image's result then does not depend on how many others share its call.
+    With classifier-free guidance each call holds `size` images twice (with and
+    without their labels), so the same holds for guided sampling."""
 
     def __init__(self, denoiser, size: int):
         self.denoiser, self.size = denoiser, size
 
     def __call__(self, x, sigma, label=None):
+        return self._chunked(x, sigma, label, self.denoiser)
+
+    def guided(self, x, sigma, label, guidance: float):
+        """Classifier-free guidance (`samplers.guided`) on fixed-size chunks."""
+        from pipeline.samplers import guided
+
+        def call(xs, ss, ls):
+            return guided(self.denoiser, xs, ss, ls, guidance)
+
+        return self._chunked(x, sigma, label, call)
+
+    def _chunked(self, x, sigma, label, call):
         import torch
 
         out = []
@@ -325,5 +370,5 @@ class FixedBatch:
                 xs = torch.cat([xs, xs.new_zeros((pad, *xs.shape[1:]))])
                 ss = torch.cat([ss, ss.new_ones(pad)])
                 ls = None if ls is None else torch.cat([ls, ls.new_zeros(pad)])
-            out.append(self.denoiser(xs, ss, ls)[:n])
+            out.append(call(xs, ss, ls)[:n])
         return torch.cat(out)

@@ -115,8 +115,9 @@ class LabelledGaussians:
     def __call__(self, y, sigma, label=None):
         if label is None:
             return self.mixture(y, sigma)
-        picked = torch.stack([c(y, sigma) for c in self.components])  # [2, B, d]
-        return picked[label, torch.arange(len(y))]
+        # [3, B, d]: each class's posterior mean, and the mixture's for NO_LABEL rows
+        picked = torch.stack([c(y, sigma) for c in self.components] + [self.mixture(y, sigma)])
+        return picked[torch.where(label == S.NO_LABEL, 2, label), torch.arange(len(y))]
 
 
 def test_classifier_free_guidance():
@@ -132,8 +133,11 @@ def test_classifier_free_guidance():
     )
     counted = Counting(d)
     guided = S.sample_heun(counted, y, sigmas, label=label, guidance=3.0)
-    assert counted.calls == 2 * S.evaluations("heun", 32)
-    assert sum(lab is None for lab in counted.labels) == S.evaluations("heun", 32)
+    # one network call per evaluation, each with every image twice: with its label
+    # and with NO_LABEL
+    assert counted.calls == S.evaluations("heun", 32)
+    for seen in counted.labels:
+        assert torch.equal(seen, torch.cat([label, torch.full_like(label, S.NO_LABEL)]))
     # stronger guidance pushes samples further from the other class
     assert guided[:, 0].mean() > conditional[:, 0].mean() + 0.05
 

@@ -31,8 +31,9 @@ from tests.services import ROOT, group_gone
 pytestmark = pytest.mark.slow
 
 JOB = ["--images", "640", "--samples_per_shard", "64", "--sampler", "heun", "--steps", "6",
-       "--network_batch", "16", "--seed", "7"]  # fmt: skip
-"""The job of the determinism and exactly-once tests: 10 shards."""
+       "--network_batch", "16", "--seed", "7", "--guidance", "2"]  # fmt: skip
+"""The job of the determinism and exactly-once tests: 10 shards, with
+classifier-free guidance (one batched network call per step)."""
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def registered(mlflow_server) -> dict:
     version 1 with the alias `champion`, as tasks.train registers models."""
     net = randomised(build("tiny", num_classes=10), seed=3)
     weights = save({k: v.contiguous() for k, v in net.state_dict().items()})
-    card = {"preset": "tiny", "model": {"num_classes": 10}, "resolution": 8,
+    card = {"template": "tiny", "model": net.cfg.to_dict(), "resolution": 8,
             "classes": [str(d) for d in range(10)]}  # fmt: skip
     run_id = tracking.find_or_create_run(mlflow_server, "tests", "tiny-digits-training")
     files = {"model.safetensors": weights, "model.json": json.dumps(card).encode()}
@@ -265,8 +266,9 @@ def test_from_a_checkpoint_folder_with_one_class_and_a_stochastic_sampler(
     net = randomised(build("tiny", num_classes=10), seed=5)
     optimizer = torch.optim.Adam(Precond(net).parameters())
     folder = tmp_path / "checkpoint-000000000512"
-    checkpoint.save(folder, net, net, optimizer, {"config": {"preset": "tiny"}, "run_id": "r1",
-                                                  "model": {"num_classes": 10}})  # fmt: skip
+    state = {"config": {"model": {"template": "tiny"}, "hflip": False}, "run_id": "r1",
+             "model": net.cfg.to_dict()}  # fmt: skip
+    checkpoint.save(folder, net, net, optimizer, state)
     out = tmp_path / "out"
     result = sample_task(str(folder), str(out), mlflow_server, "--images", "40",
                          "--samples_per_shard", "25", "--labels", "3", "--sampler",

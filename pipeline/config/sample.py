@@ -39,7 +39,9 @@ class SampleConfig(Checked):
     steps: int = 18
     """Sampler steps (Heun and EDM's stochastic sampler evaluate the network 2*steps-1 times)."""
     guidance: float = 1.0
-    """Classifier-free guidance scale; 1 is none (one network evaluation per step)."""
+    """Classifier-free guidance scale: 1 is none; above 1 trades diversity for
+    fidelity to the label, each network call then holding its images twice (with
+    and without their labels). Needs a class-conditional model."""
     labels: str = "uniform"
     """Class labels: `uniform` (each image's drawn from its seed), `none`
     (unconditional), or one class name for every image."""
