@@ -4,16 +4,18 @@ The model generates images from fixed seeds (the same seeds, labels and noise
 for every model), and the samples are compared with the dataset's reference
 images in pixel space: Frechet distance, sliced Wasserstein distance and k-NN
 precision and recall (`pipeline.metrics`); FID and KID on Inception features
-when the user gives a local weights file. The held-out denoising loss is EDM's
+when the user gives a local weights file. For a labelled dataset, label fidelity
+and the Classification Accuracy Score say whether the samples would serve as
+training data (`pipeline.classifier`). The held-out denoising loss is EDM's
 loss on the validation split at fixed noise levels with fixed noise, so two
 models see exactly the same noisy images.
 
 The reference depends only on the dataset's manifest, so it is computed once and
-kept beside the dataset (`reference/`). The results go to one JSON file per
-(model weights, dataset version, settings): its presence means done, so a re-run
-writes nothing. They also go to MLflow: metrics on the training run of the model
-version, and tags on the version (`eval.key`, `eval.<key>.<metric>`) that
-`tasks.promote` reads.
+kept beside the dataset (`reference/`, see `pipeline.reference`). The results go
+to one JSON file per (model weights, dataset version, settings): its presence
+means done, so a re-run writes nothing. They also go to MLflow: metrics on the
+training run of the model version, and tags on the version (`eval.key`,
+`eval.<key>.<metric>`) that `tasks.promote` reads.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import io
 import json
 from typing import Any
 
@@ -30,13 +31,15 @@ import numpy as np
 from pipeline import cluster, metrics, registry, storage, tracking
 from pipeline.config import ConfigError, to_dict
 from pipeline.config.evaluate import EvaluateConfig, parse_sampler
-from pipeline.data import shards
+from pipeline.reference import (
+    REFERENCE,
+    Split,
+    kept_array,
+    label_scores,
+    pixel_features,
+    reference_features,
+)
 from pipeline.training import load_dataset
-
-REFERENCE = "reference"
-PIXEL_SIDE = 32
-"""Pixel-space metrics see images of at most this side (larger ones are averaged
-down): the covariance of 64x64x3 pixels would not fit in memory."""
 
 
 def metric_prefix(position: int, sampler: str) -> str:
@@ -54,15 +57,24 @@ class EvaluateResult:
     already_complete: bool
 
     def sampler_lines(self) -> list[str]:
-        """Per sampler: its network evaluations and the pixel Frechet distance."""
+        """Per sampler: its network evaluations, the pixel Frechet distance, and the
+        label fidelity and CAS where computed."""
         from pipeline.samplers import evaluations
 
-        settings, lines = self.results["settings"], []
+        settings, m, lines = self.results["settings"], self.results["metrics"], []
+        guidance = "" if settings["guidance"] == 1 else f", guidance {settings['guidance']:g}"
         for i, text in enumerate([settings["sampler"], *settings["compare"]]):
             sampler, steps = parse_sampler(text)
-            fd = self.results["metrics"][metric_prefix(i, text) + "fd_pixel"]
+            prefix = metric_prefix(i, text)
+            found = [f"pixel Frechet distance {m[prefix + 'fd_pixel']:.4f}"]
+            if prefix + "label_fidelity" in m:
+                ceiling = m.get("label_fidelity_ceiling")
+                real = "" if ceiling is None else f" (real images {ceiling:.3f})"
+                found.append(f"label fidelity {m[prefix + 'label_fidelity']:.3f}{real}")
+            if prefix + "cas" in m:
+                found.append(f"CAS {m[prefix + 'cas']:.3f}")
             lines.append(f"{sampler} {steps} steps ({evaluations(sampler, steps)} network "
-                         f"evaluations): pixel Frechet distance {fd:.4f} over "
+                         f"evaluations{guidance}): {', '.join(found)} over "
                          f"{settings['images']} images")  # fmt: skip
         return lines
 
@@ -92,17 +104,20 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
         pass
     inception = _inception(cfg)
 
-    reference = reference_features(cfg.dataset, manifest, digest, cfg.reference_images)
-    heldout, labels = read_split(cfg.dataset, manifest, "validation", cfg.heldout_images)
+    train = Split(cfg.dataset, manifest, "train", cfg.reference_images)
+    validation = Split(cfg.dataset, manifest, "validation", cfg.heldout_images)
+    reference = reference_features(train, digest)
+    heldout, labels = validation.read()
     if not model.card["model"].get("num_classes"):
         labels = None  # an unconditional model of a labelled dataset
     outputs = _model_outputs(cfg, model, heldout, labels)
+    samplers = [cfg.sampler, *cfg.compare]
+    prefixes = {name: metric_prefix(i, name) for i, name in enumerate(samplers)}
     scores, not_computed = {}, {}
     real_inception = None
     if inception is not None:
-        real_inception = _reference_inception(cfg, manifest, settings, inception)
-    for i, name in enumerate([cfg.sampler, *cfg.compare]):
-        prefix = metric_prefix(i, name)
+        real_inception = _reference_inception(cfg, train, settings, inception)
+    for name, prefix in prefixes.items():
         fake = pixel_features(outputs["samples"][name])
         scores.update({prefix + k: v for k, v in _pixel_scores(reference, fake, cfg).items()})
         if inception is None:
@@ -114,6 +129,16 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
 
             found = fid_kid(real_inception, inception.features(outputs["samples"][name]))
             scores.update({prefix + k: v for k, v in found.items()})
+    classes = len(manifest.get("classes") or [])
+    if not classes or outputs["labels"] is None:
+        why = "the model is unconditional" if classes else "the dataset has no class labels"
+        for prefix in prefixes.values():
+            not_computed[prefix + "label_fidelity"] = not_computed[prefix + "cas"] = why
+    else:
+        found, missing = label_scores(train, validation, digest, classes, outputs["samples"],
+                                      outputs["labels"], prefixes)  # fmt: skip
+        scores.update(found)
+        not_computed.update(missing)
     if outputs["heldout"] is None:
         not_computed["heldout_loss"] = "the dataset has no validation images"
     else:
@@ -186,84 +211,15 @@ def _inception(cfg: EvaluateConfig):
         raise ConfigError(f"evaluate.inception: {e}") from None
 
 
-# --- the data side: reference images and features ----------------------------------
-
-
-def read_split(
-    dataset: str, manifest: dict, split: str, limit: int
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The first `limit` images of a split in shard order, uint8 [N, H, W, 3], and
-    their labels (None for an unlabelled dataset); (None, None) if the split is empty."""
-    from PIL import Image
-
-    images, labels = [], []
-    for entry in manifest["shards"]:
-        if entry["split"] != split or not entry["samples"] or len(images) >= limit:
-            continue
-        data = storage.read_bytes(storage.join(dataset, entry["name"]))
-        members: dict[str, dict[str, bytes]] = {}
-        for m in shards.tar_members(data):
-            key, ext = shards.split_member_name(m.name)
-            members.setdefault(key, {})[ext] = data[m.offset : m.offset + m.size]
-        for sample in members.values():
-            if "png" not in sample or len(images) >= limit:
-                continue
-            images.append(np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB")))
-            labels.append(int(sample["cls"]) if "cls" in sample else None)
-    if not images:
-        return None, None
-    return np.stack(images), None if labels[0] is None else np.array(labels, dtype=np.int64)
-
-
-def pixel_features(images: np.ndarray) -> np.ndarray:
-    """uint8 [N, H, W, C] -> float64 [N, D] in [-1, 1], averaged down to at most
-    PIXEL_SIDE pixels a side."""
-    x = images.astype(np.float64) / 127.5 - 1.0
-    factor = max(1, x.shape[1] // PIXEL_SIDE)
-    if factor > 1:
-        n, h, w, c = x.shape
-        x = x.reshape(n, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
-    return x.reshape(len(x), -1)
-
-
-def reference_features(dataset: str, manifest: dict, digest: str, limit: int) -> np.ndarray:
-    """Pixel features of the train split's first `limit` images, computed once per
-    manifest version and kept in the dataset as `reference/pixels-<digest>-<n>.npz`."""
-
-    def compute() -> np.ndarray:
-        images, _ = read_split(dataset, manifest, "train", limit)
-        if images is None:
-            raise ConfigError(f"evaluate.dataset: {dataset} has no train images to compare with")
-        return pixel_features(images).astype(np.float32)
-
-    uri = storage.join(dataset, REFERENCE, f"pixels-{digest[:16]}-{limit}.npz")
-    return _kept(uri, compute)
-
-
-def _reference_inception(cfg: EvaluateConfig, manifest: dict, settings: dict, inception):
+def _reference_inception(cfg: EvaluateConfig, train: Split, settings: dict, inception):
     """Inception features of the same reference images, kept per weights file."""
 
     def compute() -> np.ndarray:
-        images, _ = read_split(cfg.dataset, manifest, "train", cfg.reference_images)
-        return inception.features(images)
+        return inception.features(train.read()[0])
 
     name = (f"inception-{settings['dataset'][:16]}-{cfg.reference_images}-"
             f"{settings['inception'][:12]}.npz")  # fmt: skip
-    return _kept(storage.join(cfg.dataset, REFERENCE, name), compute)
-
-
-def _kept(uri: str, compute) -> np.ndarray:
-    """The features array stored at `uri`; computed and stored there if absent."""
-    try:
-        with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as saved:
-            return saved["features"]
-    except storage.NotFound:
-        pass
-    features = compute()
-    buf = io.BytesIO()
-    np.savez(buf, features=features)
-    storage.write_bytes(uri, buf.getvalue())
-    return features
+    return kept_array(storage.join(cfg.dataset, REFERENCE, name), compute)
 
 
 def _pixel_scores(reference: np.ndarray, fake: np.ndarray, cfg: EvaluateConfig) -> dict:
@@ -302,31 +258,36 @@ def _model_outputs(cfg: EvaluateConfig, model: registry.Model, heldout, labels) 
 
 
 def model_outputs(card, weights, samplers, job, heldout, labels) -> dict:
-    """The model's samples ({sampler: uint8 [N, H, W, 3]}) and its mean held-out
-    loss at each of `job["sigmas"]` (None without held-out images)."""
+    """The model's samples ({sampler: uint8 [N, H, W, 3]}), the labels they were
+    generated for (None when unconditional) and its mean held-out loss at each of
+    `job["sigmas"]` (None without held-out images)."""
     import torch
     from safetensors.torch import load
 
     from pipeline.diffusion import Precond
-    from pipeline.model import build
+    from pipeline.model import UNet, UNetConfig
     from pipeline.sampling import generate
 
     torch.set_num_threads(job["threads"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net = build(card["preset"], **{**card["model"], "dropout": 0.0})
+    net = UNet(UNetConfig.from_dict(card["model"]))
     net.load_state_dict(load(weights))
     denoiser = Precond(net).to(device).eval()
-    samples = {}
+    samples, sample_labels = {}, []
     for text in samplers:
         sampler, steps = parse_sampler(text)
         spec = {**job, "sampler": sampler, "steps": steps}
-        chunks = []
+        chunks, sample_labels = [], []
         for start in range(0, job["images"], job["batch_size"]):
             indices = list(range(start, min(start + job["batch_size"], job["images"])))
-            chunks.append(generate(denoiser, spec, card, indices, device)[0])
+            images, chunk_labels = generate(denoiser, spec, card, indices, device)
+            chunks.append(images)
+            sample_labels += chunk_labels
         samples[text] = np.concatenate(chunks)
+    # The same seeds give every sampler the same labels.
+    labels_out = None if job["labels"] == "none" else np.array(sample_labels, dtype=np.int64)
     if heldout is None:
-        return {"samples": samples, "heldout": None}
+        return {"samples": samples, "labels": labels_out, "heldout": None}
 
     # Copies: arrays from Ray's object store are read-only.
     x = torch.tensor(heldout).permute(0, 3, 1, 2) / 127.5 - 1
@@ -334,7 +295,7 @@ def model_outputs(card, weights, samplers, job, heldout, labels) -> dict:
     losses = heldout_losses(
         denoiser, x, label, job["sigmas"], job["seed"], job["batch_size"], device
     )
-    return {"samples": samples, "heldout": losses}
+    return {"samples": samples, "labels": labels_out, "heldout": losses}
 
 
 def heldout_losses(

@@ -11,6 +11,15 @@ from __future__ import annotations
 import numpy as np
 
 
+def block_factor(side: int, max_side: int) -> int:
+    """The block size that averages images of `side` px down to about `max_side`:
+    the largest divisor of `side` not above side // max_side (1 for small images)."""
+    factor = max(1, side // max_side)
+    while side % factor:
+        factor -= 1
+    return factor
+
+
 def feature_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean [D] and unbiased covariance [D, D] of the rows of `x`: the Gaussian
     that the Frechet distance fits. Store these once per reference dataset."""

@@ -16,8 +16,10 @@ from pipeline import tracking
 from pipeline.config import ConfigError, EvaluateConfig, PromoteConfig
 from pipeline.diffusion import SIGMA_DATA
 from pipeline.diffusion.analytic import GaussianDenoiser
-from pipeline.evaluation import check_fits, heldout_losses, pixel_features
+from pipeline.evaluation import check_fits, heldout_losses
+from pipeline.model import architecture
 from pipeline.promotion import EXPERIMENT, promote
+from pipeline.reference import pixel_features
 from pipeline.registry import Model
 from tests.services import ROOT
 
@@ -74,8 +76,8 @@ def test_credentials_in_urls_are_redacted_for_logs():
 
 
 def _model(classes: list[str] | None, num_classes: int) -> Model:
-    card = {"preset": "tiny", "model": {"num_classes": num_classes}, "resolution": 8,
-            "classes": classes}  # fmt: skip
+    card = {"template": "tiny", "model": architecture("tiny", 8, num_classes=num_classes).to_dict(),
+            "resolution": 8, "classes": classes}  # fmt: skip
     return Model(card, b"", {"name": "m", "version": 1, "digest": "0" * 64})
 
 

@@ -10,7 +10,7 @@ from pipeline.config.sample import SAMPLER_NAMES, is_registry_ref
 from pipeline.config.train import resolve_tracking_uri
 
 LOWER_IS_BETTER = ("fd_pixel", "swd_pixel", "heldout_loss", "fid", "kid")
-HIGHER_IS_BETTER = ("precision", "recall")
+HIGHER_IS_BETTER = ("precision", "recall", "label_fidelity", "cas")
 METRICS = LOWER_IS_BETTER + HIGHER_IS_BETTER
 """What `tasks.evaluate` reports and `tasks.promote` can decide on."""
 
@@ -49,7 +49,9 @@ class EvaluateConfig(Checked):
     """More samplers scored the same way, reported beside the first, e.g.
     `euler_ancestral:1000` (the 1000-step stochastic sampler)."""
     guidance: float = 1.0
-    """Classifier-free guidance scale of the samples."""
+    """Classifier-free guidance scale of the samples: 1 is none; above 1 trades
+    diversity for fidelity to the label (one batched network call per step).
+    Ignored for unconditional models."""
     seed: int = 0
     """Seed of the samples and of the held-out noise."""
     reference_images: int = 10_000
@@ -108,10 +110,11 @@ class PromoteConfig(Checked):
     metric: str = "fd_pixel"
     """What decides, as evaluated by `tasks.evaluate` on the same data and settings
     for both: fd_pixel, swd_pixel, heldout_loss, fid, kid (lower is better),
-    precision or recall (higher is better)."""
+    precision, recall, label_fidelity or cas (higher is better; the last two need
+    class labels)."""
     margin: float = 0.02
     """The candidate must be better by this fraction of the champion's value
-    (0.02: 2% lower, or higher for precision and recall)."""
+    (0.02: 2% lower, or higher for the higher-is-better metrics)."""
     alias: str = "champion"
     """The alias that marks the model in use."""
     key: str = ""

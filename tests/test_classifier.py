@@ -1,0 +1,118 @@
+"""Label fidelity and the Classification Accuracy Score against known answers, on
+the real digits written as a dataset: real images score the ceiling, shuffled
+labels score chance, real training images have a CAS of about 1."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import classifier, storage
+from pipeline.data import shards
+from pipeline.data.digits import load_digits
+from pipeline.data.transforms import encode_png
+from pipeline.metrics import block_factor
+from pipeline.reference import REFERENCE, Split, label_scores
+
+
+def write_dataset(folder: str, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict:
+    """A dataset as tasks.preprocess lays it out (one shard per split, a manifest),
+    without Ray: what evaluation reads back."""
+    from PIL import Image
+
+    entries = []
+    for split, (images, labels) in splits.items():
+        members = []
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            members += [(f"{split}{i:05d}.png", encode_png(Image.fromarray(image))),
+                        (f"{split}{i:05d}.cls", str(int(label)).encode())]  # fmt: skip
+        data = shards.write_tar(members)
+        name = shards.shard_name(split, 0)
+        storage.write_bytes(storage.join(folder, name), data)
+        entries.append({"name": name, "split": split, "samples": len(images)})
+    manifest = {"resolution": images.shape[1], "classes": [str(c) for c in range(10)],
+                "shards": entries}  # fmt: skip
+    storage.write_bytes(storage.join(folder, shards.MANIFEST), json.dumps(manifest).encode())
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    images, labels = load_digits()
+    rgb = np.repeat(images[..., None], 3, axis=-1)
+    order = np.random.default_rng(0).permutation(len(rgb))
+    train, validation = order[:1400], order[1400:]
+    folder = str(tmp_path_factory.mktemp("digits"))
+    splits = {"train": (rgb[train], labels[train]),
+              "validation": (rgb[validation], labels[validation])}  # fmt: skip
+    return folder, write_dataset(folder, splits), splits["train"], splits["validation"]
+
+
+def scores(digits, samples: np.ndarray, labels: np.ndarray):
+    folder, manifest, _, _ = digits
+    train = Split(folder, manifest, "train", 10_000)
+    validation = Split(folder, manifest, "validation", 10_000)
+    return label_scores(train, validation, "d" * 64, 10, {"s": samples}, labels, {"s": ""})
+
+
+def test_real_validation_images_score_the_ceiling(digits):
+    _, _, _, (images, labels) = digits
+    found, not_computed = scores(digits, images, labels)
+    assert not_computed == {}
+    assert found["label_fidelity"] == found["label_fidelity_ceiling"]
+    assert found["label_fidelity_ceiling"] > 0.95  # the judge does recognise digits
+
+
+def test_shuffled_labels_score_about_one_in_ten(digits):
+    _, _, _, (images, labels) = digits
+    shuffled = np.random.default_rng(1).permutation(labels)
+    found, _ = scores(digits, images, shuffled)
+    # 397 images, P(match) ~ 0.1: 4 standard deviations are 0.06
+    assert 0.04 < found["label_fidelity"] < 0.17
+    # and a classifier trained on shuffled labels learns next to nothing
+    assert found["cas"] < 0.4
+
+
+def test_the_cas_of_real_training_images_is_about_one(digits):
+    _, _, (images, labels), _ = digits
+    # Other real images than the baseline's (its first 600), as many of them.
+    found, _ = scores(digits, images[600:1200], labels[600:1200])
+    assert 0.95 < found["cas"] < 1.05
+    assert found["cas_real_accuracy"] > 0.9
+
+
+def test_the_classifiers_are_kept_beside_the_dataset_and_reused(digits):
+    folder = digits[0]
+    _, _, (images, labels), _ = digits
+    first, _ = scores(digits, images[:300], labels[:300])
+    kept = sorted(o.relpath for o in storage.list_objects(storage.join(folder, REFERENCE)))
+    assert {k.split("-")[2] for k in kept} >= {"1400", "300"}  # the judge, the baseline
+    again, _ = scores(digits, images[:300], labels[:300])
+    assert again == first
+    assert sorted(o.relpath for o in storage.list_objects(storage.join(folder, REFERENCE))) == kept
+
+
+def test_training_is_seeded_and_the_labels_are_checked():
+    images, labels = load_digits()
+    rgb = np.repeat(images[:300, ..., None], 3, axis=-1)
+    recipe = classifier.Recipe(min_steps=20)
+    a = classifier.train_classifier(rgb, labels[:300], 10, recipe)
+    b = classifier.train_classifier(rgb, labels[:300], 10, recipe)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    with pytest.raises(ValueError, match=r"labels must lie in 0\.\.9"):
+        classifier.train_classifier(rgb, labels[:300] + 1, 10, recipe)
+
+
+def test_large_images_are_averaged_down_in_blocks():
+    assert [block_factor(s, 32) for s in (8, 32, 64, 96, 200, 512)] == [1, 1, 2, 3, 5, 16]
+    assert classifier.input_side(200) == 40 and classifier.input_side(512) == 32
+    blocks = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    big = blocks.repeat(4, axis=1).repeat(4, axis=2)  # 64x64 in 4x4 blocks
+    np.testing.assert_allclose(
+        classifier.to_inputs(big), classifier.to_inputs(blocks.repeat(2, 1).repeat(2, 2)),
+        atol=1e-6,
+    )  # fmt: skip
