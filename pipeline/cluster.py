@@ -4,11 +4,40 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterable, Iterator
 
 from pipeline import storage
 
 log = logging.getLogger(__name__)
+
+_quiet = False
+
+
+def quiet() -> None:
+    """Keep Ray's, Ray Data's, Ray Train's and MLflow's own INFO and WARNING lines
+    off the console, in this process and in the local Ray that `connect` starts,
+    so that a user sees the pipeline's lines and progress bars (the quickstart
+    does this). Errors still show; what workers print stays in Ray's log files.
+    Call it before `connect`."""
+    global _quiet
+    _quiet = True
+    # Read by the processes a local Ray starts (they inherit this environment).
+    os.environ.update({
+        "RAY_DATA_LOG_LEVEL": "ERROR",
+        "TORCH_CPP_LOG_LEVEL": "ERROR",  # torch.distributed's start-up notes
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "PYTHONWARNINGS": "ignore::DeprecationWarning",  # Ray's notices to its own API users
+    })  # fmt: skip
+    for name in ("ray", "ray.data", "ray.train", "mlflow"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def train_logging():
+    """Ray Train's logging config: errors only when `quiet`."""
+    from ray.train import LoggingConfig
+
+    return LoggingConfig(log_level="ERROR" if _quiet else "INFO")
 
 
 def connect() -> None:
@@ -16,7 +45,15 @@ def connect() -> None:
     started with `ray start` on this machine, else a private local one."""
     import ray
 
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    if _quiet:
+        ray.init(
+            logging_level=logging.ERROR,
+            logging_config=ray.LoggingConfig(log_level="ERROR"),
+            log_to_driver=False,
+        )
+    else:
         ray.init()
 
 

@@ -20,6 +20,7 @@ import dataclasses
 from collections.abc import Callable
 
 from pipeline import tracking
+from pipeline.config import ConfigError
 from pipeline.config.nightly import NightlyConfig
 from pipeline.promotion import promote
 
@@ -35,6 +36,8 @@ class NightResult:
     promoted: bool
     samples: str | None
     """The manifest of tonight's generated images."""
+    scores: dict[str, float] | None = None
+    """Tonight's candidate's evaluation metrics (None without a candidate)."""
 
 
 def nightly(cfg: NightlyConfig, say: Callable[[str], None] = print) -> NightResult:
@@ -46,15 +49,21 @@ def nightly(cfg: NightlyConfig, say: Callable[[str], None] = print) -> NightResu
     prepared = preprocess(cfg.preprocess_config(), append=True)
     say(f"nightly {cfg.night}: preprocess: {prepared.summary()}")
     manifest, digest = load_dataset(cfg.dataset, "nightly.dataset")
+    if cfg.sample_guidance != 1 and not manifest.get("classes"):
+        raise ConfigError(
+            f"nightly.sample_guidance: guidance needs class labels, and {cfg.dataset} has "
+            f"none (its inputs are not in class folders), got {cfg.sample_guidance}"
+        )
 
     candidate = _train(cfg, digest, say)
-    promoted = False
+    promoted, scores = False, None
     if candidate is not None:
         champion = tracking.model_version(uri, name, alias=ALIAS)
-        keys = {}
+        evaluations = {}
         for version in sorted({candidate} | ({champion["version"]} if champion else set())):
-            keys[version] = _evaluate(cfg, version, say)
-        decision = promote(cfg.promote_config(candidate, keys[candidate]))
+            evaluations[version] = _evaluate(cfg, version, say)
+        scores = evaluations[candidate]["metrics"]
+        decision = promote(cfg.promote_config(candidate, evaluations[candidate]["key"]))
         promoted = decision.promoted and not decision.already_decided
         say(f"nightly {cfg.night}: promote: {decision.summary()}")
     champion = tracking.model_version(uri, name, alias=ALIAS)
@@ -62,7 +71,7 @@ def nightly(cfg: NightlyConfig, say: Callable[[str], None] = print) -> NightResu
     if cfg.sample_images and champion is not None:
         samples = _sample(cfg, champion["version"], say)
     return NightResult(manifest.get("version", 1), candidate,
-                       champion and champion["version"], promoted, samples)  # fmt: skip
+                       champion and champion["version"], promoted, samples, scores)  # fmt: skip
 
 
 def _train(cfg: NightlyConfig, digest: str, say) -> int | None:
@@ -98,15 +107,15 @@ def _train(cfg: NightlyConfig, digest: str, say) -> int | None:
     return result.model_version
 
 
-def _evaluate(cfg: NightlyConfig, version: int, say) -> str:
-    """Score `version` on tonight's dataset; returns the evaluation key."""
+def _evaluate(cfg: NightlyConfig, version: int, say) -> dict:
+    """Score `version` on tonight's dataset; returns the results (`key`, `metrics`...)."""
     from pipeline.evaluation import evaluate
 
     result = evaluate(cfg.evaluate_config(version))
     for line in result.sampler_lines():
         say(f"nightly {cfg.night}: evaluate: {cfg.model_name}/{version}: {line}")
     say(f"nightly {cfg.night}: evaluate: {result.summary()}")
-    return result.results["key"]
+    return result.results
 
 
 def _sample(cfg: NightlyConfig, champion: int, say) -> str:

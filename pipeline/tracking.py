@@ -29,6 +29,9 @@ from mlflow.entities import Metric, Param  # noqa: E402
 from pipeline.storage import redact  # noqa: E402  (tracking URIs are redacted like any)
 
 RUN_NAME_TAG = "mlflow.runName"
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+"""MLflow 3's UI files an experiment without this tag under its GenAI views; with
+it, under "Model training" (runs, metrics, models)."""
 
 
 def client(tracking_uri: str) -> MlflowClient:
@@ -44,13 +47,16 @@ def find_or_create_run(
         return found[0]
     c = client(tracking_uri)
     existing = c.get_experiment_by_name(experiment)
-    experiment_id = (
-        existing.experiment_id
-        if existing
-        else c.create_experiment(
-            experiment, artifact_location=_local_artifacts(tracking_uri, experiment)
+    if existing is None:
+        experiment_id = c.create_experiment(
+            experiment,
+            artifact_location=_local_artifacts(tracking_uri, experiment),
+            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING},
         )
-    )
+    else:
+        experiment_id = existing.experiment_id
+        if existing.tags.get(EXPERIMENT_KIND_TAG) is None:
+            c.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     return c.create_run(experiment_id, run_name=run_name, tags=dict(tags or {})).info.run_id
 
 
@@ -148,6 +154,11 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], st
     now = int(time.time() * 1000)
     entries = [Metric(k, float(v), now, step) for k, v in metrics.items()]
     client(tracking_uri).log_batch(run_id, metrics=entries)
+
+
+def latest_metric(tracking_uri: str, run_id: str, key: str) -> float | None:
+    """The latest value of a run's metric (None before the first)."""
+    return client(tracking_uri).get_run(run_id).data.metrics.get(key)
 
 
 def log_image(tracking_uri: str, run_id: str, image, key: str, step: int) -> None:

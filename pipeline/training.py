@@ -12,12 +12,15 @@ EMA weights are registered as a new version of the model in MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -100,12 +103,13 @@ def train(cfg: TrainConfig) -> TrainResult:
             name=cfg.run_name, storage_path=path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            logging_config=cluster.train_logging(),
         ),
         datasets={"train": data},
     )  # fmt: skip
     storage.delete(stopped_marker(cfg))
     try:
-        with cluster.data_settings():
+        with cluster.data_settings(), _progress(cfg, plan):
             result = trainer.fit()
     except BaseException as e:
         interrupted = isinstance(e, KeyboardInterrupt)
@@ -131,6 +135,34 @@ def train(cfg: TrainConfig) -> TrainResult:
                        cfg.model_name or cfg.run_name, version)  # fmt: skip
 
 
+@contextlib.contextmanager
+def _progress(cfg: TrainConfig, plan: dict) -> Iterator[None]:
+    """A progress bar of images seen while training runs, from the `images_seen`
+    that rank 0 logs to MLflow every `log_every_images` (polled)."""
+    from tqdm import tqdm
+
+    uri, run_id = cfg.tracking_uri, plan["run_id"]
+    start = int(tracking.latest_metric(uri, run_id, "images_seen") or 0)
+    bar = tqdm(total=plan["images"], initial=start, unit="img", desc="train", dynamic_ncols=True)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(2.0):
+            # Only a progress bar: a failed query waits for the next one.
+            with contextlib.suppress(Exception):
+                seen = int(tracking.latest_metric(uri, run_id, "images_seen") or 0)
+                bar.update(max(0, seen - bar.n))
+
+    thread = threading.Thread(target=poll, name="train-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
+
+
 def load_dataset(prefix: str, field: str) -> tuple[dict, str]:
     """The committed manifest of the dataset at `prefix` and its digest (sha256 of
     its bytes); a config error naming `field` (say `train.dataset`) if there is none."""
@@ -154,19 +186,21 @@ def load_dataset(prefix: str, field: str) -> tuple[dict, str]:
 
 
 def _init_model(cfg: TrainConfig, plan: dict):
-    """The model a warm start begins from (None without one); it must have the
-    shape this run trains."""
+    """The model a warm start begins from (None without one); it must be the very
+    network this run trains (dropout aside)."""
     if not cfg.init_from:
         return None
     from pipeline import registry
+    from pipeline.model import UNetConfig
 
     init = registry.load_model(cfg.init_from, cfg.tracking_uri, "train.init_from")
-    have = (init.card["preset"], init.card["model"].get("num_classes", 0))
-    want = (cfg.preset, plan["num_classes"])
-    if have != want:
+    differences = init.architecture().differences(
+        UNetConfig.from_dict(plan["model"]), ignore=("dropout", "label_dropout")
+    )
+    if differences:
         raise ConfigError(
-            f"train.init_from: {init.describe()} is a {have[0]} model with {have[1]} classes; "
-            f"this run trains {want[0]} with {want[1]} classes, got {cfg.init_from!r}"
+            f"train.init_from: {init.describe()} is another network than this run's "
+            f"(its vs this run's: {', '.join(differences)}), got {cfg.init_from!r}"
         )
     return init
 
@@ -183,16 +217,8 @@ def _check_storage(cfg: TrainConfig) -> None:
 
 
 def _plan(cfg: TrainConfig, manifest: dict, digest: str) -> dict[str, Any]:
-    """What the workers need beyond the config: derived sizes, the model's shape."""
-    from pipeline.model import PRESETS
-
+    """What the workers need beyond the config: derived sizes, the whole network."""
     resolution = manifest["resolution"]
-    preset_resolution = PRESETS[cfg.preset]().resolution
-    if resolution != preset_resolution:
-        raise ConfigError(
-            f"train.preset: {cfg.preset} is for {preset_resolution}x"
-            f"{preset_resolution} images; the dataset's are {resolution}x{resolution}"
-        )
     train_images = manifest["counts"]["written_by_split"]["train"]
     if train_images < cfg.batch_size:
         raise ConfigError(
@@ -202,17 +228,14 @@ def _plan(cfg: TrainConfig, manifest: dict, digest: str) -> dict[str, Any]:
     images = cfg.images if cfg.epochs is None else math.ceil(cfg.epochs * train_images)
     images = math.ceil(images / cfg.batch_size) * cfg.batch_size  # whole global batches
     num_classes = len(manifest.get("classes") or [])
-    model: dict[str, Any] = {"num_classes": num_classes}
-    if num_classes:
-        model["label_dropout"] = cfg.label_dropout
-    if cfg.dropout is not None:
-        model["dropout"] = cfg.dropout
+    network = cfg.model.resolve(resolution, num_classes, cfg.label_dropout, "train.model",
+                                source="the dataset's images of ")  # fmt: skip
     dataset = {"uri": storage.join(cfg.dataset, shards.MANIFEST), "digest": digest,
                "train_images": train_images}  # fmt: skip
     return {
         "images": images,
         "num_classes": num_classes,
-        "model": model,
+        "model": network.to_dict(),
         "resolution": resolution,
         "dataset": dataset,
         "classes": manifest.get("classes"),
@@ -271,6 +294,7 @@ def _log_inputs(cfg: TrainConfig, plan: dict) -> None:
     params.update({"plan.images": plan["images"], "plan.num_classes": plan["num_classes"],
                    "plan.resolution": plan["resolution"],
                    "plan.dataset_digest": plan["dataset"]["digest"]})  # fmt: skip
+    params.update(tracking.flatten(plan["model"], "architecture."))
     try:
         tracking.log_params(cfg.tracking_uri, plan["run_id"], params, RESUMABLE_CHANGES)
     except tracking.ParamConflict as e:
@@ -289,7 +313,7 @@ def _log_inputs(cfg: TrainConfig, plan: dict) -> None:
     )
     tracking.set_tags(cfg.tracking_uri, plan["run_id"], {
         "dataset_digest": plan["dataset"]["digest"], "dataset_uri": plan["dataset"]["uri"],
-        "preset": cfg.preset,
+        "template": cfg.model.template, "hflip": cfg.hflip,
     })  # fmt: skip
 
 
@@ -299,16 +323,18 @@ def _register(cfg: TrainConfig, plan: dict, final: str) -> int:
 
     folder = _uri(cfg, final)
     state = json.loads(storage.read_bytes(storage.join(folder, checkpoint.STATE)))
-    card = {"preset": cfg.preset, "model": plan["model"], "resolution": plan["resolution"],
-            "classes": plan["classes"], "sigma_data": 0.5, "images_seen": state["images_seen"],
-            "dataset": plan["dataset"], "run_id": plan["run_id"]}  # fmt: skip
+    card = {"template": cfg.model.template, "model": plan["model"],
+            "resolution": plan["resolution"], "classes": plan["classes"], "sigma_data": 0.5,
+            "images_seen": state["images_seen"], "dataset": plan["dataset"],
+            "run_id": plan["run_id"], "augmentation": {"hflip": cfg.hflip}}  # fmt: skip
     files = {
         "model.safetensors": storage.read_bytes(storage.join(folder, checkpoint.EMA_WEIGHTS)),
         "model.json": json.dumps(card, indent=1, sort_keys=True).encode(),
     }
     tags = {"dataset_digest": plan["dataset"]["digest"], "dataset_uri": plan["dataset"]["uri"],
             "run_id": plan["run_id"], "images_seen": str(state["images_seen"]),
-            "checkpoint": folder}  # fmt: skip
+            "checkpoint": folder, "template": cfg.model.template,
+            "hflip": str(cfg.hflip)}  # fmt: skip
     return tracking.register_model(
         cfg.tracking_uri, plan["run_id"], cfg.model_name or cfg.run_name, files, tags
     )

@@ -1,9 +1,10 @@
 """The nightly pipeline end to end on embedded defaults: a local Ray, a local
 folder as the object store, an sqlite MLflow. It writes the example digits as the
-night's raw images, then runs `tasks.nightly`: preprocess, train, evaluate
-(Heun against the 1000-step stochastic sampler), promote, generate 1,000 images.
+night's raw images, then runs `tasks.nightly`: preprocess, train, evaluate (pixel
+Frechet distance, label fidelity, CAS), promote, generate 1,000 digits, and
+draws a grid of them.
 
-    python -m tasks.quickstart [--workdir quickstart]
+    python -m tasks.quickstart [--workdir quickstart] [--resolution 32]
 
 Running it again changes nothing (another `--night` without new digits trains
 nothing either: the champion was trained on this very dataset).
@@ -11,43 +12,44 @@ nothing either: the champion was trained on this very dataset).
 
 import sys
 
-from pipeline import storage
-from pipeline.config import NightlyConfig, QuickstartConfig
-from pipeline.config.data import QUICKSTART_PRESETS
+from pipeline.config import QuickstartConfig
 from tasks.cli import run_task
 
 
 def main(cfg: QuickstartConfig) -> None:
+    from pipeline import cluster, storage, tracking
     from pipeline.data.digits import write_digits
+    from pipeline.data.transforms import encode_png
     from pipeline.nightly import nightly
+    from pipeline.sampling import preview
 
-    raw = storage.join(cfg.workdir, "raw", "digits")
-    print(f"quickstart: {write_digits(raw)} example digits under {raw}")
-    tracking_uri = cfg.tracking_uri
-    if not tracking_uri and not storage.is_s3(cfg.workdir):
-        tracking_uri = f"sqlite:///{storage.join(cfg.workdir, 'mlflow.db')}"
-    night = NightlyConfig(
-        raw=raw, dataset=storage.join(cfg.workdir, "datasets", f"digits-{cfg.resolution}"),
-        storage=storage.join(cfg.workdir, "runs"),
-        evaluations=storage.join(cfg.workdir, "evaluations"),
-        samples=storage.join(cfg.workdir, "samples"), model_name=f"digits-{cfg.resolution}",
-        night=cfg.night, resolution=cfg.resolution, preset=QUICKSTART_PRESETS[cfg.resolution],
-        images=cfg.images, workers=cfg.workers, eval_images=cfg.eval_images,
-        eval_compare=cfg.compare, sample_images=cfg.sample_images, tracking_uri=tracking_uri,
-    )  # fmt: skip
-    result = nightly(night, say=lambda line: print(f"quickstart: {line}", flush=True))
-    print(f"quickstart: the dataset (version {result.dataset_version}) is in {night.dataset}/, "
-          f"checkpoints in {night.storage}/, evaluations in {night.evaluations}/")  # fmt: skip
+    def say(line: str) -> None:
+        print(f"quickstart: {line}", flush=True)
+
+    cluster.quiet()
+    say(f"{write_digits(cfg.raw)} example digits under {cfg.raw}")
+    night = cfg.nightly_config()
+    result = nightly(night, say=say)
+    say(f"the dataset (version {result.dataset_version}) is in {night.dataset}/, "
+        f"checkpoints in {night.storage}/, evaluations in {night.evaluations}/")  # fmt: skip
+    if result.scores:
+        m = result.scores  # the digits are labelled and have a validation split
+        say(f"{night.model_name}/{result.candidate}: label fidelity {m['label_fidelity']:.3f} "
+            f"(real digits: {m['label_fidelity_ceiling']:.3f}), CAS {m['cas']:.3f}, pixel "
+            f"Frechet distance {m['fd_pixel']:.3f}")  # fmt: skip
     if result.samples:
-        print(f"quickstart: {cfg.sample_images} generated digits: {result.samples}")
-    if night.tracking_uri.startswith("sqlite:"):
-        print(f"quickstart: see the runs in MLflow: mlflow ui --backend-store-uri "
-              f"{night.tracking_uri}")  # fmt: skip
-    else:
-        from pipeline.tracking import redact
+        output = night.sample_config(result.champion).output
+        grid = f"{output}-grid.png"
+        from PIL import Image
 
-        print(f"quickstart: see the runs in MLflow at {redact(night.tracking_uri)} "
-              "(experiment nightly)")  # fmt: skip
+        storage.write_bytes(grid, encode_png(Image.fromarray(preview(output))))
+        say(f"{cfg.sample_images} generated digits in {output}/; a grid of them, a row "
+            f"per class: {grid}")  # fmt: skip
+    if night.tracking_uri.startswith("sqlite:"):
+        say(f"see the runs in MLflow: mlflow ui --backend-store-uri {night.tracking_uri}")
+    else:
+        say(f"see the runs in MLflow at {tracking.redact(night.tracking_uri)} "
+            "(experiment nightly)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 
 import dataclasses
 import os
+import subprocess
+import sys
 from typing import ClassVar, Literal
 
 import pytest
 
 from pipeline import config as C
 from pipeline.config import ConfigError, PreprocessConfig
+from tests.services import ROOT
 
 
 def load(argv, cls=PreprocessConfig):
@@ -113,7 +116,11 @@ def test_configs_are_frozen_and_round_trip_through_plain_data():
     assert C.from_dict(PreprocessConfig, plain) == cfg
 
 
-@pytest.mark.parametrize("cls", [PreprocessConfig, C.DigitsConfig, C.QuickstartConfig])
+CONFIGS = [PreprocessConfig, C.DigitsConfig, C.QuickstartConfig, C.TrainConfig, C.SampleConfig,
+           C.EvaluateConfig, C.PromoteConfig, C.NightlyConfig, C.ModelConfig]  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", CONFIGS)
 def test_every_field_is_documented_and_shown_in_help(cls):
     docs = C.field_docs(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -122,6 +129,69 @@ def test_every_field_is_documented_and_shown_in_help(cls):
     for name in names:
         assert f"--{name}" in text
         assert " ".join(docs[name].split()[:4]) in text
+
+
+def test_every_task_explains_itself_with_help():
+    # Every module in tasks/ that runs a task, found on disk, not listed here.
+    modules = sorted(p.stem for p in (ROOT / "tasks").glob("*.py")
+                     if p.stem not in ("__init__", "cli"))  # fmt: skip
+    assert {"train", "sample", "quickstart", "nightly"} <= set(modules)
+    for name in modules:
+        done = subprocess.run([sys.executable, "-m", f"tasks.{name}", "--help"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0 and done.stderr == "", (name, done.stderr[-2000:])
+        assert done.stdout.startswith("usage: ") and "--" in done.stdout, name
+
+
+def test_the_model_is_configured_by_nested_flags_and_yaml(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("dataset: d\nmodel:\n  template: small\n  blocks: 1\n")
+    argv = ["--config", str(path), "--model.channels", "64", "--model.channel_mult", "1,2,2",
+            "--model.attention", ""]  # fmt: skip
+    cfg = load(argv, C.TrainConfig)
+    assert cfg.model == C.ModelConfig(template="small", channels=64, channel_mult=(1, 2, 2),
+                                      blocks=1, attention=())  # fmt: skip
+    net = cfg.model.resolve(48, num_classes=10, label_dropout=0.1)
+    shape = (net.resolution, net.channels, net.channel_mult, net.blocks, net.attention)
+    assert shape == (48, 64, (1, 2, 2), 1, ())
+    assert (net.num_classes, net.label_dropout, net.dropout) == (10, 0.1, 0.1)  # small's dropout
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model.template", "huge"], "train.model.template: must be one of tiny, small, base, "
+         "base64, got 'huge'"),
+        (["--model.channels", "0"], "train.model.channels: must be a positive integer, got 0"),
+        (["--model.channel_mult", "1,0"], "train.model.channel_mult: must be positive integers, "
+         "one per level, got (1, 0)"),
+        (["--model.attention", "3"], "train.model: template tiny: attention: levels must lie in "
+         "0..1 (one per channel_mult entry), got (3,)"),
+        (["--lr", "inf"], "train.lr: expected a finite number, got 'inf'"),
+        (["--lr", "nan"], "train.lr: expected a finite number, got 'nan'"),
+    ],
+)  # fmt: skip
+def test_bad_model_and_number_flags_name_the_field(argv, message):
+    with pytest.raises(ConfigError) as err:
+        load(["--dataset", "d", *argv], C.TrainConfig)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--resolution", "12", "--model.template", "small"], "quickstart.resolution: the small "
+         "template takes images of 8 to 512 px and a multiple of 8 (channel_mult 1,2,2,2 halves "
+         "the side 3 times), got 12"),
+        (["--resolution", "1024"], "quickstart.resolution: the tiny template takes images of 8 "
+         "to 512 px and a multiple of 2 (channel_mult 1,2 halves the side once), got 1024"),
+        (["--guidance", "-1"], "quickstart.guidance: must be >= 0, got -1.0"),
+    ],
+)  # fmt: skip
+def test_a_resolution_the_network_cannot_take_is_refused_before_anything_runs(argv, message):
+    with pytest.raises(ConfigError) as err:
+        load(argv, C.QuickstartConfig)
+    assert str(err.value) == message
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ import uuid
 import pytest
 
 from pipeline import storage, tracking
+from pipeline.config.nightly import today as tracking_today
 from pipeline.data import shards
 from pipeline.data.digits import write_digits
 from tests.services import ROOT
@@ -93,7 +94,8 @@ def test_three_nights(ray_cluster, mlflow_server, s3_prefix):
     version1 = tracking.model_version(uri, name, 1)
     assert version1["tags"]["promotion.decision"] == "first_champion"
     key1 = version1["tags"]["eval.key"]
-    for metric in ("fd_pixel", "swd_pixel", "precision", "recall", "heldout_loss"):
+    for metric in ("fd_pixel", "swd_pixel", "precision", "recall", "heldout_loss",
+                   "label_fidelity", "cas"):  # fmt: skip
         assert float(version1["tags"][f"eval.{key1}.{metric}"]) >= 0
     [result_file] = storage.list_objects(f"{s3_prefix}/evaluations")
     results = json.loads(storage.read_bytes(result_file.uri))
@@ -166,3 +168,26 @@ def test_three_nights(ray_cluster, mlflow_server, s3_prefix):
     for secret in secrets:
         assert secret not in logged and secret.encode() not in stored
     assert "://***@127.0.0.1" in json.dumps(mlflow_before)  # redacted, not dropped
+
+
+def test_guidance_without_class_labels_is_refused_before_training(
+    ray_cluster, mlflow_server, s3_prefix, tmp_path
+):
+    raw = tmp_path / "raw"  # digits without class folders: an unlabelled dataset
+    write_digits(str(raw), 0, 40)
+    for png in raw.glob("*/*.png"):
+        png.rename(raw / f"{png.parent.name}-{png.name}")
+    done = subprocess.run(
+        [sys.executable, "-m", "tasks.nightly", "--raw", str(raw), "--dataset",
+         f"{s3_prefix}/dataset", "--storage", f"{s3_prefix}/runs", "--model_name", "flat",
+         "--tracking_uri", mlflow_server, "--sample_guidance", "2"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    # (Ray's own lines of the preprocessing come before it.)
+    [line] = [e for e in done.stderr.splitlines() if e.startswith("tasks.nightly")]
+    assert line == done.stderr.splitlines()[-1] == (f"tasks.nightly: error: nightly.sample_guidance: guidance needs class "
+                    f"labels, and {s3_prefix}/dataset has none (its inputs are not in class "
+                    f"folders), got 2.0")  # fmt: skip
+    assert not storage.exists(f"{s3_prefix}/runs/flat-{tracking_today()}")
+    assert tracking.model_version(mlflow_server, "flat") is None

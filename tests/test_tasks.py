@@ -4,15 +4,18 @@ one-line errors, a job killed part-way and run again, the quickstart."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,7 +247,12 @@ def test_quickstart_on_embedded_defaults(tmp_path):
              "--sample_images", "32", "--night", "2026-11-26"]  # fmt: skip
     result = run_task("tasks.quickstart", "--workdir", str(tmp_path / "qs"), *small, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Started a local Ray instance" in result.stderr  # not the test session's cluster
+    # Its own local Ray (not the test session's cluster), quietly: no Ray, Ray
+    # Data, Ray Train or MLflow INFO/WARNING lines, no lines forwarded from workers.
+    assert list(Path(env["RAY_TMPDIR"]).glob("ray/session_*")), "no local Ray was started"
+    noise = [line for line in result.stderr.splitlines()
+             if re.search(r"\b(INFO|WARNING)\b|^\(\w+ pid=", line)]  # fmt: skip
+    assert noise == [], noise
     qs = tmp_path / "qs"
     manifest_uri = str(qs / "datasets" / "digits-8" / "manifest.json")
     assert f"manifest: {manifest_uri}" in result.stdout
@@ -254,25 +262,83 @@ def test_quickstart_on_embedded_defaults(tmp_path):
     assert manifest["classes"] == [str(d) for d in range(10)]
     # The whole night: trained, evaluated with both samplers, promoted, generated.
     assert "train: digits-8-2026-11-26 (from scratch), 1280 images" in result.stdout
-    assert re.search(r"evaluate: digits-8/1: heun 18 steps \(35 network evaluations\): "
-                     r"pixel Frechet distance [\d.]+ over 64 images", result.stdout)  # fmt: skip
-    evaluated = "evaluate: digits-8/1: euler_ancestral 20 steps (20 network evaluations)"
+    number = r"[\d.]+"
+    assert re.search(rf"evaluate: digits-8/1: heun 18 steps \(35 network evaluations, guidance "
+                     rf"1.5\): pixel Frechet distance {number}, label fidelity {number} \(real "
+                     rf"images {number}\), CAS {number} over 64 images", result.stdout)  # fmt: skip
+    evaluated = "evaluate: digits-8/1: euler_ancestral 20 steps (20 network evaluations, guidance"
     assert evaluated in result.stdout
     assert "digits-8 version 1 is the first champion" in result.stdout
+    assert re.search(rf"quickstart: digits-8/1: label fidelity {number} \(real digits: "
+                     rf"{number}\), CAS {number}, pixel Frechet distance {number}",
+                     result.stdout)  # fmt: skip
     samples = json.loads((qs / "samples/2026-11-26/manifest.json").read_text())
     assert samples["counts"]["images"] == 32 and samples["job"]["model"]["version"] == 1
+    assert samples["job"]["guidance"] == 1.5
+    from PIL import Image
+
+    with Image.open(qs / "samples/2026-11-26-grid.png") as grid:  # a row per class
+        assert grid.size == (10 * 34 - 2, 10 * 34 - 2)
     ui = f"mlflow ui --backend-store-uri sqlite:///{qs}/mlflow.db"
     assert result.stdout.rstrip().endswith(ui)
     assert (qs / "runs/digits-8-2026-11-26/checkpoint-000000001280/ema.safetensors").is_file()
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{qs}/mlflow.db")
-    [run] = client.search_runs([client.get_experiment_by_name("nightly").experiment_id])
-    assert run.info.status == "FINISHED" and run.data.params["preset"] == "tiny"
+    nightly = client.get_experiment_by_name("nightly")
+    assert nightly.tags["mlflow.experimentKind"] == "custom_model_development"
+    [run] = client.search_runs([nightly.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["model.template"] == "tiny"
+    assert run.data.params["hflip"] == "False"
     loss = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
     assert len(loss) == 20 and sum(loss[-3:]) < 0.8 * sum(loss[:3])  # it learns
     [version] = client.search_model_versions("name = 'digits-8'")
     assert version.run_id == run.info.run_id
     assert int(client.get_model_version_by_alias("digits-8", "champion").version) == 1
-    assert "eval.key" in version.tags
+    key = version.tags["eval.key"]
+    for metric in ("label_fidelity", "cas", "fd_pixel"):
+        assert 0 <= float(version.tags[f"eval.{key}.{metric}"]) < 100
     assert list((qs / "evaluations").glob("digits-8-v1-*.json"))
+
+
+@pytest.mark.parametrize("resolution", [16, 32, 64])
+def test_quickstart_at_other_resolutions(resolution, tmp_path, ray_cluster):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    # Small and fast: on the session's cluster, a few images; from 32 px on a
+    # narrower network (an override the registered model must carry to sampling).
+    narrow = resolution >= 32
+    small = ["--images", "128", "--eval_images", "8", "--sample_images", "4", "--night",
+             "2026-11-27", *(["--model.channels", "8"] if narrow else [])]  # fmt: skip
+    qs = tmp_path / "qs"
+    result = run_task("tasks.quickstart", "--workdir", str(qs), "--resolution", str(resolution),
+                      *small, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    name = f"digits-{resolution}"
+    assert f"promote: {name} version 1 is the first champion" in result.stdout
+    manifest = json.loads((qs / "datasets" / name / "manifest.json").read_text())
+    assert manifest["resolution"] == resolution
+    samples = qs / "samples" / "2026-11-27"
+    pngs = [d for s in read_tars(samples).values() for n, d in s.items() if n.endswith(".png")]
+    assert len(pngs) == 4
+    from PIL import Image
+
+    for png in pngs:
+        with Image.open(io.BytesIO(png)) as image:
+            assert image.size == (resolution, resolution) and image.mode == "RGB"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{qs}/mlflow.db")
+    [version] = client.search_model_versions(f"name = '{name}'")
+    with tempfile.TemporaryDirectory() as tmp:
+        card = json.loads(Path(client.download_artifacts(version.run_id, "model", tmp),
+                               "model.json").read_text())  # fmt: skip
+    assert card["model"]["resolution"] == resolution
+    assert card["model"]["channels"] == (8 if narrow else 24)
+
+
+def read_tars(folder: Path) -> dict[str, dict[str, bytes]]:
+    out = {}
+    for path in sorted(folder.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            out[path.name] = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    return out

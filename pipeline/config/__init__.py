@@ -11,9 +11,11 @@ from pipeline.config.core import (
     parse_args,
     to_dict,
 )
-from pipeline.config.data import DigitsConfig, PreprocessConfig, QuickstartConfig
+from pipeline.config.data import DigitsConfig, PreprocessConfig
 from pipeline.config.evaluate import EvaluateConfig, PromoteConfig
+from pipeline.config.model import ModelConfig
 from pipeline.config.nightly import NightlyConfig
+from pipeline.config.quickstart import QuickstartConfig
 from pipeline.config.sample import SampleConfig
 from pipeline.config.train import TrainConfig
 
@@ -22,6 +24,7 @@ __all__ = [
     "ConfigError",
     "DigitsConfig",
     "EvaluateConfig",
+    "ModelConfig",
     "NightlyConfig",
     "PreprocessConfig",
     "PromoteConfig",

@@ -11,8 +11,9 @@ from pipeline import storage
 from pipeline.config.core import Checked, ConfigError
 from pipeline.config.data import PreprocessConfig
 from pipeline.config.evaluate import METRICS, EvaluateConfig, PromoteConfig, parse_sampler
+from pipeline.config.model import ModelConfig
 from pipeline.config.sample import SampleConfig
-from pipeline.config.train import PRESET_RESOLUTIONS, TrainConfig, resolve_tracking_uri
+from pipeline.config.train import TrainConfig, resolve_tracking_uri
 
 
 def today() -> str:
@@ -44,21 +45,26 @@ class NightlyConfig(Checked):
     """The night's label (YYYY-MM-DD); default: today (UTC). It names the training run,
     so running the same night again resumes or skips it."""
     resolution: int = 8
-    """Side of the preprocessed images."""
-    preset: str = "tiny"
-    """UNet preset of the model (its resolution must match)."""
+    """Side of the preprocessed images, and so of the network: the template must be
+    able to halve it (tiny: any even side from 8 to 512)."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    """The network: `--model.template` and overrides of its width and depth (see
+    tasks.train --help). A warm start needs the champion's very architecture."""
     validation_fraction: float = 0.1
-    """Share of inputs held out (by a hash of their path) for the held-out loss."""
-    images: int = 12_800
+    """Share of inputs held out (by a hash of their path) for the held-out loss,
+    label fidelity's ceiling and CAS."""
+    images: int = 100_000
     """Images each night's training sees."""
     batch_size: int = 64
     """Global batch of training."""
-    lr: float = 2e-3
-    """Learning rate after the ramp-up."""
-    lr_rampup_images: int = 1_000
-    """Images of the learning-rate ramp-up."""
-    ema_halflife_images: int = 2_000
-    """Half-life of the weight average, in images."""
+    lr: float = TrainConfig.lr
+    """Learning rate after the ramp-up (tasks.train's default)."""
+    lr_rampup_images: int = TrainConfig.lr_rampup_images
+    """Images of the learning-rate ramp-up (tasks.train's default)."""
+    ema_halflife_images: int = TrainConfig.ema_halflife_images
+    """Half-life of the weight average, in images (tasks.train's default)."""
+    hflip: bool = False
+    """Flip training images left-right at random (off: a mirrored digit is none)."""
     workers: int = 1
     """Ray Train workers."""
     use_gpu: bool | None = None
@@ -73,6 +79,8 @@ class NightlyConfig(Checked):
     eval_compare: tuple[str, ...] = ()
     """More samplers scored beside it, e.g. euler_ancestral:1000 (reported, not used
     to decide)."""
+    eval_guidance: float = 1.0
+    """Classifier-free guidance of the scored samples (1: none)."""
     metric: str = "fd_pixel"
     """What promotion decides on (see tasks.promote)."""
     margin: float = 0.0
@@ -81,6 +89,9 @@ class NightlyConfig(Checked):
     """Images the champion generates into `samples/<night>/`; 0: none."""
     sample_sampler: str = "heun:18"
     """Sampler and steps of the generated images."""
+    sample_guidance: float = 1.0
+    """Classifier-free guidance of the generated images (1: none; above 1 needs a
+    labelled dataset)."""
     tracking_uri: str = ""
     """MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
 
@@ -97,12 +108,10 @@ class NightlyConfig(Checked):
         self.check(well_formed, "night", "must be a date, YYYY-MM-DD")
         self.check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.model_name)), "model_name",
                    "must be letters, digits, '_', '.' or '-'")  # fmt: skip
-        self.check(
-            PRESET_RESOLUTIONS.get(self.preset) == self.resolution,
-            "resolution",
-            f"must be the preset's ({self.preset}: {PRESET_RESOLUTIONS.get(self.preset)})",
-        )
+        self.model.resolve(self.resolution, field=f"{self.SECTION}.resolution")
         self.check(self.sample_images >= 0, "sample_images", "must be >= 0")
+        for field in ("eval_guidance", "sample_guidance"):
+            self.check(getattr(self, field) >= 0, field, "must be >= 0")
         allowed = [m for m in METRICS if m not in ("fid", "kid")]
         self.check(self.metric in allowed, "metric",
                    f"must be one of {', '.join(allowed)} (FID and KID need Inception "
@@ -130,7 +139,7 @@ class NightlyConfig(Checked):
         """Tonight's training run, warm-started from `init_from` (or from scratch)."""
         return TrainConfig(
             dataset=self.dataset, run_name=f"{self.model_name}-{self.night}",
-            storage=self.storage, preset=self.preset, images=self.images,
+            storage=self.storage, model=self.model, images=self.images, hflip=self.hflip,
             batch_size=self.batch_size, workers=self.workers, use_gpu=self.use_gpu,
             cpus_per_worker=self.cpus_per_worker, lr=self.lr,
             lr_rampup_images=self.lr_rampup_images, ema_halflife_images=self.ema_halflife_images,
@@ -144,7 +153,8 @@ class NightlyConfig(Checked):
         return EvaluateConfig(
             model=f"{self.model_name}/{version}", dataset=self.dataset, output=self.evaluations,
             images=self.eval_images, sampler=self.eval_sampler, compare=self.eval_compare,
-            batch_size=max(2, min(self.eval_images, 500)), use_gpu=self.use_gpu,
+            guidance=self.eval_guidance, batch_size=max(2, min(self.eval_images, 500)),
+            use_gpu=self.use_gpu,
             tracking_uri=self.tracking_uri,
         )  # fmt: skip
 
@@ -159,5 +169,5 @@ class NightlyConfig(Checked):
         return SampleConfig(
             model=f"{self.model_name}/{version}", output=storage.join(self.samples, self.night),
             images=max(1, self.sample_images), sampler=sampler, steps=steps,
-            use_gpu=self.use_gpu, tracking_uri=self.tracking_uri,
+            guidance=self.sample_guidance, use_gpu=self.use_gpu, tracking_uri=self.tracking_uri,
         )  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 from PIL import Image
 
 from pipeline.data.decode import Rejected
@@ -36,3 +37,21 @@ def encode_png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
+
+
+def tile(
+    images: np.ndarray, columns: int = 8, min_side: int = 32, gap: int = 2, background: int = 128
+) -> np.ndarray:
+    """uint8 images [N, H, W, 3] -> one uint8 image, `columns` images a row, each
+    enlarged (nearest) to at least `min_side` pixels, `gap` pixels of grey
+    `background` apart (so that dark or light images keep visible borders)."""
+    scale = max(1, -(-min_side // images.shape[1]))
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    canvas = np.full((rows * (h + gap) - gap, columns * (w + gap) - gap, c), background, np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        top, left = r * (h + gap), col * (w + gap)
+        canvas[top : top + h, left : left + w] = image
+    return canvas

@@ -1,0 +1,86 @@
+"""The config of the quickstart: the nightly pipeline on the example digits."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from pipeline import storage
+from pipeline.config.core import Checked, ConfigError
+from pipeline.config.model import ModelConfig
+from pipeline.config.nightly import NightlyConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickstartConfig(Checked):
+    """The nightly pipeline end to end on embedded defaults, on the digits: write
+    them as raw PNGs, preprocess, train, evaluate, promote, generate."""
+
+    SECTION: ClassVar[str] = "quickstart"
+
+    workdir: str = "quickstart"
+    """Folder (or `s3://` prefix) that receives the raw digits, the dataset, the
+    checkpoints, the evaluations, the generated digits and (locally) the MLflow
+    database."""
+    resolution: int = 8
+    """Side of the preprocessed images: 8 is the digits' own; larger sides (16, 32,
+    64...) upscale them, and the network runs at that size (slower)."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    """The network (see tasks.train --help): the tiny template by default."""
+    images: int = 128_000
+    """Images training sees (about 80 passes over the digits; about 2.5 minutes on
+    2 CPU cores at 8x8)."""
+    workers: int = 1
+    """Ray Train workers."""
+    hflip: bool = False
+    """Flip training images left-right at random (off: a mirrored digit is none)."""
+    guidance: float = 1.5
+    """Classifier-free guidance of the scored and the generated digits: 1 is none;
+    1.5 trades a little diversity for digits that are recognisably their label."""
+    eval_images: int = 1000
+    """Images generated from fixed seeds to score the model."""
+    compare: tuple[str, ...] = ()
+    """More samplers scored beside Heun (18 steps, 35 network evaluations), e.g.
+    euler_ancestral:1000, the 1000-step stochastic reference (minutes more)."""
+    sample_images: int = 1000
+    """Images the champion generates at the end."""
+    night: str = ""
+    """The night's label (YYYY-MM-DD); default: today (UTC)."""
+    tracking_uri: str = ""
+    """MLflow tracking URI; default: an sqlite file in workdir (or $MLFLOW_TRACKING_URI
+    when workdir is in S3)."""
+
+    def __post_init__(self) -> None:
+        self.locate("workdir")
+        self.check(self.images > 0, "images", "must be a positive integer")
+        self.check(self.workers > 0, "workers", "must be a positive integer")
+        self.check(self.eval_images > 1, "eval_images", "must be an integer above 1")
+        self.check(self.sample_images >= 0, "sample_images", "must be >= 0")
+        self.check(self.guidance >= 0, "guidance", "must be >= 0")
+        # The whole night is checked before anything is written.
+        try:
+            self.nightly_config()
+        except ConfigError as e:
+            message = str(e).removeprefix("nightly: ").removeprefix("nightly.")
+            raise ConfigError(f"{self.SECTION}.{message}") from None
+
+    @property
+    def raw(self) -> str:
+        return storage.join(self.workdir, "raw", "digits")
+
+    def nightly_config(self) -> NightlyConfig:
+        tracking_uri = self.tracking_uri
+        if not tracking_uri and not storage.is_s3(self.workdir):
+            tracking_uri = f"sqlite:///{storage.join(self.workdir, 'mlflow.db')}"
+        name = f"digits-{self.resolution}"
+        return NightlyConfig(
+            raw=self.raw, dataset=storage.join(self.workdir, "datasets", name),
+            storage=storage.join(self.workdir, "runs"),
+            evaluations=storage.join(self.workdir, "evaluations"),
+            samples=storage.join(self.workdir, "samples"), model_name=name, night=self.night,
+            resolution=self.resolution, model=self.model, images=self.images,
+            workers=self.workers, hflip=self.hflip, eval_images=self.eval_images,
+            eval_compare=self.compare, eval_guidance=self.guidance,
+            sample_images=self.sample_images, sample_guidance=self.guidance,
+            tracking_uri=tracking_uri,
+        )  # fmt: skip
