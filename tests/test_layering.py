@@ -9,8 +9,11 @@ MATHS = [
     "pipeline.diffusion.analytic",
     "pipeline.diffusion.step",
     "pipeline.model",
+    "pipeline.model.unet",
     "pipeline.samplers",
     "pipeline.ema",
+    "pipeline.metrics",
+    "pipeline.classifier",
 ]
 FORBIDDEN = ["ray", "boto3", "botocore", "mlflow", "webdataset", "pyarrow", "yaml", "PIL"]
 
