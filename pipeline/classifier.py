@@ -16,8 +16,9 @@ say whether one serves that purpose:
 
 The classifier is deliberately plain: a few strided 3x3 convolutions, GroupNorm,
 global average pooling; images larger than `MAX_SIDE` are averaged down first.
-Training is seeded and runs a fixed number of steps with small random shifts, so
-the same images, labels and seed give the same classifier.
+Training is seeded and runs a number of steps set by the number of images (see
+`Recipe`), with small random shifts, so the same images, labels and seed give
+the same classifier (on the same threads and hardware).
 """
 
 from __future__ import annotations

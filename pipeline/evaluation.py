@@ -129,16 +129,11 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
 
             found = fid_kid(real_inception, inception.features(outputs["samples"][name]))
             scores.update({prefix + k: v for k, v in found.items()})
-    classes = len(manifest.get("classes") or [])
-    if not classes or outputs["labels"] is None:
-        why = "the model is unconditional" if classes else "the dataset has no class labels"
-        for prefix in prefixes.values():
-            not_computed[prefix + "label_fidelity"] = not_computed[prefix + "cas"] = why
-    else:
-        found, missing = label_scores(train, validation, digest, classes, outputs["samples"],
-                                      outputs["labels"], prefixes)  # fmt: skip
-        scores.update(found)
-        not_computed.update(missing)
+    found, missing = label_scores(
+        train, validation, digest, outputs["samples"], outputs["labels"], prefixes
+    )
+    scores.update(found)
+    not_computed.update(missing)
     if outputs["heldout"] is None:
         not_computed["heldout_loss"] = "the dataset has no validation images"
     else:

@@ -131,16 +131,22 @@ def reference_features(train: Split, digest: str) -> np.ndarray:
 
 
 def label_scores(
-    train: Split, validation: Split, digest: str, classes: int,
-    samples: dict[str, np.ndarray], labels: np.ndarray, prefixes: dict[str, str],
+    train: Split, validation: Split, digest: str, samples: dict[str, np.ndarray],
+    labels: np.ndarray | None, prefixes: dict[str, str],
 ) -> tuple[dict[str, float], dict[str, str]]:  # fmt: skip
     """Label fidelity and CAS (`pipeline.classifier`) of each sampler's `samples`,
-    generated for `labels`; (scores, {metric: why not computed}). Metric names
-    get the sampler's prefix (`prefixes`). Beside them: the judge's accuracy on
-    the real validation images (`label_fidelity_ceiling`) and the CAS baseline's
-    (`cas_real_accuracy`)."""
+    generated for `labels` (None: unconditionally); (scores, {metric: why not
+    computed}). Metric names get the sampler's prefix (`prefixes`). Beside them:
+    the judge's accuracy on the real validation images (`label_fidelity_ceiling`)
+    and the CAS baseline's (`cas_real_accuracy`)."""
     from pipeline import classifier
 
+    classes = len(train.manifest.get("classes") or [])
+    if not classes or labels is None:
+        why = "the model is unconditional" if classes else "the dataset has no class labels"
+        missing = {prefix + metric: why for prefix in prefixes.values()
+                   for metric in ("label_fidelity", "cas")}  # fmt: skip
+        return {}, missing
     if train.count() == 0:
         raise ConfigError(f"evaluate.dataset: {train.dataset} has no train images to learn from")
     judge = _kept_classifier(train, digest, classes, train.count())

@@ -55,7 +55,7 @@ def scores(digits, samples: np.ndarray, labels: np.ndarray):
     folder, manifest, _, _ = digits
     train = Split(folder, manifest, "train", 10_000)
     validation = Split(folder, manifest, "validation", 10_000)
-    return label_scores(train, validation, "d" * 64, 10, {"s": samples}, labels, {"s": ""})
+    return label_scores(train, validation, "d" * 64, {"s": samples}, labels, {"s": ""})
 
 
 def test_real_validation_images_score_the_ceiling(digits):
@@ -93,6 +93,23 @@ def test_the_classifiers_are_kept_beside_the_dataset_and_reused(digits):
     again, _ = scores(digits, images[:300], labels[:300])
     assert again == first
     assert sorted(o.relpath for o in storage.list_objects(storage.join(folder, REFERENCE))) == kept
+
+
+def test_without_labels_there_is_nothing_to_score_and_the_reason_is_given(digits):
+    folder, manifest, _, (images, labels) = digits
+    unlabelled = {**manifest, "classes": None}
+    train = Split(folder, unlabelled, "train", 10)
+    validation = Split(folder, unlabelled, "validation", 10)
+    prefixes = {"a": "", "b": "b."}
+    found = label_scores(train, validation, "d" * 64, {"a": images, "b": images}, labels, prefixes)
+    assert found == ({}, {"label_fidelity": "the dataset has no class labels",
+                          "cas": "the dataset has no class labels",
+                          "b.label_fidelity": "the dataset has no class labels",
+                          "b.cas": "the dataset has no class labels"})  # fmt: skip
+    train = Split(folder, manifest, "train", 10)
+    _, why = label_scores(train, validation, "d" * 64, {"a": images}, None, {"a": ""})
+    assert why == {"label_fidelity": "the model is unconditional",
+                   "cas": "the model is unconditional"}  # fmt: skip
 
 
 def test_training_is_seeded_and_the_labels_are_checked():

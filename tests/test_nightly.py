@@ -186,7 +186,8 @@ def test_guidance_without_class_labels_is_refused_before_training(
     assert done.returncode == 2, done.stderr[-3000:]
     # (Ray's own lines of the preprocessing come before it.)
     [line] = [e for e in done.stderr.splitlines() if e.startswith("tasks.nightly")]
-    assert line == done.stderr.splitlines()[-1] == (f"tasks.nightly: error: nightly.sample_guidance: guidance needs class "
+    assert line == done.stderr.splitlines()[-1]
+    assert line == (f"tasks.nightly: error: nightly.sample_guidance: guidance needs class "
                     f"labels, and {s3_prefix}/dataset has none (its inputs are not in class "
                     f"folders), got 2.0")  # fmt: skip
     assert not storage.exists(f"{s3_prefix}/runs/flat-{tracking_today()}")

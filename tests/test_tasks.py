@@ -305,10 +305,13 @@ def test_quickstart_on_embedded_defaults(tmp_path):
 def test_quickstart_at_other_resolutions(resolution, tmp_path, ray_cluster):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     # Small and fast: on the session's cluster, a few images; from 32 px on a
-    # narrower network (an override the registered model must carry to sampling).
+    # narrower network, at 64 px deeper with attention at 16x16 (overrides the
+    # registered model must carry to sampling).
     narrow = resolution >= 32
     small = ["--images", "128", "--eval_images", "8", "--sample_images", "4", "--night",
              "2026-11-27", *(["--model.channels", "8"] if narrow else [])]  # fmt: skip
+    if resolution == 64:
+        small += ["--model.channel_mult", "1,2,2", "--model.attention", "2"]
     qs = tmp_path / "qs"
     result = run_task("tasks.quickstart", "--workdir", str(qs), "--resolution", str(resolution),
                       *small, env=env)  # fmt: skip
@@ -334,6 +337,7 @@ def test_quickstart_at_other_resolutions(resolution, tmp_path, ray_cluster):
                                "model.json").read_text())  # fmt: skip
     assert card["model"]["resolution"] == resolution
     assert card["model"]["channels"] == (8 if narrow else 24)
+    assert card["model"]["channel_mult"] == ([1, 2, 2] if resolution == 64 else [1, 2])
 
 
 def read_tars(folder: Path) -> dict[str, dict[str, bytes]]:

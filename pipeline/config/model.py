@@ -37,7 +37,9 @@ class ModelConfig(Checked):
     """Residual blocks per level; default: the template's."""
     attention: tuple[int, ...] | None = None
     """Levels with self-attention (0: full resolution, 1: half the side...), e.g.
-    1,2; empty for none besides the bottleneck's. Default: the template's."""
+    1,2; empty for none besides the bottleneck's. Default: the template's. Its cost
+    grows with the square of a level's pixels: for large images, use deeper levels
+    (and more of them, in channel_mult)."""
     head_channels: int | None = None
     """Channels per attention head; default: the template's."""
     dropout: float | None = None
