@@ -17,6 +17,8 @@ from tasks.cli import run_task
 
 
 def main(cfg: QuickstartConfig) -> None:
+    from PIL import Image
+
     from pipeline import cluster, storage, tracking
     from pipeline.data.digits import write_digits
     from pipeline.data.transforms import encode_png
@@ -40,9 +42,9 @@ def main(cfg: QuickstartConfig) -> None:
     if result.samples:
         output = night.sample_config(result.champion).output
         grid = f"{output}-grid.png"
-        from PIL import Image
-
-        storage.write_bytes(grid, encode_png(Image.fromarray(preview(output))))
+        png = encode_png(Image.fromarray(preview(output)))
+        if not storage.exists(grid) or storage.read_bytes(grid) != png:  # a re-run writes nothing
+            storage.write_bytes(grid, png)
         say(f"{cfg.sample_images} generated digits in {output}/; a grid of them, a row "
             f"per class: {grid}")  # fmt: skip
     if night.tracking_uri.startswith("sqlite:"):
