@@ -19,7 +19,7 @@ from pipeline.diffusion.step import step_generator, train_step
 from pipeline.ema import EMA
 from pipeline.model import architecture, build
 from pipeline.train_worker import grid
-from pipeline.training import _plan, to_training_batch
+from pipeline.training import _init_model, _plan, to_training_batch
 from tests.nets import randomised
 
 
@@ -171,6 +171,21 @@ def test_the_plan_holds_the_whole_network_for_the_datas_side_and_classes():
                                          label_dropout=0.2).to_dict()  # fmt: skip
     unlabelled = _plan(cfg, {**MANIFEST, "classes": None}, "digest")["model"]
     assert (unlabelled["num_classes"], unlabelled["label_dropout"]) == (0, 0.0)
+
+
+def test_a_warm_start_must_be_the_very_network_this_run_trains(tmp_path):
+    net = build("tiny", 8, num_classes=10, label_dropout=0.1)
+    state = {"config": {"model": {"template": "tiny"}}, "model": net.cfg.to_dict(), "run_id": "r"}
+    checkpoint.save(tmp_path, net, net, torch.optim.Adam(net.parameters()), state)
+    same = TrainConfig(dataset="/d", init_from=str(tmp_path), label_dropout=0.2)
+    assert _init_model(same, _plan(same, MANIFEST, "digest")) is not None  # dropouts aside
+    wider = TrainConfig(dataset="/d", init_from=str(tmp_path), model=ModelConfig(channels=32))
+    with pytest.raises(ConfigError) as e:
+        _init_model(wider, _plan(wider, MANIFEST, "digest"))
+    assert str(e.value) == (
+        f"train.init_from: {tmp_path} is another network than this run's (its vs this run's: "
+        f"channels (24 vs 32)), got '{tmp_path}'"
+    )
 
 
 @pytest.mark.slow
