@@ -25,13 +25,13 @@ def run_task(
         config = parse_args(config_cls, parser, argv)
         main(config)
     except ConfigError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        _say_last(f"{prog}: error: {e}")
         return 2
     except (storage.StorageError, RuntimeError) as e:
-        print(f"{prog}: failed: {e}", file=sys.stderr)
+        _say_last(f"{prog}: failed: {e}")
         return 1
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        _say_last(f"{prog}: interrupted")
         return 130
     except Exception as e:
         # An MLflow server that cannot be reached (or refuses) is no bug: one line,
@@ -39,6 +39,15 @@ def run_task(
         if type(e).__module__.split(".")[0] != "mlflow":
             raise
         detail = " ".join(storage.redact(str(e)).split())[:500]
-        print(f"{prog}: failed: MLflow: {detail}", file=sys.stderr)
+        _say_last(f"{prog}: failed: MLflow: {detail}")
         return 1
     return 0
+
+
+def _say_last(line: str) -> None:
+    """Print the task's one-line verdict as the last line of stderr: first stop
+    Ray, whose driver would otherwise still print lines forwarded from workers."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    print(line, file=sys.stderr)
