@@ -37,10 +37,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench" / "vendor")]
 
-from pipeline import samplers as S  # noqa: E402
-from pipeline.diffusion import Precond, edm_loss, karras_sigmas  # noqa: E402
-from pipeline.diffusion.analytic import GaussianDenoiser  # noqa: E402
-from pipeline.model import build  # noqa: E402
+from pipeline.maths import solvers as S  # noqa: E402
+from pipeline.maths.analytic import GaussianDenoiser  # noqa: E402
+from pipeline.maths.edm import Precond, edm_loss, karras_sigmas  # noqa: E402
+from pipeline.maths.unet import build  # noqa: E402
 
 CUDA_CASES = [("fp32", 128, 256), ("bf16", 512, 1024), ("bf16+compile+channels_last", 512, 1024)]
 """(mode, training batch, forward batch) on CUDA: the issue's reference settings."""

@@ -116,7 +116,7 @@ def ray_job(
     import ray
 
     from pipeline.config import PreprocessConfig
-    from pipeline.preprocess import preprocess
+    from pipeline.jobs.preprocess import preprocess
 
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="error")
     try:

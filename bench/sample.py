@@ -5,7 +5,7 @@ same number of network evaluations, in one run.
 - `bare loop`: our sampler over batches of the same model, images kept in memory
   as uint8 tensors: no PNG, no shards, no Ray (the baseline; goal for the job:
   at least 0.9 of it);
-- `job`: `pipeline.sampling.sample` end to end with one actor into a local
+- `job`: `pipeline.jobs.generate.sample` end to end with one actor into a local
   folder: model load, the actor, fixed-shape network calls, PNG encoding, tars,
   records, manifest (Ray itself is started before the clock); `job, running`:
   the same without its fixed costs (the time of a one-batch job subtracted);
@@ -74,8 +74,8 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def our_model(device):
-    from pipeline.diffusion import Precond
-    from pipeline.model import build
+    from pipeline.maths.edm import Precond
+    from pipeline.maths.unet import build
 
     torch.manual_seed(0)
     return Precond(build("tiny", num_classes=10, dropout=0.0)).to(device).eval()
@@ -100,7 +100,7 @@ def bare_loop(args, device, images: int, batch: int, guidance: float = 1.0,
               two_calls: bool = False) -> float:  # fmt: skip
     """Seconds for `images` images with the sampler alone, `batch` at a time; with
     guidance, in one batched network call per step, or in two (`two_calls`)."""
-    from pipeline.sampling import generate
+    from pipeline.maths.reproducible import generate
 
     denoiser = our_model(device)
     if two_calls:
@@ -132,9 +132,9 @@ def job(args, device, tmp: Path, images: int) -> float:
     """Seconds for the whole job of `images` images (Ray already started)."""
     from safetensors.torch import save
 
-    from pipeline import checkpoint
     from pipeline.config import SampleConfig
-    from pipeline.sampling import sample
+    from pipeline.edges import checkpoint
+    from pipeline.jobs.generate import sample
 
     tmp = tmp / str(images)
     folder = tmp / "checkpoint"
@@ -202,15 +202,15 @@ def main() -> None:
 
     import ray
 
-    from pipeline.model import build
-    from pipeline.samplers import evaluations
+    from pipeline.maths.solvers import network_evaluations
+    from pipeline.maths.unet import build
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)
     machine = torch.cuda.get_device_name().split()[-1].lower() if device.type == "cuda" else (
         f"cpu{os.cpu_count()}")  # fmt: skip
-    nfe = evaluations(args.sampler, args.steps)
+    nfe = network_evaluations(args.sampler, args.steps)
     params = {
         "ours (tiny)": sum(p.numel() for p in build("tiny", num_classes=10).parameters()),
         "diffusers UNet2DModel": sum(p.numel() for p in diffusers_unet("cpu").parameters()),

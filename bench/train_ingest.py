@@ -62,11 +62,11 @@ def bench_loop(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from pipeline.diffusion import Precond
-    from pipeline.diffusion.step import step_generator, train_step
-    from pipeline.ema import EMA
-    from pipeline.model import build
-    from pipeline.train_worker import _batches
+    from pipeline.jobs.train.worker import _batches
+    from pipeline.maths.edm import Precond
+    from pipeline.maths.ema import EMA
+    from pipeline.maths.train_step import step_generator, train_step
+    from pipeline.maths.unet import build
 
     device = ray.train.torch.get_device()
     torch.manual_seed(0)
@@ -128,7 +128,7 @@ def digits_dataset(folder: Path, resolution: int) -> tuple[str, dict]:
     """The digits, preprocessed at `resolution` (upscaled beyond 8)."""
     from pipeline.config import PreprocessConfig
     from pipeline.data.digits import write_digits
-    from pipeline.preprocess import preprocess
+    from pipeline.jobs.preprocess import preprocess
 
     raw, out = str(folder / "raw"), str(folder / f"digits-{resolution}")
     write_digits(raw)
@@ -148,8 +148,8 @@ def run_case(source: str, dataset: str, manifest: dict, args) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline import cluster
-    from pipeline.training import training_data
+    from pipeline.edges import cluster
+    from pipeline.jobs.train.driver import training_data
 
     config = {
         "source": source,

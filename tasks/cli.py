@@ -12,8 +12,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from pipeline import storage
 from pipeline.config import ConfigError, make_parser, parse_args
+from pipeline.edges import storage
 
 
 def run_task(

@@ -15,7 +15,7 @@ from tasks.cli import run_task
 
 
 def main(cfg: EvaluateConfig) -> None:
-    from pipeline.evaluation import evaluate
+    from pipeline.jobs.evaluate import evaluate
 
     result = evaluate(cfg)
     for line in result.sampler_lines():

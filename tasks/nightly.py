@@ -16,7 +16,7 @@ from tasks.cli import run_task
 
 
 def main(cfg: NightlyConfig) -> None:
-    from pipeline.nightly import nightly
+    from pipeline.workflows.nightly import nightly
 
     night = nightly(cfg)
     champion = f"{cfg.model_name}/{night.champion}" if night.champion else "none"

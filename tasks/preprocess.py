@@ -11,7 +11,7 @@ from tasks.cli import run_task
 
 
 def main(cfg: PreprocessConfig) -> None:
-    from pipeline.preprocess import preprocess
+    from pipeline.jobs.preprocess import preprocess
 
     result = preprocess(cfg)
     print(f"preprocess: {result.summary()}")

@@ -12,7 +12,7 @@ from tasks.cli import run_task
 
 
 def main(cfg: PromoteConfig) -> None:
-    from pipeline.promotion import promote
+    from pipeline.jobs.promote import promote
 
     print(f"promote: {promote(cfg).summary()}")
 

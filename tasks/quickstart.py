@@ -19,11 +19,11 @@ from tasks.cli import run_task
 def main(cfg: QuickstartConfig) -> None:
     from PIL import Image
 
-    from pipeline import cluster, storage, tracking
     from pipeline.data.digits import write_digits
     from pipeline.data.transforms import encode_png
-    from pipeline.nightly import nightly
-    from pipeline.sampling import preview
+    from pipeline.edges import cluster, storage, tracking
+    from pipeline.jobs.generate import preview
+    from pipeline.workflows.nightly import nightly
 
     def say(line: str) -> None:
         print(f"quickstart: {line}", flush=True)

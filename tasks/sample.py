@@ -14,7 +14,7 @@ from tasks.cli import run_task
 
 
 def main(cfg: SampleConfig) -> None:
-    from pipeline.sampling import sample
+    from pipeline.jobs.generate import sample
 
     result = sample(cfg)
     print(f"sample: {result.summary()}; manifest at {result.manifest_uri} "

@@ -14,8 +14,8 @@ from tasks.cli import run_task
 
 
 def main(cfg: TrainConfig) -> None:
-    from pipeline.tracking import redact
-    from pipeline.training import train
+    from pipeline.edges.tracking import redact
+    from pipeline.jobs.train.driver import train
 
     result = train(cfg)
     print(

@@ -6,8 +6,8 @@ from __future__ import annotations
 import io
 import json
 
-from pipeline import storage
 from pipeline.data import shards
+from pipeline.edges import storage
 from tests import images
 
 

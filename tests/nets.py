@@ -2,7 +2,7 @@
 
 import torch
 
-from pipeline.model import UNet
+from pipeline.maths.unet import UNet
 
 
 def randomised(net: UNet, seed: int = 1) -> UNet:

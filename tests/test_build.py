@@ -8,8 +8,9 @@ import tarfile
 import numpy as np
 
 from pipeline.config import PreprocessConfig
-from pipeline.data import build, shards
+from pipeline.data import shards
 from pipeline.data.sources import InputItem, ShardPlan
+from pipeline.jobs.preprocess import build
 from tests import images
 
 

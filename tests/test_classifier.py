@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import classifier, storage
 from pipeline.data import shards
 from pipeline.data.digits import load_digits
+from pipeline.data.reference import REFERENCE, Split, label_scores
 from pipeline.data.transforms import encode_png
-from pipeline.metrics import block_factor
-from pipeline.reference import REFERENCE, Split, label_scores
+from pipeline.edges import storage
+from pipeline.maths import classifier
+from pipeline.maths.metrics import block_factor
 
 
 def write_dataset(folder: str, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict:

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.diffusion import Precond, edm, edm_loss, karras_sigmas
-from pipeline.diffusion.analytic import GaussianDenoiser, MixtureDenoiser
-from pipeline.model import build
+from pipeline.maths.analytic import GaussianDenoiser, MixtureDenoiser
+from pipeline.maths import edm
+from pipeline.maths.edm import Precond, edm_loss, karras_sigmas
+from pipeline.maths.unet import build
 
 F64 = torch.float64
 

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import tracking
 from pipeline.config import ConfigError, EvaluateConfig, PromoteConfig
-from pipeline.diffusion import SIGMA_DATA
-from pipeline.diffusion.analytic import GaussianDenoiser
-from pipeline.evaluation import check_fits, heldout_losses
-from pipeline.model import architecture
-from pipeline.promotion import EXPERIMENT, promote
-from pipeline.reference import pixel_features
-from pipeline.registry import Model
+from pipeline.data.reference import pixel_features
+from pipeline.edges import tracking
+from pipeline.edges.registry import Model
+from pipeline.jobs.evaluate import check_fits, heldout_losses
+from pipeline.jobs.promote import EXPERIMENT, promote
+from pipeline.maths.analytic import GaussianDenoiser
+from pipeline.maths.architecture import architecture
+from pipeline.maths.edm import SIGMA_DATA
 from tests.services import ROOT
 
 

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from pipeline import storage
 from pipeline.data import shards
+from pipeline.edges import storage
 from tests.services import BIN, ROOT
 
 pytestmark = pytest.mark.slow

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import samplers as S
 from pipeline.data.digits import load_digits
-from pipeline.diffusion import Precond, karras_sigmas
-from pipeline.diffusion.step import step_generator, train_step
-from pipeline.ema import EMA
-from pipeline.metrics import frechet_distance
-from pipeline.model import build
+from pipeline.maths import solvers as S
+from pipeline.maths.edm import Precond, karras_sigmas
+from pipeline.maths.ema import EMA
+from pipeline.maths.metrics import frechet_distance
+from pipeline.maths.train_step import step_generator, train_step
+from pipeline.maths.unet import build
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.inception import InceptionFeatures, fid_kid
-from pipeline.metrics import (
+from pipeline.maths.inception import InceptionFeatures, fid_kid
+from pipeline.maths.metrics import (
     feature_stats,
     frechet_distance,
     frechet_distance_from_stats,

@@ -13,10 +13,10 @@ import uuid
 
 import pytest
 
-from pipeline import storage, tracking
 from pipeline.config.nightly import today as tracking_today
 from pipeline.data import shards
 from pipeline.data.digits import write_digits
+from pipeline.edges import storage, tracking
 from tests.services import ROOT
 
 pytestmark = pytest.mark.slow

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import storage
 from pipeline.config import PreprocessConfig
 from pipeline.data import shards
 from pipeline.data.sources import InputItem
-from pipeline.preprocess import preprocess
+from pipeline.edges import storage
+from pipeline.jobs.preprocess import preprocess
 from tests import dataset, images
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]

@@ -1,8 +1,9 @@
 """Model cards: the whole architecture travels with the weights, and cards of
 models registered before templates (which named a preset) still load."""
 
-from pipeline.model import architecture, build
-from pipeline.registry import Model, _complete
+from pipeline.edges.registry import Model, _complete
+from pipeline.maths.architecture import architecture
+from pipeline.maths.unet import build
 
 
 def test_a_card_holds_the_network_that_the_weights_belong_to():

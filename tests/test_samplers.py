@@ -4,10 +4,10 @@ evaluation counts, guidance, and per-sample determinism."""
 import pytest
 import torch
 
-from pipeline import samplers as S
-from pipeline.diffusion import Precond, karras_sigmas
-from pipeline.diffusion.analytic import GaussianDenoiser, MixtureDenoiser
-from pipeline.model import build
+from pipeline.maths import solvers as S
+from pipeline.maths.analytic import GaussianDenoiser, MixtureDenoiser
+from pipeline.maths.edm import Precond, karras_sigmas
+from pipeline.maths.unet import build
 from tests.nets import randomised
 from tests.test_diffusion import gaussian, mixture
 
@@ -95,7 +95,7 @@ def test_evaluation_counts(name):
     g = Counting(gaussian())
     steps_seen = []
     run(name, g, start(gaussian(), 4, seed=4), 10, callback=lambda i, *_: steps_seen.append(i))
-    assert g.calls == S.evaluations(name, 10)
+    assert g.calls == S.network_evaluations(name, 10)
     assert steps_seen == list(range(10))
 
 
@@ -135,7 +135,7 @@ def test_classifier_free_guidance():
     guided = S.sample_heun(counted, y, sigmas, label=label, guidance=3.0)
     # one network call per evaluation, each with every image twice: with its label
     # and with NO_LABEL
-    assert counted.calls == S.evaluations("heun", 32)
+    assert counted.calls == S.network_evaluations("heun", 32)
     for seen in counted.labels:
         assert torch.equal(seen, torch.cat([label, torch.full_like(label, S.NO_LABEL)]))
     # stronger guidance pushes samples further from the other class

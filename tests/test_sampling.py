@@ -22,9 +22,9 @@ from mlflow import MlflowClient
 from PIL import Image
 from safetensors.torch import save
 
-from pipeline import storage, tracking
 from pipeline.data import shards
-from pipeline.model import build
+from pipeline.edges import storage, tracking
+from pipeline.maths.unet import build
 from tests.nets import randomised
 from tests.services import ROOT, group_gone
 
@@ -240,8 +240,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
 
 
 def test_fixed_batch_makes_an_image_independent_of_its_neighbours():
-    from pipeline.diffusion import Precond
-    from pipeline.sampling import FixedBatch
+    from pipeline.maths.edm import Precond
+    from pipeline.maths.reproducible import FixedBatch
 
     torch.manual_seed(0)
     denoiser = Precond(randomised(build("tiny", num_classes=10))).eval()
@@ -260,8 +260,8 @@ def test_fixed_batch_makes_an_image_independent_of_its_neighbours():
 def test_from_a_checkpoint_folder_with_one_class_and_a_stochastic_sampler(
     ray_cluster, tmp_path, mlflow_server
 ):
-    from pipeline import checkpoint
-    from pipeline.diffusion import Precond
+    from pipeline.edges import checkpoint
+    from pipeline.maths.edm import Precond
 
     net = randomised(build("tiny", num_classes=10), seed=5)
     optimizer = torch.optim.Adam(Precond(net).parameters())

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pipeline import storage
+from pipeline.edges import storage
 from tests import services
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from pipeline import storage
+from pipeline.edges import storage
 
 
 @pytest.fixture(params=["local", "file", "s3"])

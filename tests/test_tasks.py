@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import storage
 from pipeline.config import PreprocessConfig
 from pipeline.data import shards
 from pipeline.data.digits import load_digits, write_digits
-from pipeline.preprocess import preprocess
+from pipeline.edges import storage
+from pipeline.jobs.preprocess import preprocess
 from tests import dataset, images, services
 from tests.services import ROOT
 

@@ -11,15 +11,16 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline import checkpoint, tracking
 from pipeline.config import ConfigError, ModelConfig, TrainConfig
 from pipeline.config.train import resolve_tracking_uri
-from pipeline.diffusion import Precond
-from pipeline.diffusion.step import step_generator, train_step
-from pipeline.ema import EMA
-from pipeline.model import architecture, build
-from pipeline.train_worker import grid
-from pipeline.training import _init_model, _plan, to_training_batch
+from pipeline.edges import checkpoint, tracking
+from pipeline.jobs.train.driver import _init_model, _plan, to_training_batch
+from pipeline.jobs.train.worker import grid
+from pipeline.maths.architecture import architecture
+from pipeline.maths.edm import Precond
+from pipeline.maths.ema import EMA
+from pipeline.maths.train_step import step_generator, train_step
+from pipeline.maths.unet import build
 from tests.nets import randomised
 
 

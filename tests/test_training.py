@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import storage
 from pipeline.data import shards
 from pipeline.data.digits import write_digits
-from pipeline.model import architecture
+from pipeline.edges import storage
+from pipeline.maths.architecture import architecture
 from tests import services
 from tests.services import ROOT
 

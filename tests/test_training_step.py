@@ -6,16 +6,10 @@ import copy
 import pytest
 import torch
 
-from pipeline.diffusion import Precond, edm_loss
-from pipeline.diffusion.edm import training_noise
-from pipeline.diffusion.step import (
-    NonFiniteLoss,
-    learning_rate,
-    step_generator,
-    train_step,
-)
-from pipeline.ema import EMA
-from pipeline.model import build
+from pipeline.maths.edm import Precond, edm_loss, training_noise
+from pipeline.maths.ema import EMA
+from pipeline.maths.train_step import NonFiniteLoss, learning_rate, step_generator, train_step
+from pipeline.maths.unet import build
 from tests.nets import randomised
 
 

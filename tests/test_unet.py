@@ -4,8 +4,8 @@ gradients, layouts, bf16, and no graph breaks under torch.compile."""
 import pytest
 import torch
 
-from pipeline.model import TEMPLATES, UNetConfig, architecture, build
-from pipeline.model.unet import Attention, GroupNorm
+from pipeline.maths.architecture import TEMPLATES, UNetConfig, architecture
+from pipeline.maths.unet import Attention, GroupNorm, build
 from tests.nets import randomised
 
 SIZES = {"tiny": (0.2e6, 1e6), "small": (34e6, 40e6), "base": (54e6, 60e6), "base64": (58e6, 66e6)}

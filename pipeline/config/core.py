@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from pipeline import storage
+from pipeline.config import locations
 
 
 class ConfigError(ValueError):
@@ -301,10 +301,10 @@ class Checked:
             raise ConfigError(f"{self.SECTION}.{field}: {message}, got {getattr(self, field)!r}")
 
     def locate(self, field: str) -> None:
-        """Normalize the location in `field` (see `storage.normalize`) in place."""
+        """Normalize the location in `field` (see `locations.normalize`) in place."""
         value = getattr(self, field)
         self.check(bool(value), field, "must name a folder or s3:// prefix")
         try:
-            object.__setattr__(self, field, storage.normalize(value))
-        except storage.StorageError as e:
+            object.__setattr__(self, field, locations.normalize(value))
+        except locations.LocationError as e:
             raise ConfigError(f"{self.SECTION}.{field}: {e}") from None

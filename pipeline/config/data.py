@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Literal
 
-from pipeline import storage
+from pipeline.config import locations
 from pipeline.config.core import Checked
 
 
@@ -49,10 +49,10 @@ class PreprocessConfig(Checked):
         self.locate("input")
         self.locate("output")
         self.check(
-            not storage.contains(self.input, self.output), "output", "must not lie inside input"
+            not locations.contains(self.input, self.output), "output", "must not lie inside input"
         )
         self.check(
-            not storage.contains(self.output, self.input), "input", "must not lie inside output"
+            not locations.contains(self.output, self.input), "input", "must not lie inside output"
         )
         self.check(0 < self.resolution <= 4096, "resolution", "must be an integer in 1..4096")
         self.check(self.max_pixels > 0, "max_pixels", "must be a positive integer")

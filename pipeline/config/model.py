@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any, ClassVar
 
 from pipeline.config.core import Checked, ConfigError
-from pipeline.model.architecture import (
+from pipeline.maths.architecture import (
     MAX_SIDE,
     MIN_SIDE,
     OVERRIDABLE,

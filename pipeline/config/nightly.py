@@ -7,7 +7,7 @@ import datetime
 import re
 from typing import ClassVar
 
-from pipeline import storage
+from pipeline.config import locations
 from pipeline.config.core import Checked, ConfigError
 from pipeline.config.data import PreprocessConfig
 from pipeline.config.evaluate import METRICS, EvaluateConfig, PromoteConfig, parse_sampler
@@ -167,7 +167,7 @@ class NightlyConfig(Checked):
     def sample_config(self, version: int) -> SampleConfig:
         sampler, steps = parse_sampler(self.sample_sampler)
         return SampleConfig(
-            model=f"{self.model_name}/{version}", output=storage.join(self.samples, self.night),
+            model=f"{self.model_name}/{version}", output=locations.join(self.samples, self.night),
             images=max(1, self.sample_images), sampler=sampler, steps=steps,
             guidance=self.sample_guidance, use_gpu=self.use_gpu, tracking_uri=self.tracking_uri,
         )  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from pipeline import storage
+from pipeline.config import locations
 from pipeline.config.core import Checked, ConfigError
 from pipeline.config.model import ModelConfig
 from pipeline.config.nightly import NightlyConfig
@@ -66,18 +66,18 @@ class QuickstartConfig(Checked):
 
     @property
     def raw(self) -> str:
-        return storage.join(self.workdir, "raw", "digits")
+        return locations.join(self.workdir, "raw", "digits")
 
     def nightly_config(self) -> NightlyConfig:
         tracking_uri = self.tracking_uri
-        if not tracking_uri and not storage.is_s3(self.workdir):
-            tracking_uri = f"sqlite:///{storage.join(self.workdir, 'mlflow.db')}"
+        if not tracking_uri and not locations.is_s3(self.workdir):
+            tracking_uri = f"sqlite:///{locations.join(self.workdir, 'mlflow.db')}"
         name = f"digits-{self.resolution}"
         return NightlyConfig(
-            raw=self.raw, dataset=storage.join(self.workdir, "datasets", name),
-            storage=storage.join(self.workdir, "runs"),
-            evaluations=storage.join(self.workdir, "evaluations"),
-            samples=storage.join(self.workdir, "samples"), model_name=name, night=self.night,
+            raw=self.raw, dataset=locations.join(self.workdir, "datasets", name),
+            storage=locations.join(self.workdir, "runs"),
+            evaluations=locations.join(self.workdir, "evaluations"),
+            samples=locations.join(self.workdir, "samples"), model_name=name, night=self.night,
             resolution=self.resolution, model=self.model, images=self.images,
             workers=self.workers, hflip=self.hflip, eval_images=self.eval_images,
             eval_compare=self.compare, eval_guidance=self.guidance,

@@ -35,7 +35,7 @@ class SampleConfig(Checked):
     samples_per_shard: int = 1000
     """Images per shard: shard i holds seeds [i*S, (i+1)*S)."""
     sampler: Literal["euler", "heun", "dpmpp_2m", "euler_ancestral", "edm_stochastic"] = "heun"
-    """The sampler (pipeline.samplers)."""
+    """The sampler (pipeline.maths.solvers)."""
     steps: int = 18
     """Sampler steps (Heun and EDM's stochastic sampler evaluate the network 2*steps-1 times)."""
     guidance: float = 1.0

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from pipeline import storage
 from pipeline.data.transforms import encode_png
+from pipeline.edges import storage
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,7 @@
 A dataset is a prefix holding `{split}-{index:06d}.tar` shards, `rejects.jsonl`
 and `manifest.json`. The manifest is written last and is the commit point: a
 prefix without one holds no dataset, whatever else is there. A dataset grows by
-versions (`pipeline.data.versions`): each appends shards, and the manifest and
+versions (`pipeline.jobs.preprocess.versions`): each appends shards, and the manifest and
 rejects of every earlier version stay readable under `manifests/`. Shards follow
 webdataset conventions (members `{key}.png`, `{key}.json`, `{key}.cls`, keys
 without dots) and are byte-for-byte reproducible: members carry no times,
@@ -21,7 +21,8 @@ import tarfile
 from collections.abc import Iterable
 from typing import Any
 
-from pipeline import storage
+from pipeline.config import ConfigError
+from pipeline.edges import storage
 
 MANIFEST = "manifest.json"
 RECORDS = "_records"
@@ -103,3 +104,25 @@ def load_manifest(prefix: str) -> dict[str, Any] | None:
         return json.loads(storage.read_bytes(storage.join(prefix, MANIFEST)))
     except storage.NotFound:
         return None
+
+
+def load_dataset(prefix: str, field: str) -> tuple[dict, str]:
+    """The committed manifest of the dataset at `prefix` and its digest (sha256 of
+    its bytes); a config error naming `field` (say `train.dataset`) if there is none."""
+    uri = storage.join(prefix, MANIFEST)
+    try:
+        data = storage.read_bytes(uri)
+    except storage.NotFound:
+        raise ConfigError(
+            f"{field}: no committed dataset at {prefix} "
+            f"({MANIFEST} is missing: run tasks.preprocess)"
+        ) from None
+    except storage.StorageError as e:
+        raise ConfigError(f"{field}: cannot read {e}") from None
+    try:
+        manifest = json.loads(data)
+    except ValueError:
+        raise ConfigError(f"{field}: {uri} is not valid JSON") from None
+    if manifest.get("format") != FORMAT:
+        raise ConfigError(f"{field}: {uri} is not a manifest written by tasks.preprocess")
+    return manifest, hashlib.sha256(data).hexdigest()

@@ -24,8 +24,8 @@ import unicodedata
 from collections.abc import Iterable
 from typing import Any
 
-from pipeline import storage
 from pipeline.data import shards
+from pipeline.edges import storage
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm")
 """Extensions of image files and tar members, in order of preference."""

@@ -7,7 +7,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 
-from pipeline import storage
+from pipeline.edges import storage
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ beside it under `reference/`, so that it is computed once per manifest version:
   its accuracy on the validation split, the ceiling (`classifier-*.safetensors`);
 - the CAS baseline: the same classifier trained on the first n train images.
 
-The classifiers are `pipeline.classifier.SmallCNN`s; their file names hold the
+The classifiers are `pipeline.maths.classifier.SmallCNN`s; their file names hold the
 manifest digest, the number of images and a hash of the training recipe.
 """
 
@@ -20,10 +20,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.data import shards
-from pipeline.metrics import block_factor
+from pipeline.edges import storage
+from pipeline.maths.metrics import block_factor
 
 REFERENCE = "reference"
 PIXEL_SIDE = 32
@@ -134,12 +134,12 @@ def label_scores(
     train: Split, validation: Split, digest: str, samples: dict[str, np.ndarray],
     labels: np.ndarray | None, prefixes: dict[str, str],
 ) -> tuple[dict[str, float], dict[str, str]]:  # fmt: skip
-    """Label fidelity and CAS (`pipeline.classifier`) of each sampler's `samples`,
+    """Label fidelity and CAS (`pipeline.maths.classifier`) of each sampler's `samples`,
     generated for `labels` (None: unconditionally); (scores, {metric: why not
     computed}). Metric names get the sampler's prefix (`prefixes`). Beside them:
     the judge's accuracy on the real validation images (`label_fidelity_ceiling`)
     and the CAS baseline's (`cas_real_accuracy`)."""
-    from pipeline import classifier
+    from pipeline.maths import classifier
 
     classes = len(train.manifest.get("classes") or [])
     if not classes or labels is None:
@@ -177,7 +177,7 @@ def _kept_classifier(train: Split, digest: str, classes: int, n: int):
     version, recipe and n: `reference/classifier-<digest>-<n>-<recipe>.safetensors`."""
     from safetensors.torch import load, save
 
-    from pipeline import classifier
+    from pipeline.maths import classifier
 
     recipe = classifier.Recipe()
     key = json.dumps(dataclasses.asdict(recipe), sort_keys=True).encode()

@@ -1,6 +1,6 @@
 """A DDPM++/ADM-style UNet: (image, noise conditioning, optional label) -> image.
 
-The network knows nothing of noise schedules: `pipeline.diffusion.Precond` feeds
+The network knows nothing of noise schedules: `pipeline.maths.edm.Precond` feeds
 it c_in * y and c_noise and combines its output. It follows DDPM (Ho et al. 2020)
 and ADM (Dhariwal & Nichol 2021): residual blocks with GroupNorm and SiLU, the
 noise embedding applied as a per-channel scale and shift ("adaptive GroupNorm"),
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.architecture import UNetConfig, architecture
+from pipeline.maths.architecture import UNetConfig, architecture
 
 
 class GroupNorm(nn.GroupNorm):

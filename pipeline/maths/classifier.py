@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.metrics import block_factor
+from pipeline.maths.metrics import block_factor
 
 MAX_SIDE = 32
 """Images are averaged down to at most about this side before the classifier."""

@@ -1,7 +1,7 @@
 """FID and KID on Inception-v3 features, from a local TorchScript file only.
 
 FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) are the Frechet and
-kernel distances of `pipeline.metrics` on the 2048-d pool features of
+kernel distances of `pipeline.maths.metrics` on the 2048-d pool features of
 Inception-v3. Those are only comparable with published numbers when they come
 from the same network: NVIDIA's `inception-2015-12-05.pt`, the TorchScript port of
 the original TensorFlow graph that StyleGAN2-ADA published (StyleGAN3 and EDM use
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.metrics import frechet_distance, kernel_inception_distance
+from pipeline.maths.metrics import frechet_distance, kernel_inception_distance
 
 
 class InceptionFeatures:

@@ -23,14 +23,15 @@ import ray.train.torch
 import torch
 from safetensors.torch import load as load_weights
 
-from pipeline import checkpoint, storage, tracking
 from pipeline.config import TrainConfig, from_dict
 from pipeline.data.transforms import tile
-from pipeline.diffusion import Precond, karras_sigmas
-from pipeline.diffusion.step import NonFiniteLoss, step_generator, train_step
-from pipeline.ema import EMA
-from pipeline.model import UNet, UNetConfig
-from pipeline.samplers import initial_noise, sample_generators, sample_heun
+from pipeline.edges import checkpoint, storage, tracking
+from pipeline.maths.architecture import UNetConfig
+from pipeline.maths.edm import Precond, karras_sigmas
+from pipeline.maths.ema import EMA
+from pipeline.maths.solvers import initial_noise, sample_generators, sample_heun
+from pipeline.maths.train_step import NonFiniteLoss, step_generator, train_step
+from pipeline.maths.unet import UNet
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from pipeline import tracking
 from pipeline.config import ConfigError, to_dict
 from pipeline.config.evaluate import HIGHER_IS_BETTER, PromoteConfig
+from pipeline.edges import tracking
 
 EXPERIMENT = "promotion"
 

@@ -3,15 +3,15 @@
 The model generates images from fixed seeds (the same seeds, labels and noise
 for every model), and the samples are compared with the dataset's reference
 images in pixel space: Frechet distance, sliced Wasserstein distance and k-NN
-precision and recall (`pipeline.metrics`); FID and KID on Inception features
+precision and recall (`pipeline.maths.metrics`); FID and KID on Inception features
 when the user gives a local weights file. For a labelled dataset, label fidelity
 and the Classification Accuracy Score say whether the samples would serve as
-training data (`pipeline.classifier`). The held-out denoising loss is EDM's
+training data (`pipeline.maths.classifier`). The held-out denoising loss is EDM's
 loss on the validation split at fixed noise levels with fixed noise, so two
 models see exactly the same noisy images.
 
 The reference depends only on the dataset's manifest, so it is computed once and
-kept beside the dataset (`reference/`, see `pipeline.reference`). The results go
+kept beside the dataset (`reference/`, see `pipeline.data.reference`). The results go
 to one JSON file per (model weights, dataset version, settings): its presence
 means done, so a re-run writes nothing. They also go to MLflow: metrics on the
 training run of the model version, and tags on the version (`eval.key`,
@@ -28,10 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import cluster, metrics, registry, storage, tracking
 from pipeline.config import ConfigError, to_dict
 from pipeline.config.evaluate import EvaluateConfig, parse_sampler
-from pipeline.reference import (
+from pipeline.data.reference import (
     REFERENCE,
     Split,
     kept_array,
@@ -39,7 +38,9 @@ from pipeline.reference import (
     pixel_features,
     reference_features,
 )
-from pipeline.training import load_dataset
+from pipeline.data.shards import load_dataset
+from pipeline.edges import cluster, registry, storage, tracking
+from pipeline.maths import metrics
 
 
 def metric_prefix(position: int, sampler: str) -> str:
@@ -59,7 +60,7 @@ class EvaluateResult:
     def sampler_lines(self) -> list[str]:
         """Per sampler: its network evaluations, the pixel Frechet distance, and the
         label fidelity and CAS where computed."""
-        from pipeline.samplers import evaluations
+        from pipeline.maths.solvers import network_evaluations
 
         settings, m, lines = self.results["settings"], self.results["metrics"], []
         guidance = "" if settings["guidance"] == 1 else f", guidance {settings['guidance']:g}"
@@ -73,7 +74,7 @@ class EvaluateResult:
                 found.append(f"label fidelity {m[prefix + 'label_fidelity']:.3f}{real}")
             if prefix + "cas" in m:
                 found.append(f"CAS {m[prefix + 'cas']:.3f}")
-            lines.append(f"{sampler} {steps} steps ({evaluations(sampler, steps)} network "
+            lines.append(f"{sampler} {steps} steps ({network_evaluations(sampler, steps)} network "
                          f"evaluations{guidance}): {', '.join(found)} over "
                          f"{settings['images']} images")  # fmt: skip
         return lines
@@ -125,7 +126,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
                 "no Inception weights file given (evaluate.inception)"
             )
         else:
-            from pipeline.inception import fid_kid
+            from pipeline.maths.inception import fid_kid
 
             found = fid_kid(real_inception, inception.features(outputs["samples"][name]))
             scores.update({prefix + k: v for k, v in found.items()})
@@ -198,7 +199,7 @@ def _file_digest(path: str) -> str:
 def _inception(cfg: EvaluateConfig):
     if not cfg.inception:
         return None
-    from pipeline.inception import InceptionFeatures
+    from pipeline.maths.inception import InceptionFeatures
 
     try:
         return InceptionFeatures(cfg.inception)
@@ -259,9 +260,10 @@ def model_outputs(card, weights, samplers, job, heldout, labels) -> dict:
     import torch
     from safetensors.torch import load
 
-    from pipeline.diffusion import Precond
-    from pipeline.model import UNet, UNetConfig
-    from pipeline.sampling import generate
+    from pipeline.maths.architecture import UNetConfig
+    from pipeline.maths.edm import Precond
+    from pipeline.maths.reproducible import generate
+    from pipeline.maths.unet import UNet
 
     torch.set_num_threads(job["threads"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -301,7 +303,7 @@ def heldout_losses(
     its own generator (seed, i), so the result does not depend on the batch size."""
     import torch
 
-    from pipeline.diffusion import edm_loss
+    from pipeline.maths.edm import edm_loss
 
     sigma = torch.tensor(sigmas, dtype=torch.float32)
     totals = torch.zeros(len(sigma), dtype=torch.float64)

@@ -1,7 +1,7 @@
 """Building one shard, on a worker: plain callables on batch dicts, no Ray.
 
-`pipeline.preprocess` wires these into Ray Data with `map_batches`; they read
-their inputs through `pipeline.storage`, so they run the same in a test, on a
+`pipeline.jobs.preprocess` wires these into Ray Data with `map_batches`; they read
+their inputs through `pipeline.edges.storage`, so they run the same in a test, on a
 laptop and on a cluster node.
 """
 
@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import storage
 from pipeline.config import PreprocessConfig
 from pipeline.data import shards, sources
 from pipeline.data.decode import Rejected, decode_image
 from pipeline.data.sources import InputItem, ShardPlan
 from pipeline.data.transforms import center_crop_resize, encode_png
+from pipeline.edges import storage
 
 
 def software() -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 Every metric takes two sets of feature vectors, one per row: an [N, ...] array
 is flattened to [N, D], so images in [-1, 1] can be compared pixel by pixel, and
-Inception features (`pipeline.inception`) turn the Frechet distance into FID and
+Inception features (`pipeline.maths.inception`) turn the Frechet distance into FID and
 the kernel distance into KID. Everything is computed in float64.
 """
 

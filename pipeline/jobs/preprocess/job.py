@@ -12,7 +12,7 @@ bytes are deterministic, so the result is the one an uninterrupted run gives),
 and a re-run after success finds the manifest and writes nothing.
 
 With `append=True` (the nightly job), a committed dataset grows instead: the
-inputs it does not hold yet (see `pipeline.data.versions`) go into new shards
+inputs it does not hold yet (see `pipeline.jobs.preprocess.versions`) go into new shards
 numbered after its last ones, read exactly as its own were (same format, same
 label space: an input of a class it lacks is rejected as `unknown_class`), and
 the next version of the manifest lists its shards unchanged, then the new ones.
@@ -29,10 +29,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline import cluster, storage
 from pipeline.config import ConfigError, PreprocessConfig, to_dict
-from pipeline.data import build, shards, sources, versions
+from pipeline.data import shards, sources
 from pipeline.data.sources import InputItem, ShardPlan
+from pipeline.edges import cluster, storage
+from pipeline.jobs.preprocess import build, versions
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The driver checks the config and the dataset before anything is written, finds
 (or creates) the MLflow run by name, logs the config and the dataset, and runs a
-`TorchTrainer` whose workers (`pipeline.train_worker`) stream the dataset's
+`TorchTrainer` whose workers (`pipeline.jobs.train.worker`) stream the dataset's
 train shards through Ray Data. Re-running the same command with the same run
 name resumes: Ray Train restores the latest checkpoint from `storage/run_name`,
 and MLflow logs into the same run. Ray Train's FailureConfig restarts the
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -25,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import cluster, storage, tracking
 from pipeline.config import ConfigError, TrainConfig, to_dict
 from pipeline.data import shards
+from pipeline.edges import cluster, storage, tracking
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ class TrainResult:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train (or finish training) the run `cfg` describes; see the module doc."""
-    manifest, digest = load_dataset(cfg.dataset, "train.dataset")
+    manifest, digest = shards.load_dataset(cfg.dataset, "train.dataset")
     plan = _plan(cfg, manifest, digest)
     init = _init_model(cfg, plan)
     _check_storage(cfg)
@@ -65,7 +64,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.train_worker import stopped_marker, train_loop_per_worker
+    from pipeline.jobs.train.worker import stopped_marker, train_loop_per_worker
 
     # MLflow first: a resumed run whose settings changed is refused before Ray starts.
     plan["run_id"] = tracking.find_or_create_run(cfg.tracking_uri, cfg.experiment, cfg.run_name)
@@ -163,35 +162,13 @@ def _progress(cfg: TrainConfig, plan: dict) -> Iterator[None]:
         bar.close()
 
 
-def load_dataset(prefix: str, field: str) -> tuple[dict, str]:
-    """The committed manifest of the dataset at `prefix` and its digest (sha256 of
-    its bytes); a config error naming `field` (say `train.dataset`) if there is none."""
-    uri = storage.join(prefix, shards.MANIFEST)
-    try:
-        data = storage.read_bytes(uri)
-    except storage.NotFound:
-        raise ConfigError(
-            f"{field}: no committed dataset at {prefix} "
-            f"({shards.MANIFEST} is missing: run tasks.preprocess)"
-        ) from None
-    except storage.StorageError as e:
-        raise ConfigError(f"{field}: cannot read {e}") from None
-    try:
-        manifest = json.loads(data)
-    except ValueError:
-        raise ConfigError(f"{field}: {uri} is not valid JSON") from None
-    if manifest.get("format") != shards.FORMAT:
-        raise ConfigError(f"{field}: {uri} is not a manifest written by tasks.preprocess")
-    return manifest, hashlib.sha256(data).hexdigest()
-
-
 def _init_model(cfg: TrainConfig, plan: dict):
     """The model a warm start begins from (None without one); it must be the very
     network this run trains (dropout aside)."""
     if not cfg.init_from:
         return None
-    from pipeline import registry
-    from pipeline.model import UNetConfig
+    from pipeline.edges import registry
+    from pipeline.maths.architecture import UNetConfig
 
     init = registry.load_model(cfg.init_from, cfg.tracking_uri, "train.init_from")
     differences = init.architecture().differences(
@@ -319,7 +296,7 @@ def _log_inputs(cfg: TrainConfig, plan: dict) -> None:
 
 def _register(cfg: TrainConfig, plan: dict, final: str) -> int:
     """Register the final checkpoint's EMA weights as a new model version."""
-    from pipeline import checkpoint
+    from pipeline.edges import checkpoint
 
     folder = _uri(cfg, final)
     state = json.loads(storage.read_bytes(storage.join(folder, checkpoint.STATE)))

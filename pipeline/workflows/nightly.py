@@ -19,10 +19,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from pipeline import tracking
 from pipeline.config import ConfigError
 from pipeline.config.nightly import NightlyConfig
-from pipeline.promotion import promote
+from pipeline.edges import tracking
+from pipeline.jobs.promote import promote
 
 ALIAS = "champion"
 
@@ -42,8 +42,8 @@ class NightResult:
 
 def nightly(cfg: NightlyConfig, say: Callable[[str], None] = print) -> NightResult:
     """Run the night `cfg` describes; see the module doc."""
-    from pipeline.preprocess import preprocess
-    from pipeline.training import load_dataset
+    from pipeline.data.shards import load_dataset
+    from pipeline.jobs.preprocess import preprocess
 
     uri, name = cfg.tracking_uri, cfg.model_name
     prepared = preprocess(cfg.preprocess_config(), append=True)
@@ -78,7 +78,7 @@ def _train(cfg: NightlyConfig, digest: str, say) -> int | None:
     """Tonight's model version: trained now, or found from an earlier run tonight;
     None when a version was already trained on exactly this dataset (a night
     without new data trains nothing, even after a candidate lost)."""
-    from pipeline.training import train
+    from pipeline.jobs.train.driver import train
 
     uri, name = cfg.tracking_uri, cfg.model_name
     tonight = cfg.train_config("")
@@ -109,7 +109,7 @@ def _train(cfg: NightlyConfig, digest: str, say) -> int | None:
 
 def _evaluate(cfg: NightlyConfig, version: int, say) -> dict:
     """Score `version` on tonight's dataset; returns the results (`key`, `metrics`...)."""
-    from pipeline.evaluation import evaluate
+    from pipeline.jobs.evaluate import evaluate
 
     result = evaluate(cfg.evaluate_config(version))
     for line in result.sampler_lines():
@@ -119,7 +119,7 @@ def _evaluate(cfg: NightlyConfig, version: int, say) -> dict:
 
 
 def _sample(cfg: NightlyConfig, champion: int, say) -> str:
-    from pipeline.sampling import sample
+    from pipeline.jobs.generate import sample
 
     result = sample(cfg.sample_config(champion))
     say(f"nightly {cfg.night}: sample: {cfg.model_name}/{champion}: {result.summary()}; "

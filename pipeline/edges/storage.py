@@ -1,7 +1,9 @@
-"""Where bytes live: the one module that knows what a URI means.
+"""Where bytes live: reading, writing and listing locations.
 
-A location is a local path, a `file://` URI, or `s3://bucket/prefix`. Everything
-else in the pipeline passes these strings around and calls the functions here.
+A location is a local path, a `file://` URI, or `s3://bucket/prefix`
+(`pipeline.config.locations` says how one is written; its functions are
+re-exported here). Everything else in the pipeline passes these strings around
+and calls the functions here.
 
 S3 settings come from the standard AWS variables, which boto3 reads itself:
 `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL` (for S3-compatible servers),
@@ -24,7 +26,6 @@ import dataclasses
 import functools
 import io
 import os
-import posixpath
 import re
 import time
 import uuid
@@ -33,20 +34,42 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.config.locations import (
+    S3,
+    LocationError,
+    contains,
+    is_s3,
+    join,
+    local_path,
+    normalize,
+    redact,
+    split_s3,
+)
+
 if TYPE_CHECKING:
     import pyarrow.fs
 
-_S3 = "s3://"
-_FILE = "file://"
+__all__ = [
+    "NotFound",
+    "ObjectInfo",
+    "StorageError",
+    "arrow_filesystem",
+    "contains",
+    "delete",
+    "exists",
+    "is_s3",
+    "join",
+    "list_objects",
+    "normalize",
+    "read_bytes",
+    "redact",
+    "remove_partial_writes",
+    "s3_endpoint",
+    "write_bytes",
+]
+
 _TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.partial$")
 _MISSING_CODES = ("NoSuchKey", "NoSuchBucket", "404", "NotFound")
-_USERINFO = re.compile(r"(?<=://)[^/\s]+@")
-
-
-def redact(text: str) -> str:
-    """`text` with the user:password of any URL in it replaced by `***`, so that a
-    URI with credentials (say, an MLflow tracking URI) can be logged and printed."""
-    return _USERINFO.sub("***@", text)
 
 
 class StorageError(RuntimeError):
@@ -72,40 +95,15 @@ class ObjectInfo:
 # --- URIs --------------------------------------------------------------------------
 
 
-def is_s3(uri: str) -> bool:
-    return uri.startswith(_S3)
-
-
-def normalize(uri: str) -> str:
-    """One spelling per location: `s3://bucket/prefix` without a trailing slash, or
-    an absolute local path (`file://` dropped), so that equal locations compare
-    equal and workers on other machines or folders see the same path."""
-    if is_s3(uri):
-        bucket, key = _split_s3(uri)
-        return f"{_S3}{bucket}/{key}".rstrip("/")
-    return os.path.abspath(_local(uri))
-
-
-def contains(outer: str, inner: str) -> bool:
-    """Whether location `inner` is `outer` or lies below it (both normalized)."""
-    outer, inner = normalize(outer), normalize(inner)
-    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
-
-
-def join(base: str, *parts: str) -> str:
-    """`base` with `/`-separated `parts` appended, keeping its scheme."""
-    return posixpath.join(base, *parts) if base else posixpath.join(*parts)
-
-
 def _split_s3(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri[len(_S3) :].partition("/")
-    if not bucket:
-        raise StorageError(f"{uri}: an S3 URI needs a bucket: s3://bucket/prefix")
-    return bucket, key
+    try:
+        return split_s3(uri)
+    except LocationError as e:
+        raise StorageError(str(e)) from None
 
 
 def _local(uri: str) -> Path:
-    return Path(uri[len(_FILE) :] if uri.startswith(_FILE) else uri)
+    return local_path(uri)
 
 
 def _hidden(relpath: str) -> bool:
@@ -279,7 +277,7 @@ def list_objects(prefix: str) -> list[ObjectInfo]:
                 for obj in page.get("Contents", []):
                     relpath = obj["Key"][len(start) :]
                     if relpath and not relpath.endswith("/") and not _hidden(relpath):
-                        out.append(ObjectInfo(f"{_S3}{bucket}/{obj['Key']}", relpath, obj["Size"]))
+                        out.append(ObjectInfo(f"{S3}{bucket}/{obj['Key']}", relpath, obj["Size"]))
         else:
             root = _local(prefix)
             if not root.is_dir():

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import cluster, registry, storage, tracking
 from pipeline.config import ConfigError, SampleConfig, to_dict
 from pipeline.data import shards
+from pipeline.edges import cluster, registry, storage, tracking
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +215,10 @@ class ShardSampler:
         import torch
         from safetensors.torch import load
 
-        from pipeline.diffusion import Precond
-        from pipeline.model import UNet, UNetConfig
+        from pipeline.maths.architecture import UNetConfig
+        from pipeline.maths.edm import Precond
+        from pipeline.maths.reproducible import FixedBatch
+        from pipeline.maths.unet import UNet
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.backends.cudnn.benchmark = False  # the same kernels for the same shapes
@@ -237,6 +239,8 @@ class ShardSampler:
         return {"record": [json.dumps(r) for r in records]}
 
     def shard(self, index: int) -> dict:
+        from pipeline.maths.reproducible import generate
+
         start, stop = _seeds(self.job, index)
         pending = []
         for first in range(start, stop, self.batch_size):
@@ -275,6 +279,7 @@ class ShardSampler:
 def preview(output: str, per_class: int = 10, count: int = 100) -> np.ndarray:
     """A grid (uint8 HxWx3) of a finished job's first images: `per_class` of each
     class, a row per class, when labelled; else the first `count`, 10 a row."""
+
     from PIL import Image
 
     from pipeline.data.transforms import tile
@@ -302,73 +307,3 @@ def preview(output: str, per_class: int = 10, count: int = 100) -> np.ndarray:
 def _class_name(card: dict, label: int) -> str:
     classes = card.get("classes")
     return classes[label] if classes else str(label)
-
-
-def image_labels(job: dict, indices: list[int], num_classes: int) -> list[int | None]:
-    """Each image's label: none, the fixed class, or drawn from (seed, index)."""
-    if job["labels"] == "none":
-        return [None] * len(indices)
-    if job["labels"] != "uniform":
-        return [int(job["labels"])] * len(indices)
-    return [int(np.random.default_rng([job["seed"], k, 1]).integers(num_classes))
-            for k in indices]  # fmt: skip
-
-
-def generate(denoiser, job: dict, card: dict, indices: list[int], device):
-    """The uint8 images [N, H, W, 3] and labels of image `indices`."""
-    import torch
-
-    from pipeline.diffusion import karras_sigmas
-    from pipeline.samplers import SAMPLERS, initial_noise, sample_generators
-
-    resolution = card["resolution"]
-    labels = image_labels(job, indices, card["model"].get("num_classes", 0))
-    generators = sample_generators(job["seed"], indices, device)
-    sigmas = karras_sigmas(job["steps"]).to(device)
-    x = initial_noise((len(indices), 3, resolution, resolution), float(sigmas[0]), generators,
-                      device)  # fmt: skip
-    label = None if labels[0] is None else torch.tensor(labels, device=device)
-    stochastic = job["sampler"] in ("euler_ancestral", "edm_stochastic")
-    with torch.no_grad():
-        out = SAMPLERS[job["sampler"]](denoiser, x, sigmas, label=label, guidance=job["guidance"],
-                                       generator=generators if stochastic else None)  # fmt: skip
-    pixels = ((out.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy(), labels
-
-
-class FixedBatch:
-    """Calls the denoiser on batches of exactly `size` images, padding the last one:
-    an image's result then does not depend on how many others share its call.
-    With classifier-free guidance each call holds `size` images twice (with and
-    without their labels), so the same holds for guided sampling."""
-
-    def __init__(self, denoiser, size: int):
-        self.denoiser, self.size = denoiser, size
-
-    def __call__(self, x, sigma, label=None):
-        return self._chunked(x, sigma, label, self.denoiser)
-
-    def guided(self, x, sigma, label, guidance: float):
-        """Classifier-free guidance (`samplers.guided`) on fixed-size chunks."""
-        from pipeline.samplers import guided
-
-        def call(xs, ss, ls):
-            return guided(self.denoiser, xs, ss, ls, guidance)
-
-        return self._chunked(x, sigma, label, call)
-
-    def _chunked(self, x, sigma, label, call):
-        import torch
-
-        out = []
-        for i in range(0, len(x), self.size):
-            xs, ss = x[i : i + self.size], sigma[i : i + self.size]
-            ls = None if label is None else label[i : i + self.size]
-            n = len(xs)
-            if n < self.size:
-                pad = self.size - n
-                xs = torch.cat([xs, xs.new_zeros((pad, *xs.shape[1:]))])
-                ss = torch.cat([ss, ss.new_ones(pad)])
-                ls = None if ls is None else torch.cat([ls, ls.new_zeros(pad)])
-            out.append(call(xs, ss, ls)[:n])
-        return torch.cat(out)

@@ -26,7 +26,7 @@ import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
 
-from pipeline.storage import redact  # noqa: E402  (tracking URIs are redacted like any)
+from pipeline.edges.storage import redact  # noqa: E402  tracking URIs are redacted like any
 
 RUN_NAME_TAG = "mlflow.runName"
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.diffusion.edm import edm_loss, training_noise
-from pipeline.ema import EMA
+from pipeline.maths.edm import edm_loss, training_noise
+from pipeline.maths.ema import EMA
 
 
 class NonFiniteLoss(FloatingPointError):

@@ -22,8 +22,9 @@ import dataclasses
 import json
 from typing import Any
 
-from pipeline import storage
-from pipeline.data import build, shards
+from pipeline.data import shards
+from pipeline.edges import storage
+from pipeline.jobs.preprocess import build
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,7 @@ Every sampler is one function with one signature, as in k-diffusion:
     sample_x(denoiser, x, sigmas, *, label=None, guidance=1.0, generator=None, callback=None)
 
 - `denoiser(y, sigma, label)` is an EDM denoiser D(y; sigma): a `Precond`-wrapped
-  network, or an exact one from `pipeline.diffusion.analytic`.
+  network, or an exact one from `pipeline.maths.analytic`.
 - `x` is the starting noise at `sigmas[0]` (see `initial_noise`), `sigmas` the
   decreasing noise levels (usually `karras_sigmas`, ending in 0). Keep `sigmas`
   on the CPU: the samplers read them as Python numbers, which on a GPU tensor
@@ -67,7 +67,7 @@ def initial_noise(
 
 
 NO_LABEL = -1
-"""The label of a row that is to be denoised unconditionally (`pipeline.model.UNet`
+"""The label of a row that is to be denoised unconditionally (`pipeline.maths.unet.UNet`
 maps it to its "no label" class)."""
 
 
@@ -222,7 +222,7 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 """Samplers by the name configs use."""
 
 
-def evaluations(sampler: str, steps: int) -> int:
+def network_evaluations(sampler: str, steps: int) -> int:
     """Network evaluations (NFE) a sampler makes for `steps` steps ending at sigma = 0,
     before classifier-free guidance doubles them."""
     return 2 * steps - 1 if sampler in ("heun", "edm_stochastic") else steps

@@ -13,10 +13,10 @@ import hashlib
 import json
 from typing import Any
 
-from pipeline import storage, tracking
 from pipeline.config import ConfigError
 from pipeline.config.sample import is_registry_ref
-from pipeline.model.architecture import NATIVE_RESOLUTION, UNetConfig, architecture
+from pipeline.edges import storage, tracking
+from pipeline.maths.architecture import NATIVE_RESOLUTION, UNetConfig, architecture
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +65,7 @@ def load_model(ref: str, tracking_uri: str, field: str) -> Model:
         card, weights = json.loads(files["model.json"]), files["model.safetensors"]
         lineage = {"name": name, "version": version, "run_id": run_id}
     else:
-        from pipeline import checkpoint
+        from pipeline.edges import checkpoint
 
         try:
             state = json.loads(storage.read_bytes(storage.join(ref, checkpoint.STATE)))

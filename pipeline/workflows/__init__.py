@@ -1,0 +1,1 @@
+"""Workflows that compose the jobs: the nightly retraining (`nightly`)."""
