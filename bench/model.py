@@ -66,13 +66,20 @@ def diffusers_unet(device):
         return None
     # google/ddpm-cifar10-32's configuration, with DDPM's CIFAR-10 dropout of 0.1.
     net = UNet2DModel(
-        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=2,
         block_out_channels=(128, 256, 256, 256),
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=None, dropout=0.1, norm_eps=1e-6, flip_sin_to_cos=False,
-        freq_shift=1, downsample_padding=0,
-    ).to(device)  # fmt: skip
+        attention_head_dim=None,
+        dropout=0.1,
+        norm_eps=1e-6,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        downsample_padding=0,
+    ).to(device)
     alphas = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, device=device), 0)
 
     def loss(m, x):  # DDPM's epsilon-prediction loss
@@ -236,7 +243,7 @@ def main() -> None:
     parser.add_argument(
         "--out", default=None, help="folder for the JSON (default: $OUT if set, else bench/results)"
     )
-    args = parser.parse_args()  # fmt: skip
+    args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     name = torch.cuda.get_device_name() if cuda else f"cpu{torch.get_num_threads()}"
@@ -252,12 +259,16 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"model-{name.replace(' ', '-')}.json"
     report = {
-        "benchmark": "model", "device": name, "torch": torch.__version__,
+        "benchmark": "model",
+        "device": name,
+        "torch": torch.__version__,
         "processor": platform.processor(),
-        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32,
-                 "cudnn": torch.backends.cudnn.allow_tf32},
+        "tf32": {
+            "matmul": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn": torch.backends.cudnn.allow_tf32,
+        },
         "rows": [],
-    }  # fmt: skip
+    }
 
     report["correctness"] = check_correctness(device)
     summary = ", ".join(f"{k} {v:.2g}" for k, v in report["correctness"].items())
@@ -282,8 +293,10 @@ def main() -> None:
     print(f"wrote {out}")
 
 
-HEADER = (f"{'model':<16}{'mode':<28}{'batch':>6}{'params':>9}{'train img/s':>13}"
-          f"{'fwd img/s':>11}{'GFLOP/img tr,fwd':>18}   ours/diffusers tr, fwd")  # fmt: skip
+HEADER = (
+    f"{'model':<16}{'mode':<28}{'batch':>6}{'params':>9}{'train img/s':>13}"
+    f"{'fwd img/s':>11}{'GFLOP/img tr,fwd':>18}   ours/diffusers tr, fwd"
+)
 
 
 def _line(row: dict, rows: list[dict], peak) -> str:
@@ -292,8 +305,16 @@ def _line(row: dict, rows: list[dict], peak) -> str:
         f"{row['train_images_per_s']:>13.1f}{row['forward_images_per_s']:>11.1f}"
         f"{row['train_gflop_per_image']:>10.1f},{row['forward_gflop_per_image']:>6.1f}"
     )
-    ours_row = next((r for r in rows if r["model"] == "ours small" and r["mode"] == row["mode"]
-                     and r["batch"] == row["batch"]), None)  # fmt: skip
+    ours_row = next(
+        (
+            r
+            for r in rows
+            if r["model"] == "ours small"
+            and r["mode"] == row["mode"]
+            and r["batch"] == row["batch"]
+        ),
+        None,
+    )
     if row["model"] == "diffusers DDPM" and ours_row:
         train = ours_row["train_images_per_s"] / row["train_images_per_s"]
         forward = ours_row["forward_images_per_s"] / row["forward_images_per_s"]

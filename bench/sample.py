@@ -96,8 +96,9 @@ class TwoCalls:
         return uncond + guidance * (cond - uncond)
 
 
-def bare_loop(args, device, images: int, batch: int, guidance: float = 1.0,
-              two_calls: bool = False) -> float:  # fmt: skip
+def bare_loop(
+    args, device, images: int, batch: int, guidance: float = 1.0, two_calls: bool = False
+) -> float:
     """Seconds for `images` images with the sampler alone, `batch` at a time; with
     guidance, in one batched network call per step, or in two (`two_calls`)."""
     from pipeline.maths.reproducible import generate
@@ -105,8 +106,13 @@ def bare_loop(args, device, images: int, batch: int, guidance: float = 1.0,
     denoiser = our_model(device)
     if two_calls:
         denoiser = TwoCalls(denoiser)
-    job = {"seed": 0, "labels": "uniform", "steps": args.steps, "sampler": args.sampler,
-           "guidance": guidance}  # fmt: skip
+    job = {
+        "seed": 0,
+        "labels": "uniform",
+        "steps": args.steps,
+        "sampler": args.sampler,
+        "guidance": guidance,
+    }
     card = {"resolution": 8, "model": {"num_classes": 10}}
     generate(denoiser, job, card, list(range(batch)), device)  # warm-up
     start = time.perf_counter()
@@ -141,13 +147,23 @@ def job(args, device, tmp: Path, images: int) -> float:
     folder.mkdir(parents=True)
     net = our_model("cpu").net
     (folder / checkpoint.EMA_WEIGHTS).write_bytes(save(net.state_dict()))
-    (folder / checkpoint.STATE).write_text(json.dumps(
-        {"config": {"model": {"template": "tiny"}}, "model": net.cfg.to_dict(),
-         "run_id": None}))  # fmt: skip
-    cfg = SampleConfig(model=str(folder), output=str(tmp / "out"), images=images,
-                       samples_per_shard=max(args.batch, args.images // 8), sampler=args.sampler,
-                       steps=args.steps, batch_size=args.batch, network_batch=args.batch,
-                       actors=1, tracking_uri=f"sqlite:///{tmp}/mlflow.db")  # fmt: skip
+    (folder / checkpoint.STATE).write_text(
+        json.dumps(
+            {"config": {"model": {"template": "tiny"}}, "model": net.cfg.to_dict(), "run_id": None}
+        )
+    )
+    cfg = SampleConfig(
+        model=str(folder),
+        output=str(tmp / "out"),
+        images=images,
+        samples_per_shard=max(args.batch, args.images // 8),
+        sampler=args.sampler,
+        steps=args.steps,
+        batch_size=args.batch,
+        network_batch=args.batch,
+        actors=1,
+        tracking_uri=f"sqlite:///{tmp}/mlflow.db",
+    )
     start = time.perf_counter()
     sample(cfg)
     return time.perf_counter() - start
@@ -159,12 +175,21 @@ def diffusers_unet(device):
     torch.manual_seed(0)
     # The `tiny` preset's layout: 24 and 48 channels, one block per level, attention
     # (one 48-channel head) at 4x4: 0.40M parameters against our 0.43M.
-    return UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-        block_out_channels=(24, 48), norm_num_groups=8, attention_head_dim=48,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    ).to(device).eval()  # fmt: skip
+    return (
+        UNet2DModel(
+            sample_size=8,
+            in_channels=3,
+            out_channels=3,
+            layers_per_block=1,
+            block_out_channels=(24, 48),
+            norm_num_groups=8,
+            attention_head_dim=48,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        )
+        .to(device)
+        .eval()
+    )
 
 
 def diffusers_pipeline(kind: str, args, device, nfe: int) -> float:
@@ -191,8 +216,13 @@ def main() -> None:
     parser.add_argument("--sampler", default="dpmpp_2m", help="our sampler")
     parser.add_argument("--steps", type=int, default=20, help="our sampler's steps")
     parser.add_argument("--guidance", type=float, default=2.0, help="guidance of the guided cases")
-    parser.add_argument("--guided_batches", type=int, nargs="+", default=[1, 4, 16],
-                        help="more batch sizes of the guided comparison")  # fmt: skip
+    parser.add_argument(
+        "--guided_batches",
+        type=int,
+        nargs="+",
+        default=[1, 4, 16],
+        help="more batch sizes of the guided comparison",
+    )
     parser.add_argument(
         "--out",
         default=os.environ.get("OUT") or str(RESULTS),
@@ -208,8 +238,11 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)
-    machine = torch.cuda.get_device_name().split()[-1].lower() if device.type == "cuda" else (
-        f"cpu{os.cpu_count()}")  # fmt: skip
+    machine = (
+        torch.cuda.get_device_name().split()[-1].lower()
+        if device.type == "cuda"
+        else (f"cpu{os.cpu_count()}")
+    )
     nfe = network_evaluations(args.sampler, args.steps)
     params = {
         "ours (tiny)": sum(p.numel() for p in build("tiny", num_classes=10).parameters()),
@@ -218,8 +251,9 @@ def main() -> None:
     seconds = {"bare loop": bare_loop(args, device, args.images, args.batch)}
     # Classifier-free guidance at the same batch: one batched call against two.
     seconds["guided, one call"] = bare_loop(args, device, args.images, args.batch, args.guidance)
-    seconds["guided, two calls"] = bare_loop(args, device, args.images, args.batch,
-                                             args.guidance, two_calls=True)  # fmt: skip
+    seconds["guided, two calls"] = bare_loop(
+        args, device, args.images, args.batch, args.guidance, two_calls=True
+    )
     by_batch = guided_speedups(args, device)
     with tempfile.TemporaryDirectory() as tmp:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
@@ -232,8 +266,10 @@ def main() -> None:
     rate = {k: args.images / s for k, s in seconds.items()}
     # The job's rate once running: its extra time over a one-batch job.
     rate["job, running"] = (args.images - args.batch) / (seconds["job"] - start_up)
-    print(f"\n{args.images} images, {args.sampler} {args.steps} steps = {nfe} network "
-          f"evaluations each, batch {args.batch}, {device}; parameters: {params}")  # fmt: skip
+    print(
+        f"\n{args.images} images, {args.sampler} {args.steps} steps = {nfe} network "
+        f"evaluations each, batch {args.batch}, {device}; parameters: {params}"
+    )
     print(f"{'case':<18} {'images/s':>9} {'vs bare loop':>13}")
     for k in rate:
         print(f"{k:<18} {rate[k]:>9.1f} {rate[k] / rate['bare loop']:>13.3f}")
@@ -241,17 +277,28 @@ def main() -> None:
     print(f"\nguidance {args.guidance:g}, images/s by batch size:")
     print(f"{'batch':>5} {'one call':>9} {'two calls':>10} {'speed-up':>9}")
     for batch, row in by_batch.items():
-        print(f"{batch:>5} {row['one_call']:>9.1f} {row['two_calls']:>10.1f} "
-              f"{row['speedup']:>9.2f}")  # fmt: skip
+        print(
+            f"{batch:>5} {row['one_call']:>9.1f} {row['two_calls']:>10.1f} {row['speedup']:>9.2f}"
+        )
     print(f"at batch {args.batch}, one batched call is {speedup:.2f}x two calls")
-    result = {"machine": machine, "platform": platform.platform(), "torch": torch.__version__,
-              "images": args.images, "batch": args.batch, "sampler": args.sampler,
-              "steps": args.steps, "nfe": nfe, "parameters": params, "seconds": seconds,
-              "job_start_up_seconds": start_up,
-              "images_per_second": rate,
-              "ratios_to_bare_loop": {k: rate[k] / rate["bare loop"] for k in rate},
-              "guidance": args.guidance, "guidance_speedup": speedup,
-              "guidance_speedup_by_batch": by_batch}  # fmt: skip
+    result = {
+        "machine": machine,
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "images": args.images,
+        "batch": args.batch,
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "nfe": nfe,
+        "parameters": params,
+        "seconds": seconds,
+        "job_start_up_seconds": start_up,
+        "images_per_second": rate,
+        "ratios_to_bare_loop": {k: rate[k] / rate["bare loop"] for k in rate},
+        "guidance": args.guidance,
+        "guidance_speedup": speedup,
+        "guidance_speedup_by_batch": by_batch,
+    }
     out = Path(args.out, f"sample-{machine}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

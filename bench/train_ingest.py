@@ -229,8 +229,10 @@ def main() -> None:
     print(f"{'case':<9} {'images/s':>9} {'ratio':>6} {'stalls':>7} {'stalled':>8}   runs")
     for s in runs:
         each = ", ".join(f"{r['images_per_second']:.0f}" for r in runs[s])
-        print(f"{s:<9} {rate[s]:>9.1f} {rate[s] / rate['memory']:>6.3f} {stalls[s]:>7.0f} "
-              f"{stalled[s]:>8.1%}   {each}")  # fmt: skip
+        print(
+            f"{s:<9} {rate[s]:>9.1f} {rate[s] / rate['memory']:>6.3f} {stalls[s]:>7.0f} "
+            f"{stalled[s]:>8.1%}   {each}"
+        )
     print(f"ratio stream / memory: {ratio:.3f}; the stream waits for data {waiting:.1%} of it")
     result = {
         "machine": machine,

@@ -20,8 +20,10 @@ def main(cfg: NightlyConfig) -> None:
 
     night = nightly(cfg)
     champion = f"{cfg.model_name}/{night.champion}" if night.champion else "none"
-    print(f"nightly {cfg.night}: done: dataset version {night.dataset_version}, champion "
-          f"{champion}{' (promoted tonight)' if night.promoted else ''}")  # fmt: skip
+    print(
+        f"nightly {cfg.night}: done: dataset version {night.dataset_version}, champion "
+        f"{champion}{' (promoted tonight)' if night.promoted else ''}"
+    )
 
 
 if __name__ == "__main__":

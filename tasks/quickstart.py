@@ -32,26 +32,31 @@ def main(cfg: QuickstartConfig) -> None:
     say(f"{write_digits(cfg.raw)} example digits under {cfg.raw}")
     night = cfg.nightly_config()
     result = nightly(night, say=say)
-    say(f"the dataset (version {result.dataset_version}) is in {night.dataset}/, "
-        f"checkpoints in {night.storage}/, evaluations in {night.evaluations}/")  # fmt: skip
+    say(
+        f"the dataset (version {result.dataset_version}) is in {night.dataset}/, "
+        f"checkpoints in {night.storage}/, evaluations in {night.evaluations}/"
+    )
     if result.scores:
         m = result.scores  # the digits are labelled and have a validation split
-        say(f"{night.model_name}/{result.candidate}: label fidelity {m['label_fidelity']:.3f} "
+        say(
+            f"{night.model_name}/{result.candidate}: label fidelity {m['label_fidelity']:.3f} "
             f"(real digits: {m['label_fidelity_ceiling']:.3f}), CAS {m['cas']:.3f}, pixel "
-            f"Frechet distance {m['fd_pixel']:.3f}")  # fmt: skip
+            f"Frechet distance {m['fd_pixel']:.3f}"
+        )
     if result.samples:
         output = night.sample_config(result.champion).output
         grid = f"{output}-grid.png"
         png = encode_png(Image.fromarray(preview(output)))
         if not storage.exists(grid) or storage.read_bytes(grid) != png:  # a re-run writes nothing
             storage.write_bytes(grid, png)
-        say(f"{cfg.sample_images} generated digits in {output}/; a grid of them, a row "
-            f"per class: {grid}")  # fmt: skip
+        say(
+            f"{cfg.sample_images} generated digits in {output}/; a grid of them, a row "
+            f"per class: {grid}"
+        )
     if night.tracking_uri.startswith("sqlite:"):
         say(f"see the runs in MLflow: mlflow ui --backend-store-uri {night.tracking_uri}")
     else:
-        say(f"see the runs in MLflow at {tracking.redact(night.tracking_uri)} "
-            "(experiment nightly)")  # fmt: skip
+        say(f"see the runs in MLflow at {tracking.redact(night.tracking_uri)} (experiment nightly)")
 
 
 if __name__ == "__main__":

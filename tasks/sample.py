@@ -17,8 +17,10 @@ def main(cfg: SampleConfig) -> None:
     from pipeline.jobs.generate import sample
 
     result = sample(cfg)
-    print(f"sample: {result.summary()}; manifest at {result.manifest_uri} "
-          f"(MLflow run {result.run_id})")  # fmt: skip
+    print(
+        f"sample: {result.summary()}; manifest at {result.manifest_uri} "
+        f"(MLflow run {result.run_id})"
+    )
 
 
 if __name__ == "__main__":

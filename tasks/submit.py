@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {k: os.environ[k] for k in PASSED_ON if os.environ.get(k)}
     if "@" in env.get("MLFLOW_TRACKING_URI", "").split("//")[-1].split("/")[0]:
-        parser.error("MLFLOW_TRACKING_URI holds credentials; give them to the cluster's "
-                     "nodes instead (MLFLOW_TRACKING_USERNAME/PASSWORD from a secret)")  # fmt: skip
+        parser.error(
+            "MLFLOW_TRACKING_URI holds credentials; give them to the cluster's "
+            "nodes instead (MLFLOW_TRACKING_USERNAME/PASSWORD from a secret)"
+        )
     try:
         client = JobSubmissionClient(args.address)
         job_id = client.submit_job(

@@ -221,9 +221,16 @@ class RayCluster:
         """Start one more worker node and wait until it has joined."""
         name = f"ray-node-{len(self.nodes) + 1}"
         log = self.workdir / f"{name}.log"
-        cmd = [str(BIN / "ray"), "start", "--block", f"--address={self.address}",
-               "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0",
-               "--disable-usage-stats"]  # fmt: skip
+        cmd = [
+            str(BIN / "ray"),
+            "start",
+            "--block",
+            f"--address={self.address}",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            "--disable-usage-stats",
+        ]
         proc = self.stack.enter_context(process_group(cmd, log, self.env))
         wait_until(lambda: "Ray runtime started" in log.read_text(), name, 90, proc, log)
         self.nodes.append(proc)

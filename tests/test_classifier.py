@@ -28,14 +28,19 @@ def write_dataset(folder: str, splits: dict[str, tuple[np.ndarray, np.ndarray]])
     for split, (images, labels) in splits.items():
         members = []
         for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-            members += [(f"{split}{i:05d}.png", encode_png(Image.fromarray(image))),
-                        (f"{split}{i:05d}.cls", str(int(label)).encode())]  # fmt: skip
+            members += [
+                (f"{split}{i:05d}.png", encode_png(Image.fromarray(image))),
+                (f"{split}{i:05d}.cls", str(int(label)).encode()),
+            ]
         data = shards.write_tar(members)
         name = shards.shard_name(split, 0)
         storage.write_bytes(storage.join(folder, name), data)
         entries.append({"name": name, "split": split, "samples": len(images)})
-    manifest = {"resolution": images.shape[1], "classes": [str(c) for c in range(10)],
-                "shards": entries}  # fmt: skip
+    manifest = {
+        "resolution": images.shape[1],
+        "classes": [str(c) for c in range(10)],
+        "shards": entries,
+    }
     storage.write_bytes(storage.join(folder, shards.MANIFEST), json.dumps(manifest).encode())
     return manifest
 
@@ -47,8 +52,10 @@ def digits(tmp_path_factory):
     order = np.random.default_rng(0).permutation(len(rgb))
     train, validation = order[:1400], order[1400:]
     folder = str(tmp_path_factory.mktemp("digits"))
-    splits = {"train": (rgb[train], labels[train]),
-              "validation": (rgb[validation], labels[validation])}  # fmt: skip
+    splits = {
+        "train": (rgb[train], labels[train]),
+        "validation": (rgb[validation], labels[validation]),
+    }
     return folder, write_dataset(folder, splits), splits["train"], splits["validation"]
 
 
@@ -103,14 +110,21 @@ def test_without_labels_there_is_nothing_to_score_and_the_reason_is_given(digits
     validation = Split(folder, unlabelled, "validation", 10)
     prefixes = {"a": "", "b": "b."}
     found = label_scores(train, validation, "d" * 64, {"a": images, "b": images}, labels, prefixes)
-    assert found == ({}, {"label_fidelity": "the dataset has no class labels",
-                          "cas": "the dataset has no class labels",
-                          "b.label_fidelity": "the dataset has no class labels",
-                          "b.cas": "the dataset has no class labels"})  # fmt: skip
+    assert found == (
+        {},
+        {
+            "label_fidelity": "the dataset has no class labels",
+            "cas": "the dataset has no class labels",
+            "b.label_fidelity": "the dataset has no class labels",
+            "b.cas": "the dataset has no class labels",
+        },
+    )
     train = Split(folder, manifest, "train", 10)
     _, why = label_scores(train, validation, "d" * 64, {"a": images}, None, {"a": ""})
-    assert why == {"label_fidelity": "the model is unconditional",
-                   "cas": "the model is unconditional"}  # fmt: skip
+    assert why == {
+        "label_fidelity": "the model is unconditional",
+        "cas": "the model is unconditional",
+    }
 
 
 def test_training_is_seeded_and_the_labels_are_checked():
@@ -131,6 +145,7 @@ def test_large_images_are_averaged_down_in_blocks():
     blocks = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
     big = blocks.repeat(4, axis=1).repeat(4, axis=2)  # 64x64 in 4x4 blocks
     np.testing.assert_allclose(
-        classifier.to_inputs(big), classifier.to_inputs(blocks.repeat(2, 1).repeat(2, 2)),
+        classifier.to_inputs(big),
+        classifier.to_inputs(blocks.repeat(2, 1).repeat(2, 2)),
         atol=1e-6,
-    )  # fmt: skip
+    )

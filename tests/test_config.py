@@ -116,8 +116,17 @@ def test_configs_are_frozen_and_round_trip_through_plain_data():
     assert C.from_dict(PreprocessConfig, plain) == cfg
 
 
-CONFIGS = [PreprocessConfig, C.DigitsConfig, C.QuickstartConfig, C.TrainConfig, C.SampleConfig,
-           C.EvaluateConfig, C.PromoteConfig, C.NightlyConfig, C.ModelConfig]  # fmt: skip
+CONFIGS = [
+    PreprocessConfig,
+    C.DigitsConfig,
+    C.QuickstartConfig,
+    C.TrainConfig,
+    C.SampleConfig,
+    C.EvaluateConfig,
+    C.PromoteConfig,
+    C.NightlyConfig,
+    C.ModelConfig,
+]
 
 
 @pytest.mark.parametrize("cls", CONFIGS)
@@ -133,12 +142,18 @@ def test_every_field_is_documented_and_shown_in_help(cls):
 
 def test_every_task_explains_itself_with_help():
     # Every module in tasks/ that runs a task, found on disk, not listed here.
-    modules = sorted(p.stem for p in (ROOT / "tasks").glob("*.py")
-                     if p.stem not in ("__init__", "cli"))  # fmt: skip
+    modules = sorted(
+        p.stem for p in (ROOT / "tasks").glob("*.py") if p.stem not in ("__init__", "cli")
+    )
     assert {"train", "sample", "quickstart", "nightly"} <= set(modules)
     for name in modules:
-        done = subprocess.run([sys.executable, "-m", f"tasks.{name}", "--help"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", f"tasks.{name}", "--help"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0 and done.stderr == "", (name, done.stderr[-2000:])
         assert done.stdout.startswith("usage: ") and "--" in done.stdout, name
 
@@ -146,11 +161,20 @@ def test_every_task_explains_itself_with_help():
 def test_the_model_is_configured_by_nested_flags_and_yaml(tmp_path):
     path = tmp_path / "t.yaml"
     path.write_text("dataset: d\nmodel:\n  template: small\n  blocks: 1\n")
-    argv = ["--config", str(path), "--model.channels", "64", "--model.channel_mult", "1,2,2",
-            "--model.attention", ""]  # fmt: skip
+    argv = [
+        "--config",
+        str(path),
+        "--model.channels",
+        "64",
+        "--model.channel_mult",
+        "1,2,2",
+        "--model.attention",
+        "",
+    ]
     cfg = load(argv, C.TrainConfig)
-    assert cfg.model == C.ModelConfig(template="small", channels=64, channel_mult=(1, 2, 2),
-                                      blocks=1, attention=())  # fmt: skip
+    assert cfg.model == C.ModelConfig(
+        template="small", channels=64, channel_mult=(1, 2, 2), blocks=1, attention=()
+    )
     net = cfg.model.resolve(48, num_classes=10, label_dropout=0.1)
     shape = (net.resolution, net.channels, net.channel_mult, net.blocks, net.attention)
     assert shape == (48, 64, (1, 2, 2), 1, ())
@@ -160,17 +184,24 @@ def test_the_model_is_configured_by_nested_flags_and_yaml(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--model.template", "huge"], "train.model.template: must be one of tiny, small, base, "
-         "base64, got 'huge'"),
+        (
+            ["--model.template", "huge"],
+            "train.model.template: must be one of tiny, small, base, base64, got 'huge'",
+        ),
         (["--model.channels", "0"], "train.model.channels: must be a positive integer, got 0"),
-        (["--model.channel_mult", "1,0"], "train.model.channel_mult: must be positive integers, "
-         "one per level, got (1, 0)"),
-        (["--model.attention", "3"], "train.model: template tiny: attention: levels must lie in "
-         "0..1 (one per channel_mult entry), got (3,)"),
+        (
+            ["--model.channel_mult", "1,0"],
+            "train.model.channel_mult: must be positive integers, one per level, got (1, 0)",
+        ),
+        (
+            ["--model.attention", "3"],
+            "train.model: template tiny: attention: levels must lie in "
+            "0..1 (one per channel_mult entry), got (3,)",
+        ),
         (["--lr", "inf"], "train.lr: expected a finite number, got 'inf'"),
         (["--lr", "nan"], "train.lr: expected a finite number, got 'nan'"),
     ],
-)  # fmt: skip
+)
 def test_bad_model_and_number_flags_name_the_field(argv, message):
     with pytest.raises(ConfigError) as err:
         load(["--dataset", "d", *argv], C.TrainConfig)
@@ -180,14 +211,20 @@ def test_bad_model_and_number_flags_name_the_field(argv, message):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--resolution", "12", "--model.template", "small"], "quickstart.resolution: the small "
-         "template takes images of 8 to 512 px and a multiple of 8 (channel_mult 1,2,2,2 halves "
-         "the side 3 times), got 12"),
-        (["--resolution", "1024"], "quickstart.resolution: the tiny template takes images of 8 "
-         "to 512 px and a multiple of 2 (channel_mult 1,2 halves the side once), got 1024"),
+        (
+            ["--resolution", "12", "--model.template", "small"],
+            "quickstart.resolution: the small "
+            "template takes images of 8 to 512 px and a multiple of 8 (channel_mult 1,2,2,2 halves "
+            "the side 3 times), got 12",
+        ),
+        (
+            ["--resolution", "1024"],
+            "quickstart.resolution: the tiny template takes images of 8 "
+            "to 512 px and a multiple of 2 (channel_mult 1,2 halves the side once), got 1024",
+        ),
         (["--guidance", "-1"], "quickstart.guidance: must be >= 0, got -1.0"),
     ],
-)  # fmt: skip
+)
 def test_a_resolution_the_network_cannot_take_is_refused_before_anything_runs(argv, message):
     with pytest.raises(ConfigError) as err:
         load(argv, C.QuickstartConfig)

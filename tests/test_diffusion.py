@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.maths.analytic import GaussianDenoiser, MixtureDenoiser
 from pipeline.maths import edm
+from pipeline.maths.analytic import GaussianDenoiser, MixtureDenoiser
 from pipeline.maths.edm import Precond, edm_loss, karras_sigmas
 from pipeline.maths.unet import build
 

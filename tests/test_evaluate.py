@@ -76,8 +76,12 @@ def test_credentials_in_urls_are_redacted_for_logs():
 
 
 def _model(classes: list[str] | None, num_classes: int) -> Model:
-    card = {"template": "tiny", "model": architecture("tiny", 8, num_classes=num_classes).to_dict(),
-            "resolution": 8, "classes": classes}  # fmt: skip
+    card = {
+        "template": "tiny",
+        "model": architecture("tiny", 8, num_classes=num_classes).to_dict(),
+        "resolution": 8,
+        "classes": classes,
+    }
     return Model(card, b"", {"name": "m", "version": 1, "digest": "0" * 64})
 
 
@@ -99,9 +103,14 @@ def test_a_model_that_does_not_fit_the_dataset_is_refused_before_any_work():
 def test_an_unreachable_mlflow_is_one_redacted_line_and_exit_1():
     env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     uri = "http://promoter:topsecret@127.0.0.1:9"  # nothing listens on port 9 here
-    done = subprocess.run([sys.executable, "-m", "tasks.promote", "--model_name", "x",
-                           "--tracking_uri", uri], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "tasks.promote", "--model_name", "x", "--tracking_uri", uri],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 1, done.stderr
     [line] = done.stderr.splitlines()
     assert line.startswith("tasks.promote: failed: MLflow: ") and "http://***@127.0.0.1:9" in line
@@ -151,8 +160,10 @@ def test_promotion_decides_on_the_metric_with_a_margin_and_records_both_numbers(
 
     # Both decisions against a champion are runs with the two numbers.
     c = tracking.client(uri)
-    runs = c.search_runs([c.get_experiment_by_name(EXPERIMENT).experiment_id],
-                         filter_string=f"tags.model_name = '{name}'")  # fmt: skip
+    runs = c.search_runs(
+        [c.get_experiment_by_name(EXPERIMENT).experiment_id],
+        filter_string=f"tags.model_name = '{name}'",
+    )
     numbers = {r.data.tags["decision"]: r.data.metrics for r in runs}
     assert numbers["promoted"] == {"candidate": 5.0, "champion": 6.0}
     assert numbers["kept_champion"] == {"candidate": 4.9, "champion": 5.0}
@@ -160,8 +171,12 @@ def test_promotion_decides_on_the_metric_with_a_margin_and_records_both_numbers(
     # Deciding again on v3 writes nothing.
     again = promote(PromoteConfig(**cfg, version=v3))
     assert again.already_decided and not again.promoted
-    assert len(c.search_runs([c.get_experiment_by_name(EXPERIMENT).experiment_id],
-                             filter_string=f"tags.model_name = '{name}'")) == len(runs)  # fmt: skip
+    assert len(
+        c.search_runs(
+            [c.get_experiment_by_name(EXPERIMENT).experiment_id],
+            filter_string=f"tags.model_name = '{name}'",
+        )
+    ) == len(runs)
 
     # Higher is better for precision.
     v4 = _version(uri, name, {"fd_pixel": 9.0, "precision": 0.7})

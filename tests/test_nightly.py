@@ -23,24 +23,58 @@ pytestmark = pytest.mark.slow
 
 # Known fake MLflow credentials (the test server ignores them), searched for below:
 # in the environment, and as user:password in the tracking URI the tasks are given.
-MLFLOW_SECRETS = {"MLFLOW_TRACKING_USERNAME": "nightly-user",
-                  "MLFLOW_TRACKING_PASSWORD": f"mlflow-password-{uuid.uuid4().hex}"}  # fmt: skip
+MLFLOW_SECRETS = {
+    "MLFLOW_TRACKING_USERNAME": "nightly-user",
+    "MLFLOW_TRACKING_PASSWORD": f"mlflow-password-{uuid.uuid4().hex}",
+}
 URI_PASSWORD = f"uri-password-{uuid.uuid4().hex}"
-SMALL = ["--images", "640", "--lr_rampup_images", "128", "--eval_images", "128",
-         "--eval_sampler", "heun:4", "--sample_images", "64",
-         "--sample_sampler", "heun:4"]  # fmt: skip
+SMALL = [
+    "--images",
+    "640",
+    "--lr_rampup_images",
+    "128",
+    "--eval_images",
+    "128",
+    "--eval_sampler",
+    "heun:4",
+    "--sample_images",
+    "64",
+    "--sample_sampler",
+    "heun:4",
+]
 
 
 def nightly_task(
     prefix: str, name: str, night: str, uri: str, *extra: str
 ) -> subprocess.CompletedProcess:
-    paths = [arg for part in ("raw", "dataset", "storage", "evaluations", "samples")
-             for arg in (f"--{part}", f"{prefix}/{part}")]  # fmt: skip
+    paths = [
+        arg
+        for part in ("raw", "dataset", "storage", "evaluations", "samples")
+        for arg in (f"--{part}", f"{prefix}/{part}")
+    ]
     with_password = uri.replace("://", f"://nightly:{URI_PASSWORD}@")
-    argv = [sys.executable, "-m", "tasks.nightly", *paths, "--model_name", name,
-            "--night", night, "--tracking_uri", with_password, *SMALL, *extra]  # fmt: skip
-    return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **MLFLOW_SECRETS}, timeout=900)  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "tasks.nightly",
+        *paths,
+        "--model_name",
+        name,
+        "--night",
+        night,
+        "--tracking_uri",
+        with_password,
+        *SMALL,
+        *extra,
+    ]
+    return subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **MLFLOW_SECRETS},
+        timeout=900,
+    )
 
 
 def bucket_listing(prefix: str) -> dict[str, tuple]:
@@ -63,18 +97,27 @@ def mlflow_state(uri: str, name: str) -> dict:
     for experiment in ("nightly", "promotion", "sampling"):
         found = c.get_experiment_by_name(experiment)
         for r in c.search_runs([found.experiment_id]) if found else []:
-            history = {k: [(m.step, m.value) for m in c.get_metric_history(r.info.run_id, k)]
-                       for k in r.data.metrics}  # fmt: skip
-            runs[r.info.run_id] = (r.info.status, r.info.end_time, r.data.params,
-                                   r.data.tags, history)  # fmt: skip
+            history = {
+                k: [(m.step, m.value) for m in c.get_metric_history(r.info.run_id, k)]
+                for k in r.data.metrics
+            }
+            runs[r.info.run_id] = (
+                r.info.status,
+                r.info.end_time,
+                r.data.params,
+                r.data.tags,
+                history,
+            )
     versions = {v.version: v.tags for v in c.search_model_versions(f"name = '{name}'")}
     champion = tracking.model_version(uri, name, alias="champion")["version"]
     return {"runs": runs, "versions": versions, "champion": champion}
 
 
 def shard_digests(dataset: str, manifest: dict) -> dict[str, str]:
-    return {s["name"]: hashlib.sha256(storage.read_bytes(storage.join(dataset, s["name"])))
-            .hexdigest() for s in manifest["shards"]}  # fmt: skip
+    return {
+        s["name"]: hashlib.sha256(storage.read_bytes(storage.join(dataset, s["name"]))).hexdigest()
+        for s in manifest["shards"]
+    }
 
 
 def test_three_nights(ray_cluster, mlflow_server, s3_prefix):
@@ -94,8 +137,15 @@ def test_three_nights(ray_cluster, mlflow_server, s3_prefix):
     version1 = tracking.model_version(uri, name, 1)
     assert version1["tags"]["promotion.decision"] == "first_champion"
     key1 = version1["tags"]["eval.key"]
-    for metric in ("fd_pixel", "swd_pixel", "precision", "recall", "heldout_loss",
-                   "label_fidelity", "cas"):  # fmt: skip
+    for metric in (
+        "fd_pixel",
+        "swd_pixel",
+        "precision",
+        "recall",
+        "heldout_loss",
+        "label_fidelity",
+        "cas",
+    ):
         assert float(version1["tags"][f"eval.{key1}.{metric}"]) >= 0
     [result_file] = storage.list_objects(f"{s3_prefix}/evaluations")
     results = json.loads(storage.read_bytes(result_file.uri))
@@ -159,8 +209,12 @@ def test_three_nights(ray_cluster, mlflow_server, s3_prefix):
     assert set(mlflow_state(uri, name)["versions"]) == set(mlflow_before["versions"])
 
     # No credential value reached MLflow, the logs, or any object in the bucket.
-    secrets = [os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"],
-               MLFLOW_SECRETS["MLFLOW_TRACKING_PASSWORD"], URI_PASSWORD]  # fmt: skip
+    secrets = [
+        os.environ["AWS_SECRET_ACCESS_KEY"],
+        os.environ["AWS_ACCESS_KEY_ID"],
+        MLFLOW_SECRETS["MLFLOW_TRACKING_PASSWORD"],
+        URI_PASSWORD,
+    ]
     logged = json.dumps(mlflow_state(uri, name), default=str) + "".join(
         r.stdout + r.stderr for r in (first, second, third, fourth)
     )
@@ -178,17 +232,36 @@ def test_guidance_without_class_labels_is_refused_before_training(
     for png in raw.glob("*/*.png"):
         png.rename(raw / f"{png.parent.name}-{png.name}")
     done = subprocess.run(
-        [sys.executable, "-m", "tasks.nightly", "--raw", str(raw), "--dataset",
-         f"{s3_prefix}/dataset", "--storage", f"{s3_prefix}/runs", "--model_name", "flat",
-         "--tracking_uri", mlflow_server, "--sample_guidance", "2"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tasks.nightly",
+            "--raw",
+            str(raw),
+            "--dataset",
+            f"{s3_prefix}/dataset",
+            "--storage",
+            f"{s3_prefix}/runs",
+            "--model_name",
+            "flat",
+            "--tracking_uri",
+            mlflow_server,
+            "--sample_guidance",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     # (Ray's own lines of the preprocessing come before it.)
     [line] = [e for e in done.stderr.splitlines() if e.startswith("tasks.nightly")]
     assert line == done.stderr.splitlines()[-1]
-    assert line == (f"tasks.nightly: error: nightly.sample_guidance: guidance needs class "
-                    f"labels, and {s3_prefix}/dataset has none (its inputs are not in class "
-                    f"folders), got 2.0")  # fmt: skip
+    assert line == (
+        f"tasks.nightly: error: nightly.sample_guidance: guidance needs class "
+        f"labels, and {s3_prefix}/dataset has none (its inputs are not in class "
+        f"folders), got 2.0"
+    )
     assert not storage.exists(f"{s3_prefix}/runs/flat-{tracking_today()}")
     assert tracking.model_version(mlflow_server, "flat") is None

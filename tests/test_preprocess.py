@@ -342,8 +342,13 @@ def test_append_adds_only_new_inputs_in_new_shards_and_leaves_the_old_untouched(
     png = images.encode(images.noise(40, 32, 0), "PNG")
     nfc, nfd = unicodedata.normalize("NFC", "café.png"), unicodedata.normalize("NFD", "café.png")
     (raw / "class0" / nfc).write_bytes(png)
-    cfg = PreprocessConfig(input=str(raw), output=str(out), resolution=24, samples_per_shard=6,
-                           validation_fraction=0.25)  # fmt: skip
+    cfg = PreprocessConfig(
+        input=str(raw),
+        output=str(out),
+        resolution=24,
+        samples_per_shard=6,
+        validation_fraction=0.25,
+    )
     first = preprocess(cfg, progress=False)
     assert first.manifest["version"] == 1 and "previous" not in first.manifest
     old_inputs = {str(p) for p in raw.rglob("*") if p.is_file()}
@@ -389,8 +394,9 @@ def test_append_adds_only_new_inputs_in_new_shards_and_leaves_the_old_untouched(
     new_by_split = {s: sum(e["samples"] for e in added if e["split"] == s) for s in shards.SPLITS}
     assert c["inputs"] == c0["inputs"] + 18 and c["written"] == c0["written"] + 14
     assert c["rejected"] == c0["rejected"] + 4 and sum(new_by_split.values()) == 14
-    assert c["written_by_split"] == {s: c0["written_by_split"][s] + new_by_split[s]
-                                     for s in shards.SPLITS}  # fmt: skip
+    assert c["written_by_split"] == {
+        s: c0["written_by_split"][s] + new_by_split[s] for s in shards.SPLITS
+    }
     new_reasons = collections.Counter(
         ["unknown_class", "not_an_image", "no_class_folder", "duplicate_key"]
     )
@@ -422,8 +428,9 @@ def test_append_adds_only_new_inputs_in_new_shards_and_leaves_the_old_untouched(
     }
     in_shards = new_inputs - as_a_whole
     assert _shard_inputs(out, [e["name"] for e in added]) == in_shards
-    sources = [json.loads((out / "_records" / f"{e['name']}.json").read_text())["sources"]
-               for e in added]  # fmt: skip
+    sources = [
+        json.loads((out / "_records" / f"{e['name']}.json").read_text())["sources"] for e in added
+    ]
     assert sorted(u for s in sources for u in s) == sorted(in_shards)
     assert second.summary().startswith(
         f"appended 18 new inputs in {len(added)} shards to version 2"
@@ -440,8 +447,13 @@ def test_append_adds_only_new_inputs_in_new_shards_and_leaves_the_old_untouched(
 def test_interrupted_append_resumes_to_the_same_manifest(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "out"
     images.mixed_folder(raw, 24, classes=2, seed=12)
-    cfg = PreprocessConfig(input=str(raw), output=str(out), resolution=24, samples_per_shard=4,
-                           validation_fraction=0.25)  # fmt: skip
+    cfg = PreprocessConfig(
+        input=str(raw),
+        output=str(out),
+        resolution=24,
+        samples_per_shard=4,
+        validation_fraction=0.25,
+    )
     first = preprocess(cfg, progress=False)
     v1 = {p: (out / p).read_bytes() for p in ("manifest.json", "rejects.jsonl")}
     for i in range(16):

@@ -20,8 +20,12 @@ def test_a_card_holds_the_network_that_the_weights_belong_to():
 
 def test_a_card_from_before_templates_resolves_its_preset_at_its_resolution():
     # version 0.1.0 registered {"preset": "tiny", "model": {overrides}, "resolution": 8}
-    old = {"preset": "tiny", "model": {"num_classes": 10, "label_dropout": 0.1},
-           "resolution": 8, "classes": [str(d) for d in range(10)]}  # fmt: skip
+    old = {
+        "preset": "tiny",
+        "model": {"num_classes": 10, "label_dropout": 0.1},
+        "resolution": 8,
+        "classes": [str(d) for d in range(10)],
+    }
     card = _complete(old)
     assert "preset" not in card and card["template"] == "tiny"
     assert card["model"] == architecture("tiny", 8, num_classes=10, label_dropout=0.1).to_dict()

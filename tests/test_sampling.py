@@ -30,8 +30,22 @@ from tests.services import ROOT, group_gone
 
 pytestmark = pytest.mark.slow
 
-JOB = ["--images", "640", "--samples_per_shard", "64", "--sampler", "heun", "--steps", "6",
-       "--network_batch", "16", "--seed", "7", "--guidance", "2"]  # fmt: skip
+JOB = [
+    "--images",
+    "640",
+    "--samples_per_shard",
+    "64",
+    "--sampler",
+    "heun",
+    "--steps",
+    "6",
+    "--network_batch",
+    "16",
+    "--seed",
+    "7",
+    "--guidance",
+    "2",
+]
 """The job of the determinism and exactly-once tests: 10 shards, with
 classifier-free guidance (one batched network call per step)."""
 
@@ -42,8 +56,12 @@ def registered(mlflow_server) -> dict:
     version 1 with the alias `champion`, as tasks.train registers models."""
     net = randomised(build("tiny", num_classes=10), seed=3)
     weights = save({k: v.contiguous() for k, v in net.state_dict().items()})
-    card = {"template": "tiny", "model": net.cfg.to_dict(), "resolution": 8,
-            "classes": [str(d) for d in range(10)]}  # fmt: skip
+    card = {
+        "template": "tiny",
+        "model": net.cfg.to_dict(),
+        "resolution": 8,
+        "classes": [str(d) for d in range(10)],
+    }
     run_id = tracking.find_or_create_run(mlflow_server, "tests", "tiny-digits-training")
     files = {"model.safetensors": weights, "model.json": json.dumps(card).encode()}
     version = tracking.register_model(mlflow_server, run_id, "tiny-digits", files, {"k": "v"})
@@ -52,10 +70,21 @@ def registered(mlflow_server) -> dict:
 
 
 def sample_task(model: str, output: str, tracking_uri: str, *extra: str, **kw):
-    argv = [sys.executable, "-m", "tasks.sample", "--model", model, "--output", output,
-            "--tracking_uri", tracking_uri, *extra]  # fmt: skip
-    return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ),
-                          timeout=600, **kw)  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "tasks.sample",
+        "--model",
+        model,
+        "--output",
+        output,
+        "--tracking_uri",
+        tracking_uri,
+        *extra,
+    ]
+    return subprocess.run(
+        argv, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ), timeout=600, **kw
+    )
 
 
 def read_shards(prefix: str) -> dict[str, dict[str, bytes]]:
@@ -78,17 +107,36 @@ def listing(prefix: str) -> dict[str, tuple]:
 
 
 def test_two_thousand_images_with_lineage_into_the_bucket(registered, ray_cluster, s3_prefix):
-    result = sample_task("tiny-digits@champion", s3_prefix, registered["uri"], "--images", "2000",
-                         "--samples_per_shard", "300", "--actors", "2", "--sampler", "dpmpp_2m",
-                         "--steps", "8", "--guidance", "2", "--batch_size", "64")  # fmt: skip
+    result = sample_task(
+        "tiny-digits@champion",
+        s3_prefix,
+        registered["uri"],
+        "--images",
+        "2000",
+        "--samples_per_shard",
+        "300",
+        "--actors",
+        "2",
+        "--sampler",
+        "dpmpp_2m",
+        "--steps",
+        "8",
+        "--guidance",
+        "2",
+        "--batch_size",
+        "64",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sample: 2000 images in 7 shards (7 written now, 0 already complete)" in result.stdout
 
     manifest = json.loads(storage.read_bytes(f"{s3_prefix}/{shards.MANIFEST}"))
     assert manifest["counts"]["images"] == 2000 and manifest["counts"]["shards"] == 7
     assert sum(s["samples"] for s in manifest["shards"]) == 2000
-    lineage = {"name": "tiny-digits", "version": registered["version"],
-               "digest": registered["digest"]}  # fmt: skip
+    lineage = {
+        "name": "tiny-digits",
+        "version": registered["version"],
+        "digest": registered["digest"],
+    }
     assert {k: manifest["job"]["model"][k] for k in lineage} == lineage
     found = read_shards(s3_prefix)
     assert sorted(found) == [f"train-{i:06d}.tar" for i in range(7)]
@@ -105,8 +153,13 @@ def test_two_thousand_images_with_lineage_into_the_bucket(registered, ray_cluste
         for key in keys:
             info = json.loads(members[f"{key}.json"])
             assert {k: info["model"][k] for k in lineage} == lineage
-            assert (info["seed"], info["index"], info["sampler"], info["steps"],
-                    info["guidance"]) == (0, int(key), "dpmpp_2m", 8, 2.0)  # fmt: skip
+            assert (
+                info["seed"],
+                info["index"],
+                info["sampler"],
+                info["steps"],
+                info["guidance"],
+            ) == (0, int(key), "dpmpp_2m", 8, 2.0)
             assert int(members[f"{key}.cls"]) == info["label"] and info["class"] == str(
                 info["label"]
             )
@@ -117,8 +170,9 @@ def test_two_thousand_images_with_lineage_into_the_bucket(registered, ray_cluste
     assert counts.min() > 140 and counts.max() < 260  # uniform over 10 classes (p < 1e-6)
 
     client = MlflowClient(registered["uri"])
-    [run] = client.search_runs([client.get_experiment_by_name("sampling").experiment_id],
-                               f"tags.output = '{s3_prefix}'")  # fmt: skip
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("sampling").experiment_id], f"tags.output = '{s3_prefix}'"
+    )
     assert run.info.status == "FINISHED"
     assert run.data.tags["model_name"] == "tiny-digits"
     assert run.data.tags["model_version"] == str(registered["version"])
@@ -130,15 +184,24 @@ def test_two_thousand_images_with_lineage_into_the_bucket(registered, ray_cluste
 def reference(registered, ray_cluster, s3) -> dict[str, dict[str, bytes]]:
     """JOB by version number, uninterrupted, with 2 actors and batches of 32."""
     prefix = s3.prefix("reference")
-    result = sample_task("tiny-digits/1", prefix, registered["uri"], *JOB, "--actors", "2",
-                         "--batch_size", "32")  # fmt: skip
+    result = sample_task(
+        "tiny-digits/1", prefix, registered["uri"], *JOB, "--actors", "2", "--batch_size", "32"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return read_shards(prefix)
 
 
 def test_other_batch_size_and_actor_count_give_identical_pngs(registered, reference, s3_prefix):
-    result = sample_task("tiny-digits@champion", s3_prefix, registered["uri"], *JOB,
-                         "--actors", "1", "--batch_size", "48")  # fmt: skip
+    result = sample_task(
+        "tiny-digits@champion",
+        s3_prefix,
+        registered["uri"],
+        *JOB,
+        "--actors",
+        "1",
+        "--batch_size",
+        "48",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     found = read_shards(s3_prefix)
     assert sorted(found) == sorted(reference) and len(found) == 10
@@ -149,9 +212,22 @@ def test_other_batch_size_and_actor_count_give_identical_pngs(registered, refere
 
 
 def test_killed_job_run_again_writes_each_shard_once(registered, reference, s3_prefix):
-    argv = [sys.executable, "-m", "tasks.sample", "--model", "tiny-digits@champion", "--output",
-            s3_prefix, "--tracking_uri", registered["uri"], *JOB, "--actors", "1",
-            "--batch_size", "16"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "tasks.sample",
+        "--model",
+        "tiny-digits@champion",
+        "--output",
+        s3_prefix,
+        "--tracking_uri",
+        registered["uri"],
+        *JOB,
+        "--actors",
+        "1",
+        "--batch_size",
+        "16",
+    ]
     seen: dict[str, bytes] = {}
     stop = threading.Event()
 
@@ -165,8 +241,14 @@ def test_killed_job_run_again_writes_each_shard_once(registered, reference, s3_p
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        job = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ), start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        job = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=dict(os.environ),
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 300
         while len(storage.list_objects(f"{s3_prefix}/{shards.RECORDS}")) < 2:
             assert job.poll() is None and time.monotonic() < deadline, "no shard written"
@@ -193,9 +275,19 @@ def test_killed_job_run_again_writes_each_shard_once(registered, reference, s3_p
     assert listing(s3_prefix) == before  # wrote nothing
 
 
-@pytest.mark.parametrize("case", ["unknown-model", "unknown-alias", "unknown-version",
-                                  "missing-checkpoint", "unknown-sampler", "zero-steps",
-                                  "negative-images", "unknown-class"])  # fmt: skip
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown-model",
+        "unknown-alias",
+        "unknown-version",
+        "missing-checkpoint",
+        "unknown-sampler",
+        "zero-steps",
+        "negative-images",
+        "unknown-class",
+    ],
+)
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     case, registered, ray_cluster, s3_prefix, tmp_path
 ):
@@ -249,8 +341,7 @@ def test_fixed_batch_makes_an_image_independent_of_its_neighbours():
     x, sigma, label = torch.randn(13, 3, 8, 8), torch.rand(13) * 5, torch.arange(13) % 10
     with torch.no_grad():
         whole = fixed(x, sigma, label)
-        alone = torch.cat([fixed(x[i : i + 8], sigma[i : i + 8], label[i : i + 8])
-                           for i in (0, 8)])  # fmt: skip
+        alone = torch.cat([fixed(x[i : i + 8], sigma[i : i + 8], label[i : i + 8]) for i in (0, 8)])
         other = x.clone()
         other[3:8] = 0  # other neighbours in the same call
         assert torch.equal(fixed(other, sigma, label)[:3], whole[:3])
@@ -266,13 +357,30 @@ def test_from_a_checkpoint_folder_with_one_class_and_a_stochastic_sampler(
     net = randomised(build("tiny", num_classes=10), seed=5)
     optimizer = torch.optim.Adam(Precond(net).parameters())
     folder = tmp_path / "checkpoint-000000000512"
-    state = {"config": {"model": {"template": "tiny"}, "hflip": False}, "run_id": "r1",
-             "model": net.cfg.to_dict()}  # fmt: skip
+    state = {
+        "config": {"model": {"template": "tiny"}, "hflip": False},
+        "run_id": "r1",
+        "model": net.cfg.to_dict(),
+    }
     checkpoint.save(folder, net, net, optimizer, state)
     out = tmp_path / "out"
-    result = sample_task(str(folder), str(out), mlflow_server, "--images", "40",
-                         "--samples_per_shard", "25", "--labels", "3", "--sampler",
-                         "euler_ancestral", "--steps", "4", "--batch_size", "16")  # fmt: skip
+    result = sample_task(
+        str(folder),
+        str(out),
+        mlflow_server,
+        "--images",
+        "40",
+        "--samples_per_shard",
+        "25",
+        "--labels",
+        "3",
+        "--sampler",
+        "euler_ancestral",
+        "--steps",
+        "4",
+        "--batch_size",
+        "16",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     digest = hashlib.sha256((folder / checkpoint.EMA_WEIGHTS).read_bytes()).hexdigest()
     found = read_shards(str(out))
@@ -280,8 +388,17 @@ def test_from_a_checkpoint_folder_with_one_class_and_a_stochastic_sampler(
     infos = [json.loads(d) for s in found.values() for n, d in s.items() if n.endswith(".json")]
     assert sorted(i["index"] for i in infos) == list(range(40))
     assert {(i["label"], i["class"], i["sampler"]) for i in infos} == {(3, "3", "euler_ancestral")}
-    assert {json.dumps(i["model"], sort_keys=True) for i in infos} == {json.dumps(
-        {"checkpoint": str(folder), "digest": digest, "name": None, "run_id": "r1",
-         "version": None}, sort_keys=True)}  # fmt: skip
+    assert {json.dumps(i["model"], sort_keys=True) for i in infos} == {
+        json.dumps(
+            {
+                "checkpoint": str(folder),
+                "digest": digest,
+                "name": None,
+                "run_id": "r1",
+                "version": None,
+            },
+            sort_keys=True,
+        )
+    }
     pngs = [d for s in found.values() for n, d in s.items() if n.endswith(".png")]
     assert len(set(pngs)) == 40  # every seed its own image

@@ -243,15 +243,28 @@ def test_digits_are_written_by_class_with_their_pixels(tmp_path):
 
 def test_quickstart_on_embedded_defaults(tmp_path):
     env = {k: v for k, v in private_ray_env().items() if not k.startswith("AWS_")}
-    small = ["--images", "1280", "--eval_images", "64", "--compare", "euler_ancestral:20",
-             "--sample_images", "32", "--night", "2026-11-26"]  # fmt: skip
+    small = [
+        "--images",
+        "1280",
+        "--eval_images",
+        "64",
+        "--compare",
+        "euler_ancestral:20",
+        "--sample_images",
+        "32",
+        "--night",
+        "2026-11-26",
+    ]
     result = run_task("tasks.quickstart", "--workdir", str(tmp_path / "qs"), *small, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     # Its own local Ray (not the test session's cluster), quietly: no Ray, Ray
     # Data, Ray Train or MLflow INFO/WARNING lines, no lines forwarded from workers.
     assert list(Path(env["RAY_TMPDIR"]).glob("ray/session_*")), "no local Ray was started"
-    noise = [line for line in result.stderr.splitlines()
-             if re.search(r"\b(INFO|WARNING)\b|^\(\w+ pid=", line)]  # fmt: skip
+    noise = [
+        line
+        for line in result.stderr.splitlines()
+        if re.search(r"\b(INFO|WARNING)\b|^\(\w+ pid=", line)
+    ]
     assert noise == [], noise
     qs = tmp_path / "qs"
     manifest_uri = str(qs / "datasets" / "digits-8" / "manifest.json")
@@ -263,15 +276,20 @@ def test_quickstart_on_embedded_defaults(tmp_path):
     # The whole night: trained, evaluated with both samplers, promoted, generated.
     assert "train: digits-8-2026-11-26 (from scratch), 1280 images" in result.stdout
     number = r"[\d.]+"
-    assert re.search(rf"evaluate: digits-8/1: heun 18 steps \(35 network evaluations, guidance "
-                     rf"1.5\): pixel Frechet distance {number}, label fidelity {number} \(real "
-                     rf"images {number}\), CAS {number} over 64 images", result.stdout)  # fmt: skip
+    assert re.search(
+        rf"evaluate: digits-8/1: heun 18 steps \(35 network evaluations, guidance "
+        rf"1.5\): pixel Frechet distance {number}, label fidelity {number} \(real "
+        rf"images {number}\), CAS {number} over 64 images",
+        result.stdout,
+    )
     evaluated = "evaluate: digits-8/1: euler_ancestral 20 steps (20 network evaluations, guidance"
     assert evaluated in result.stdout
     assert "digits-8 version 1 is the first champion" in result.stdout
-    assert re.search(rf"quickstart: digits-8/1: label fidelity {number} \(real digits: "
-                     rf"{number}\), CAS {number}, pixel Frechet distance {number}",
-                     result.stdout)  # fmt: skip
+    assert re.search(
+        rf"quickstart: digits-8/1: label fidelity {number} \(real digits: "
+        rf"{number}\), CAS {number}, pixel Frechet distance {number}",
+        result.stdout,
+    )
     samples = json.loads((qs / "samples/2026-11-26/manifest.json").read_text())
     assert samples["counts"]["images"] == 32 and samples["job"]["model"]["version"] == 1
     assert samples["job"]["guidance"] == 1.5
@@ -308,13 +326,23 @@ def test_quickstart_at_other_resolutions(resolution, tmp_path, ray_cluster):
     # narrower network, at 64 px deeper with attention at 16x16 (overrides the
     # registered model must carry to sampling).
     narrow = resolution >= 32
-    small = ["--images", "128", "--eval_images", "8", "--sample_images", "4", "--night",
-             "2026-11-27", *(["--model.channels", "8"] if narrow else [])]  # fmt: skip
+    small = [
+        "--images",
+        "128",
+        "--eval_images",
+        "8",
+        "--sample_images",
+        "4",
+        "--night",
+        "2026-11-27",
+        *(["--model.channels", "8"] if narrow else []),
+    ]
     if resolution == 64:
         small += ["--model.channel_mult", "1,2,2", "--model.attention", "2"]
     qs = tmp_path / "qs"
-    result = run_task("tasks.quickstart", "--workdir", str(qs), "--resolution", str(resolution),
-                      *small, env=env)  # fmt: skip
+    result = run_task(
+        "tasks.quickstart", "--workdir", str(qs), "--resolution", str(resolution), *small, env=env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     name = f"digits-{resolution}"
     assert f"promote: {name} version 1 is the first champion" in result.stdout
@@ -333,8 +361,9 @@ def test_quickstart_at_other_resolutions(resolution, tmp_path, ray_cluster):
     client = MlflowClient(f"sqlite:///{qs}/mlflow.db")
     [version] = client.search_model_versions(f"name = '{name}'")
     with tempfile.TemporaryDirectory() as tmp:
-        card = json.loads(Path(client.download_artifacts(version.run_id, "model", tmp),
-                               "model.json").read_text())  # fmt: skip
+        card = json.loads(
+            Path(client.download_artifacts(version.run_id, "model", tmp), "model.json").read_text()
+        )
     assert card["model"]["resolution"] == resolution
     assert card["model"]["channels"] == (8 if narrow else 24)
     assert card["model"]["channel_mult"] == ([1, 2, 2] if resolution == 64 else [1, 2])

@@ -75,8 +75,15 @@ def test_checkpoint_round_trip_continues_the_same_training(tmp_path):
 
     def step(denoiser, opt, ema, seen):
         x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(seen))
-        return train_step(denoiser, opt, ema, [(x, None)], images_seen=seen, base_lr=1e-3,
-                          generator=step_generator(0, 0, seen))  # fmt: skip
+        return train_step(
+            denoiser,
+            opt,
+            ema,
+            [(x, None)],
+            images_seen=seen,
+            base_lr=1e-3,
+            generator=step_generator(0, 0, seen),
+        )
 
     net, denoiser, opt, ema = parts(1)
     step(denoiser, opt, ema, 0)
@@ -94,22 +101,29 @@ def test_checkpoint_round_trip_continues_the_same_training(tmp_path):
     for p, p2 in zip(denoiser.parameters(), denoiser2.parameters(), strict=True):
         assert torch.equal(p, p2)
     assert sorted(f.name for f in folder.iterdir()) == [
-        "ema.safetensors", "model.safetensors", "optimizer.pt", "state.json"
-    ]  # fmt: skip
+        "ema.safetensors",
+        "model.safetensors",
+        "optimizer.pt",
+        "state.json",
+    ]
 
 
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"batch_size": 30, "workers": 4}, "train.batch_size: must be a multiple of the number "
-         "of workers (4), got 30"),
-        ({"batch_size": 64, "workers": 2, "micro_batch": 24}, "train.micro_batch: must divide "
-         "batch_size / workers (32), got 24"),
+        (
+            {"batch_size": 30, "workers": 4},
+            "train.batch_size: must be a multiple of the number of workers (4), got 30",
+        ),
+        (
+            {"batch_size": 64, "workers": 2, "micro_batch": 24},
+            "train.micro_batch: must divide batch_size / workers (32), got 24",
+        ),
         ({"run_name": "a/b"}, "train.run_name: must be a non-empty name without '/', got 'a/b'"),
         ({"hflip": True, "lr": -1.0}, "train.lr: must be positive, got -1.0"),
         ({"images": 0}, "train.images: must be a positive integer, got 0"),
     ],
-)  # fmt: skip
+)
 def test_train_config_errors_name_the_field(changes, message, tmp_path):
     with pytest.raises(ConfigError) as e:
         TrainConfig(dataset=str(tmp_path), **changes)
@@ -131,8 +145,11 @@ def test_tracking_uri_resolution(monkeypatch, tmp_path):
     assert resolve_tracking_uri("") == "http://mlflow:5000"
 
 
-MANIFEST = {"resolution": 8, "counts": {"written_by_split": {"train": 1610}},
-            "classes": [str(d) for d in range(10)]}  # fmt: skip
+MANIFEST = {
+    "resolution": 8,
+    "counts": {"written_by_split": {"train": 1610}},
+    "classes": [str(d) for d in range(10)],
+}
 
 
 def test_plan_rounds_the_length_up_to_whole_batches():
@@ -147,14 +164,19 @@ def test_plan_rounds_the_length_up_to_whole_batches():
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"model": ModelConfig(channel_mult=(1, 2, 2, 2, 2))}, "train.model: the tiny template "
-         "takes images of 16 to 512 px and a multiple of 16 (channel_mult 1,2,2,2,2 halves the "
-         "side 4 times), got the dataset's images of 8"),
+        (
+            {"model": ModelConfig(channel_mult=(1, 2, 2, 2, 2))},
+            "train.model: the tiny template "
+            "takes images of 16 to 512 px and a multiple of 16 (channel_mult 1,2,2,2,2 halves the "
+            "side 4 times), got the dataset's images of 8",
+        ),
         ({"model": ModelConfig("small")}, None),  # any template whose levels divide the side
-        ({"batch_size": 2048}, "train.batch_size: larger than the dataset's 1610 training "
-         "images, got 2048"),
+        (
+            {"batch_size": 2048},
+            "train.batch_size: larger than the dataset's 1610 training images, got 2048",
+        ),
     ],
-)  # fmt: skip
+)
 def test_plan_refuses_a_model_or_batch_that_does_not_fit_the_data(changes, message):
     if message is None:
         _plan(TrainConfig(dataset="/d", **changes), MANIFEST, "digest")
@@ -165,11 +187,16 @@ def test_plan_refuses_a_model_or_batch_that_does_not_fit_the_data(changes, messa
 
 
 def test_the_plan_holds_the_whole_network_for_the_datas_side_and_classes():
-    cfg = TrainConfig(dataset="/d", model=ModelConfig("small", channels=32, blocks=1),
-                      label_dropout=0.2)  # fmt: skip
+    cfg = TrainConfig(
+        dataset="/d", model=ModelConfig("small", channels=32, blocks=1), label_dropout=0.2
+    )
     plan = _plan(cfg, {**MANIFEST, "resolution": 24}, "digest")
-    assert plan["model"] == architecture("small", 24, channels=32, blocks=1, num_classes=10,
-                                         label_dropout=0.2).to_dict()  # fmt: skip
+    assert (
+        plan["model"]
+        == architecture(
+            "small", 24, channels=32, blocks=1, num_classes=10, label_dropout=0.2
+        ).to_dict()
+    )
     unlabelled = _plan(cfg, {**MANIFEST, "classes": None}, "digest")["model"]
     assert (unlabelled["num_classes"], unlabelled["label_dropout"]) == (0, 0.0)
 

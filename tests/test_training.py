@@ -31,10 +31,27 @@ K = 1024
 """Run B of the resume test is killed after its checkpoint at K images."""
 
 TRAINING = [
-    "--model.template", "tiny", "--batch_size", "32", "--lr", "2e-3", "--lr_rampup_images", "256",
-    "--ema_halflife_images", "500", "--log_every_images", "128", "--sample_every_images", "1024",
-    "--checkpoint_every_images", "512", "--keep_checkpoints", "2", "--experiment", "tests",
-]  # fmt: skip
+    "--model.template",
+    "tiny",
+    "--batch_size",
+    "32",
+    "--lr",
+    "2e-3",
+    "--lr_rampup_images",
+    "256",
+    "--ema_halflife_images",
+    "500",
+    "--log_every_images",
+    "128",
+    "--sample_every_images",
+    "1024",
+    "--checkpoint_every_images",
+    "512",
+    "--keep_checkpoints",
+    "2",
+    "--experiment",
+    "tests",
+]
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +74,22 @@ def digits(cluster, s3, tmp_path_factory):
     raw = tmp_path_factory.mktemp("digits")
     write_digits(str(raw))
     out = s3.prefix("datasets/digits-8")
-    result = run([sys.executable, "-m", "tasks.preprocess", "--input", str(raw), "--output", out,
-                  "--resolution", "8", "--validation_fraction", "0.1"], cluster.env)  # fmt: skip
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "tasks.preprocess",
+            "--input",
+            str(raw),
+            "--output",
+            out,
+            "--resolution",
+            "8",
+            "--validation_fraction",
+            "0.1",
+        ],
+        cluster.env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -70,15 +101,29 @@ def run(argv: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
 
 
 def train_argv(dataset: str, runs: str, tracking: str, name: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "tasks.train", "--dataset", dataset, "--storage", runs,
-            "--tracking_uri", tracking, "--run_name", name, *TRAINING, *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "tasks.train",
+        "--dataset",
+        dataset,
+        "--storage",
+        runs,
+        "--tracking_uri",
+        tracking,
+        "--run_name",
+        name,
+        *TRAINING,
+        *extra,
+    ]
 
 
 def start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
     """A task in its own process group (so the test can kill it whole)."""
     with open(log, "w") as out:
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+        )
 
 
 def wait_for(check, what: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
@@ -136,8 +181,18 @@ def history(client: MlflowClient, run_id: str, key: str) -> dict[int, list[float
 def test_two_workers_on_two_nodes_from_the_bucket_tracked_in_mlflow(
     cluster, digits, s3_prefix, mlflow_server
 ):
-    argv = train_argv(digits, s3_prefix, mlflow_server, "two-nodes", "--workers", "2",
-                      "--placement", "STRICT_SPREAD", "--images", "2048")  # fmt: skip
+    argv = train_argv(
+        digits,
+        s3_prefix,
+        mlflow_server,
+        "two-nodes",
+        "--workers",
+        "2",
+        "--placement",
+        "STRICT_SPREAD",
+        "--images",
+        "2048",
+    )
     result = run(argv, cluster.env)
     assert result.returncode == 0, result.stderr[-5000:]
     assert "train: 2048 images seen" in result.stdout
@@ -192,8 +247,9 @@ def test_two_workers_on_two_nodes_from_the_bucket_tracked_in_mlflow(
         local = client.download_artifacts(run_id, "model", tmp)
         registered = Path(local, "model.safetensors").read_bytes()
         card = json.loads(Path(local, "model.json").read_text())
-    assert registered == storage.read_bytes(f"{s3_prefix}/two-nodes/checkpoint-000000002048/"
-                                            "ema.safetensors")  # fmt: skip
+    assert registered == storage.read_bytes(
+        f"{s3_prefix}/two-nodes/checkpoint-000000002048/ema.safetensors"
+    )
     assert card["template"] == "tiny" and card["dataset"]["digest"] == digest
     assert card["augmentation"] == {"hflip": False} and version.tags["hflip"] == "False"
     # The whole network, as the workers built it (also in every checkpoint).
@@ -254,8 +310,18 @@ def test_killed_run_resumed_continues_the_straight_run(
 def test_node_lost_mid_run_restarts_from_checkpoint_and_finishes(
     cluster, digits, s3_prefix, mlflow_server, tmp_path
 ):
-    argv = train_argv(digits, s3_prefix, mlflow_server, "node-loss", "--workers", "2",
-                      "--placement", "STRICT_SPREAD", "--images", "3072")  # fmt: skip
+    argv = train_argv(
+        digits,
+        s3_prefix,
+        mlflow_server,
+        "node-loss",
+        "--workers",
+        "2",
+        "--placement",
+        "STRICT_SPREAD",
+        "--images",
+        "3072",
+    )
     log = tmp_path / "train.log"
     proc = start(argv, cluster.env, log)
     try:
@@ -286,8 +352,9 @@ def test_node_lost_mid_run_restarts_from_checkpoint_and_finishes(
     assert all(len(loss[step]) == 1 for step in loss if step <= 1024)  # not from the start
 
 
-@pytest.mark.parametrize("case", ["no-manifest", "uncommitted", "unknown-template",
-                                  "indivisible-batch", "no-bucket"])  # fmt: skip
+@pytest.mark.parametrize(
+    "case", ["no-manifest", "uncommitted", "unknown-template", "indivisible-batch", "no-bucket"]
+)
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     case, cluster, digits, s3, s3_prefix, mlflow_server
 ):
@@ -329,8 +396,16 @@ def test_nan_in_the_loss_stops_with_step_and_checkpoint_named(
     cluster, digits, s3_prefix, mlflow_server
 ):
     env = dict(cluster.env, PIPELINE_TEST_NAN_AT_IMAGES="640")
-    argv = train_argv(digits, s3_prefix, mlflow_server, "nan", "--images", "2048",
-                      "--checkpoint_every_images", "256")  # fmt: skip
+    argv = train_argv(
+        digits,
+        s3_prefix,
+        mlflow_server,
+        "nan",
+        "--images",
+        "2048",
+        "--checkpoint_every_images",
+        "256",
+    )
     result = run(argv, env)
     assert result.returncode == 1, result.stderr[-3000:]
     line = result.stderr.strip().splitlines()[-1]

@@ -124,8 +124,11 @@ def test_an_unconditional_network_refuses_labels():
 
 
 def test_config_is_checked():
-    with pytest.raises(ValueError, match=r"resolution: must be 8 to 512 px and a multiple of 4 "
-                       r"\(channel_mult 1,2,2 halves the side twice\), got 30"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"resolution: must be 8 to 512 px and a multiple of 4 "
+        r"\(channel_mult 1,2,2 halves the side twice\), got 30",
+    ):
         UNetConfig(resolution=30, channel_mult=(1, 2, 2))
     with pytest.raises(ValueError, match="unknown template 'huge'"):
         build("huge")

@@ -237,8 +237,9 @@ def _add_flags(parser: argparse.ArgumentParser, group, cls: type, prefix: str = 
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             title = f"{prefix}{f.name} (--{prefix}{f.name}.FIELD)"
-            about = textwrap.fill(docs.get(f.name, ""), 78, initial_indent="  ",
-                                  subsequent_indent="  ")  # fmt: skip
+            about = textwrap.fill(
+                docs.get(f.name, ""), 78, initial_indent="  ", subsequent_indent="  "
+            )
             nested = parser.add_argument_group(title, about)
             _add_flags(parser, nested, tp, f"{prefix}{f.name}.")
             continue

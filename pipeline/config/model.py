@@ -78,16 +78,25 @@ class ModelConfig(Checked):
         """The fields given, by UNetConfig name."""
         return {k: getattr(self, k) for k in OVERRIDABLE if getattr(self, k) is not None}
 
-    def resolve(self, resolution: int, num_classes: int = 0, label_dropout: float = 0.0,
-                field: str = "model", source: str = "") -> UNetConfig:  # fmt: skip
+    def resolve(
+        self,
+        resolution: int,
+        num_classes: int = 0,
+        label_dropout: float = 0.0,
+        field: str = "model",
+        source: str = "",
+    ) -> UNetConfig:
         """The complete architecture for images of `resolution` px; a ConfigError
         naming `field` (and the `source` of the resolution) and what is allowed when
         the network cannot take them."""
         try:
             return architecture(
-                self.template, resolution, **self.overrides(), num_classes=num_classes,
+                self.template,
+                resolution,
+                **self.overrides(),
+                num_classes=num_classes,
                 label_dropout=label_dropout if num_classes else 0.0,
-            )  # fmt: skip
+            )
         except ResolutionError as e:
             raise ConfigError(
                 f"{field}: the {self.template} template takes images of {e.allowed}, "

@@ -106,16 +106,22 @@ class NightlyConfig(Checked):
         except ValueError:
             well_formed = False
         self.check(well_formed, "night", "must be a date, YYYY-MM-DD")
-        self.check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.model_name)), "model_name",
-                   "must be letters, digits, '_', '.' or '-'")  # fmt: skip
+        self.check(
+            bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.model_name)),
+            "model_name",
+            "must be letters, digits, '_', '.' or '-'",
+        )
         self.model.resolve(self.resolution, field=f"{self.SECTION}.resolution")
         self.check(self.sample_images >= 0, "sample_images", "must be >= 0")
         for field in ("eval_guidance", "sample_guidance"):
             self.check(getattr(self, field) >= 0, field, "must be >= 0")
         allowed = [m for m in METRICS if m not in ("fid", "kid")]
-        self.check(self.metric in allowed, "metric",
-                   f"must be one of {', '.join(allowed)} (FID and KID need Inception "
-                   "weights, which the nightly does not take)")  # fmt: skip
+        self.check(
+            self.metric in allowed,
+            "metric",
+            f"must be one of {', '.join(allowed)} (FID and KID need Inception "
+            "weights, which the nightly does not take)",
+        )
         try:
             parse_sampler(self.sample_sampler)
         except ValueError as e:
@@ -131,43 +137,71 @@ class NightlyConfig(Checked):
 
     def preprocess_config(self) -> PreprocessConfig:
         return PreprocessConfig(
-            input=self.raw, output=self.dataset, resolution=self.resolution,
-            small_images="upscale", validation_fraction=self.validation_fraction,
-        )  # fmt: skip
+            input=self.raw,
+            output=self.dataset,
+            resolution=self.resolution,
+            small_images="upscale",
+            validation_fraction=self.validation_fraction,
+        )
 
     def train_config(self, init_from: str) -> TrainConfig:
         """Tonight's training run, warm-started from `init_from` (or from scratch)."""
         return TrainConfig(
-            dataset=self.dataset, run_name=f"{self.model_name}-{self.night}",
-            storage=self.storage, model=self.model, images=self.images, hflip=self.hflip,
-            batch_size=self.batch_size, workers=self.workers, use_gpu=self.use_gpu,
-            cpus_per_worker=self.cpus_per_worker, lr=self.lr,
-            lr_rampup_images=self.lr_rampup_images, ema_halflife_images=self.ema_halflife_images,
+            dataset=self.dataset,
+            run_name=f"{self.model_name}-{self.night}",
+            storage=self.storage,
+            model=self.model,
+            images=self.images,
+            hflip=self.hflip,
+            batch_size=self.batch_size,
+            workers=self.workers,
+            use_gpu=self.use_gpu,
+            cpus_per_worker=self.cpus_per_worker,
+            lr=self.lr,
+            lr_rampup_images=self.lr_rampup_images,
+            ema_halflife_images=self.ema_halflife_images,
             checkpoint_every_images=max(self.batch_size, self.images // 4),
-            log_every_images=max(self.batch_size, self.images // 20), sample_every_images=0,
-            tracking_uri=self.tracking_uri, experiment="nightly", model_name=self.model_name,
+            log_every_images=max(self.batch_size, self.images // 20),
+            sample_every_images=0,
+            tracking_uri=self.tracking_uri,
+            experiment="nightly",
+            model_name=self.model_name,
             init_from=init_from,
-        )  # fmt: skip
+        )
 
     def evaluate_config(self, version: int) -> EvaluateConfig:
         return EvaluateConfig(
-            model=f"{self.model_name}/{version}", dataset=self.dataset, output=self.evaluations,
-            images=self.eval_images, sampler=self.eval_sampler, compare=self.eval_compare,
-            guidance=self.eval_guidance, batch_size=max(2, min(self.eval_images, 500)),
+            model=f"{self.model_name}/{version}",
+            dataset=self.dataset,
+            output=self.evaluations,
+            images=self.eval_images,
+            sampler=self.eval_sampler,
+            compare=self.eval_compare,
+            guidance=self.eval_guidance,
+            batch_size=max(2, min(self.eval_images, 500)),
             use_gpu=self.use_gpu,
             tracking_uri=self.tracking_uri,
-        )  # fmt: skip
+        )
 
     def promote_config(self, version: int, key: str = "") -> PromoteConfig:
         return PromoteConfig(
-            model_name=self.model_name, version=version, metric=self.metric, margin=self.margin,
-            key=key, tracking_uri=self.tracking_uri,
-        )  # fmt: skip
+            model_name=self.model_name,
+            version=version,
+            metric=self.metric,
+            margin=self.margin,
+            key=key,
+            tracking_uri=self.tracking_uri,
+        )
 
     def sample_config(self, version: int) -> SampleConfig:
         sampler, steps = parse_sampler(self.sample_sampler)
         return SampleConfig(
-            model=f"{self.model_name}/{version}", output=locations.join(self.samples, self.night),
-            images=max(1, self.sample_images), sampler=sampler, steps=steps,
-            guidance=self.sample_guidance, use_gpu=self.use_gpu, tracking_uri=self.tracking_uri,
-        )  # fmt: skip
+            model=f"{self.model_name}/{version}",
+            output=locations.join(self.samples, self.night),
+            images=max(1, self.sample_images),
+            sampler=sampler,
+            steps=steps,
+            guidance=self.sample_guidance,
+            use_gpu=self.use_gpu,
+            tracking_uri=self.tracking_uri,
+        )

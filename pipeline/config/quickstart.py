@@ -74,13 +74,22 @@ class QuickstartConfig(Checked):
             tracking_uri = f"sqlite:///{locations.join(self.workdir, 'mlflow.db')}"
         name = f"digits-{self.resolution}"
         return NightlyConfig(
-            raw=self.raw, dataset=locations.join(self.workdir, "datasets", name),
+            raw=self.raw,
+            dataset=locations.join(self.workdir, "datasets", name),
             storage=locations.join(self.workdir, "runs"),
             evaluations=locations.join(self.workdir, "evaluations"),
-            samples=locations.join(self.workdir, "samples"), model_name=name, night=self.night,
-            resolution=self.resolution, model=self.model, images=self.images,
-            workers=self.workers, hflip=self.hflip, eval_images=self.eval_images,
-            eval_compare=self.compare, eval_guidance=self.guidance,
-            sample_images=self.sample_images, sample_guidance=self.guidance,
+            samples=locations.join(self.workdir, "samples"),
+            model_name=name,
+            night=self.night,
+            resolution=self.resolution,
+            model=self.model,
+            images=self.images,
+            workers=self.workers,
+            hflip=self.hflip,
+            eval_images=self.eval_images,
+            eval_compare=self.compare,
+            eval_guidance=self.guidance,
+            sample_images=self.sample_images,
+            sample_guidance=self.guidance,
             tracking_uri=tracking_uri,
-        )  # fmt: skip
+        )

@@ -131,9 +131,13 @@ def reference_features(train: Split, digest: str) -> np.ndarray:
 
 
 def label_scores(
-    train: Split, validation: Split, digest: str, samples: dict[str, np.ndarray],
-    labels: np.ndarray | None, prefixes: dict[str, str],
-) -> tuple[dict[str, float], dict[str, str]]:  # fmt: skip
+    train: Split,
+    validation: Split,
+    digest: str,
+    samples: dict[str, np.ndarray],
+    labels: np.ndarray | None,
+    prefixes: dict[str, str],
+) -> tuple[dict[str, float], dict[str, str]]:
     """Label fidelity and CAS (`pipeline.maths.classifier`) of each sampler's `samples`,
     generated for `labels` (None: unconditionally); (scores, {metric: why not
     computed}). Metric names get the sampler's prefix (`prefixes`). Beside them:
@@ -144,8 +148,11 @@ def label_scores(
     classes = len(train.manifest.get("classes") or [])
     if not classes or labels is None:
         why = "the model is unconditional" if classes else "the dataset has no class labels"
-        missing = {prefix + metric: why for prefix in prefixes.values()
-                   for metric in ("label_fidelity", "cas")}  # fmt: skip
+        missing = {
+            prefix + metric: why
+            for prefix in prefixes.values()
+            for metric in ("label_fidelity", "cas")
+        }
         return {}, missing
     if train.count() == 0:
         raise ConfigError(f"evaluate.dataset: {train.dataset} has no train images to learn from")

@@ -23,12 +23,14 @@ def quiet() -> None:
     global _quiet
     _quiet = True
     # Read by the processes a local Ray starts (they inherit this environment).
-    os.environ.update({
-        "RAY_DATA_LOG_LEVEL": "ERROR",
-        "TORCH_CPP_LOG_LEVEL": "ERROR",  # torch.distributed's start-up notes
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-        "PYTHONWARNINGS": "ignore::DeprecationWarning",  # Ray's notices to its own API users
-    })  # fmt: skip
+    os.environ.update(
+        {
+            "RAY_DATA_LOG_LEVEL": "ERROR",
+            "TORCH_CPP_LOG_LEVEL": "ERROR",  # torch.distributed's start-up notes
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+            "PYTHONWARNINGS": "ignore::DeprecationWarning",  # Ray's notices to its own API users
+        }
+    )
     for name in ("ray", "ray.data", "ray.train", "mlflow"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

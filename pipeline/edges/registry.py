@@ -74,11 +74,14 @@ def load_model(ref: str, tracking_uri: str, field: str) -> Model:
             raise ConfigError(f"{field}: no checkpoint at {ref} ({e})") from None
         config = state["config"]
         template = config.get("preset") or config["model"]["template"]
-        card = {"template": template, "model": state["model"], "classes": None,
-                "dataset": state.get("dataset"),
-                "augmentation": {"hflip": config.get("hflip")}}  # fmt: skip
-        lineage = {"name": None, "version": None, "run_id": state.get("run_id"),
-                   "checkpoint": ref}  # fmt: skip
+        card = {
+            "template": template,
+            "model": state["model"],
+            "classes": None,
+            "dataset": state.get("dataset"),
+            "augmentation": {"hflip": config.get("hflip")},
+        }
+        lineage = {"name": None, "version": None, "run_id": state.get("run_id"), "checkpoint": ref}
     card = _complete(card)
     lineage["digest"] = hashlib.sha256(weights).hexdigest()
     return Model(card, weights, lineage)

@@ -74,9 +74,11 @@ class EvaluateResult:
                 found.append(f"label fidelity {m[prefix + 'label_fidelity']:.3f}{real}")
             if prefix + "cas" in m:
                 found.append(f"CAS {m[prefix + 'cas']:.3f}")
-            lines.append(f"{sampler} {steps} steps ({network_evaluations(sampler, steps)} network "
-                         f"evaluations{guidance}): {', '.join(found)} over "
-                         f"{settings['images']} images")  # fmt: skip
+            lines.append(
+                f"{sampler} {steps} steps ({network_evaluations(sampler, steps)} network "
+                f"evaluations{guidance}): {', '.join(found)} over "
+                f"{settings['images']} images"
+            )
         return lines
 
     def summary(self) -> str:
@@ -142,11 +144,16 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
             scores[f"heldout_loss.sigma_{sigma:g}"] = loss
         scores["heldout_loss"] = float(np.mean(outputs["heldout"]))
 
-    results = {"model_ref": model.describe(), "model": model.lineage, "key": key,
-               "dataset": {"uri": cfg.dataset, "digest": digest,
-                           "version": manifest.get("version", 1)},
-               "settings": settings, "metrics": scores, "not_computed": not_computed,
-               "evaluated_at": datetime.datetime.now(datetime.UTC).isoformat()}  # fmt: skip
+    results = {
+        "model_ref": model.describe(),
+        "model": model.lineage,
+        "key": key,
+        "dataset": {"uri": cfg.dataset, "digest": digest, "version": manifest.get("version", 1)},
+        "settings": settings,
+        "metrics": scores,
+        "not_computed": not_computed,
+        "evaluated_at": datetime.datetime.now(datetime.UTC).isoformat(),
+    }
     _track(cfg, model, results)
     storage.write_bytes(uri, json.dumps(results, indent=1, sort_keys=True).encode())
     return EvaluateResult(uri, results, already_complete=False)
@@ -213,8 +220,10 @@ def _reference_inception(cfg: EvaluateConfig, train: Split, settings: dict, ince
     def compute() -> np.ndarray:
         return inception.features(train.read()[0])
 
-    name = (f"inception-{settings['dataset'][:16]}-{cfg.reference_images}-"
-            f"{settings['inception'][:12]}.npz")  # fmt: skip
+    name = (
+        f"inception-{settings['dataset'][:16]}-{cfg.reference_images}-"
+        f"{settings['inception'][:12]}.npz"
+    )
     return kept_array(storage.join(cfg.dataset, REFERENCE, name), compute)
 
 
@@ -246,10 +255,15 @@ def _model_outputs(cfg: EvaluateConfig, model: registry.Model, heldout, labels) 
     cpus = 1 if use_gpu else max(1, int(largest))
     task = ray.remote(model_outputs).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0)
     samplers = [cfg.sampler, *cfg.compare]
-    job = {"images": cfg.images, "guidance": cfg.guidance, "seed": cfg.seed,
-           "labels": "uniform" if model.card["model"].get("num_classes") else "none",
-           "sigmas": list(cfg.heldout_sigmas), "batch_size": cfg.batch_size,
-           "threads": cpus}  # fmt: skip
+    job = {
+        "images": cfg.images,
+        "guidance": cfg.guidance,
+        "seed": cfg.seed,
+        "labels": "uniform" if model.card["model"].get("num_classes") else "none",
+        "sigmas": list(cfg.heldout_sigmas),
+        "batch_size": cfg.batch_size,
+        "threads": cpus,
+    }
     return ray.get(task.remote(model.card, model.weights, samplers, job, heldout, labels))
 
 
@@ -312,16 +326,23 @@ def heldout_losses(
         for start in range(0, len(x), per_call):
             index = range(start, min(start + per_call, len(x)))
             chunk = x[index.start : index.stop]
-            noise = np.stack([np.random.default_rng([seed, i, 2]).standard_normal(
-                (len(sigma), *chunk.shape[1:]), dtype=np.float32) for i in index])  # fmt: skip
+            noise = np.stack(
+                [
+                    np.random.default_rng([seed, i, 2]).standard_normal(
+                        (len(sigma), *chunk.shape[1:]), dtype=np.float32
+                    )
+                    for i in index
+                ]
+            )
             loss = edm_loss(
                 denoiser,
                 chunk.repeat_interleave(len(sigma), 0).to(device),
-                None if label is None else label[index.start : index.stop]
-                .repeat_interleave(len(sigma), 0).to(device),
+                None
+                if label is None
+                else label[index.start : index.stop].repeat_interleave(len(sigma), 0).to(device),
                 sigma=sigma.repeat(len(chunk)).to(device),
                 noise=torch.from_numpy(noise).flatten(0, 1).to(device),
-            )  # fmt: skip
+            )
             totals += loss.reshape(len(chunk), len(sigma)).sum(0).double().cpu()
     return (totals / len(x)).tolist()
 
@@ -341,8 +362,12 @@ def _track(cfg: EvaluateConfig, model: registry.Model, results: dict) -> None:
         if f"eval.{key}.dataset" in tags:
             run_id = None
     if run_id:
-        tracking.log_metrics(cfg.tracking_uri, run_id, {f"eval.{k}": v for k, v in scores.items()},
-                             step=results["dataset"]["version"])  # fmt: skip
+        tracking.log_metrics(
+            cfg.tracking_uri,
+            run_id,
+            {f"eval.{k}": v for k, v in scores.items()},
+            step=results["dataset"]["version"],
+        )
     if name is not None:
         tags = {f"eval.{key}.{k}": f"{v:.8g}" for k, v in scores.items()}
         tags.update({"eval.key": key, f"eval.{key}.dataset": results["dataset"]["digest"]})

@@ -47,8 +47,10 @@ class SampleResult:
     run_id: str
 
     def summary(self) -> str:
-        return (f"{self.images} images in {self.shards} shards ({self.written} written now, "
-                f"{self.shards - self.written} already complete)")  # fmt: skip
+        return (
+            f"{self.images} images in {self.shards} shards ({self.written} written now, "
+            f"{self.shards - self.written} already complete)"
+        )
 
 
 def sample(cfg: SampleConfig) -> SampleResult:
@@ -68,10 +70,16 @@ def sample(cfg: SampleConfig) -> SampleResult:
     run_id = tracking.find_or_create_run(cfg.tracking_uri, cfg.experiment, _run_name(cfg))
     tracking.set_running(cfg.tracking_uri, run_id)
     tracking.log_params(cfg.tracking_uri, run_id, tracking.flatten(to_dict(cfg)))
-    tracking.set_tags(cfg.tracking_uri, run_id, {
-        "model_name": model.lineage["name"], "model_version": model.lineage["version"],
-        "model_digest": model.lineage["digest"], "output": cfg.output,
-    })  # fmt: skip
+    tracking.set_tags(
+        cfg.tracking_uri,
+        run_id,
+        {
+            "model_name": model.lineage["name"],
+            "model_version": model.lineage["version"],
+            "model_digest": model.lineage["digest"],
+            "output": cfg.output,
+        },
+    )
     if missing and not storage.exists(storage.join(cfg.output, JOB)):
         storage.write_bytes(storage.join(cfg.output, JOB), shards.dumps(job))
     if missing:
@@ -79,21 +87,32 @@ def sample(cfg: SampleConfig) -> SampleResult:
     data = _manifest(cfg, model, job, names, done)
     if _read_or_none(manifest_uri) != data:
         storage.write_bytes(manifest_uri, data)
-    tracking.log_metrics(cfg.tracking_uri, run_id,
-                         {"images": cfg.images, "shards": len(names)}, step=0)  # fmt: skip
+    tracking.log_metrics(
+        cfg.tracking_uri, run_id, {"images": cfg.images, "shards": len(names)}, step=0
+    )
     tracking.end_run(cfg.tracking_uri, run_id)
     return SampleResult(len(missing), len(names), cfg.images, manifest_uri, run_id)
 
 
-def _manifest(cfg: SampleConfig, model: registry.Model, job: dict, names: list[str],
-              done: dict[str, dict]) -> bytes:  # fmt: skip
-    return shards.dumps({
-        "format": FORMAT, "format_version": 1, "job": job, "output": cfg.output,
-        "resolution": model.card["resolution"], "classes": model.card.get("classes"),
-        "counts": {"images": cfg.images, "shards": len(names),
-                   "written_by_split": {"train": cfg.images}},
-        "shards": [done[name] for name in names],
-    })  # fmt: skip
+def _manifest(
+    cfg: SampleConfig, model: registry.Model, job: dict, names: list[str], done: dict[str, dict]
+) -> bytes:
+    return shards.dumps(
+        {
+            "format": FORMAT,
+            "format_version": 1,
+            "job": job,
+            "output": cfg.output,
+            "resolution": model.card["resolution"],
+            "classes": model.card.get("classes"),
+            "counts": {
+                "images": cfg.images,
+                "shards": len(names),
+                "written_by_split": {"train": cfg.images},
+            },
+            "shards": [done[name] for name in names],
+        }
+    )
 
 
 def _read_or_none(uri: str) -> bytes | None:
@@ -120,10 +139,18 @@ def _job(cfg: SampleConfig, model: registry.Model) -> dict[str, Any]:
         labels = names.index(cfg.labels)
     if labels == "none" and cfg.guidance != 1.0:
         raise ConfigError(f"sample.guidance: needs class labels, got {cfg.guidance}")
-    return {"model": model.lineage, "images": cfg.images, "samples_per_shard":
-            cfg.samples_per_shard, "sampler": cfg.sampler, "steps": cfg.steps,
-            "guidance": cfg.guidance, "labels": labels, "seed": cfg.seed,
-            "network_batch": cfg.network_batch, "template": model.card["template"]}  # fmt: skip
+    return {
+        "model": model.lineage,
+        "images": cfg.images,
+        "samples_per_shard": cfg.samples_per_shard,
+        "sampler": cfg.sampler,
+        "steps": cfg.steps,
+        "guidance": cfg.guidance,
+        "labels": labels,
+        "seed": cfg.seed,
+        "network_batch": cfg.network_batch,
+        "template": model.card["template"],
+    }
 
 
 def _shard_count(cfg: SampleConfig) -> int:
@@ -185,10 +212,14 @@ def _generate(
             compute=ActorPoolStrategy(size=cfg.actors),
             num_gpus=1 if use_gpu else 0,
             # The weights by reference: one copy in the object store for all actors.
-            fn_constructor_kwargs={"card": model.card, "weights": [ray.put(model.weights)],
-                                   "job": job, "output": cfg.output,
-                                   "batch_size": cfg.batch_size},
-        )  # fmt: skip
+            fn_constructor_kwargs={
+                "card": model.card,
+                "weights": [ray.put(model.weights)],
+                "job": job,
+                "output": cfg.output,
+                "batch_size": cfg.batch_size,
+            },
+        )
         with tqdm(total=total, unit="img", desc="sample", dynamic_ncols=True) as bar:
             for row in ds.iter_rows():
                 record = json.loads(row["record"])
@@ -251,8 +282,14 @@ class ShardSampler:
         name = shards.shard_name("train", index)
         data = shards.write_tar(members)
         storage.write_bytes(storage.join(self.output, name), data)
-        record = {"name": name, "split": "train", "samples": stop - start, "seeds": [start, stop],
-                  "bytes": len(data), "sha256": shards.sha256(data)}  # fmt: skip
+        record = {
+            "name": name,
+            "split": "train",
+            "samples": stop - start,
+            "seeds": [start, stop],
+            "bytes": len(data),
+            "sha256": shards.sha256(data),
+        }
         record_uri = storage.join(self.output, shards.RECORDS, name.replace(".tar", ".json"))
         storage.write_bytes(record_uri, shards.dumps(record))
         return record
@@ -265,10 +302,17 @@ class ShardSampler:
         members = []
         for k, pixels, label in zip(indices, images, labels, strict=True):
             key = f"{k:09d}"
-            info = {"key": key, "index": k, "seed": self.job["seed"], "label": label,
-                    "class": None if label is None else _class_name(self.card, label),
-                    "sampler": self.job["sampler"], "steps": self.job["steps"],
-                    "guidance": self.job["guidance"], "model": self.job["model"]}  # fmt: skip
+            info = {
+                "key": key,
+                "index": k,
+                "seed": self.job["seed"],
+                "label": label,
+                "class": None if label is None else _class_name(self.card, label),
+                "sampler": self.job["sampler"],
+                "steps": self.job["steps"],
+                "guidance": self.job["guidance"],
+                "model": self.job["model"],
+            }
             png = encode_png(Image.fromarray(pixels))
             members += [(f"{key}.png", png), (f"{key}.json", shards.dumps(info))]
             if label is not None:

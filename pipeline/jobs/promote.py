@@ -40,8 +40,10 @@ class Decision:
         if self.champion == self.candidate:
             return f"{head}{name} version {self.candidate} is the champion"
         verdict = "promoted over" if self.promoted else "did not beat"
-        return (f"{head}{name} version {self.candidate} ({m} {self.candidate_value:.5g}) "
-                f"{verdict} version {self.champion} ({m} {self.champion_value:.5g})")  # fmt: skip
+        return (
+            f"{head}{name} version {self.candidate} ({m} {self.candidate_value:.5g}) "
+            f"{verdict} version {self.champion} ({m} {self.champion_value:.5g})"
+        )
 
 
 def promote(cfg: PromoteConfig) -> Decision:
@@ -75,8 +77,9 @@ def promote(cfg: PromoteConfig) -> Decision:
             better = cand_value > champ_value + needed
         else:
             better = cand_value < champ_value - needed
-        decision = Decision(name, version, champion["version"], better, cfg.metric,
-                            cand_value, champ_value)  # fmt: skip
+        decision = Decision(
+            name, version, champion["version"], better, cfg.metric, cand_value, champ_value
+        )
     # The alias first: a crash before the record leaves a champion, and deciding
     # again finds the candidate holding the alias.
     if decision.promoted:
@@ -89,9 +92,12 @@ def _decided(candidate: dict, champion: dict, cfg: PromoteConfig, key: str | Non
     """Whether this very question (same champion, metric, margin, evaluation) was
     decided before."""
     tags = candidate["tags"]
-    asked = {"promotion.champion_version": str(champion["version"]),
-             "promotion.metric": cfg.metric, "promotion.margin": str(cfg.margin),
-             "promotion.key": str(key)}  # fmt: skip
+    asked = {
+        "promotion.champion_version": str(champion["version"]),
+        "promotion.metric": cfg.metric,
+        "promotion.margin": str(cfg.margin),
+        "promotion.key": str(key),
+    }
     return "promotion.decision" in tags and all(tags.get(k) == v for k, v in asked.items())
 
 
@@ -113,10 +119,15 @@ def _record(cfg: PromoteConfig, d: Decision, key: str | None) -> None:
         verdict = "first_champion"
     else:
         verdict = "promoted" if d.promoted else "kept_champion"
-    tags = {"promotion.decision": verdict, "promotion.metric": d.metric,
-            "promotion.margin": cfg.margin, "promotion.champion_version": d.champion,
-            "promotion.candidate_value": d.candidate_value,
-            "promotion.champion_value": d.champion_value, "promotion.key": key}  # fmt: skip
+    tags = {
+        "promotion.decision": verdict,
+        "promotion.metric": d.metric,
+        "promotion.margin": cfg.margin,
+        "promotion.champion_version": d.champion,
+        "promotion.candidate_value": d.candidate_value,
+        "promotion.champion_value": d.champion_value,
+        "promotion.key": key,
+    }
     run_id = tracking.find_or_create_run(
         cfg.tracking_uri, EXPERIMENT, f"{d.model_name}-v{d.candidate}-vs-v{d.champion}"
     )
@@ -125,9 +136,16 @@ def _record(cfg: PromoteConfig, d: Decision, key: str | None) -> None:
     numbers = {k: v for k, v in values.items() if v is not None}
     if numbers:
         tracking.log_metrics(cfg.tracking_uri, run_id, numbers, step=0)
-    tracking.set_tags(cfg.tracking_uri, run_id, {
-        "decision": verdict, "model_name": d.model_name, "candidate_version": d.candidate,
-        "champion_version": d.champion})  # fmt: skip
+    tracking.set_tags(
+        cfg.tracking_uri,
+        run_id,
+        {
+            "decision": verdict,
+            "model_name": d.model_name,
+            "candidate_version": d.candidate,
+            "champion_version": d.champion,
+        },
+    )
     tracking.end_run(cfg.tracking_uri, run_id)
     tracking.set_version_tags(cfg.tracking_uri, d.model_name, d.candidate, tags)
 
@@ -139,7 +157,13 @@ def _recorded(cfg: PromoteConfig, candidate: dict, champion: dict | None) -> Dec
         value = tags.get(key)
         return None if value in (None, "None") else float(value)
 
-    return Decision(cfg.model_name, candidate["version"], champion and champion["version"],
-                    tags["promotion.decision"] != "kept_champion", tags["promotion.metric"],
-                    number("promotion.candidate_value"), number("promotion.champion_value"),
-                    already_decided=True)  # fmt: skip
+    return Decision(
+        cfg.model_name,
+        candidate["version"],
+        champion and champion["version"],
+        tags["promotion.decision"] != "kept_champion",
+        tags["promotion.metric"],
+        number("promotion.candidate_value"),
+        number("promotion.champion_value"),
+        already_decided=True,
+    )

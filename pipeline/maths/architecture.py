@@ -104,8 +104,11 @@ class UNetConfig:
     def differences(self, other: UNetConfig, ignore: tuple[str, ...] = ()) -> list[str]:
         """`field (mine vs other's)` for every field that differs."""
         mine, theirs = self.to_dict(), other.to_dict()
-        return [f"{k} ({mine[k]} vs {theirs[k]})" for k in mine
-                if k not in ignore and mine[k] != theirs[k]]  # fmt: skip
+        return [
+            f"{k} ({mine[k]} vs {theirs[k]})"
+            for k in mine
+            if k not in ignore and mine[k] != theirs[k]
+        ]
 
 
 def takes(channel_mult: tuple[int, ...], resolution: int) -> bool:
@@ -134,8 +137,9 @@ class ResolutionError(ValueError):
 def tiny() -> dict[str, Any]:
     """Two levels, 24 and 48 channels: well under 1M parameters. CPU tests and the
     digits quickstart (0.43M at 8x8, attention at 4x4)."""
-    return dict(channels=24, channel_mult=(1, 2), blocks=1, attention=(1,), head_channels=48,
-                dropout=0.0)  # fmt: skip
+    return dict(
+        channels=24, channel_mult=(1, 2), blocks=1, attention=(1,), head_channels=48, dropout=0.0
+    )
 
 
 def small() -> dict[str, Any]:

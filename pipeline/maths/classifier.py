@@ -143,8 +143,10 @@ def _shift(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tenso
 def predict(net: SmallCNN, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """The classifier's label for each uint8 image [N, H, W, C]."""
     net.eval()
-    out = [net(to_inputs(images[i : i + batch_size])).argmax(1)
-           for i in range(0, len(images), batch_size)]  # fmt: skip
+    out = [
+        net(to_inputs(images[i : i + batch_size])).argmax(1)
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
 

@@ -18,8 +18,7 @@ def image_labels(job: dict, indices: list[int], num_classes: int) -> list[int | 
         return [None] * len(indices)
     if job["labels"] != "uniform":
         return [int(job["labels"])] * len(indices)
-    return [int(np.random.default_rng([job["seed"], k, 1]).integers(num_classes))
-            for k in indices]  # fmt: skip
+    return [int(np.random.default_rng([job["seed"], k, 1]).integers(num_classes)) for k in indices]
 
 
 def generate(denoiser, job: dict, card: dict, indices: list[int], device):
@@ -28,13 +27,20 @@ def generate(denoiser, job: dict, card: dict, indices: list[int], device):
     labels = image_labels(job, indices, card["model"].get("num_classes", 0))
     generators = sample_generators(job["seed"], indices, device)
     sigmas = karras_sigmas(job["steps"]).to(device)
-    x = initial_noise((len(indices), 3, resolution, resolution), float(sigmas[0]), generators,
-                      device)  # fmt: skip
+    x = initial_noise(
+        (len(indices), 3, resolution, resolution), float(sigmas[0]), generators, device
+    )
     label = None if labels[0] is None else torch.tensor(labels, device=device)
     stochastic = job["sampler"] in ("euler_ancestral", "edm_stochastic")
     with torch.no_grad():
-        out = SAMPLERS[job["sampler"]](denoiser, x, sigmas, label=label, guidance=job["guidance"],
-                                       generator=generators if stochastic else None)  # fmt: skip
+        out = SAMPLERS[job["sampler"]](
+            denoiser,
+            x,
+            sigmas,
+            label=label,
+            guidance=job["guidance"],
+            generator=generators if stochastic else None,
+        )
     pixels = ((out.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu().numpy(), labels
 
@@ -53,6 +59,7 @@ class FixedBatch:
 
     def guided(self, x, sigma, label, guidance: float):
         """Classifier-free guidance (`samplers.guided`) on fixed-size chunks."""
+
         def call(xs, ss, ls):
             return guided(self.denoiser, xs, ss, ls, guidance)
 

@@ -70,8 +70,14 @@ def nightly(cfg: NightlyConfig, say: Callable[[str], None] = print) -> NightResu
     samples = None
     if cfg.sample_images and champion is not None:
         samples = _sample(cfg, champion["version"], say)
-    return NightResult(manifest.get("version", 1), candidate,
-                       champion and champion["version"], promoted, samples, scores)  # fmt: skip
+    return NightResult(
+        manifest.get("version", 1),
+        candidate,
+        champion and champion["version"],
+        promoted,
+        samples,
+        scores,
+    )
 
 
 def _train(cfg: NightlyConfig, digest: str, say) -> int | None:
@@ -91,8 +97,10 @@ def _train(cfg: NightlyConfig, digest: str, say) -> int | None:
             return version
     trained = tracking.versions_with_tag(uri, name, "dataset_digest", digest)
     if found is None and trained:
-        say(f"nightly {cfg.night}: train: nothing new: version {trained[-1]} was trained on "
-            f"this dataset version")  # fmt: skip
+        say(
+            f"nightly {cfg.night}: train: nothing new: version {trained[-1]} was trained on "
+            f"this dataset version"
+        )
         return None
     champion = tracking.model_version(uri, name, alias=ALIAS)
     if found is not None:
@@ -102,8 +110,10 @@ def _train(cfg: NightlyConfig, digest: str, say) -> int | None:
         init_from = f"{name}/{champion['version']}" if champion else ""
     result = train(cfg.train_config(init_from))
     start = f"from {init_from}" if init_from else "from scratch"
-    say(f"nightly {cfg.night}: train: {run_name} ({start}), {result.images_seen} images, "
-        f"loss {result.loss:.4f}: version {result.model_version}")  # fmt: skip
+    say(
+        f"nightly {cfg.night}: train: {run_name} ({start}), {result.images_seen} images, "
+        f"loss {result.loss:.4f}: version {result.model_version}"
+    )
     return result.model_version
 
 
@@ -122,6 +132,8 @@ def _sample(cfg: NightlyConfig, champion: int, say) -> str:
     from pipeline.jobs.generate import sample
 
     result = sample(cfg.sample_config(champion))
-    say(f"nightly {cfg.night}: sample: {cfg.model_name}/{champion}: {result.summary()}; "
-        f"manifest at {result.manifest_uri}")  # fmt: skip
+    say(
+        f"nightly {cfg.night}: sample: {cfg.model_name}/{champion}: {result.summary()}; "
+        f"manifest at {result.manifest_uri}"
+    )
     return result.manifest_uri

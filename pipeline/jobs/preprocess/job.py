@@ -121,16 +121,27 @@ def preprocess(
     ordered = [records[p.name] for p in plans]
     added = len(found.items) + len(found.rejects)
     manifest, rejects_bytes = versions.next_manifest(
-        base, config, {"format": found.format, "labels": found.labels}, found.classes,
-        found.rejects + duplicates, ordered, added,
-    )  # fmt: skip
+        base,
+        config,
+        {"format": found.format, "labels": found.labels},
+        found.classes,
+        found.rejects + duplicates,
+        ordered,
+        added,
+    )
     _check_shards(cfg.output, manifest["shards"], ordered)
 
     versions.keep(cfg.output, base)  # before anything of the base is replaced
     storage.write_bytes(storage.join(cfg.output, shards.REJECTS), rejects_bytes)
     storage.write_bytes(manifest_uri, shards.dumps(manifest))
-    return PreprocessResult(manifest_uri, manifest, already_complete=False, reused_shards=reused,
-                            added_inputs=added, added_shards=len(plans))  # fmt: skip
+    return PreprocessResult(
+        manifest_uri,
+        manifest,
+        already_complete=False,
+        reused_shards=reused,
+        added_inputs=added,
+        added_shards=len(plans),
+    )
 
 
 # --- the driver's side -----------------------------------------------------------------

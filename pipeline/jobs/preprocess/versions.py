@@ -150,8 +150,10 @@ def _successor(base: Base) -> dict:
     first build)."""
     if not base.version:
         return {"version": 1}
-    return {"version": base.version + 1,
-            "previous": {"version": base.version, "sha256": base.digest}}  # fmt: skip
+    return {
+        "version": base.version + 1,
+        "previous": {"version": base.version, "sha256": base.digest},
+    }
 
 
 def _committed_rejects(output: str, manifest: dict) -> tuple[bytes, bool]:

@@ -83,8 +83,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         log.warning(
             "the cluster has %g CPUs: %d workers x %g CPUs leave %g for Ray Data's readers, "
             "which wait until the cluster grows (lower train.cpus_per_worker or add nodes)",
-            resources.get("CPU", 0), cfg.workers, cfg.cpus_per_worker, max(spare, 0),
-        )  # fmt: skip
+            resources.get("CPU", 0),
+            cfg.workers,
+            cfg.cpus_per_worker,
+            max(spare, 0),
+        )
 
     fs, path = storage.arrow_filesystem(cfg.storage)
     with cluster.data_settings():
@@ -92,20 +95,27 @@ def train(cfg: TrainConfig) -> TrainResult:
         data = training_data(cfg.dataset, manifest, plan["num_classes"] > 0, cfg.hflip, passes)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": to_dict(cfg), "plan": plan,
-                           "init_weights": ray.put(init.weights) if init else None},
+        train_loop_config={
+            "train": to_dict(cfg),
+            "plan": plan,
+            "init_weights": ray.put(init.weights) if init else None,
+        },
         scaling_config=ScalingConfig(
-            num_workers=cfg.workers, use_gpu=use_gpu, placement_strategy=cfg.placement,
+            num_workers=cfg.workers,
+            use_gpu=use_gpu,
+            placement_strategy=cfg.placement,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
         ),
         run_config=RunConfig(
-            name=cfg.run_name, storage_path=path, storage_filesystem=fs,
+            name=cfg.run_name,
+            storage_path=path,
+            storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             logging_config=cluster.train_logging(),
         ),
         datasets={"train": data},
-    )  # fmt: skip
+    )
     storage.delete(stopped_marker(cfg))
     try:
         with cluster.data_settings(), _progress(cfg, plan):
@@ -130,8 +140,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         )
     version = _register(cfg, plan, final)
     tracking.end_run(cfg.tracking_uri, plan["run_id"])
-    return TrainResult(plan["run_id"], metrics["images_seen"], metrics["loss"], _uri(cfg, final),
-                       cfg.model_name or cfg.run_name, version)  # fmt: skip
+    return TrainResult(
+        plan["run_id"],
+        metrics["images_seen"],
+        metrics["loss"],
+        _uri(cfg, final),
+        cfg.model_name or cfg.run_name,
+        version,
+    )
 
 
 @contextlib.contextmanager
@@ -205,10 +221,14 @@ def _plan(cfg: TrainConfig, manifest: dict, digest: str) -> dict[str, Any]:
     images = cfg.images if cfg.epochs is None else math.ceil(cfg.epochs * train_images)
     images = math.ceil(images / cfg.batch_size) * cfg.batch_size  # whole global batches
     num_classes = len(manifest.get("classes") or [])
-    network = cfg.model.resolve(resolution, num_classes, cfg.label_dropout, "train.model",
-                                source="the dataset's images of ")  # fmt: skip
-    dataset = {"uri": storage.join(cfg.dataset, shards.MANIFEST), "digest": digest,
-               "train_images": train_images}  # fmt: skip
+    network = cfg.model.resolve(
+        resolution, num_classes, cfg.label_dropout, "train.model", source="the dataset's images of "
+    )
+    dataset = {
+        "uri": storage.join(cfg.dataset, shards.MANIFEST),
+        "digest": digest,
+        "train_images": train_images,
+    }
     return {
         "images": images,
         "num_classes": num_classes,
@@ -237,8 +257,9 @@ def training_data(dataset: str, manifest: dict, labelled: bool, hflip: bool, pas
     import ray
 
     fs, path = storage.arrow_filesystem(dataset)
-    paths = [f"{path}/{s['name']}" for s in manifest["shards"]
-             if s["split"] == "train" and s["samples"]] * passes  # fmt: skip
+    paths = [
+        f"{path}/{s['name']}" for s in manifest["shards"] if s["split"] == "train" and s["samples"]
+    ] * passes
     suffixes = ["png", "cls"] if labelled else ["png"]
     ds = ray.data.read_webdataset(paths, filesystem=fs, suffixes=suffixes)
     return ds.map_batches(to_training_batch, fn_kwargs={"hflip": hflip}, batch_format="numpy")
@@ -258,19 +279,36 @@ def to_training_batch(batch: dict[str, np.ndarray], hflip: bool) -> dict[str, np
 
 
 RESUMABLE_CHANGES = (
-    "images", "epochs", "workers", "micro_batch", "use_gpu", "cpus_per_worker", "placement",
-    "compile", "checkpoint_every_images", "keep_checkpoints", "log_every_images",
-    "sample_every_images", "max_failures", "tracking_uri", "plan.images",
-)  # fmt: skip
+    "images",
+    "epochs",
+    "workers",
+    "micro_batch",
+    "use_gpu",
+    "cpus_per_worker",
+    "placement",
+    "compile",
+    "checkpoint_every_images",
+    "keep_checkpoints",
+    "log_every_images",
+    "sample_every_images",
+    "max_failures",
+    "tracking_uri",
+    "plan.images",
+)
 """Params a resumed run may change (how long, on what, how often); any other
 change is refused, since the checkpoint would continue a different run."""
 
 
 def _log_inputs(cfg: TrainConfig, plan: dict) -> None:
     params = tracking.flatten(to_dict(cfg))
-    params.update({"plan.images": plan["images"], "plan.num_classes": plan["num_classes"],
-                   "plan.resolution": plan["resolution"],
-                   "plan.dataset_digest": plan["dataset"]["digest"]})  # fmt: skip
+    params.update(
+        {
+            "plan.images": plan["images"],
+            "plan.num_classes": plan["num_classes"],
+            "plan.resolution": plan["resolution"],
+            "plan.dataset_digest": plan["dataset"]["digest"],
+        }
+    )
     params.update(tracking.flatten(plan["model"], "architecture."))
     try:
         tracking.log_params(cfg.tracking_uri, plan["run_id"], params, RESUMABLE_CHANGES)
@@ -288,10 +326,16 @@ def _log_inputs(cfg: TrainConfig, plan: dict) -> None:
         plan["dataset"]["digest"],
         name=cfg.dataset.rstrip("/").split("/")[-1],
     )
-    tracking.set_tags(cfg.tracking_uri, plan["run_id"], {
-        "dataset_digest": plan["dataset"]["digest"], "dataset_uri": plan["dataset"]["uri"],
-        "template": cfg.model.template, "hflip": cfg.hflip,
-    })  # fmt: skip
+    tracking.set_tags(
+        cfg.tracking_uri,
+        plan["run_id"],
+        {
+            "dataset_digest": plan["dataset"]["digest"],
+            "dataset_uri": plan["dataset"]["uri"],
+            "template": cfg.model.template,
+            "hflip": cfg.hflip,
+        },
+    )
 
 
 def _register(cfg: TrainConfig, plan: dict, final: str) -> int:
@@ -300,18 +344,30 @@ def _register(cfg: TrainConfig, plan: dict, final: str) -> int:
 
     folder = _uri(cfg, final)
     state = json.loads(storage.read_bytes(storage.join(folder, checkpoint.STATE)))
-    card = {"template": cfg.model.template, "model": plan["model"],
-            "resolution": plan["resolution"], "classes": plan["classes"], "sigma_data": 0.5,
-            "images_seen": state["images_seen"], "dataset": plan["dataset"],
-            "run_id": plan["run_id"], "augmentation": {"hflip": cfg.hflip}}  # fmt: skip
+    card = {
+        "template": cfg.model.template,
+        "model": plan["model"],
+        "resolution": plan["resolution"],
+        "classes": plan["classes"],
+        "sigma_data": 0.5,
+        "images_seen": state["images_seen"],
+        "dataset": plan["dataset"],
+        "run_id": plan["run_id"],
+        "augmentation": {"hflip": cfg.hflip},
+    }
     files = {
         "model.safetensors": storage.read_bytes(storage.join(folder, checkpoint.EMA_WEIGHTS)),
         "model.json": json.dumps(card, indent=1, sort_keys=True).encode(),
     }
-    tags = {"dataset_digest": plan["dataset"]["digest"], "dataset_uri": plan["dataset"]["uri"],
-            "run_id": plan["run_id"], "images_seen": str(state["images_seen"]),
-            "checkpoint": folder, "template": cfg.model.template,
-            "hflip": str(cfg.hflip)}  # fmt: skip
+    tags = {
+        "dataset_digest": plan["dataset"]["digest"],
+        "dataset_uri": plan["dataset"]["uri"],
+        "run_id": plan["run_id"],
+        "images_seen": str(state["images_seen"]),
+        "checkpoint": folder,
+        "template": cfg.model.template,
+        "hflip": str(cfg.hflip),
+    }
     return tracking.register_model(
         cfg.tracking_uri, plan["run_id"], cfg.model_name or cfg.run_name, files, tags
     )

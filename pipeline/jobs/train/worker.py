@@ -57,8 +57,11 @@ def train_loop_per_worker(config: dict) -> None:
             state = checkpoint.load(Path(folder), net, ema and ema.module.net, optimizer)
         images_seen = state["images_seen"]
     node = ray.get_runtime_context().get_node_id()[:12]
-    print(f"train worker {rank} of {world} on node {node} ({device}) starts at "
-          f"{images_seen} images seen", flush=True)  # fmt: skip
+    print(
+        f"train worker {rank} of {world} on node {node} ({device}) starts at "
+        f"{images_seen} images seen",
+        flush=True,
+    )
     model = ray.train.torch.prepare_model(denoiser)  # to the device, and DDP when world > 1
     if cfg.compile:
         model = torch.compile(model)
@@ -75,17 +78,27 @@ def train_loop_per_worker(config: dict) -> None:
         micro = _micro_batches(batch, cfg.micro_batch or cfg.per_worker_batch)
         try:
             result = train_step(
-                model, optimizer, ema, micro, images_seen=images_seen, base_lr=cfg.lr,
-                lr_rampup_images=cfg.lr_rampup_images, max_grad_norm=cfg.max_grad_norm,
+                model,
+                optimizer,
+                ema,
+                micro,
+                images_seen=images_seen,
+                base_lr=cfg.lr,
+                lr_rampup_images=cfg.lr_rampup_images,
+                max_grad_norm=cfg.max_grad_norm,
                 generator=step_generator(cfg.seed, rank, images_seen, device),
-                autocast_dtype=bf16, ema_model=denoiser,
-            )  # fmt: skip
+                autocast_dtype=bf16,
+                ema_model=denoiser,
+            )
         except NonFiniteLoss as e:
             # Every rank sees it (the gradients are all-reduced). Stop without Ray
             # Train's retries, which would meet it again, and tell the driver.
             if rank == 0:
-                stop = {"step": images_seen // cfg.batch_size, "images_seen": images_seen,
-                        "detail": str(e)}  # fmt: skip
+                stop = {
+                    "step": images_seen // cfg.batch_size,
+                    "images_seen": images_seen,
+                    "detail": str(e),
+                }
                 storage.write_bytes(stopped_marker(cfg), json.dumps(stop).encode())
             return
         before, images_seen = images_seen, images_seen + cfg.batch_size
@@ -104,11 +117,15 @@ def train_loop_per_worker(config: dict) -> None:
         ):
             log.samples(images_seen, ema.module, device)
         if _crossed(before, images_seen, cfg.checkpoint_every_images) or done:
-            state = {"images_seen": images_seen, "step": images_seen // cfg.batch_size,
-                     "run_id": plan["run_id"], "model": plan["model"],
-                     "config": {**config["train"],
-                                "tracking_uri": tracking.redact(cfg.tracking_uri)},
-                     "dataset": plan["dataset"], "seed": cfg.seed}  # fmt: skip
+            state = {
+                "images_seen": images_seen,
+                "step": images_seen // cfg.batch_size,
+                "run_id": plan["run_id"],
+                "model": plan["model"],
+                "config": {**config["train"], "tracking_uri": tracking.redact(cfg.tracking_uri)},
+                "dataset": plan["dataset"],
+                "seed": cfg.seed,
+            }
             _report_checkpoint(rank, state, net, ema, optimizer, result, done)
     if log:
         log.close()
@@ -121,9 +138,13 @@ def stopped_marker(cfg: TrainConfig) -> str:
 
 def _report_checkpoint(rank, state, net, ema, optimizer, result, done) -> None:
     """Every rank reports; rank 0 attaches the checkpoint it just wrote."""
-    metrics = {"status": "done" if done else "running", "images_seen": state["images_seen"],
-               "step": state["step"], "loss": result.loss,
-               "learning_rate": result.learning_rate}  # fmt: skip
+    metrics = {
+        "status": "done" if done else "running",
+        "images_seen": state["images_seen"],
+        "step": state["step"],
+        "loss": result.loss,
+        "learning_rate": result.learning_rate,
+    }
     name = f"checkpoint-{state['images_seen']:012d}"
     if rank != 0:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
@@ -152,8 +173,10 @@ def _batches(shard, size: int, device) -> Iterator[dict[str, torch.Tensor]]:
 
 def _micro_batches(batch: dict[str, torch.Tensor], size: int):
     x, label = batch["image"], batch.get("label")
-    return [(x[i : i + size], None if label is None else label[i : i + size])
-            for i in range(0, len(x), size)]  # fmt: skip
+    return [
+        (x[i : i + size], None if label is None else label[i : i + size])
+        for i in range(0, len(x), size)
+    ]
 
 
 def _crossed(before: int, after: int, every: int) -> bool:
@@ -181,10 +204,18 @@ class _Rank0Log:
         now = time.perf_counter()
         rate = (images_seen - self.images) / max(now - self.clock, 1e-9)
         self.clock, self.images = now, images_seen
-        tracking.log_metrics(self.uri, self.run_id, {
-            "loss": loss, "learning_rate": result.learning_rate, "grad_norm": result.grad_norm,
-            "images_per_second": rate, "images_seen": images_seen,
-        }, step=images_seen)  # fmt: skip
+        tracking.log_metrics(
+            self.uri,
+            self.run_id,
+            {
+                "loss": loss,
+                "learning_rate": result.learning_rate,
+                "grad_norm": result.grad_norm,
+                "images_per_second": rate,
+                "images_seen": images_seen,
+            },
+            step=images_seen,
+        )
 
     def samples(self, images_seen: int, ema_denoiser, device, count: int = 64) -> None:
         """A grid of EMA samples from fixed seeds (and labels cycling through the
