@@ -106,19 +106,20 @@ def bare_loop(
     denoiser = our_model(device)
     if two_calls:
         denoiser = TwoCalls(denoiser)
-    job = {
-        "seed": 0,
-        "labels": "uniform",
-        "steps": args.steps,
-        "sampler": args.sampler,
-        "guidance": guidance,
-    }
-    card = {"resolution": 8, "model": {"num_classes": 10}}
-    generate(denoiser, job, card, list(range(batch)), device)  # warm-up
+    job = dict(
+        seed=0,
+        labels="uniform",
+        steps=args.steps,
+        sampler=args.sampler,
+        guidance=guidance,
+        resolution=8,
+        num_classes=10,
+    )
+    generate(denoiser, list(range(batch)), device, **job)  # warm-up
     start = time.perf_counter()
     for first in range(0, images, batch):
         indices = list(range(first, min(first + batch, images)))
-        generate(denoiser, job, card, indices, device)
+        generate(denoiser, indices, device, **job)
     return time.perf_counter() - start
 
 
@@ -139,6 +140,7 @@ def job(args, device, tmp: Path, images: int) -> float:
     from safetensors.torch import save
 
     from pipeline.config import SampleConfig
+    from pipeline.config.records import CheckpointState, DatasetRef
     from pipeline.edges import checkpoint
     from pipeline.jobs.generate import sample
 
@@ -147,11 +149,16 @@ def job(args, device, tmp: Path, images: int) -> float:
     folder.mkdir(parents=True)
     net = our_model("cpu").net
     (folder / checkpoint.EMA_WEIGHTS).write_bytes(save(net.state_dict()))
-    (folder / checkpoint.STATE).write_text(
-        json.dumps(
-            {"config": {"model": {"template": "tiny"}}, "model": net.cfg.to_dict(), "run_id": None}
-        )
+    state = CheckpointState(
+        images_seen=0,
+        step=0,
+        run_id=None,
+        model=net.cfg,
+        config={"model": {"template": "tiny"}},
+        dataset=DatasetRef("(none)", "0" * 64, 0),
+        seed=0,
     )
+    (folder / checkpoint.STATE).write_text(json.dumps(state.to_dict()))
     cfg = SampleConfig(
         model=str(folder),
         output=str(tmp / "out"),

@@ -43,7 +43,7 @@ def main(cfg: QuickstartConfig) -> None:
             f"(real digits: {m['label_fidelity_ceiling']:.3f}), CAS {m['cas']:.3f}, pixel "
             f"Frechet distance {m['fd_pixel']:.3f}"
         )
-    if result.samples:
+    if result.samples and result.champion is not None:
         output = night.sample_config(result.champion).output
         grid = f"{output}-grid.png"
         png = encode_png(Image.fromarray(preview(output)))

@@ -1,8 +1,25 @@
 """Networks for tests."""
 
+from typing import Any
+
 import torch
 
+from pipeline.config.records import CheckpointState, DatasetRef
 from pipeline.maths.unet import UNet
+
+
+def checkpoint_state(net: UNet, **changes: Any) -> CheckpointState:
+    """The state of a checkpoint of `net` (tiny template, no hflip) at 0 images."""
+    fields: dict[str, Any] = dict(
+        images_seen=0,
+        step=0,
+        run_id="r",
+        model=net.cfg,
+        config={"model": {"template": "tiny"}, "hflip": False},
+        dataset=DatasetRef("/d/manifest.json", "0" * 64, 1610),
+        seed=0,
+    )
+    return CheckpointState(**{**fields, **changes})
 
 
 def randomised(net: UNet, seed: int = 1) -> UNet:

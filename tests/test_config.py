@@ -2,14 +2,13 @@
 
 import dataclasses
 import os
-import subprocess
-import sys
 from typing import ClassVar, Literal
 
 import pytest
 
 from pipeline import config as C
 from pipeline.config import ConfigError, PreprocessConfig
+from tests import tasks
 from tests.services import ROOT
 
 
@@ -147,13 +146,7 @@ def test_every_task_explains_itself_with_help():
     )
     assert {"train", "sample", "quickstart", "nightly"} <= set(modules)
     for name in modules:
-        done = subprocess.run(
-            [sys.executable, "-m", f"tasks.{name}", "--help"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        done = tasks.run(tasks.command(name, "--help"), timeout=120)
         assert done.returncode == 0 and done.stderr == "", (name, done.stderr[-2000:])
         assert done.stdout.startswith("usage: ") and "--" in done.stdout, name
 

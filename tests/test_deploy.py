@@ -163,7 +163,9 @@ def test_image_carries_the_pinned_ray():
         r"^ARG RAY_IMAGE=rayproject/ray:([0-9.]+)-py311", DOCKERFILE.read_text(), re.M
     )
     assert match, "the Dockerfile's base is a rayproject/ray image for Python 3.11"
-    assert match.group(1) == ray.__version__, "the image's Ray must be the Ray pyproject pins"
+    pins = (ROOT / "constraints.txt").read_text()
+    assert f"\nray=={match.group(1)}\n" in pins, "the image's Ray must be constraints.txt's"
+    assert match.group(1) == ray.__version__, "the image's Ray must be the Ray the tests run"
 
 
 # --- KubeRay manifests ---------------------------------------------------------------

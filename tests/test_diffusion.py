@@ -5,23 +5,10 @@ import pytest
 import torch
 
 from pipeline.maths import edm
-from pipeline.maths.analytic import GaussianDenoiser, MixtureDenoiser
+from pipeline.maths.analytic import GaussianDenoiser
 from pipeline.maths.edm import Precond, edm_loss, karras_sigmas
 from pipeline.maths.unet import build
-
-F64 = torch.float64
-
-
-def gaussian() -> GaussianDenoiser:
-    mean = torch.tensor([0.3, -0.5, 1.0, 0.0], dtype=F64)
-    return GaussianDenoiser(mean, torch.tensor([0.5, 0.2, 1.0, 0.7], dtype=F64))
-
-
-def mixture() -> MixtureDenoiser:
-    means = torch.tensor([[-1.0, 0.5], [1.0, 0.0], [0.0, -1.2]], dtype=F64)
-    return MixtureDenoiser(
-        torch.tensor([0.5, 0.3, 0.2], dtype=F64), means, torch.tensor([0.3, 0.2, 0.4], dtype=F64)
-    )
+from tests.denoisers import F64, gaussian, mixture
 
 
 def mc_mean(values: torch.Tensor) -> tuple[float, float]:

@@ -4,8 +4,6 @@ exact denoiser, the pixel features, and promotion decisions in a real MLflow."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
 
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, EvaluateConfig, PromoteConfig
+from pipeline.config.records import Lineage, ModelCard
 from pipeline.data.reference import pixel_features
 from pipeline.edges import tracking
 from pipeline.edges.registry import Model
@@ -21,7 +20,7 @@ from pipeline.jobs.promote import EXPERIMENT, promote
 from pipeline.maths.analytic import GaussianDenoiser
 from pipeline.maths.architecture import architecture
 from pipeline.maths.edm import SIGMA_DATA
-from tests.services import ROOT
+from tests import tasks
 
 
 def test_heldout_loss_of_the_exact_denoiser_is_the_closed_form():
@@ -76,13 +75,13 @@ def test_credentials_in_urls_are_redacted_for_logs():
 
 
 def _model(classes: list[str] | None, num_classes: int) -> Model:
-    card = {
-        "template": "tiny",
-        "model": architecture("tiny", 8, num_classes=num_classes).to_dict(),
-        "resolution": 8,
-        "classes": classes,
-    }
-    return Model(card, b"", {"name": "m", "version": 1, "digest": "0" * 64})
+    card = ModelCard(
+        template="tiny",
+        model=architecture("tiny", 8, num_classes=num_classes),
+        resolution=8,
+        classes=None if classes is None else tuple(classes),
+    )
+    return Model(card, b"", Lineage("m", 1, None, "0" * 64))
 
 
 def test_a_model_that_does_not_fit_the_dataset_is_refused_before_any_work():
@@ -103,14 +102,8 @@ def test_a_model_that_does_not_fit_the_dataset_is_refused_before_any_work():
 def test_an_unreachable_mlflow_is_one_redacted_line_and_exit_1():
     env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     uri = "http://promoter:topsecret@127.0.0.1:9"  # nothing listens on port 9 here
-    done = subprocess.run(
-        [sys.executable, "-m", "tasks.promote", "--model_name", "x", "--tracking_uri", uri],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=120,
-    )
+    argv = tasks.command("promote", "--model_name", "x", "--tracking_uri", uri)
+    done = tasks.run(argv, env, timeout=120)
     assert done.returncode == 1, done.stderr
     [line] = done.stderr.splitlines()
     assert line.startswith("tasks.promote: failed: MLflow: ") and "http://***@127.0.0.1:9" in line

@@ -4,48 +4,31 @@ the test's network namespace), with this repository as the working directory."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from pipeline.data import shards
 from pipeline.edges import storage
-from tests.services import BIN, ROOT
+from tests import tasks
+from tests.services import BIN
 
 pytestmark = pytest.mark.slow
-
-
-def run(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        argv, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ), timeout=600
-    )
 
 
 def test_tasks_submitted_as_ray_jobs_write_to_the_bucket(ray_dashboard, s3_prefix):
     raw, dataset = f"{s3_prefix}/raw", f"{s3_prefix}/dataset"
     # tasks.submit: follows the job's logs and exits with its outcome.
-    submitted = run(
-        [
-            sys.executable,
-            "-m",
-            "tasks.submit",
-            "--address",
-            ray_dashboard,
-            "digits",
-            "--output",
-            raw,
-            "--count",
-            "40",
-        ]
+    submitted = tasks.run(
+        tasks.command(
+            "submit", "--address", ray_dashboard, "digits", "--output", raw, "--count", "40"
+        )
     )
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "digits: 40 PNGs" in submitted.stdout and "SUCCEEDED" in submitted.stdout
     assert len(storage.list_objects(raw)) == 40
 
     # The plain Ray CLI, as the README documents it.
-    cli = run(
+    cli = tasks.run(
         [
             str(BIN / "ray"),
             "job",
@@ -77,11 +60,9 @@ def test_tasks_submitted_as_ray_jobs_write_to_the_bucket(ray_dashboard, s3_prefi
         assert shards.sha256(data) == entry["sha256"]
 
     # A job that fails on bad input fails the submission, with the task's one line.
-    bad = run(
-        [
-            sys.executable,
-            "-m",
-            "tasks.submit",
+    bad = tasks.run(
+        tasks.command(
+            "submit",
             "--address",
             ray_dashboard,
             "preprocess",
@@ -91,7 +72,7 @@ def test_tasks_submitted_as_ray_jobs_write_to_the_bucket(ray_dashboard, s3_prefi
             f"{s3_prefix}/bad",
             "--resolution",
             "-5",
-        ]
+        )
     )
     assert bad.returncode == 2 and "FAILED" in bad.stdout  # the task's exit code
     assert "preprocess.resolution: must be an integer in 1..4096, got -5" in bad.stdout

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import uuid
 
 import pytest
@@ -17,7 +16,7 @@ from pipeline.config.nightly import today as tracking_today
 from pipeline.data import shards
 from pipeline.data.digits import write_digits
 from pipeline.edges import storage, tracking
-from tests.services import ROOT
+from tests import tasks
 
 pytestmark = pytest.mark.slow
 
@@ -53,10 +52,8 @@ def nightly_task(
         for arg in (f"--{part}", f"{prefix}/{part}")
     ]
     with_password = uri.replace("://", f"://nightly:{URI_PASSWORD}@")
-    argv = [
-        sys.executable,
-        "-m",
-        "tasks.nightly",
+    argv = tasks.command(
+        "nightly",
         *paths,
         "--model_name",
         name,
@@ -66,15 +63,8 @@ def nightly_task(
         with_password,
         *SMALL,
         *extra,
-    ]
-    return subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, **MLFLOW_SECRETS},
-        timeout=900,
     )
+    return tasks.run(argv, {**os.environ, **MLFLOW_SECRETS}, timeout=900)
 
 
 def bucket_listing(prefix: str) -> dict[str, tuple]:
@@ -231,11 +221,9 @@ def test_guidance_without_class_labels_is_refused_before_training(
     write_digits(str(raw), 0, 40)
     for png in raw.glob("*/*.png"):
         png.rename(raw / f"{png.parent.name}-{png.name}")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tasks.nightly",
+    done = tasks.run(
+        tasks.command(
+            "nightly",
             "--raw",
             str(raw),
             "--dataset",
@@ -248,11 +236,7 @@ def test_guidance_without_class_labels_is_refused_before_training(
             mlflow_server,
             "--sample_guidance",
             "2",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
+        )
     )
     assert done.returncode == 2, done.stderr[-3000:]
     # (Ray's own lines of the preprocessing come before it.)

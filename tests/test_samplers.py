@@ -8,10 +8,9 @@ from pipeline.maths import solvers as S
 from pipeline.maths.analytic import GaussianDenoiser, MixtureDenoiser
 from pipeline.maths.edm import Precond, karras_sigmas
 from pipeline.maths.unet import build
+from tests.denoisers import F64, gaussian, mixture
 from tests.nets import randomised
-from tests.test_diffusion import gaussian, mixture
 
-F64 = torch.float64
 DETERMINISTIC = {"euler": 256, "heun": 32, "dpmpp_2m": 32}
 STOCHASTIC = {"euler_ancestral": 256, "edm_stochastic": 64}
 

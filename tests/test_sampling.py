@@ -7,10 +7,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -25,8 +21,8 @@ from safetensors.torch import save
 from pipeline.data import shards
 from pipeline.edges import storage, tracking
 from pipeline.maths.unet import build
-from tests.nets import randomised
-from tests.services import ROOT, group_gone
+from tests import tasks
+from tests.nets import checkpoint_state, randomised
 
 pytestmark = pytest.mark.slow
 
@@ -69,21 +65,9 @@ def registered(mlflow_server) -> dict:
     return {"version": version, "digest": hashlib.sha256(weights).hexdigest(), "uri": mlflow_server}
 
 
-def sample_task(model: str, output: str, tracking_uri: str, *extra: str, **kw):
-    argv = [
-        sys.executable,
-        "-m",
-        "tasks.sample",
-        "--model",
-        model,
-        "--output",
-        output,
-        "--tracking_uri",
-        tracking_uri,
-        *extra,
-    ]
-    return subprocess.run(
-        argv, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ), timeout=600, **kw
+def sample_argv(model: str, output: str, tracking_uri: str, *extra: str) -> list[str]:
+    return tasks.command(
+        "sample", "--model", model, "--output", output, "--tracking_uri", tracking_uri, *extra
     )
 
 
@@ -107,7 +91,7 @@ def listing(prefix: str) -> dict[str, tuple]:
 
 
 def test_two_thousand_images_with_lineage_into_the_bucket(registered, ray_cluster, s3_prefix):
-    result = sample_task(
+    argv = sample_argv(
         "tiny-digits@champion",
         s3_prefix,
         registered["uri"],
@@ -126,6 +110,7 @@ def test_two_thousand_images_with_lineage_into_the_bucket(registered, ray_cluste
         "--batch_size",
         "64",
     )
+    result = tasks.run(argv)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sample: 2000 images in 7 shards (7 written now, 0 already complete)" in result.stdout
 
@@ -184,15 +169,16 @@ def test_two_thousand_images_with_lineage_into_the_bucket(registered, ray_cluste
 def reference(registered, ray_cluster, s3) -> dict[str, dict[str, bytes]]:
     """JOB by version number, uninterrupted, with 2 actors and batches of 32."""
     prefix = s3.prefix("reference")
-    result = sample_task(
+    argv = sample_argv(
         "tiny-digits/1", prefix, registered["uri"], *JOB, "--actors", "2", "--batch_size", "32"
     )
+    result = tasks.run(argv)
     assert result.returncode == 0, result.stderr[-3000:]
     return read_shards(prefix)
 
 
 def test_other_batch_size_and_actor_count_give_identical_pngs(registered, reference, s3_prefix):
-    result = sample_task(
+    argv = sample_argv(
         "tiny-digits@champion",
         s3_prefix,
         registered["uri"],
@@ -202,6 +188,7 @@ def test_other_batch_size_and_actor_count_give_identical_pngs(registered, refere
         "--batch_size",
         "48",
     )
+    result = tasks.run(argv)
     assert result.returncode == 0, result.stderr[-3000:]
     found = read_shards(s3_prefix)
     assert sorted(found) == sorted(reference) and len(found) == 10
@@ -212,22 +199,16 @@ def test_other_batch_size_and_actor_count_give_identical_pngs(registered, refere
 
 
 def test_killed_job_run_again_writes_each_shard_once(registered, reference, s3_prefix):
-    argv = [
-        sys.executable,
-        "-m",
-        "tasks.sample",
-        "--model",
+    argv = sample_argv(
         "tiny-digits@champion",
-        "--output",
         s3_prefix,
-        "--tracking_uri",
         registered["uri"],
         *JOB,
         "--actors",
         "1",
         "--batch_size",
         "16",
-    ]
+    )
     seen: dict[str, bytes] = {}
     stop = threading.Event()
 
@@ -241,24 +222,11 @@ def test_killed_job_run_again_writes_each_shard_once(registered, reference, s3_p
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        job = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env=dict(os.environ),
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 300
-        while len(storage.list_objects(f"{s3_prefix}/{shards.RECORDS}")) < 2:
-            assert job.poll() is None and time.monotonic() < deadline, "no shard written"
-            time.sleep(0.2)  # waiting for the job to be part-way
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
-        assert group_gone(job.pid)
-        written = len(storage.list_objects(f"{s3_prefix}/{shards.RECORDS}"))
+        job = tasks.start(argv)
+        tasks.kill_at(job, f"{s3_prefix}/{shards.RECORDS}", 2)
+        written = tasks.count(f"{s3_prefix}/{shards.RECORDS}")
         assert written < 10 and not storage.exists(f"{s3_prefix}/{shards.MANIFEST}")
-        again = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=600)
+        again = tasks.run(argv)
         assert again.returncode == 0, again.stderr[-3000:]
         assert f"({10 - written} written now, {written} already complete)" in again.stdout
     finally:
@@ -270,7 +238,7 @@ def test_killed_job_run_again_writes_each_shard_once(registered, reference, s3_p
             assert {m.name: tar.extractfile(m).read() for m in tar.getmembers()} == reference[name]
 
     before = listing(s3_prefix)
-    third = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    third = tasks.run(argv)
     assert third.returncode == 0 and "(0 written now, 10 already complete)" in third.stdout
     assert listing(s3_prefix) == before  # wrote nothing
 
@@ -320,7 +288,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
         extra = ["--images", "-5"]
     elif case == "unknown-class":
         extra = ["--labels", "cat"]
-    result = sample_task(model, s3_prefix, registered["uri"], *extra)
+    result = tasks.run(sample_argv(model, s3_prefix, registered["uri"], *extra))
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith(f"tasks.sample: error: {expected}"), result.stderr
@@ -357,29 +325,26 @@ def test_from_a_checkpoint_folder_with_one_class_and_a_stochastic_sampler(
     net = randomised(build("tiny", num_classes=10), seed=5)
     optimizer = torch.optim.Adam(Precond(net).parameters())
     folder = tmp_path / "checkpoint-000000000512"
-    state = {
-        "config": {"model": {"template": "tiny"}, "hflip": False},
-        "run_id": "r1",
-        "model": net.cfg.to_dict(),
-    }
-    checkpoint.save(folder, net, net, optimizer, state)
+    checkpoint.save(folder, net, net, optimizer, checkpoint_state(net, run_id="r1"))
     out = tmp_path / "out"
-    result = sample_task(
-        str(folder),
-        str(out),
-        mlflow_server,
-        "--images",
-        "40",
-        "--samples_per_shard",
-        "25",
-        "--labels",
-        "3",
-        "--sampler",
-        "euler_ancestral",
-        "--steps",
-        "4",
-        "--batch_size",
-        "16",
+    result = tasks.run(
+        sample_argv(
+            str(folder),
+            str(out),
+            mlflow_server,
+            "--images",
+            "40",
+            "--samples_per_shard",
+            "25",
+            "--labels",
+            "3",
+            "--sampler",
+            "euler_ancestral",
+            "--steps",
+            "4",
+            "--batch_size",
+            "16",
+        )
     )
     assert result.returncode == 0, result.stderr[-3000:]
     digest = hashlib.sha256((folder / checkpoint.EMA_WEIGHTS).read_bytes()).hexdigest()

@@ -9,12 +9,9 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import tarfile
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,22 +22,9 @@ from pipeline.data import shards
 from pipeline.data.digits import load_digits, write_digits
 from pipeline.edges import storage
 from pipeline.jobs.preprocess import preprocess
-from tests import dataset, images, services
-from tests.services import ROOT
+from tests import dataset, images, tasks
 
 pytestmark = pytest.mark.slow
-
-
-def run_task(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env or dict(os.environ),
-        timeout=600,
-        **kw,
-    )
 
 
 @pytest.fixture
@@ -92,7 +76,7 @@ def test_bad_config_exits_2_with_one_line_and_writes_nothing(
         args += ["--small_images", "shrink"]
     elif case == "output-bucket-missing":
         out = "s3://no-such-bucket/out"
-    result = run_task("tasks.preprocess", *args, "--output", out, env=env)
+    result = tasks.run(tasks.command("preprocess", *args, "--output", out), env)
 
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
@@ -106,8 +90,8 @@ def test_output_with_another_dataset_is_refused(tmp_path, ray_cluster, raw_folde
     out = str(tmp_path / "out")
     preprocess(PreprocessConfig(input=raw_folder, output=out, resolution=16), progress=False)
     before = sorted(os.listdir(out))
-    result = run_task(
-        "tasks.preprocess", "--input", raw_folder, "--output", out, "--resolution", "24"
+    result = tasks.run(
+        tasks.command("preprocess", "--input", raw_folder, "--output", out, "--resolution", "24")
     )
     assert result.returncode == 2
     assert "(differs in resolution); choose a new output" in result.stderr
@@ -148,23 +132,12 @@ class ShardWatcher:
                         self.problems.append(f"{o.relpath}: listed with other bytes")
                     self.checked.add(o.relpath)
 
-    def records(self) -> list[str]:
-        return [o.relpath for o in self.listing() if o.relpath.startswith("_records/")]
-
 
 def private_ray_env() -> dict[str, str]:
     """The environment of a task that starts its own local Ray, as on a laptop."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="r", dir="/tmp")
     return env
-
-
-def wait_for_group_to_end(pgid: int, timeout: float = 30) -> bool:
-    """Whether the group ended within `timeout`; what is left is killed anyway."""
-    if services.group_gone(pgid, timeout):
-        return True
-    os.killpg(pgid, signal.SIGKILL)
-    return False
 
 
 @pytest.mark.parametrize("where", ["s3", "local"])
@@ -180,33 +153,24 @@ def test_killed_job_run_again_ends_as_an_uninterrupted_run(where, tmp_path, s3, 
         reference_prefix, prefix = s3.prefix("reference"), s3.prefix("killed")
     else:
         reference_prefix, prefix = str(tmp_path / "reference"), str(tmp_path / "killed")
-    assert run_task("tasks.preprocess", *settings, "--output", reference_prefix).returncode == 0
+    done = tasks.run(tasks.command("preprocess", *settings, "--output", reference_prefix))
+    assert done.returncode == 0, done.stderr
     reference = dataset.manifest(reference_prefix)
     shard_digests = {s["name"]: s["sha256"] for s in reference["shards"]}
 
     with ShardWatcher(prefix, shard_digests) as watcher:
         # The job runs its own Ray, in its own process group: SIGKILL takes the
         # driver, Ray and the workers (mid-write) down together.
-        job = subprocess.Popen(
-            [sys.executable, "-m", "tasks.preprocess", *settings, "--output", prefix],
-            cwd=ROOT,
-            env=private_ray_env(),
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 300
-        while len(watcher.records()) < 5 and job.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # polling the bucket while the job runs
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
-        assert wait_for_group_to_end(job.pid), "processes of the killed job survived"
-        done_at_kill = len(watcher.records())
+        argv = tasks.command("preprocess", *settings, "--output", prefix)
+        job = tasks.start(argv, private_ray_env())
+        records = storage.join(prefix, shards.RECORDS)
+        tasks.kill_at(job, records, 5)
+        done_at_kill = tasks.count(records)
         assert job.returncode == -signal.SIGKILL
         assert shards.load_manifest(prefix) is None
         assert 5 <= done_at_kill < len(reference["shards"]), "the kill was not part-way"
 
-        again = run_task("tasks.preprocess", *settings, "--output", prefix)
+        again = tasks.run(argv)
     assert again.returncode == 0, again.stderr
     reused = int(re.search(r"shards \((\d+) reused\)", again.stdout).group(1))
     print(f"killed after {done_at_kill} of {len(shard_digests)} shards; re-run reused {reused}")
@@ -222,7 +186,7 @@ def test_killed_job_run_again_ends_as_an_uninterrupted_run(where, tmp_path, s3, 
     if where == "local":
         assert list((tmp_path / "killed").rglob("*.partial")) == []  # interrupted writes gone
 
-    third = run_task("tasks.preprocess", *settings, "--output", prefix)
+    third = tasks.run(argv)
     assert third.returncode == 0 and "already complete" in third.stdout
 
 
@@ -255,7 +219,7 @@ def test_quickstart_on_embedded_defaults(tmp_path):
         "--night",
         "2026-11-26",
     ]
-    result = run_task("tasks.quickstart", "--workdir", str(tmp_path / "qs"), *small, env=env)
+    result = tasks.run(tasks.command("quickstart", "--workdir", str(tmp_path / "qs"), *small), env)
     assert result.returncode == 0, result.stderr[-3000:]
     # Its own local Ray (not the test session's cluster), quietly: no Ray, Ray
     # Data, Ray Train or MLflow INFO/WARNING lines, no lines forwarded from workers.
@@ -340,8 +304,9 @@ def test_quickstart_at_other_resolutions(resolution, tmp_path, ray_cluster):
     if resolution == 64:
         small += ["--model.channel_mult", "1,2,2", "--model.attention", "2"]
     qs = tmp_path / "qs"
-    result = run_task(
-        "tasks.quickstart", "--workdir", str(qs), "--resolution", str(resolution), *small, env=env
+    result = tasks.run(
+        tasks.command("quickstart", "--workdir", str(qs), "--resolution", str(resolution), *small),
+        env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     name = f"digits-{resolution}"

@@ -21,7 +21,7 @@ from pipeline.maths.edm import Precond
 from pipeline.maths.ema import EMA
 from pipeline.maths.train_step import step_generator, train_step
 from pipeline.maths.unet import build
-from tests.nets import randomised
+from tests.nets import checkpoint_state, randomised
 
 
 def test_training_batch_maps_pixels_to_minus_one_one_in_nchw():
@@ -88,10 +88,11 @@ def test_checkpoint_round_trip_continues_the_same_training(tmp_path):
     net, denoiser, opt, ema = parts(1)
     step(denoiser, opt, ema, 0)
     folder = tmp_path / "checkpoint"
-    checkpoint.save(folder, net, ema.module.net, opt, {"images_seen": 4, "run_id": "r"})
+    saved = checkpoint_state(net, images_seen=4, step=1)
+    checkpoint.save(folder, net, ema.module.net, opt, saved)
     net2, denoiser2, opt2, ema2 = parts(2)  # other weights, empty optimizer
     state = checkpoint.load(folder, net2, ema2.module.net, opt2)
-    assert state == {"images_seen": 4, "run_id": "r"}
+    assert state == saved
     for a, b in [(net, net2), (ema.module.net, ema2.module.net)]:
         for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
             assert k == k2 and torch.equal(v, v2)
@@ -154,11 +155,11 @@ MANIFEST = {
 
 def test_plan_rounds_the_length_up_to_whole_batches():
     cfg = TrainConfig(dataset="/d", batch_size=32, images=1000)
-    assert _plan(cfg, MANIFEST, "digest")["images"] == 1024
+    assert _plan(cfg, MANIFEST, "digest").images == 1024
     by_epochs = dataclasses.replace(cfg, epochs=2)
-    assert _plan(by_epochs, MANIFEST, "digest")["images"] == 3232  # 3220 rounded up
+    assert _plan(by_epochs, MANIFEST, "digest").images == 3232  # 3220 rounded up
     plan = _plan(cfg, MANIFEST, "digest")
-    assert plan["num_classes"] == 10 and plan["model"]["label_dropout"] == 0.1
+    assert plan.num_classes == 10 and plan.model.label_dropout == 0.1
 
 
 @pytest.mark.parametrize(
@@ -191,19 +192,16 @@ def test_the_plan_holds_the_whole_network_for_the_datas_side_and_classes():
         dataset="/d", model=ModelConfig("small", channels=32, blocks=1), label_dropout=0.2
     )
     plan = _plan(cfg, {**MANIFEST, "resolution": 24}, "digest")
-    assert (
-        plan["model"]
-        == architecture(
-            "small", 24, channels=32, blocks=1, num_classes=10, label_dropout=0.2
-        ).to_dict()
+    assert plan.model == architecture(
+        "small", 24, channels=32, blocks=1, num_classes=10, label_dropout=0.2
     )
-    unlabelled = _plan(cfg, {**MANIFEST, "classes": None}, "digest")["model"]
-    assert (unlabelled["num_classes"], unlabelled["label_dropout"]) == (0, 0.0)
+    unlabelled = _plan(cfg, {**MANIFEST, "classes": None}, "digest").model
+    assert (unlabelled.num_classes, unlabelled.label_dropout) == (0, 0.0)
 
 
 def test_a_warm_start_must_be_the_very_network_this_run_trains(tmp_path):
     net = build("tiny", 8, num_classes=10, label_dropout=0.1)
-    state = {"config": {"model": {"template": "tiny"}}, "model": net.cfg.to_dict(), "run_id": "r"}
+    state = checkpoint_state(net)
     checkpoint.save(tmp_path, net, net, torch.optim.Adam(net.parameters()), state)
     same = TrainConfig(dataset="/d", init_from=str(tmp_path), label_dropout=0.2)
     assert _init_model(same, _plan(same, MANIFEST, "digest")) is not None  # dropouts aside

@@ -8,11 +8,7 @@ import hashlib
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -24,11 +20,15 @@ from pipeline.edges import storage
 from pipeline.maths.architecture import architecture
 from tests import services
 from tests.services import ROOT
+from tests.tasks import command, kill, kill_when, run, start, wait_for
 
 pytestmark = pytest.mark.slow
 
 K = 1024
 """Run B of the resume test is killed after its checkpoint at K images."""
+
+FAULTS = ROOT / "tests" / "faults"
+"""Holds the sitecustomize.py that injects faults into the cluster's training runs."""
 
 TRAINING = [
     "--model.template",
@@ -57,14 +57,22 @@ TRAINING = [
 @pytest.fixture(scope="module")
 def cluster(s3, session_dir):
     """Two Ray nodes of 2 CPUs each (one training worker and Ray Data's readers on
-    each), separate from the session's one-node cluster, with its own RAY_TMPDIR."""
+    each), separate from the session's one-node cluster, with its own RAY_TMPDIR.
+    Its processes load tests/faults/sitecustomize.py: a test asks for a fault in
+    one run by writing `c.faults` (see there)."""
     workdir = session_dir / "ray-two-nodes"
     workdir.mkdir()
-    env = services.service_env(RAY_TMPDIR=tempfile.mkdtemp(prefix="r", dir="/tmp"))
+    paths = [str(FAULTS), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = services.service_env(
+        RAY_TMPDIR=tempfile.mkdtemp(prefix="r", dir="/tmp"),
+        PYTHONPATH=os.pathsep.join(paths),
+        TRAINING_TEST_FAULTS=str(workdir / "faults.json"),
+    )
     env.pop("RAY_ADDRESS", None)
     with services.RayCluster(workdir, env) as c:
         c.add_node()
         c.env = dict(env, RAY_ADDRESS=c.address)
+        c.faults = workdir / "faults.json"
         yield c
 
 
@@ -75,10 +83,8 @@ def digits(cluster, s3, tmp_path_factory):
     write_digits(str(raw))
     out = s3.prefix("datasets/digits-8")
     result = run(
-        [
-            sys.executable,
-            "-m",
-            "tasks.preprocess",
+        command(
+            "preprocess",
             "--input",
             str(raw),
             "--output",
@@ -87,24 +93,16 @@ def digits(cluster, s3, tmp_path_factory):
             "8",
             "--validation_fraction",
             "0.1",
-        ],
+        ),
         cluster.env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
-def run(argv: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        argv, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600, **kw
-    )
-
-
 def train_argv(dataset: str, runs: str, tracking: str, name: str, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "tasks.train",
+    return command(
+        "train",
         "--dataset",
         dataset,
         "--storage",
@@ -115,26 +113,7 @@ def train_argv(dataset: str, runs: str, tracking: str, name: str, *extra: str) -
         name,
         *TRAINING,
         *extra,
-    ]
-
-
-def start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
-    """A task in its own process group (so the test can kill it whole)."""
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
-        )
-
-
-def wait_for(check, what: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"the task ended before {what}:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)  # polling the bucket while training runs
-    raise AssertionError(f"no {what} after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
+    )
 
 
 def checkpoints(runs: str, name: str) -> dict[int, set[str]]:
@@ -267,11 +246,7 @@ def test_killed_run_resumed_continues_the_straight_run(
     # Run B: killed (its whole process group) once the checkpoint at K is recorded.
     argv, log = train_argv(digits, s3_prefix, mlflow_server, "B", *args), tmp_path / "b.log"
     proc = start(argv, cluster.env, log)
-    try:
-        wait_for(lambda: K in registered(s3_prefix, "B"), f"checkpoint at {K}", proc, log)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_when(proc, lambda: K in registered(s3_prefix, "B"), f"checkpoint at {K}", log=log)
     assert max(checkpoints(s3_prefix, "B")) < 2 * K
     again = run(argv, cluster.env)
     assert again.returncode == 0, again.stderr[-5000:]
@@ -325,16 +300,14 @@ def test_node_lost_mid_run_restarts_from_checkpoint_and_finishes(
     log = tmp_path / "train.log"
     proc = start(argv, cluster.env, log)
     try:
-        wait_for(lambda: 1024 in registered(s3_prefix, "node-loss"), "checkpoint", proc, log)
+        wait_for(proc, lambda: 1024 in registered(s3_prefix, "node-loss"), "checkpoint", log=log)
         node = cluster.nodes[-1]
         cluster.kill_node(node)
         assert services.group_gone(node.pid)
         cluster.add_node()  # the replacement
         assert proc.wait(timeout=600) == 0, log.read_text()[-5000:]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill(proc)
     output = log.read_text()
     assert "train: 3072 images seen" in output
     # (Two nodes on one machine print every log line twice: count nothing from it.)
@@ -395,7 +368,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
 def test_nan_in_the_loss_stops_with_step_and_checkpoint_named(
     cluster, digits, s3_prefix, mlflow_server
 ):
-    env = dict(cluster.env, PIPELINE_TEST_NAN_AT_IMAGES="640")
+    # The run's images become NaN from 640 images seen on (tests/faults/sitecustomize.py).
+    cluster.faults.write_text(json.dumps({"nan_at_images": {"nan": 640}}))
     argv = train_argv(
         digits,
         s3_prefix,
@@ -406,7 +380,10 @@ def test_nan_in_the_loss_stops_with_step_and_checkpoint_named(
         "--checkpoint_every_images",
         "256",
     )
-    result = run(argv, env)
+    try:
+        result = run(argv, cluster.env)
+    finally:
+        cluster.faults.unlink()
     assert result.returncode == 1, result.stderr[-3000:]
     line = result.stderr.strip().splitlines()[-1]
     assert line == (

@@ -45,8 +45,9 @@ def field_docs(cls: type) -> dict[str, str]:
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
-        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        body = tree.body[0].body
+        node = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0]
+        assert isinstance(node, ast.ClassDef)
+        body = node.body
         for node, after in zip(body, body[1:], strict=False):
             if (
                 isinstance(node, ast.AnnAssign)
@@ -147,7 +148,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 # --- building configs ------------------------------------------------------------
 
 
-def from_dict(cls: type, data: Mapping[str, Any], prefix: str | None = None) -> Any:
+def _nested(tp: object) -> bool:
+    """Whether a field's type is itself a config (a dataclass)."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def from_dict(cls: type[Any], data: Mapping[str, Any], prefix: str | None = None) -> Any:
     """Build config `cls` from a (possibly nested) mapping; unknown keys are errors."""
     prefix = prefix or cls.SECTION
     hints = typing.get_type_hints(cls)
@@ -162,13 +168,13 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str | None = None) -> 
         tp = hints[name]
         if name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                if dataclasses.is_dataclass(tp):
+                if _nested(tp):
                     kwargs[name] = from_dict(tp, {}, f"{prefix}.{name}")
                     continue
                 raise ConfigError(f"{prefix}.{name}: required, but not given (see --help)")
             continue
         value = data[name]
-        if dataclasses.is_dataclass(tp):
+        if _nested(tp):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{prefix}.{name}: expected a mapping of fields, got {value!r}")
             kwargs[name] = from_dict(tp, value, f"{prefix}.{name}")
@@ -226,7 +232,12 @@ class _OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _add_flags(parser: argparse.ArgumentParser, group, cls: type, prefix: str = "") -> None:
+def _add_flags(
+    parser: argparse.ArgumentParser,
+    group: argparse._ActionsContainer,
+    cls: type,
+    prefix: str = "",
+) -> None:
     """One `--field` flag per leaf field of `cls`, its docstring as help; a nested
     config gets a group of `--name.field` flags, its docstring as description."""
     hints = typing.get_type_hints(cls)
@@ -235,7 +246,7 @@ def _add_flags(parser: argparse.ArgumentParser, group, cls: type, prefix: str = 
         if not f.init:
             continue
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if _nested(tp):
             title = f"{prefix}{f.name} (--{prefix}{f.name}.FIELD)"
             about = textwrap.fill(
                 docs.get(f.name, ""), 78, initial_indent="  ", subsequent_indent="  "

@@ -6,7 +6,7 @@ import dataclasses
 from typing import ClassVar
 
 from pipeline.config.core import Checked
-from pipeline.config.sample import SAMPLER_NAMES, is_registry_ref
+from pipeline.config.sample import SAMPLER_NAMES, SamplerName, is_registry_ref
 from pipeline.config.train import resolve_tracking_uri
 
 LOWER_IS_BETTER = ("fd_pixel", "swd_pixel", "heldout_loss", "fid", "kid")
@@ -15,12 +15,13 @@ METRICS = LOWER_IS_BETTER + HIGHER_IS_BETTER
 """What `tasks.evaluate` reports and `tasks.promote` can decide on."""
 
 
-def parse_sampler(text: str) -> tuple[str, int]:
+def parse_sampler(text: str) -> tuple[SamplerName, int]:
     """`heun:18` -> ("heun", 18); a ValueError naming what is wrong."""
     name, _, steps = text.partition(":")
-    if name not in SAMPLER_NAMES or not steps.isdigit() or int(steps) < 1:
-        raise ValueError(f"expected sampler:steps with a sampler of {', '.join(SAMPLER_NAMES)}")
-    return name, int(steps)
+    for known in SAMPLER_NAMES:
+        if name == known and steps.isdigit() and int(steps) >= 1:
+            return known, int(steps)
+    raise ValueError(f"expected sampler:steps with a sampler of {', '.join(SAMPLER_NAMES)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,7 +51,8 @@ class ModelConfig(Checked):
             value = getattr(self, name)
             self.check(value is None or value > 0, name, "must be a positive integer")
         self.check(
-            self.channel_mult is None or (self.channel_mult and min(self.channel_mult) > 0),
+            self.channel_mult is None
+            or (len(self.channel_mult) > 0 and min(self.channel_mult) > 0),
             "channel_mult",
             "must be positive integers, one per level",
         )

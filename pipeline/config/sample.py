@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from typing import ClassVar, Literal
 
 from pipeline.config.core import Checked
 from pipeline.config.train import resolve_tracking_uri
 
-SAMPLER_NAMES = ("euler", "heun", "dpmpp_2m", "euler_ancestral", "edm_stochastic")
+SamplerName = Literal["euler", "heun", "dpmpp_2m", "euler_ancestral", "edm_stochastic"]
+SAMPLER_NAMES: tuple[SamplerName, ...] = typing.get_args(SamplerName)
 
 _REGISTRY_REF = re.compile(r"^[A-Za-z0-9_.-]+(@[A-Za-z0-9_-]+|/\d+)$")
 
@@ -34,7 +36,7 @@ class SampleConfig(Checked):
     """Images to generate."""
     samples_per_shard: int = 1000
     """Images per shard: shard i holds seeds [i*S, (i+1)*S)."""
-    sampler: Literal["euler", "heun", "dpmpp_2m", "euler_ancestral", "edm_stochastic"] = "heun"
+    sampler: SamplerName = "heun"
     """The sampler (pipeline.maths.solvers)."""
     steps: int = 18
     """Sampler steps (Heun and EDM's stochastic sampler evaluate the network 2*steps-1 times)."""

@@ -65,7 +65,7 @@ def decode_image(
         # limit first, and turn its warning into the same rejection.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
             raise Rejected("too_many_pixels", str(e)) from None
         except UnidentifiedImageError:
@@ -127,6 +127,7 @@ def _to_srgb(img: Image.Image, icc: bytes) -> Image.Image:
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         out_mode = "RGBA" if img.mode == "RGBA" else "RGB"
-        return ImageCms.profileToProfile(img, source, _srgb(), outputMode=out_mode)
+        converted = ImageCms.profileToProfile(img, source, _srgb(), outputMode=out_mode)
+        return img if converted is None else converted
     except (ImageCms.PyCMSError, OSError, ValueError):
         return img

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from pipeline.config import ConfigError
 from pipeline.data import shards
 from pipeline.edges import storage
 from pipeline.maths.metrics import block_factor
+
+if TYPE_CHECKING:
+    from pipeline.maths.classifier import SmallCNN
 
 REFERENCE = "reference"
 PIXEL_SIDE = 32
@@ -38,7 +42,8 @@ def read_split(
     their labels (None for an unlabelled dataset); (None, None) if the split is empty."""
     from PIL import Image
 
-    images, labels = [], []
+    images: list[np.ndarray] = []
+    labels: list[int | None] = []
     for entry in manifest["shards"]:
         if entry["split"] != split or not entry["samples"] or len(images) >= limit:
             continue
@@ -162,13 +167,14 @@ def label_scores(
     not_computed: dict[str, str] = {}
     n = min(len(labels), train.count())
     if val_images is not None:
+        assert val_labels is not None  # a labelled dataset: every split has labels
         scores["label_fidelity_ceiling"] = classifier.accuracy(judge, val_images, val_labels)
         baseline = _kept_classifier(train, digest, classes, n)
         scores["cas_real_accuracy"] = classifier.accuracy(baseline, val_images, val_labels)
     for name, images in samples.items():
         prefix = prefixes[name]
         scores[prefix + "label_fidelity"] = classifier.label_fidelity(judge, images, labels)
-        if val_images is None:
+        if val_images is None or val_labels is None:
             not_computed[prefix + "cas"] = "the dataset has no validation images"
             continue
         cas = classifier.classification_accuracy_score(
@@ -179,7 +185,7 @@ def label_scores(
     return scores, not_computed
 
 
-def _kept_classifier(train: Split, digest: str, classes: int, n: int):
+def _kept_classifier(train: Split, digest: str, classes: int, n: int) -> SmallCNN:
     """The classifier of the first `n` train images, trained once per manifest
     version, recipe and n: `reference/classifier-<digest>-<n>-<recipe>.safetensors`."""
     from safetensors.torch import load, save
@@ -192,6 +198,7 @@ def _kept_classifier(train: Split, digest: str, classes: int, n: int):
 
     def compute() -> bytes:
         images, labels = train.read()
+        assert images is not None and labels is not None  # checked by label_scores
         net = classifier.train_classifier(images[:n], labels[:n], classes, recipe)
         return save({k: v.contiguous() for k, v in net.state_dict().items()})
 

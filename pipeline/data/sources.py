@@ -200,7 +200,7 @@ def unique_keys(
     def order(i: InputItem) -> tuple[str, str]:
         return i.relpath, i.source
 
-    owner = {}
+    owner: dict[str, InputItem] = {}
     for item in sorted(taken, key=order):
         owner.setdefault(item.key, item)
     kept, rejects = [], []

@@ -13,26 +13,35 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.config.records import CheckpointState
+
 STATE = "state.json"
 MODEL, EMA_WEIGHTS, OPTIMIZER = "model.safetensors", "ema.safetensors", "optimizer.pt"
 
 
-def save(folder: Path, net: nn.Module, ema_net: nn.Module, optimizer, state: dict) -> None:
+def save(
+    folder: Path,
+    net: nn.Module,
+    ema_net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: CheckpointState,
+) -> None:
     """Write a checkpoint of `net` (the raw UNet), its average and the optimizer."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file(_tensors(net), folder / MODEL)
     save_file(_tensors(ema_net), folder / EMA_WEIGHTS)
     torch.save(optimizer.state_dict(), folder / OPTIMIZER)
-    (folder / STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
+    (folder / STATE).write_text(json.dumps(state.to_dict(), indent=1, sort_keys=True))
 
 
-def load(folder: Path, net: nn.Module, ema_net: nn.Module | None, optimizer) -> dict[str, Any]:
+def load(
+    folder: Path, net: nn.Module, ema_net: nn.Module | None, optimizer: torch.optim.Optimizer
+) -> CheckpointState:
     """Restore into `net`, `ema_net` (when given) and `optimizer`; returns the state."""
     device = next(net.parameters()).device
     net.load_state_dict(load_file(folder / MODEL, device=str(device)))
@@ -44,8 +53,8 @@ def load(folder: Path, net: nn.Module, ema_net: nn.Module | None, optimizer) -> 
     return read_state(folder)
 
 
-def read_state(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / STATE).read_text())
+def read_state(folder: Path) -> CheckpointState:
+    return CheckpointState.from_dict(json.loads((folder / STATE).read_text()))
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:

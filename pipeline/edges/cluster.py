@@ -75,7 +75,7 @@ def warn_local_paths(fields: Iterable[tuple[str, str]]) -> None:
 
 
 @contextlib.contextmanager
-def data_settings(**settings) -> Iterator[None]:
+def data_settings(**settings: object) -> Iterator[None]:
     """Set Ray Data's DataContext fields for the datasets made inside, and put the
     caller's values back afterwards. Progress bars default to off: the jobs print
     their own, counted in images."""

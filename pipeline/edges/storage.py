@@ -29,10 +29,10 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config.locations import (
     S3,
@@ -122,12 +122,12 @@ def _region() -> str | None:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
 
 
-def _client():
+def _client() -> Any:
     return _make_client(s3_endpoint(), _region(), os.environ.get("AWS_ACCESS_KEY_ID"))
 
 
 @functools.lru_cache(maxsize=4)
-def _make_client(endpoint: str | None, region: str | None, _key_id: str | None):
+def _make_client(endpoint: str | None, region: str | None, _key_id: str | None) -> Any:
     # One client per process and setting; boto3 clients are thread-safe. The key
     # id is part of the cache key so a changed identity gets a new client.
     import boto3
@@ -178,7 +178,7 @@ def _errors(uri: str) -> Iterator[None]:
         raise StorageError(f"{uri}: {e.strerror or e}") from None
 
 
-def _retry_body(read, attempts: int = 4):
+def _retry_body(read: Callable[[], bytes], attempts: int = 4) -> bytes:
     """Call `read()` again when a download breaks mid-body; botocore retries
     requests, not the streaming of an already-started response."""
     import botocore.exceptions as bx
@@ -198,6 +198,7 @@ def _retry_body(read, attempts: int = 4):
             if attempt == attempts - 1:
                 raise
             time.sleep(0.2 * 2**attempt)  # backoff between retries of a failed download
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 # --- operations ---------------------------------------------------------------------

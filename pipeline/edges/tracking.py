@@ -15,7 +15,11 @@ import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # MLflow prints each ended run's URL, user:password of the tracking URI included;
@@ -141,9 +145,11 @@ def log_dataset(
     from mlflow.entities import InputTag
 
     c = client(tracking_uri)
-    if any(i.dataset.digest == digest[:36] for i in c.get_run(run_id).inputs.dataset_inputs):
+    inputs = c.get_run(run_id).inputs
+    if inputs is not None and any(i.dataset.digest == digest[:36] for i in inputs.dataset_inputs):
         return
-    dataset = MetaDataset(HTTPDatasetSource(uri), name=name, digest=digest[:36])
+    # MetaDataset has no data to profile; mlflow's stub marks `profile` abstract.
+    dataset = MetaDataset(HTTPDatasetSource(uri), name=name, digest=digest[:36])  # type: ignore[abstract]
     entity = mlflow.entities.DatasetInput(
         dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]
     )
@@ -161,7 +167,7 @@ def latest_metric(tracking_uri: str, run_id: str, key: str) -> float | None:
     return client(tracking_uri).get_run(run_id).data.metrics.get(key)
 
 
-def log_image(tracking_uri: str, run_id: str, image, key: str, step: int) -> None:
+def log_image(tracking_uri: str, run_id: str, image: np.ndarray, key: str, step: int) -> None:
     """Log an image (HxWx3 uint8) as a step of the run's `key` image series."""
     client(tracking_uri).log_image(run_id, image, key=key, step=step)
 
@@ -263,9 +269,9 @@ class SystemMetrics:
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.tracking_uri, self.run_id = tracking_uri, run_id
-        self.monitor = None
+        self.monitor: SystemMetricsMonitor | None = None
 
-    def __enter__(self):
+    def __enter__(self) -> SystemMetrics:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         mlflow.set_tracking_uri(self.tracking_uri)
@@ -310,4 +316,4 @@ def load_registered(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(download_artifacts(found.source, dst_path=tmp, tracking_uri=tracking_uri))
         files = {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()}
-    return int(found.version), found.run_id, files
+    return int(found.version), found.run_id or "", files

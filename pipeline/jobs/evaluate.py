@@ -24,12 +24,14 @@ import dataclasses
 import datetime
 import hashlib
 import json
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.config import ConfigError, to_dict
 from pipeline.config.evaluate import EvaluateConfig, parse_sampler
+from pipeline.config.records import ModelCard
 from pipeline.data.reference import (
     REFERENCE,
     Split,
@@ -41,6 +43,11 @@ from pipeline.data.reference import (
 from pipeline.data.shards import load_dataset
 from pipeline.edges import cluster, registry, storage, tracking
 from pipeline.maths import metrics
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.maths.inception import InceptionFeatures
 
 
 def metric_prefix(position: int, sampler: str) -> str:
@@ -92,15 +99,15 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     """Score the model `cfg` names; see the module doc."""
     model = registry.load_model(cfg.model, cfg.tracking_uri, "evaluate.model")
     manifest, digest = load_dataset(cfg.dataset, "evaluate.dataset")
-    if manifest["resolution"] != model.card["resolution"]:
+    if manifest["resolution"] != model.card.resolution:
         raise ConfigError(
             f"evaluate.dataset: its images are {manifest['resolution']} px, the model's "
-            f"{model.card['resolution']} px, got {cfg.dataset!r}"
+            f"{model.card.resolution} px, got {cfg.dataset!r}"
         )
     check_fits(cfg, model, manifest)
     settings = evaluation_settings(cfg, digest)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    uri = storage.join(cfg.output, f"{_slug(model)}-{model.lineage['digest'][:12]}-{key}.json")
+    uri = storage.join(cfg.output, f"{_slug(model)}-{model.lineage.digest[:12]}-{key}.json")
     try:
         return EvaluateResult(uri, json.loads(storage.read_bytes(uri)), already_complete=True)
     except storage.NotFound:
@@ -111,7 +118,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     validation = Split(cfg.dataset, manifest, "validation", cfg.heldout_images)
     reference = reference_features(train, digest)
     heldout, labels = validation.read()
-    if not model.card["model"].get("num_classes"):
+    if not model.card.model.num_classes:
         labels = None  # an unconditional model of a labelled dataset
     outputs = _model_outputs(cfg, model, heldout, labels)
     samplers = [cfg.sampler, *cfg.compare]
@@ -123,7 +130,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     for name, prefix in prefixes.items():
         fake = pixel_features(outputs["samples"][name])
         scores.update({prefix + k: v for k, v in _pixel_scores(reference, fake, cfg).items()})
-        if inception is None:
+        if inception is None or real_inception is None:
             not_computed[prefix + "fid"] = not_computed[prefix + "kid"] = (
                 "no Inception weights file given (evaluate.inception)"
             )
@@ -146,7 +153,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
 
     results = {
         "model_ref": model.describe(),
-        "model": model.lineage,
+        "model": model.lineage.to_dict(),
         "key": key,
         "dataset": {"uri": cfg.dataset, "digest": digest, "version": manifest.get("version", 1)},
         "settings": settings,
@@ -161,8 +168,8 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
 
 def check_fits(cfg: EvaluateConfig, model: registry.Model, manifest: dict) -> None:
     """The model can be scored on this dataset; a config error naming what differs."""
-    classes = model.card["model"].get("num_classes", 0)
-    names = model.card.get("classes")
+    classes = model.card.model.num_classes
+    names = None if model.card.classes is None else list(model.card.classes)
     if classes and len(manifest.get("classes") or []) != classes:
         raise ConfigError(
             f"evaluate.dataset: the model has {classes} classes, the dataset "
@@ -191,8 +198,8 @@ def evaluation_settings(cfg: EvaluateConfig, dataset_digest: str) -> dict[str, A
 
 
 def _slug(model: registry.Model) -> str:
-    if model.lineage.get("name") is not None:
-        return f"{model.lineage['name']}-v{model.lineage['version']}"
+    if model.lineage.name is not None:
+        return f"{model.lineage.name}-v{model.lineage.version}"
     return "checkpoint"
 
 
@@ -203,7 +210,7 @@ def _file_digest(path: str) -> str:
         raise ConfigError(f"evaluate.inception: cannot read {path} ({e})") from None
 
 
-def _inception(cfg: EvaluateConfig):
+def _inception(cfg: EvaluateConfig) -> InceptionFeatures | None:
     if not cfg.inception:
         return None
     from pipeline.maths.inception import InceptionFeatures
@@ -214,11 +221,15 @@ def _inception(cfg: EvaluateConfig):
         raise ConfigError(f"evaluate.inception: {e}") from None
 
 
-def _reference_inception(cfg: EvaluateConfig, train: Split, settings: dict, inception):
+def _reference_inception(
+    cfg: EvaluateConfig, train: Split, settings: dict, inception: InceptionFeatures
+) -> np.ndarray:
     """Inception features of the same reference images, kept per weights file."""
 
     def compute() -> np.ndarray:
-        return inception.features(train.read()[0])
+        images, _ = train.read()
+        assert images is not None  # evaluate() refuses a dataset without train images
+        return inception.features(images)
 
     name = (
         f"inception-{settings['dataset'][:16]}-{cfg.reference_images}-"
@@ -240,7 +251,33 @@ def _pixel_scores(reference: np.ndarray, fake: np.ndarray, cfg: EvaluateConfig) 
 # --- the model side, on the cluster ------------------------------------------------
 
 
-def _model_outputs(cfg: EvaluateConfig, model: registry.Model, heldout, labels) -> dict:
+@dataclasses.dataclass(frozen=True)
+class EvaluationJob:
+    """What the model's Ray task computes besides the samplers: the same seeds,
+    labels and noise for every model."""
+
+    images: int
+    """Images generated by each sampler."""
+    guidance: float
+    """Classifier-free guidance weight (1: none)."""
+    seed: int
+    labels: str
+    """Each image's label: drawn from (seed, index) ("uniform") for a
+    class-conditional model, else none ("none")."""
+    sigmas: tuple[float, ...]
+    """Noise levels of the held-out loss."""
+    batch_size: int
+    """Images per network call."""
+    threads: int
+    """CPU threads for torch."""
+
+
+def _model_outputs(
+    cfg: EvaluateConfig,
+    model: registry.Model,
+    heldout: np.ndarray | None,
+    labels: np.ndarray | None,
+) -> dict:
     """Samples of every sampler and the held-out losses, computed by one Ray task
     (on a GPU when the cluster has one)."""
     import ray
@@ -255,62 +292,83 @@ def _model_outputs(cfg: EvaluateConfig, model: registry.Model, heldout, labels) 
     cpus = 1 if use_gpu else max(1, int(largest))
     task = ray.remote(model_outputs).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0)
     samplers = [cfg.sampler, *cfg.compare]
-    job = {
-        "images": cfg.images,
-        "guidance": cfg.guidance,
-        "seed": cfg.seed,
-        "labels": "uniform" if model.card["model"].get("num_classes") else "none",
-        "sigmas": list(cfg.heldout_sigmas),
-        "batch_size": cfg.batch_size,
-        "threads": cpus,
-    }
+    job = EvaluationJob(
+        images=cfg.images,
+        guidance=cfg.guidance,
+        seed=cfg.seed,
+        labels="uniform" if model.card.model.num_classes else "none",
+        sigmas=tuple(cfg.heldout_sigmas),
+        batch_size=cfg.batch_size,
+        threads=cpus,
+    )
     return ray.get(task.remote(model.card, model.weights, samplers, job, heldout, labels))
 
 
-def model_outputs(card, weights, samplers, job, heldout, labels) -> dict:
+def model_outputs(
+    card: ModelCard,
+    weights: bytes,
+    samplers: list[str],
+    job: EvaluationJob,
+    heldout: np.ndarray | None,
+    labels: np.ndarray | None,
+) -> dict:
     """The model's samples ({sampler: uint8 [N, H, W, 3]}), the labels they were
     generated for (None when unconditional) and its mean held-out loss at each of
-    `job["sigmas"]` (None without held-out images)."""
+    `job.sigmas` (None without held-out images)."""
     import torch
     from safetensors.torch import load
 
-    from pipeline.maths.architecture import UNetConfig
     from pipeline.maths.edm import Precond
     from pipeline.maths.reproducible import generate
     from pipeline.maths.unet import UNet
 
-    torch.set_num_threads(job["threads"])
+    torch.set_num_threads(job.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net = UNet(UNetConfig.from_dict(card["model"]))
+    net = UNet(card.model)
     net.load_state_dict(load(weights))
     denoiser = Precond(net).to(device).eval()
-    samples, sample_labels = {}, []
+    samples: dict[str, np.ndarray] = {}
+    sample_labels: list[int | None] = []
     for text in samplers:
         sampler, steps = parse_sampler(text)
-        spec = {**job, "sampler": sampler, "steps": steps}
         chunks, sample_labels = [], []
-        for start in range(0, job["images"], job["batch_size"]):
-            indices = list(range(start, min(start + job["batch_size"], job["images"])))
-            images, chunk_labels = generate(denoiser, spec, card, indices, device)
+        for start in range(0, job.images, job.batch_size):
+            indices = list(range(start, min(start + job.batch_size, job.images)))
+            images, chunk_labels = generate(
+                denoiser,
+                indices,
+                device,
+                seed=job.seed,
+                labels=job.labels,
+                sampler=sampler,
+                steps=steps,
+                guidance=job.guidance,
+                resolution=card.resolution,
+                num_classes=card.model.num_classes,
+            )
             chunks.append(images)
             sample_labels += chunk_labels
         samples[text] = np.concatenate(chunks)
     # The same seeds give every sampler the same labels.
-    labels_out = None if job["labels"] == "none" else np.array(sample_labels, dtype=np.int64)
+    labels_out = None if job.labels == "none" else np.array(sample_labels, dtype=np.int64)
     if heldout is None:
         return {"samples": samples, "labels": labels_out, "heldout": None}
 
     # Copies: arrays from Ray's object store are read-only.
     x = torch.tensor(heldout).permute(0, 3, 1, 2) / 127.5 - 1
     label = None if labels is None else torch.tensor(labels)
-    losses = heldout_losses(
-        denoiser, x, label, job["sigmas"], job["seed"], job["batch_size"], device
-    )
+    losses = heldout_losses(denoiser, x, label, job.sigmas, job.seed, job.batch_size, device)
     return {"samples": samples, "labels": labels_out, "heldout": losses}
 
 
 def heldout_losses(
-    denoiser, x, label, sigmas, seed: int, batch_size: int, device="cpu"
+    denoiser: torch.nn.Module,
+    x: torch.Tensor,
+    label: torch.Tensor | None,
+    sigmas: Sequence[float],
+    seed: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
 ) -> list[float]:
     """EDM's loss (`edm_loss`) of `denoiser` on images `x` [N, C, H, W] at each of
     `sigmas`, averaged over the images. Image i's noise at every sigma comes from
@@ -354,11 +412,13 @@ def _track(cfg: EvaluateConfig, model: registry.Model, results: dict) -> None:
     """Metrics on the model's training run (step: the dataset's version), and for a
     registered model, tags on its version for `tasks.promote`."""
     scores, key = results["metrics"], results["key"]
-    run_id, name = model.lineage.get("run_id"), model.lineage.get("name")
-    if name is not None:
+    run_id, name, version = model.lineage.run_id, model.lineage.name, model.lineage.version
+    if name is not None and version is not None:
         # The version's tags are written last: present, they say a run that crashed
         # before writing the JSON logged the metrics already.
-        tags = tracking.model_version(cfg.tracking_uri, name, model.lineage["version"])["tags"]
+        found = tracking.model_version(cfg.tracking_uri, name, version)
+        assert found is not None, f"{name}/{version} was loaded, so it is registered"
+        tags = found["tags"]
         if f"eval.{key}.dataset" in tags:
             run_id = None
     if run_id:
@@ -368,9 +428,7 @@ def _track(cfg: EvaluateConfig, model: registry.Model, results: dict) -> None:
             {f"eval.{k}": v for k, v in scores.items()},
             step=results["dataset"]["version"],
         )
-    if name is not None:
+    if name is not None and version is not None:
         tags = {f"eval.{key}.{k}": f"{v:.8g}" for k, v in scores.items()}
         tags.update({"eval.key": key, f"eval.{key}.dataset": results["dataset"]["digest"]})
-        tracking.set_version_tags(
-            cfg.tracking_uri, model.lineage["name"], model.lineage["version"], tags
-        )
+        tracking.set_version_tags(cfg.tracking_uri, name, version, tags)

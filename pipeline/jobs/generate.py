@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import ConfigError, SampleConfig, to_dict
+from pipeline.config.records import GenerationJob, ModelCard, check_keys
 from pipeline.data import shards
 from pipeline.edges import cluster, registry, storage, tracking
 
@@ -53,6 +54,28 @@ class SampleResult:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardRecord:
+    """A finished shard: written under `_records/` once the shard is, so that a
+    re-run skips it, and listed in the manifest."""
+
+    name: str
+    split: str
+    samples: int
+    seeds: tuple[int, int]
+    """The image indices [start, stop) it holds."""
+    bytes: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "seeds": list(self.seeds)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ShardRecord:
+        check_keys("shard record", data, [f.name for f in dataclasses.fields(cls)])
+        return cls(**{**data, "seeds": tuple(data["seeds"])})
+
+
 def sample(cfg: SampleConfig) -> SampleResult:
     """Generate the images `cfg` describes; see the module doc. A finished job run
     again writes nothing, to the output or to MLflow."""
@@ -74,14 +97,14 @@ def sample(cfg: SampleConfig) -> SampleResult:
         cfg.tracking_uri,
         run_id,
         {
-            "model_name": model.lineage["name"],
-            "model_version": model.lineage["version"],
-            "model_digest": model.lineage["digest"],
+            "model_name": str(model.lineage.name),
+            "model_version": str(model.lineage.version),
+            "model_digest": model.lineage.digest,
             "output": cfg.output,
         },
     )
     if missing and not storage.exists(storage.join(cfg.output, JOB)):
-        storage.write_bytes(storage.join(cfg.output, JOB), shards.dumps(job))
+        storage.write_bytes(storage.join(cfg.output, JOB), shards.dumps(job.to_dict()))
     if missing:
         done.update(_generate(cfg, model, job, missing))
     data = _manifest(cfg, model, job, names, done)
@@ -95,22 +118,26 @@ def sample(cfg: SampleConfig) -> SampleResult:
 
 
 def _manifest(
-    cfg: SampleConfig, model: registry.Model, job: dict, names: list[str], done: dict[str, dict]
+    cfg: SampleConfig,
+    model: registry.Model,
+    job: GenerationJob,
+    names: list[str],
+    done: dict[str, ShardRecord],
 ) -> bytes:
     return shards.dumps(
         {
             "format": FORMAT,
             "format_version": 1,
-            "job": job,
+            "job": job.to_dict(),
             "output": cfg.output,
-            "resolution": model.card["resolution"],
-            "classes": model.card.get("classes"),
+            "resolution": model.card.resolution,
+            "classes": None if model.card.classes is None else list(model.card.classes),
             "counts": {
                 "images": cfg.images,
                 "shards": len(names),
                 "written_by_split": {"train": cfg.images},
             },
-            "shards": [done[name] for name in names],
+            "shards": [done[name].to_dict() for name in names],
         }
     )
 
@@ -122,15 +149,15 @@ def _read_or_none(uri: str) -> bytes | None:
         return None
 
 
-def _job(cfg: SampleConfig, model: registry.Model) -> dict[str, Any]:
+def _job(cfg: SampleConfig, model: registry.Model) -> GenerationJob:
     """What decides the pixels: a re-run must match it to continue a job."""
-    classes = model.card["model"].get("num_classes", 0)
+    classes = model.card.model.num_classes
     if cfg.labels == "uniform":
         labels: str | int = "uniform" if classes else "none"
     elif cfg.labels == "none":
         labels = "none"
     else:
-        names = model.card.get("classes") or [str(c) for c in range(classes)]
+        names = list(model.card.classes or [str(c) for c in range(classes)])
         if cfg.labels not in names:
             raise ConfigError(
                 f"sample.labels: the model's classes are {', '.join(names) or 'none'}, "
@@ -139,18 +166,18 @@ def _job(cfg: SampleConfig, model: registry.Model) -> dict[str, Any]:
         labels = names.index(cfg.labels)
     if labels == "none" and cfg.guidance != 1.0:
         raise ConfigError(f"sample.guidance: needs class labels, got {cfg.guidance}")
-    return {
-        "model": model.lineage,
-        "images": cfg.images,
-        "samples_per_shard": cfg.samples_per_shard,
-        "sampler": cfg.sampler,
-        "steps": cfg.steps,
-        "guidance": cfg.guidance,
-        "labels": labels,
-        "seed": cfg.seed,
-        "network_batch": cfg.network_batch,
-        "template": model.card["template"],
-    }
+    return GenerationJob(
+        model=model.lineage,
+        images=cfg.images,
+        samples_per_shard=cfg.samples_per_shard,
+        sampler=cfg.sampler,
+        steps=cfg.steps,
+        guidance=cfg.guidance,
+        labels=labels,
+        seed=cfg.seed,
+        network_batch=cfg.network_batch,
+        template=model.card.template,
+    )
 
 
 def _shard_count(cfg: SampleConfig) -> int:
@@ -161,7 +188,7 @@ def _run_name(cfg: SampleConfig) -> str:
     return "sample-" + hashlib.sha256(cfg.output.encode()).hexdigest()[:12]
 
 
-def _check_output(cfg: SampleConfig, job: dict) -> dict[str, dict]:
+def _check_output(cfg: SampleConfig, job: GenerationJob) -> dict[str, ShardRecord]:
     """The records of the shards already complete; a config error when the output
     holds another job (or cannot be listed)."""
     try:
@@ -170,7 +197,7 @@ def _check_output(cfg: SampleConfig, job: dict) -> dict[str, dict]:
         existing = None
     except storage.StorageError as e:
         raise ConfigError(f"sample.output: {e}") from None
-    if existing is not None and json.loads(existing) != json.loads(shards.dumps(job)):
+    if existing is not None and json.loads(existing) != json.loads(shards.dumps(job.to_dict())):
         raise ConfigError(
             f"sample.output: {cfg.output} holds another job's images (other model or "
             "settings); use another output, or the same settings to continue it"
@@ -186,14 +213,14 @@ def _check_output(cfg: SampleConfig, job: dict) -> dict[str, dict]:
         records = []
     done = {}
     for obj in records:
-        record = json.loads(storage.read_bytes(obj.uri))
-        done[record["name"]] = record
+        record = ShardRecord.from_dict(json.loads(storage.read_bytes(obj.uri)))
+        done[record.name] = record
     return done
 
 
 def _generate(
-    cfg: SampleConfig, model: registry.Model, job: dict, missing: list[int]
-) -> dict[str, dict]:
+    cfg: SampleConfig, model: registry.Model, job: GenerationJob, missing: list[int]
+) -> dict[str, ShardRecord]:
     """Generate the `missing` shards over an actor pool; their records by name."""
     import ray
     from ray.data import ActorPoolStrategy
@@ -222,18 +249,19 @@ def _generate(
         )
         with tqdm(total=total, unit="img", desc="sample", dynamic_ncols=True) as bar:
             for row in ds.iter_rows():
-                record = json.loads(row["record"])
-                if "error" in record:
-                    raise storage.StorageError(record["error"])
-                records[record["name"]] = record
-                bar.update(record["samples"])
+                data = json.loads(row["record"])
+                if "error" in data:
+                    raise storage.StorageError(data["error"])
+                record = ShardRecord.from_dict(data)
+                records[record.name] = record
+                bar.update(record.samples)
     return records
 
 
-def _seeds(job: dict, shard: int) -> tuple[int, int]:
+def _seeds(job: GenerationJob, shard: int) -> tuple[int, int]:
     """The image indices [start, stop) of a shard."""
-    per = job["samples_per_shard"]
-    return shard * per, min((shard + 1) * per, job["images"])
+    per = job.samples_per_shard
+    return shard * per, min((shard + 1) * per, job.images)
 
 
 class ShardSampler:
@@ -241,12 +269,13 @@ class ShardSampler:
     writes it and its record, and returns the record. PNG encoding runs in threads
     while the next batch is sampled."""
 
-    def __init__(self, card: dict, weights: list, job: dict, output: str, batch_size: int):
+    def __init__(
+        self, card: ModelCard, weights: list, job: GenerationJob, output: str, batch_size: int
+    ):
         import ray
         import torch
         from safetensors.torch import load
 
-        from pipeline.maths.architecture import UNetConfig
         from pipeline.maths.edm import Precond
         from pipeline.maths.reproducible import FixedBatch
         from pipeline.maths.unet import UNet
@@ -254,9 +283,9 @@ class ShardSampler:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.backends.cudnn.benchmark = False  # the same kernels for the same shapes
         torch.backends.cudnn.deterministic = True
-        net = UNet(UNetConfig.from_dict(card["model"]))
+        net = UNet(card.model)
         net.load_state_dict(load(ray.get(weights[0])))
-        self.denoiser = FixedBatch(Precond(net).to(self.device).eval(), job["network_batch"])
+        self.denoiser = FixedBatch(Precond(net).to(self.device).eval(), job.network_batch)
         self.card, self.job, self.output, self.batch_size = card, job, output, batch_size
         self.encoder = concurrent.futures.ThreadPoolExecutor(max_workers=2)
 
@@ -264,37 +293,46 @@ class ShardSampler:
         records = []
         for i in batch["shard"]:
             try:
-                records.append(self.shard(int(i)))
+                records.append(self.shard(int(i)).to_dict())
             except storage.StorageError as e:  # as data: Ray would keep only its text
                 records.append({"error": str(e)})
         return {"record": [json.dumps(r) for r in records]}
 
-    def shard(self, index: int) -> dict:
+    def shard(self, index: int) -> ShardRecord:
         from pipeline.maths.reproducible import generate
 
-        start, stop = _seeds(self.job, index)
+        job = self.job
+        start, stop = _seeds(job, index)
         pending = []
         for first in range(start, stop, self.batch_size):
             indices = list(range(first, min(first + self.batch_size, stop)))
-            images, labels = generate(self.denoiser, self.job, self.card, indices, self.device)
+            images, labels = generate(
+                self.denoiser,
+                indices,
+                self.device,
+                seed=job.seed,
+                labels=job.labels,
+                sampler=job.sampler,
+                steps=job.steps,
+                guidance=job.guidance,
+                resolution=self.card.resolution,
+                num_classes=self.card.model.num_classes,
+            )
             pending.append(self.encoder.submit(self._members, indices, images, labels))
         members = [m for future in pending for m in future.result()]
         name = shards.shard_name("train", index)
         data = shards.write_tar(members)
         storage.write_bytes(storage.join(self.output, name), data)
-        record = {
-            "name": name,
-            "split": "train",
-            "samples": stop - start,
-            "seeds": [start, stop],
-            "bytes": len(data),
-            "sha256": shards.sha256(data),
-        }
+        record = ShardRecord(
+            name, "train", stop - start, (start, stop), len(data), shards.sha256(data)
+        )
         record_uri = storage.join(self.output, shards.RECORDS, name.replace(".tar", ".json"))
-        storage.write_bytes(record_uri, shards.dumps(record))
+        storage.write_bytes(record_uri, shards.dumps(record.to_dict()))
         return record
 
-    def _members(self, indices, images: np.ndarray, labels) -> list[tuple[str, bytes]]:
+    def _members(
+        self, indices: list[int], images: np.ndarray, labels: list[int | None]
+    ) -> list[tuple[str, bytes]]:
         from PIL import Image
 
         from pipeline.data.transforms import encode_png
@@ -305,13 +343,13 @@ class ShardSampler:
             info = {
                 "key": key,
                 "index": k,
-                "seed": self.job["seed"],
+                "seed": self.job.seed,
                 "label": label,
                 "class": None if label is None else _class_name(self.card, label),
-                "sampler": self.job["sampler"],
-                "steps": self.job["steps"],
-                "guidance": self.job["guidance"],
-                "model": self.job["model"],
+                "sampler": self.job.sampler,
+                "steps": self.job.steps,
+                "guidance": self.job.guidance,
+                "model": self.job.model.to_dict(),
             }
             png = encode_png(Image.fromarray(pixels))
             members += [(f"{key}.png", png), (f"{key}.json", shards.dumps(info))]
@@ -348,6 +386,5 @@ def preview(output: str, per_class: int = 10, count: int = 100) -> np.ndarray:
     return tile(np.stack(rows[None]), 10)
 
 
-def _class_name(card: dict, label: int) -> str:
-    classes = card.get("classes")
-    return classes[label] if classes else str(label)
+def _class_name(card: ModelCard, label: int) -> str:
+    return card.classes[label] if card.classes else str(label)

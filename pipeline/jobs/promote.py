@@ -142,8 +142,8 @@ def _record(cfg: PromoteConfig, d: Decision, key: str | None) -> None:
         {
             "decision": verdict,
             "model_name": d.model_name,
-            "candidate_version": d.candidate,
-            "champion_version": d.champion,
+            "candidate_version": str(d.candidate),
+            "champion_version": str(d.champion),
         },
     )
     tracking.end_run(cfg.tracking_uri, run_id)
@@ -160,7 +160,7 @@ def _recorded(cfg: PromoteConfig, candidate: dict, champion: dict | None) -> Dec
     return Decision(
         cfg.model_name,
         candidate["version"],
-        champion and champion["version"],
+        champion["version"] if champion else None,
         tags["promotion.decision"] != "kept_champion",
         tags["promotion.metric"],
         number("promotion.candidate_value"),

@@ -20,7 +20,9 @@ class GaussianDenoiser:
     def __init__(self, mean: torch.Tensor, std: torch.Tensor):
         self.mean, self.std = mean, std
 
-    def __call__(self, y: torch.Tensor, sigma: torch.Tensor, label=None) -> torch.Tensor:
+    def __call__(
+        self, y: torch.Tensor, sigma: torch.Tensor, label: torch.Tensor | None = None
+    ) -> torch.Tensor:
         sigma = _column(sigma, y)
         return self.mean + self.std**2 / (self.std**2 + sigma**2) * (y - self.mean)
 
@@ -49,7 +51,9 @@ class MixtureDenoiser:
     def __init__(self, weights: torch.Tensor, means: torch.Tensor, stds: torch.Tensor):
         self.weights, self.means, self.stds = weights, means, stds  # [K], [K, *shape], [K]
 
-    def __call__(self, y: torch.Tensor, sigma: torch.Tensor, label=None) -> torch.Tensor:
+    def __call__(
+        self, y: torch.Tensor, sigma: torch.Tensor, label: torch.Tensor | None = None
+    ) -> torch.Tensor:
         sigma = _column(sigma, y).flatten()[:, None]  # [B, 1]
         flat = y.flatten(1)[:, None, :]  # [B, 1, d]
         mu = self.means.flatten(1)[None]  # [1, K, d]
@@ -82,6 +86,6 @@ class MixtureDenoiser:
         return mean, second - torch.outer(mean, mean)
 
 
-def _column(sigma, y: torch.Tensor) -> torch.Tensor:
+def _column(sigma: torch.Tensor | float, y: torch.Tensor) -> torch.Tensor:
     sigma = torch.as_tensor(sigma, dtype=y.dtype, device=y.device)
     return sigma.reshape(-1, *([1] * (y.ndim - 1)))

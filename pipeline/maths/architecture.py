@@ -99,7 +99,10 @@ class UNetConfig:
                 f"not a complete UNet architecture: unknown {unknown or 'none'}, "
                 f"missing {missing or 'none'}"
             )
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        values: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in data.items()
+        }
+        return cls(**values)
 
     def differences(self, other: UNetConfig, ignore: tuple[str, ...] = ()) -> list[str]:
         """`field (mine vs other's)` for every field that differs."""

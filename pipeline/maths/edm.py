@@ -14,6 +14,8 @@ deviation `sigma_data`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -80,7 +82,7 @@ class Precond(nn.Module):
 
 
 def edm_loss(
-    denoiser,
+    denoiser: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
     x: torch.Tensor,
     label: torch.Tensor | None = None,
     *,

@@ -10,22 +10,25 @@ initialisation. Sampling uses the averaged network, `ema.module`.
 from __future__ import annotations
 
 import copy
+from typing import Generic, TypeVar
 
 import torch
 from torch import nn
 
+M = TypeVar("M", bound=nn.Module)
 
-class EMA:
+
+class EMA(Generic[M]):
     """An averaged copy of a model, updated after each optimizer step."""
 
     def __init__(
-        self, model: nn.Module, halflife_images: float = 500_000, rampup_ratio: float | None = 0.05
+        self, model: M, halflife_images: float = 500_000, rampup_ratio: float | None = 0.05
     ):
         if halflife_images <= 0:
             raise ValueError(f"halflife_images must be positive, got {halflife_images}")
         self.halflife_images = halflife_images
         self.rampup_ratio = rampup_ratio
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.module: M = copy.deepcopy(model).eval().requires_grad_(False)
 
     def beta(self, images_seen: int, batch_images: int) -> float:
         """Weight kept by the average over a batch of `batch_images`, taken after
@@ -41,8 +44,8 @@ class EMA:
         beta = self.beta(images_seen, batch_images)
         for averaged, current in zip(self.module.parameters(), model.parameters(), strict=True):
             averaged.lerp_(current.detach().to(averaged.dtype), 1 - beta)
-        for averaged, current in zip(self.module.buffers(), model.buffers(), strict=True):
-            averaged.copy_(current)
+        for buffer, value in zip(self.module.buffers(), model.buffers(), strict=True):
+            buffer.copy_(value)
         return beta
 
     def state_dict(self) -> dict[str, torch.Tensor]:

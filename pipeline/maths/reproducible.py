@@ -5,44 +5,68 @@ nor a retry changes an image. Torch and numpy only."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
 from pipeline.maths.edm import karras_sigmas
-from pipeline.maths.solvers import SAMPLERS, guided, initial_noise, sample_generators
+from pipeline.maths.solvers import (
+    SAMPLERS,
+    Denoiser,
+    guided,
+    initial_noise,
+    sample_generators,
+)
 
 
-def image_labels(job: dict, indices: list[int], num_classes: int) -> list[int | None]:
-    """Each image's label: none, the fixed class, or drawn from (seed, index)."""
-    if job["labels"] == "none":
+def image_labels(
+    labels: str | int, seed: int, indices: list[int], num_classes: int
+) -> list[int | None]:
+    """Each image's label: none (`labels` "none"), the class `labels`, or drawn
+    from (seed, index) (`labels` "uniform")."""
+    if labels == "none":
         return [None] * len(indices)
-    if job["labels"] != "uniform":
-        return [int(job["labels"])] * len(indices)
-    return [int(np.random.default_rng([job["seed"], k, 1]).integers(num_classes)) for k in indices]
+    if labels != "uniform":
+        return [int(labels)] * len(indices)
+    return [int(np.random.default_rng([seed, k, 1]).integers(num_classes)) for k in indices]
 
 
-def generate(denoiser, job: dict, card: dict, indices: list[int], device):
-    """The uint8 images [N, H, W, 3] and labels of image `indices`."""
-    resolution = card["resolution"]
-    labels = image_labels(job, indices, card["model"].get("num_classes", 0))
-    generators = sample_generators(job["seed"], indices, device)
-    sigmas = karras_sigmas(job["steps"]).to(device)
+def generate(
+    denoiser: Callable[..., torch.Tensor],
+    indices: list[int],
+    device: torch.device | str,
+    *,
+    seed: int,
+    labels: str | int,
+    sampler: str,
+    steps: int,
+    guidance: float,
+    resolution: int,
+    num_classes: int,
+) -> tuple[np.ndarray, list[int | None]]:
+    """The uint8 images [N, H, W, 3] and labels of image `indices` of the job
+    (seed, labels, sampler, steps, guidance) with a network of `resolution` px and
+    `num_classes` classes."""
+    per_image = image_labels(labels, seed, indices, num_classes)
+    generators = sample_generators(seed, indices, device)
+    sigmas = karras_sigmas(steps).to(device)
     x = initial_noise(
         (len(indices), 3, resolution, resolution), float(sigmas[0]), generators, device
     )
-    label = None if labels[0] is None else torch.tensor(labels, device=device)
-    stochastic = job["sampler"] in ("euler_ancestral", "edm_stochastic")
+    label = None if per_image[0] is None else torch.tensor(per_image, device=device)
+    stochastic = sampler in ("euler_ancestral", "edm_stochastic")
     with torch.no_grad():
-        out = SAMPLERS[job["sampler"]](
+        out = SAMPLERS[sampler](
             denoiser,
             x,
             sigmas,
             label=label,
-            guidance=job["guidance"],
+            guidance=guidance,
             generator=generators if stochastic else None,
         )
     pixels = ((out.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy(), labels
+    return pixels.permute(0, 2, 3, 1).cpu().numpy(), per_image
 
 
 class FixedBatch:
@@ -51,21 +75,32 @@ class FixedBatch:
     With classifier-free guidance each call holds `size` images twice (with and
     without their labels), so the same holds for guided sampling."""
 
-    def __init__(self, denoiser, size: int):
+    def __init__(self, denoiser: Denoiser, size: int):
         self.denoiser, self.size = denoiser, size
 
-    def __call__(self, x, sigma, label=None):
+    def __call__(
+        self, x: torch.Tensor, sigma: torch.Tensor, label: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self._chunked(x, sigma, label, self.denoiser)
 
-    def guided(self, x, sigma, label, guidance: float):
+    def guided(
+        self, x: torch.Tensor, sigma: torch.Tensor, label: torch.Tensor, guidance: float
+    ) -> torch.Tensor:
         """Classifier-free guidance (`samplers.guided`) on fixed-size chunks."""
 
-        def call(xs, ss, ls):
+        def call(xs: torch.Tensor, ss: torch.Tensor, ls: torch.Tensor | None) -> torch.Tensor:
+            assert ls is not None  # guided calls carry labels
             return guided(self.denoiser, xs, ss, ls, guidance)
 
         return self._chunked(x, sigma, label, call)
 
-    def _chunked(self, x, sigma, label, call):
+    def _chunked(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        label: torch.Tensor | None,
+        call: Denoiser,
+    ) -> torch.Tensor:
         out = []
         for i in range(0, len(x), self.size):
             xs, ss = x[i : i + self.size], sigma[i : i + self.size]

@@ -57,7 +57,10 @@ def noise_like(x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.
 
 
 def initial_noise(
-    shape: Sequence[int], sigma_max: float, generators: Sequence[torch.Generator], device="cpu"
+    shape: Sequence[int],
+    sigma_max: float,
+    generators: Sequence[torch.Generator],
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """The sampler's starting point x ~ N(0, sigma_max^2 I), per-sample generators."""
     return noise_like(torch.empty(tuple(shape), device=device), generators) * sigma_max
@@ -71,7 +74,9 @@ NO_LABEL = -1
 maps it to its "no label" class)."""
 
 
-def _denoise(denoiser, x, sigma, label, guidance) -> torch.Tensor:
+def _denoise(
+    denoiser: Denoiser, x: torch.Tensor, sigma: float, label: torch.Tensor | None, guidance: float
+) -> torch.Tensor:
     s = x.new_full((x.shape[0],), float(sigma))
     if label is None or guidance == 1.0:
         return denoiser(x, s, label)
@@ -83,7 +88,9 @@ def _denoise(denoiser, x, sigma, label, guidance) -> torch.Tensor:
     return guided(denoiser, x, s, label, guidance)
 
 
-def guided(denoiser, x, sigma, label, guidance: float) -> torch.Tensor:
+def guided(
+    denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, label: torch.Tensor, guidance: float
+) -> torch.Tensor:
     """Classifier-free guidance in one network call: the batch goes through twice,
     once with its labels and once with NO_LABEL, as one concatenated batch; then
     D = D_uncond + w (D_cond - D_uncond). Same work as two calls, but one launch
@@ -163,7 +170,7 @@ def sample_euler_ancestral(
     """Euler-ancestral: each step goes down to sigma_down with Euler, then adds fresh
     noise up to the next level (Ho et al. 2020's ancestral sampling in EDM's
     parametrisation, as k-diffusion's sample_euler_ancestral with eta = 1)."""
-    _need_generators(generator, x, "euler_ancestral")
+    generator = _need_generators(generator, x, "euler_ancestral")
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = _denoise(denoiser, x, sigma, label, guidance)
@@ -179,37 +186,40 @@ def sample_euler_ancestral(
 
 @torch.no_grad()
 def sample_edm_stochastic(
-    denoiser,
-    x,
-    sigmas,
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
     *,
-    label=None,
-    guidance=1.0,
-    generator=None,
-    callback=None,
+    label: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    generator: Sequence[torch.Generator] | None = None,
+    callback: Callable[..., None] | None = None,
     s_churn: float = 40.0,
     s_tmin: float = 0.05,
     s_tmax: float = 50.0,
     s_noise: float = 1.003,
-):
+) -> torch.Tensor:
     """EDM's stochastic sampler (Algorithm 2): at each level in [s_tmin, s_tmax] raise
     sigma by a factor 1 + gamma with fresh noise ("churn"), then take a Heun step.
     Defaults are EDM's ImageNet-64 settings."""
-    _need_generators(generator, x, "edm_stochastic")
+    generators = _need_generators(generator, x, "edm_stochastic")
     steps = len(sigmas) - 1
     for i in range(steps):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         gamma = min(s_churn / steps, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (1 + gamma)
         if gamma > 0:
-            x = x + noise_like(x, generator) * s_noise * math.sqrt(sigma_hat**2 - sigma**2)
+            x = x + noise_like(x, generators) * s_noise * math.sqrt(sigma_hat**2 - sigma**2)
         x = _heun_step(denoiser, x, sigma_hat, sigma_next, label, guidance, callback, i)
     return x
 
 
-def _need_generators(generator, x, name):
+def _need_generators(
+    generator: Sequence[torch.Generator] | None, x: torch.Tensor, name: str
+) -> Sequence[torch.Generator]:
     if generator is None or len(generator) != x.shape[0]:
         raise ValueError(f"{name} is stochastic: pass one generator per sample (generator=[...])")
+    return generator
 
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {

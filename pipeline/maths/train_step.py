@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -43,7 +43,9 @@ def learning_rate(images_seen: int, base: float, rampup_images: int) -> float:
     return base * min(images_seen / rampup_images, 1.0)
 
 
-def step_generator(seed: int, rank: int, images_seen: int, device="cpu") -> torch.Generator:
+def step_generator(
+    seed: int, rank: int, images_seen: int, device: torch.device | str = "cpu"
+) -> torch.Generator:
     """The generator for one step's noise, a function of (seed, rank, images_seen)."""
     state = np.random.SeedSequence([seed, rank, images_seen]).generate_state(1, np.uint64)[0]
     return torch.Generator(device=device).manual_seed(int(state) & (2**63 - 1))
@@ -111,14 +113,16 @@ def train_step(
     return StepResult(mean_loss, grad_norm, lr, beta)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def _autocast(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[object]:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
 
 
 @contextlib.contextmanager
-def _seeded_global_rng(seed: int, device: torch.device):
+def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
     """Dropout and label dropout draw from torch's global generators: seed them
     for the step, and leave the caller's state as it was."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

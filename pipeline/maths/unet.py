@@ -18,6 +18,7 @@ layer works on `channels_last` tensors.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,7 @@ class NoiseEmbedding(nn.Module):
         super().__init__()
         half = channels // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half) / (half - 1))
+        self.freqs: torch.Tensor
         self.register_buffer("freqs", freqs, persistent=False)
         self.mlp = nn.Sequential(
             nn.Linear(channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels)
@@ -212,7 +214,7 @@ class UNet(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build(template: str, resolution: int | None = None, **overrides) -> UNet:
+def build(template: str, resolution: int | None = None, **overrides: Any) -> UNet:
     """The UNet of a template at `resolution` (default: the template's own), with
     any UNetConfig field overridden: `build("small", 64, num_classes=10)`."""
     return UNet(architecture(template, resolution, **overrides))

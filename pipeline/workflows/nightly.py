@@ -73,14 +73,14 @@ def nightly(cfg: NightlyConfig, say: Callable[[str], None] = print) -> NightResu
     return NightResult(
         manifest.get("version", 1),
         candidate,
-        champion and champion["version"],
+        champion["version"] if champion else None,
         promoted,
         samples,
         scores,
     )
 
 
-def _train(cfg: NightlyConfig, digest: str, say) -> int | None:
+def _train(cfg: NightlyConfig, digest: str, say: Callable[[str], None]) -> int | None:
     """Tonight's model version: trained now, or found from an earlier run tonight;
     None when a version was already trained on exactly this dataset (a night
     without new data trains nothing, even after a candidate lost)."""
@@ -117,7 +117,7 @@ def _train(cfg: NightlyConfig, digest: str, say) -> int | None:
     return result.model_version
 
 
-def _evaluate(cfg: NightlyConfig, version: int, say) -> dict:
+def _evaluate(cfg: NightlyConfig, version: int, say: Callable[[str], None]) -> dict:
     """Score `version` on tonight's dataset; returns the results (`key`, `metrics`...)."""
     from pipeline.jobs.evaluate import evaluate
 
@@ -128,7 +128,7 @@ def _evaluate(cfg: NightlyConfig, version: int, say) -> dict:
     return result.results
 
 
-def _sample(cfg: NightlyConfig, champion: int, say) -> str:
+def _sample(cfg: NightlyConfig, champion: int, say: Callable[[str], None]) -> str:
     from pipeline.jobs.generate import sample
 
     result = sample(cfg.sample_config(champion))

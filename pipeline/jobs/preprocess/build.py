@@ -114,8 +114,9 @@ def _build_shard(plan: ShardPlan, digest: str, cfg: PreprocessConfig) -> dict[st
 def _sample_members(
     item: InputItem, data: bytes, split: str, cfg: PreprocessConfig
 ) -> list[tuple[str, bytes]]:
+    red, green, blue = cfg.background
     img, original = decode_image(
-        data, max_pixels=cfg.max_pixels, background=tuple(cfg.background), min_side=cfg.resolution
+        data, max_pixels=cfg.max_pixels, background=(red, green, blue), min_side=cfg.resolution
     )
     img = center_crop_resize(img, cfg.resolution, upscale=cfg.small_images == "upscale")
     key = item.key

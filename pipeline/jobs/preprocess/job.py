@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -196,9 +197,9 @@ def _plan_inputs(
             names = {s["name"] for s in dataset["shards"]}
             objects, fmt, ours = [o for o in objects if o.relpath in names], "webdataset", True
     if fmt == "auto":
-        tars = any(o.relpath.endswith(".tar") for o in objects)
-        images = any(sources.looks_like_image(o.relpath) for o in objects)
-        fmt = "webdataset" if tars and not images else "files"
+        has_tars = any(o.relpath.endswith(".tar") for o in objects)
+        has_images = any(sources.looks_like_image(o.relpath) for o in objects)
+        fmt = "webdataset" if has_tars and not has_images else "files"
     if fmt == "files":
         items, rejects, classes = sources.file_inputs(objects, cfg.labels)
         return _Inputs(items, rejects, classes, fmt, "folders" if classes else "none")
@@ -321,7 +322,7 @@ def _index_tars(
 
     rows = [{"uri": o.uri, "relpath": o.relpath, "size": o.size} for o in objects]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        build.index_tars, batch_size=1, fn_kwargs={"labels": labels, "ours": ours}
+        functools.partial(build.index_tars, labels=labels, ours=ours), batch_size=1
     )
     items, rejects = [], []
     for row in ds.iter_rows():
@@ -355,7 +356,7 @@ def _build(
         for p in todo
     ]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        build.build_shards, batch_size=1, fn_kwargs={"cfg": cfg}, num_cpus=1
+        functools.partial(build.build_shards, cfg=cfg), batch_size=1, num_cpus=1
     )
     with tqdm(
         total=total_inputs,

@@ -110,7 +110,7 @@ def next_manifest(
         {k: r[k] for k in ("name", "split", "samples", "bytes", "sha256")} for r in records
     ]
     written = sum(e["samples"] for e in entries)
-    by_split = collections.Counter()
+    by_split: collections.Counter[str] = collections.Counter()
     for e in entries:
         by_split[e["split"]] += e["samples"]
     # What built the newest shards; each shard's record names its own.

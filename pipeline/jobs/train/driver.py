@@ -14,19 +14,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
-import os
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.config import ConfigError, TrainConfig, to_dict
+from pipeline.config.records import CheckpointState, DatasetRef, ModelCard, TrainingPlan
 from pipeline.data import shards
 from pipeline.edges import cluster, storage, tracking
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from pipeline.edges import registry
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +70,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.jobs.train.worker import stopped_marker, train_loop_per_worker
+    from pipeline.jobs.train.worker import Stop, stopped_marker, train_loop_per_worker
 
     # MLflow first: a resumed run whose settings changed is refused before Ray starts.
-    plan["run_id"] = tracking.find_or_create_run(cfg.tracking_uri, cfg.experiment, cfg.run_name)
-    _log_inputs(cfg, plan)
+    run_id = tracking.find_or_create_run(cfg.tracking_uri, cfg.experiment, cfg.run_name)
+    plan = dataclasses.replace(plan, run_id=run_id)
+    _log_inputs(cfg, plan, run_id)
     if init is not None:
-        tags = {"init_from.model": init.describe(), "init_from.digest": init.lineage["digest"]}
-        tracking.set_tags(cfg.tracking_uri, plan["run_id"], tags)
-    tracking.set_running(cfg.tracking_uri, plan["run_id"])
+        tags = {"init_from.model": init.describe(), "init_from.digest": init.lineage.digest}
+        tracking.set_tags(cfg.tracking_uri, run_id, tags)
+    tracking.set_running(cfg.tracking_uri, run_id)
 
     cluster.connect()
     cluster.warn_local_paths([("train.dataset", cfg.dataset), ("train.storage", cfg.storage)])
@@ -91,8 +98,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     fs, path = storage.arrow_filesystem(cfg.storage)
     with cluster.data_settings():
-        passes = min(MAX_PASSES, math.ceil(plan["images"] / plan["dataset"]["train_images"]))
-        data = training_data(cfg.dataset, manifest, plan["num_classes"] > 0, cfg.hflip, passes)
+        passes = min(MAX_PASSES, math.ceil(plan.images / plan.dataset.train_images))
+        data = training_data(cfg.dataset, manifest, plan.num_classes > 0, cfg.hflip, passes)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -112,36 +119,38 @@ def train(cfg: TrainConfig) -> TrainResult:
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            logging_config=cluster.train_logging(),
+            # Train V2's RunConfig (ray.train.v2) takes logging_config; ray's static
+            # types still describe V1's (ray.air.config.RunConfig).
+            logging_config=cluster.train_logging(),  # type: ignore[call-arg]
         ),
         datasets={"train": data},
     )
     storage.delete(stopped_marker(cfg))
     try:
-        with cluster.data_settings(), _progress(cfg, plan):
+        with cluster.data_settings(), _progress(cfg, plan, run_id):
             result = trainer.fit()
     except BaseException as e:
         interrupted = isinstance(e, KeyboardInterrupt)
-        tracking.end_run(cfg.tracking_uri, plan["run_id"], "KILLED" if interrupted else "FAILED")
+        tracking.end_run(cfg.tracking_uri, run_id, "KILLED" if interrupted else "FAILED")
         if interrupted or not isinstance(e, Exception):
             raise
         raise TrainingFailed(f"training failed (the last checkpoint is kept): {e}") from e
     metrics = result.metrics or {}
     final = result.checkpoint.path if result.checkpoint else None
     try:
-        stop = json.loads(storage.read_bytes(stopped_marker(cfg)))
+        stop = Stop.from_dict(json.loads(storage.read_bytes(stopped_marker(cfg))))
     except storage.NotFound:
         stop = None
     if stop is not None:
-        tracking.end_run(cfg.tracking_uri, plan["run_id"], status="FAILED")
+        tracking.end_run(cfg.tracking_uri, run_id, status="FAILED")
         raise TrainingStopped(
-            f"stopped at step {stop['step']} ({stop['images_seen']} images seen): "
-            f"{stop['detail']}; last good checkpoint: {_uri(cfg, final)}"
+            f"stopped at step {stop.step} ({stop.images_seen} images seen): "
+            f"{stop.detail}; last good checkpoint: {_uri(cfg, final)}"
         )
-    version = _register(cfg, plan, final)
-    tracking.end_run(cfg.tracking_uri, plan["run_id"])
+    version = _register(cfg, plan, run_id, final)
+    tracking.end_run(cfg.tracking_uri, run_id)
     return TrainResult(
-        plan["run_id"],
+        run_id,
         metrics["images_seen"],
         metrics["loss"],
         _uri(cfg, final),
@@ -151,14 +160,14 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 @contextlib.contextmanager
-def _progress(cfg: TrainConfig, plan: dict) -> Iterator[None]:
+def _progress(cfg: TrainConfig, plan: TrainingPlan, run_id: str) -> Iterator[None]:
     """A progress bar of images seen while training runs, from the `images_seen`
     that rank 0 logs to MLflow every `log_every_images` (polled)."""
     from tqdm import tqdm
 
-    uri, run_id = cfg.tracking_uri, plan["run_id"]
+    uri = cfg.tracking_uri
     start = int(tracking.latest_metric(uri, run_id, "images_seen") or 0)
-    bar = tqdm(total=plan["images"], initial=start, unit="img", desc="train", dynamic_ncols=True)
+    bar = tqdm(total=plan.images, initial=start, unit="img", desc="train", dynamic_ncols=True)
     stop = threading.Event()
 
     def poll() -> None:
@@ -178,18 +187,15 @@ def _progress(cfg: TrainConfig, plan: dict) -> Iterator[None]:
         bar.close()
 
 
-def _init_model(cfg: TrainConfig, plan: dict):
+def _init_model(cfg: TrainConfig, plan: TrainingPlan) -> registry.Model | None:
     """The model a warm start begins from (None without one); it must be the very
     network this run trains (dropout aside)."""
     if not cfg.init_from:
         return None
     from pipeline.edges import registry
-    from pipeline.maths.architecture import UNetConfig
 
     init = registry.load_model(cfg.init_from, cfg.tracking_uri, "train.init_from")
-    differences = init.architecture().differences(
-        UNetConfig.from_dict(plan["model"]), ignore=("dropout", "label_dropout")
-    )
+    differences = init.architecture().differences(plan.model, ignore=("dropout", "label_dropout"))
     if differences:
         raise ConfigError(
             f"train.init_from: {init.describe()} is another network than this run's "
@@ -209,7 +215,7 @@ def _check_storage(cfg: TrainConfig) -> None:
         raise ConfigError(f"train.storage: {e}") from None
 
 
-def _plan(cfg: TrainConfig, manifest: dict, digest: str) -> dict[str, Any]:
+def _plan(cfg: TrainConfig, manifest: dict, digest: str) -> TrainingPlan:
     """What the workers need beyond the config: derived sizes, the whole network."""
     resolution = manifest["resolution"]
     train_images = manifest["counts"]["written_by_split"]["train"]
@@ -224,29 +230,20 @@ def _plan(cfg: TrainConfig, manifest: dict, digest: str) -> dict[str, Any]:
     network = cfg.model.resolve(
         resolution, num_classes, cfg.label_dropout, "train.model", source="the dataset's images of "
     )
-    dataset = {
-        "uri": storage.join(cfg.dataset, shards.MANIFEST),
-        "digest": digest,
-        "train_images": train_images,
-    }
-    return {
-        "images": images,
-        "num_classes": num_classes,
-        "model": network.to_dict(),
-        "resolution": resolution,
-        "dataset": dataset,
-        "classes": manifest.get("classes"),
-        # Tests inject a NaN into the loss from this many images on.
-        "nan_at_images": _int_env("PIPELINE_TEST_NAN_AT_IMAGES"),
-    }
+    classes = manifest.get("classes")
+    return TrainingPlan(
+        images=images,
+        num_classes=num_classes,
+        model=network,
+        resolution=resolution,
+        dataset=DatasetRef(storage.join(cfg.dataset, shards.MANIFEST), digest, train_images),
+        classes=None if classes is None else tuple(classes),
+    )
 
 
-def _int_env(name: str) -> int | None:
-    value = os.environ.get(name)
-    return None if value is None else int(value)
-
-
-def training_data(dataset: str, manifest: dict, labelled: bool, hflip: bool, passes: int = 1):
+def training_data(
+    dataset: str, manifest: dict, labelled: bool, hflip: bool, passes: int = 1
+) -> ray.data.Dataset:
     """The dataset's train shards as a Ray Data stream of float images in [-1, 1]
     (NCHW) and int64 labels, flipped left-right at random when `hflip`.
 
@@ -262,7 +259,7 @@ def training_data(dataset: str, manifest: dict, labelled: bool, hflip: bool, pas
     ] * passes
     suffixes = ["png", "cls"] if labelled else ["png"]
     ds = ray.data.read_webdataset(paths, filesystem=fs, suffixes=suffixes)
-    return ds.map_batches(to_training_batch, fn_kwargs={"hflip": hflip}, batch_format="numpy")
+    return ds.map_batches(functools.partial(to_training_batch, hflip=hflip), batch_format="numpy")
 
 
 def to_training_batch(batch: dict[str, np.ndarray], hflip: bool) -> dict[str, np.ndarray]:
@@ -299,19 +296,19 @@ RESUMABLE_CHANGES = (
 change is refused, since the checkpoint would continue a different run."""
 
 
-def _log_inputs(cfg: TrainConfig, plan: dict) -> None:
+def _log_inputs(cfg: TrainConfig, plan: TrainingPlan, run_id: str) -> None:
     params = tracking.flatten(to_dict(cfg))
     params.update(
         {
-            "plan.images": plan["images"],
-            "plan.num_classes": plan["num_classes"],
-            "plan.resolution": plan["resolution"],
-            "plan.dataset_digest": plan["dataset"]["digest"],
+            "plan.images": plan.images,
+            "plan.num_classes": plan.num_classes,
+            "plan.resolution": plan.resolution,
+            "plan.dataset_digest": plan.dataset.digest,
         }
     )
-    params.update(tracking.flatten(plan["model"], "architecture."))
+    params.update(tracking.flatten(plan.model.to_dict(), "architecture."))
     try:
-        tracking.log_params(cfg.tracking_uri, plan["run_id"], params, RESUMABLE_CHANGES)
+        tracking.log_params(cfg.tracking_uri, run_id, params, RESUMABLE_CHANGES)
     except tracking.ParamConflict as e:
         key, (was, now) = next(iter(e.changes.items()))
         field = key.replace("plan.dataset_digest", "dataset")
@@ -321,55 +318,57 @@ def _log_inputs(cfg: TrainConfig, plan: dict) -> None:
         ) from None
     tracking.log_dataset(
         cfg.tracking_uri,
-        plan["run_id"],
-        plan["dataset"]["uri"],
-        plan["dataset"]["digest"],
+        run_id,
+        plan.dataset.uri,
+        plan.dataset.digest,
         name=cfg.dataset.rstrip("/").split("/")[-1],
     )
     tracking.set_tags(
         cfg.tracking_uri,
-        plan["run_id"],
+        run_id,
         {
-            "dataset_digest": plan["dataset"]["digest"],
-            "dataset_uri": plan["dataset"]["uri"],
+            "dataset_digest": plan.dataset.digest,
+            "dataset_uri": plan.dataset.uri,
             "template": cfg.model.template,
-            "hflip": cfg.hflip,
+            "hflip": str(cfg.hflip),
         },
     )
 
 
-def _register(cfg: TrainConfig, plan: dict, final: str) -> int:
+def _register(cfg: TrainConfig, plan: TrainingPlan, run_id: str, final: str | None) -> int:
     """Register the final checkpoint's EMA weights as a new model version."""
     from pipeline.edges import checkpoint
 
     folder = _uri(cfg, final)
-    state = json.loads(storage.read_bytes(storage.join(folder, checkpoint.STATE)))
-    card = {
-        "template": cfg.model.template,
-        "model": plan["model"],
-        "resolution": plan["resolution"],
-        "classes": plan["classes"],
-        "sigma_data": 0.5,
-        "images_seen": state["images_seen"],
-        "dataset": plan["dataset"],
-        "run_id": plan["run_id"],
-        "augmentation": {"hflip": cfg.hflip},
-    }
+    state = CheckpointState.from_dict(
+        json.loads(storage.read_bytes(storage.join(folder, checkpoint.STATE)))
+    )
+    card = ModelCard(
+        template=cfg.model.template,
+        model=plan.model,
+        resolution=plan.resolution,
+        classes=plan.classes,
+        sigma_data=0.5,
+        images_seen=state.images_seen,
+        dataset=plan.dataset,
+        run_id=run_id,
+        augmentation={"hflip": cfg.hflip},
+    )
     files = {
         "model.safetensors": storage.read_bytes(storage.join(folder, checkpoint.EMA_WEIGHTS)),
-        "model.json": json.dumps(card, indent=1, sort_keys=True).encode(),
+        "model.json": json.dumps(card.to_dict(), indent=1, sort_keys=True).encode(),
     }
     tags = {
-        "dataset_digest": plan["dataset"]["digest"],
-        "dataset_uri": plan["dataset"]["uri"],
-        "run_id": plan["run_id"],
-        "images_seen": str(state["images_seen"]),
+        "dataset_digest": plan.dataset.digest,
+        "dataset_uri": plan.dataset.uri,
+        "run_id": run_id,
+        "images_seen": str(state.images_seen),
         "checkpoint": folder,
         "template": cfg.model.template,
         "hflip": str(cfg.hflip),
     }
     return tracking.register_model(
-        cfg.tracking_uri, plan["run_id"], cfg.model_name or cfg.run_name, files, tags
+        cfg.tracking_uri, run_id, cfg.model_name or cfg.run_name, files, tags
     )
 
 

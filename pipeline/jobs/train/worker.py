@@ -10,11 +10,14 @@ checkpoints and logs to MLflow; every rank calls `report()` at the same points.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
+import typing
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
@@ -24,19 +27,19 @@ import torch
 from safetensors.torch import load as load_weights
 
 from pipeline.config import TrainConfig, from_dict
+from pipeline.config.records import CheckpointState, TrainingPlan, check_keys
 from pipeline.data.transforms import tile
 from pipeline.edges import checkpoint, storage, tracking
-from pipeline.maths.architecture import UNetConfig
 from pipeline.maths.edm import Precond, karras_sigmas
 from pipeline.maths.ema import EMA
 from pipeline.maths.solvers import initial_noise, sample_generators, sample_heun
-from pipeline.maths.train_step import NonFiniteLoss, step_generator, train_step
+from pipeline.maths.train_step import NonFiniteLoss, StepResult, step_generator, train_step
 from pipeline.maths.unet import UNet
 
 
 def train_loop_per_worker(config: dict) -> None:
     cfg: TrainConfig = from_dict(TrainConfig, config["train"])
-    plan = config["plan"]
+    plan: TrainingPlan = config["plan"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -44,7 +47,7 @@ def train_loop_per_worker(config: dict) -> None:
     # The same network on every worker, then the latest checkpoint over it.
     # A warm start begins from another model's weights, its average too.
     torch.manual_seed(cfg.seed)
-    net = UNet(UNetConfig.from_dict(plan["model"])).to(device)
+    net = UNet(plan.model).to(device)
     restored = ray.train.get_checkpoint()
     if restored is None and config.get("init_weights") is not None:
         net.load_state_dict(load_weights(ray.get(config["init_weights"])))
@@ -54,27 +57,26 @@ def train_loop_per_worker(config: dict) -> None:
     images_seen = 0
     if restored is not None:
         with restored.as_directory() as folder:
-            state = checkpoint.load(Path(folder), net, ema and ema.module.net, optimizer)
-        images_seen = state["images_seen"]
+            state = checkpoint.load(Path(folder), net, ema.module.net if ema else None, optimizer)
+        images_seen = state.images_seen
     node = ray.get_runtime_context().get_node_id()[:12]
     print(
         f"train worker {rank} of {world} on node {node} ({device}) starts at "
         f"{images_seen} images seen",
         flush=True,
     )
-    model = ray.train.torch.prepare_model(denoiser)  # to the device, and DDP when world > 1
+    model: torch.nn.Module = ray.train.torch.prepare_model(denoiser)  # DDP if world > 1
     if cfg.compile:
-        model = torch.compile(model)
+        # On a module, torch.compile returns a module (OptimizedModule).
+        model = typing.cast(torch.nn.Module, torch.compile(model))
     bf16 = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else None
 
     batches = _batches(ray.train.get_dataset_shard("train"), cfg.per_worker_batch, device)
     log = _Rank0Log(cfg, plan, images_seen) if rank == 0 else None
     losses: list[float] = []
-    while images_seen < plan["images"]:
+    while images_seen < plan.images:
         # One optimizer step over this worker's part of the global batch.
         batch = next(batches)
-        if plan["nan_at_images"] is not None and images_seen >= plan["nan_at_images"]:
-            batch["image"] = batch["image"] * float("nan")  # a test's injected fault
         micro = _micro_batches(batch, cfg.micro_batch or cfg.per_worker_batch)
         try:
             result = train_step(
@@ -94,16 +96,12 @@ def train_loop_per_worker(config: dict) -> None:
             # Every rank sees it (the gradients are all-reduced). Stop without Ray
             # Train's retries, which would meet it again, and tell the driver.
             if rank == 0:
-                stop = {
-                    "step": images_seen // cfg.batch_size,
-                    "images_seen": images_seen,
-                    "detail": str(e),
-                }
-                storage.write_bytes(stopped_marker(cfg), json.dumps(stop).encode())
+                stop = Stop(images_seen // cfg.batch_size, images_seen, str(e))
+                storage.write_bytes(stopped_marker(cfg), json.dumps(stop.to_dict()).encode())
             return
         before, images_seen = images_seen, images_seen + cfg.batch_size
         losses.append(result.loss)
-        done = images_seen >= plan["images"]
+        done = images_seen >= plan.images
 
         # Logging, sample grids and checkpoints, at fixed image counts on every rank.
         if _crossed(before, images_seen, cfg.log_every_images) or done:
@@ -115,40 +113,69 @@ def train_loop_per_worker(config: dict) -> None:
             done
             or (cfg.sample_every_images and _crossed(before, images_seen, cfg.sample_every_images))
         ):
+            assert ema is not None  # rank 0 keeps the average and logs
             log.samples(images_seen, ema.module, device)
         if _crossed(before, images_seen, cfg.checkpoint_every_images) or done:
-            state = {
-                "images_seen": images_seen,
-                "step": images_seen // cfg.batch_size,
-                "run_id": plan["run_id"],
-                "model": plan["model"],
-                "config": {**config["train"], "tracking_uri": tracking.redact(cfg.tracking_uri)},
-                "dataset": plan["dataset"],
-                "seed": cfg.seed,
-            }
+            state = CheckpointState(
+                images_seen=images_seen,
+                step=images_seen // cfg.batch_size,
+                run_id=plan.run_id,
+                model=plan.model,
+                config={**config["train"], "tracking_uri": tracking.redact(cfg.tracking_uri)},
+                dataset=plan.dataset,
+                seed=cfg.seed,
+            )
             _report_checkpoint(rank, state, net, ema, optimizer, result, done)
     if log:
         log.close()
 
 
 def stopped_marker(cfg: TrainConfig) -> str:
-    """Where rank 0 records that the loss became NaN or infinite."""
+    """Where rank 0 records that the loss became NaN or infinite (a `Stop`)."""
     return storage.join(cfg.storage, cfg.run_name, "stopped.json")
 
 
-def _report_checkpoint(rank, state, net, ema, optimizer, result, done) -> None:
+@dataclasses.dataclass(frozen=True)
+class Stop:
+    """Training stopped itself: the loss became NaN or infinite at this step."""
+
+    step: int
+    images_seen: int
+    """Images seen before the step (the step's own batch not counted)."""
+    detail: str
+    """What was not finite (`NonFiniteLoss`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Stop:
+        check_keys("stop marker", data, [f.name for f in dataclasses.fields(cls)])
+        return cls(**data)
+
+
+def _report_checkpoint(
+    rank: int,
+    state: CheckpointState,
+    net: torch.nn.Module,
+    ema: EMA[Precond] | None,
+    optimizer: torch.optim.Optimizer,
+    result: StepResult,
+    done: bool,
+) -> None:
     """Every rank reports; rank 0 attaches the checkpoint it just wrote."""
     metrics = {
         "status": "done" if done else "running",
-        "images_seen": state["images_seen"],
-        "step": state["step"],
+        "images_seen": state.images_seen,
+        "step": state.step,
         "loss": result.loss,
         "learning_rate": result.learning_rate,
     }
-    name = f"checkpoint-{state['images_seen']:012d}"
+    name = f"checkpoint-{state.images_seen:012d}"
     if rank != 0:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
         return
+    assert ema is not None  # rank 0 keeps the average
     with tempfile.TemporaryDirectory() as folder:
         checkpoint.save(Path(folder), net, ema.module.net, optimizer, state)
         ray.train.report(
@@ -158,7 +185,9 @@ def _report_checkpoint(rank, state, net, ema, optimizer, result, done) -> None:
         )
 
 
-def _batches(shard, size: int, device) -> Iterator[dict[str, torch.Tensor]]:
+def _batches(
+    shard: ray.data.DataIterator, size: int, device: torch.device
+) -> Iterator[dict[str, torch.Tensor]]:
     """This worker's batches, epoch after epoch. Every worker's split has the same
     number of rows and the last partial batch is dropped, so all workers run the
     same number of steps per epoch and stay in lockstep."""
@@ -171,7 +200,9 @@ def _batches(shard, size: int, device) -> Iterator[dict[str, torch.Tensor]]:
             raise RuntimeError(f"this worker's share of the data holds fewer than {size} images")
 
 
-def _micro_batches(batch: dict[str, torch.Tensor], size: int):
+def _micro_batches(
+    batch: dict[str, torch.Tensor], size: int
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     x, label = batch["image"], batch.get("label")
     return [
         (x[i : i + size], None if label is None else label[i : i + size])
@@ -183,7 +214,7 @@ def _crossed(before: int, after: int, every: int) -> bool:
     return before // every != after // every
 
 
-def _mean_over_ranks(value: float, world: int, device) -> float:
+def _mean_over_ranks(value: float, world: int, device: torch.device) -> float:
     if world == 1:
         return value
     tensor = torch.tensor([value], device=device, dtype=torch.float64)
@@ -194,13 +225,14 @@ def _mean_over_ranks(value: float, world: int, device) -> float:
 class _Rank0Log:
     """Rank 0's MLflow logging: metrics, images/s, sample grids, system metrics."""
 
-    def __init__(self, cfg: TrainConfig, plan: dict, images_seen: int):
-        self.uri, self.run_id, self.plan = cfg.tracking_uri, plan["run_id"], plan
+    def __init__(self, cfg: TrainConfig, plan: TrainingPlan, images_seen: int):
+        assert plan.run_id is not None, "the driver gives the workers a plan with its run"
+        self.uri, self.run_id, self.plan = cfg.tracking_uri, plan.run_id, plan
         self.seed = cfg.seed
         self.system = tracking.SystemMetrics(self.uri, self.run_id).__enter__()
         self.clock, self.images = time.perf_counter(), images_seen
 
-    def metrics(self, images_seen: int, loss: float, result) -> None:
+    def metrics(self, images_seen: int, loss: float, result: StepResult) -> None:
         now = time.perf_counter()
         rate = (images_seen - self.images) / max(now - self.clock, 1e-9)
         self.clock, self.images = now, images_seen
@@ -217,11 +249,13 @@ class _Rank0Log:
             step=images_seen,
         )
 
-    def samples(self, images_seen: int, ema_denoiser, device, count: int = 64) -> None:
+    def samples(
+        self, images_seen: int, ema_denoiser: Precond, device: torch.device, count: int = 64
+    ) -> None:
         """A grid of EMA samples from fixed seeds (and labels cycling through the
         classes), so the grids of a run show the same noise becoming images."""
-        classes = self.plan["model"].get("num_classes", 0)
-        resolution = self.plan["resolution"]
+        classes = self.plan.model.num_classes
+        resolution = self.plan.resolution
         generators = sample_generators(self.seed, range(count), device)
         x = initial_noise((count, 3, resolution, resolution), 80.0, generators, device)
         label = torch.arange(count, device=device) % classes if classes else None

@@ -1,0 +1,316 @@
+"""What the jobs hand each other across a process or storage boundary, typed.
+
+    TrainingPlan     the train driver -> its Ray Train workers
+    CheckpointState  a checkpoint's `state.json`
+    ModelCard        a registered model's `model.json` (and what a checkpoint says
+                     of its model)
+    Lineage          where a model came from: registry name and version, or
+                     checkpoint; the sha256 of its weights
+    GenerationJob    a generation job's `_job.json` (and its manifest's `job`)
+    DatasetRef       the dataset a run trained on, inside the records above
+
+Each is a frozen dataclass with `to_dict` (plain data for JSON, in the format
+these files have always had) and `from_dict`, which refuses unknown and missing
+keys by name (`model card: unknown key 'presett'`), so a mistyped key fails where
+a record is read, not later on a worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from pipeline.maths.architecture import UNetConfig, architecture
+
+
+class RecordError(ValueError):
+    """A record read back is not in its format; the message names the record and
+    the key."""
+
+
+def check_keys(
+    what: str, data: Any, required: Collection[str], optional: Collection[str] = ()
+) -> None:
+    """Raise a RecordError naming every unknown and every missing key."""
+    if not isinstance(data, Mapping):
+        raise RecordError(f"{what}: must be a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(required) - set(optional))
+    missing = [k for k in required if k not in data]
+    problems = [
+        f"{kind} key{'s' if len(keys) > 1 else ''} {', '.join(map(repr, keys))}"
+        for kind, keys in (("unknown", unknown), ("missing", missing))
+        if keys
+    ]
+    if problems:
+        raise RecordError(f"{what}: {'; '.join(problems)}")
+
+
+def _network(
+    what: str, model: Any, template: str | None = None, resolution: int | None = None
+) -> UNetConfig:
+    """The whole architecture a record names. Records written before templates
+    (0.1.0) name a `template` (their preset) and keep only what differed from it:
+    at the preset's own resolution (or `resolution`) its template is the same
+    network."""
+    if not isinstance(model, Mapping):
+        raise RecordError(f"{what}: model: must be a JSON object, got {type(model).__name__}")
+    try:
+        if "channels" not in model and template is not None:
+            return architecture(template, resolution, **model)
+        return UNetConfig.from_dict(model)
+    except ValueError as e:
+        raise RecordError(f"{what}: model: {e}") from None
+
+
+def _classes(value: Any) -> tuple[str, ...] | None:
+    return None if value is None else tuple(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetRef:
+    """The dataset a run trained on."""
+
+    uri: str
+    """Its manifest."""
+    digest: str
+    """The sha256 of its manifest: the dataset's version."""
+    train_images: int
+    """Images in its train split."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, what: str = "dataset") -> DatasetRef:
+        check_keys(what, data, [f.name for f in dataclasses.fields(cls)])
+        return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPlan:
+    """What the training workers need beyond the config: derived sizes and the
+    whole network."""
+
+    images: int
+    """Images to train on, all workers together: whole global batches."""
+    num_classes: int
+    """Classes of the dataset (0: unlabelled)."""
+    model: UNetConfig
+    """The network, resolved for the dataset's side and classes."""
+    resolution: int
+    """Side of the dataset's images."""
+    dataset: DatasetRef
+    classes: tuple[str, ...] | None
+    """The dataset's class names (None: unlabelled)."""
+    run_id: str | None = None
+    """The MLflow run, once the driver has found or created it."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "images": self.images,
+            "num_classes": self.num_classes,
+            "model": self.model.to_dict(),
+            "resolution": self.resolution,
+            "dataset": self.dataset.to_dict(),
+            "classes": None if self.classes is None else list(self.classes),
+            "run_id": self.run_id,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TrainingPlan:
+        what = "training plan"
+        check_keys(what, data, [f.name for f in dataclasses.fields(cls)])
+        return cls(
+            **{
+                **data,
+                "model": _network(what, data["model"]),
+                "dataset": DatasetRef.from_dict(data["dataset"], f"{what}: dataset"),
+                "classes": _classes(data["classes"]),
+            }
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointState:
+    """A checkpoint's `state.json`: everything but the tensors."""
+
+    images_seen: int
+    """Images seen by all workers together when it was written."""
+    step: int
+    """Optimizer steps taken."""
+    run_id: str | None
+    """The MLflow run that trains it."""
+    model: UNetConfig
+    """The network the weights belong to."""
+    config: dict[str, Any]
+    """The run's TrainConfig as plain data (the tracking URI redacted), as that
+    version of the code wrote it."""
+    dataset: DatasetRef
+    seed: int
+    """The run's seed."""
+
+    @property
+    def template(self) -> str:
+        """The architecture template (0.1.0 checkpoints name a preset)."""
+        return self.config.get("preset") or self.config["model"]["template"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "images_seen": self.images_seen,
+            "step": self.step,
+            "run_id": self.run_id,
+            "model": self.model.to_dict(),
+            "config": self.config,
+            "dataset": self.dataset.to_dict(),
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> CheckpointState:
+        what = "checkpoint state"
+        check_keys(what, data, [f.name for f in dataclasses.fields(cls)])
+        config = data["config"]
+        if not isinstance(config, Mapping):
+            raise RecordError(f"{what}: config: must be a JSON object, got {type(config).__name__}")
+        return cls(
+            **{
+                **data,
+                "model": _network(what, data["model"], config.get("preset")),
+                "config": dict(config),
+                "dataset": DatasetRef.from_dict(data["dataset"], f"{what}: dataset"),
+            }
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCard:
+    """What a trained model's weights need beside them: `model.json` of a model
+    registered by `tasks.train`. Only template, model and resolution are required:
+    the rest is lineage that a card may lack (cards written by hand, checkpoints)."""
+
+    template: str
+    """The architecture template the network was made from."""
+    model: UNetConfig
+    """The whole network (`UNetConfig.to_dict` in JSON)."""
+    resolution: int
+    """Side of the images, in pixels (the network's)."""
+    classes: tuple[str, ...] | None = None
+    """Class names, by label (None: unlabelled, or not recorded)."""
+    sigma_data: float | None = None
+    """EDM's sigma_data the model was trained with."""
+    images_seen: int | None = None
+    """Training images seen when the weights were taken."""
+    dataset: DatasetRef | None = None
+    """The dataset the model was trained on."""
+    run_id: str | None = None
+    """The MLflow run that trained it."""
+    augmentation: dict[str, Any] | None = None
+    """How the training images were augmented (`{"hflip": ...}`), for people."""
+
+    def __post_init__(self) -> None:
+        if self.resolution != self.model.resolution:
+            raise RecordError(
+                f"model card: resolution: {self.resolution} is not the network's "
+                f"{self.model.resolution}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "template": self.template,
+            "model": self.model.to_dict(),
+            "resolution": self.resolution,
+            "classes": None if self.classes is None else list(self.classes),
+            "sigma_data": self.sigma_data,
+            "images_seen": self.images_seen,
+            "dataset": None if self.dataset is None else self.dataset.to_dict(),
+            "run_id": self.run_id,
+            "augmentation": self.augmentation,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ModelCard:
+        """The card in `data`; cards of 0.1.0, which name a `preset` and keep only
+        what differed from it, load as the same network."""
+        what = "model card"
+        if isinstance(data, Mapping) and "preset" in data and "template" not in data:
+            data = {("template" if k == "preset" else k): v for k, v in data.items()}
+        optional = ["classes", "sigma_data", "images_seen", "dataset", "run_id", "augmentation"]
+        check_keys(what, data, ["template", "model", "resolution"], optional)
+        dataset = data.get("dataset")
+        return cls(
+            **{
+                **data,
+                "model": _network(what, data["model"], data["template"], data["resolution"]),
+                "classes": _classes(data.get("classes")),
+                "dataset": None
+                if dataset is None
+                else DatasetRef.from_dict(dataset, f"{what}: dataset"),
+            }
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Lineage:
+    """Where a model came from, recorded beside everything made with it."""
+
+    name: str | None
+    """Its name in the model registry (None: a checkpoint)."""
+    version: int | None
+    """Its version in the registry (None: a checkpoint)."""
+    run_id: str | None
+    """The MLflow run that trained it."""
+    digest: str
+    """The sha256 of its weights."""
+    checkpoint: str | None = None
+    """The checkpoint folder it was loaded from (absent for registered models)."""
+
+    def describe(self) -> str:
+        """`name/version` for a registered model, else the checkpoint folder."""
+        if self.name is not None:
+            return f"{self.name}/{self.version}"
+        return str(self.checkpoint)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"name": self.name, "version": self.version, "run_id": self.run_id}
+        if self.checkpoint is not None:
+            out["checkpoint"] = self.checkpoint
+        return {**out, "digest": self.digest}
+
+    @classmethod
+    def from_dict(cls, data: Any, what: str = "model lineage") -> Lineage:
+        check_keys(what, data, ["name", "version", "run_id", "digest"], ["checkpoint"])
+        return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationJob:
+    """What decides the pixels of a generation job: a re-run must match it to
+    continue the job."""
+
+    model: Lineage
+    images: int
+    """Images in all: image k comes from (seed, k)."""
+    samples_per_shard: int
+    """Images per shard: shard i holds images [i * samples_per_shard, ...)."""
+    sampler: str
+    steps: int
+    guidance: float
+    """Classifier-free guidance weight (1: none)."""
+    labels: str | int
+    """Each image's label: drawn from (seed, k) ("uniform"), none ("none"), or
+    this class's label (an int)."""
+    seed: int
+    network_batch: int
+    """Images per network call, which the pixels depend on."""
+    template: str
+    """The model's architecture template."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "model": self.model.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> GenerationJob:
+        what = "generation job"
+        check_keys(what, data, [f.name for f in dataclasses.fields(cls)])
+        return cls(**{**data, "model": Lineage.from_dict(data["model"], f"{what}: model")})
