@@ -15,7 +15,8 @@ from pipeline.config.records import Lineage, ModelCard
 from pipeline.data.reference import pixel_features
 from pipeline.edges import tracking
 from pipeline.edges.registry import Model
-from pipeline.jobs.evaluate import check_fits, heldout_losses
+from pipeline.jobs.evaluate import check_fits
+from pipeline.jobs.evaluate.outputs import heldout_losses
 from pipeline.jobs.promote import EXPERIMENT, promote
 from pipeline.maths.analytic import GaussianDenoiser
 from pipeline.maths.architecture import architecture

@@ -46,6 +46,11 @@ def check_keys(
         raise RecordError(f"{what}: {'; '.join(problems)}")
 
 
+def check_fields(what: str, data: Any, cls: type) -> None:
+    """`check_keys` with every field of dataclass `cls` required and no other key."""
+    check_keys(what, data, [f.name for f in dataclasses.fields(cls)])
+
+
 def _network(
     what: str, model: Any, template: str | None = None, resolution: int | None = None
 ) -> UNetConfig:
@@ -83,7 +88,7 @@ class DatasetRef:
 
     @classmethod
     def from_dict(cls, data: Any, what: str = "dataset") -> DatasetRef:
-        check_keys(what, data, [f.name for f in dataclasses.fields(cls)])
+        check_fields(what, data, cls)
         return cls(**data)
 
 
@@ -120,7 +125,7 @@ class TrainingPlan:
     @classmethod
     def from_dict(cls, data: Any) -> TrainingPlan:
         what = "training plan"
-        check_keys(what, data, [f.name for f in dataclasses.fields(cls)])
+        check_fields(what, data, cls)
         return cls(
             **{
                 **data,
@@ -169,7 +174,7 @@ class CheckpointState:
     @classmethod
     def from_dict(cls, data: Any) -> CheckpointState:
         what = "checkpoint state"
-        check_keys(what, data, [f.name for f in dataclasses.fields(cls)])
+        check_fields(what, data, cls)
         config = data["config"]
         if not isinstance(config, Mapping):
             raise RecordError(f"{what}: config: must be a JSON object, got {type(config).__name__}")
@@ -312,5 +317,5 @@ class GenerationJob:
     @classmethod
     def from_dict(cls, data: Any) -> GenerationJob:
         what = "generation job"
-        check_keys(what, data, [f.name for f in dataclasses.fields(cls)])
+        check_fields(what, data, cls)
         return cls(**{**data, "model": Lineage.from_dict(data["model"], f"{what}: model")})

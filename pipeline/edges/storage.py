@@ -102,10 +102,6 @@ def _split_s3(uri: str) -> tuple[str, str]:
         raise StorageError(str(e)) from None
 
 
-def _local(uri: str) -> Path:
-    return local_path(uri)
-
-
 def _hidden(relpath: str) -> bool:
     return any(part.startswith(".") for part in relpath.split("/"))
 
@@ -220,7 +216,7 @@ def read_bytes(uri: str, start: int = 0, length: int | None = None) -> bytes:
                 return _client().get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
 
             return _retry_body(read)
-        with open(_local(uri), "rb") as f:
+        with open(local_path(uri), "rb") as f:
             f.seek(start)
             return f.read() if length is None else f.read(length)
 
@@ -233,7 +229,7 @@ def write_bytes(uri: str, data: bytes) -> None:
             # upload_fileobj switches to multipart above 8 MiB; completion is atomic.
             _client().upload_fileobj(io.BytesIO(data), bucket, key)
             return
-        path = _local(uri)
+        path = local_path(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
         try:
@@ -250,10 +246,10 @@ def remove_partial_writes(prefix: str) -> int:
     """Delete the temporary files that local writes interrupted by a crash left in
     the folder `prefix` (S3 leaves none: an unfinished upload is never an object).
     Only for a folder that no other job is writing to. Returns how many went."""
-    if is_s3(prefix) or not _local(prefix).is_dir():
+    if is_s3(prefix) or not local_path(prefix).is_dir():
         return 0
     removed = 0
-    for folder, _, files in os.walk(_local(prefix)):
+    for folder, _, files in os.walk(local_path(prefix)):
         for name in files:
             if _TEMPORARY.match(name):
                 os.unlink(os.path.join(folder, name))
@@ -280,7 +276,7 @@ def list_objects(prefix: str) -> list[ObjectInfo]:
                     if relpath and not relpath.endswith("/") and not _hidden(relpath):
                         out.append(ObjectInfo(f"{S3}{bucket}/{obj['Key']}", relpath, obj["Size"]))
         else:
-            root = _local(prefix)
+            root = local_path(prefix)
             if not root.is_dir():
                 raise NotFound(f"{prefix}: not found (no such folder)")
             for folder, dirs, files in os.walk(root):
@@ -309,7 +305,7 @@ def exists(uri: str) -> bool:
                     return False
                 raise
             return True
-        return _local(uri).is_file()
+        return local_path(uri).is_file()
 
 
 def delete(uri: str) -> None:
@@ -319,7 +315,7 @@ def delete(uri: str) -> None:
             bucket, key = _split_s3(uri)
             _client().delete_object(Bucket=bucket, Key=key)
         else:
-            _local(uri).unlink(missing_ok=True)
+            local_path(uri).unlink(missing_ok=True)
 
 
 def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
@@ -336,4 +332,4 @@ def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
             endpoint_override=s3_endpoint(), region=_region() or "us-east-1"
         )
         return fs, f"{bucket}/{key}".rstrip("/")
-    return pyarrow.fs.LocalFileSystem(), str(_local(uri).resolve())
+    return pyarrow.fs.LocalFileSystem(), str(local_path(uri).resolve())

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import ConfigError, SampleConfig, to_dict
-from pipeline.config.records import GenerationJob, ModelCard, check_keys
+from pipeline.config.records import GenerationJob, ModelCard, check_fields
 from pipeline.data import shards
 from pipeline.edges import cluster, registry, storage, tracking
 
@@ -72,7 +72,7 @@ class ShardRecord:
 
     @classmethod
     def from_dict(cls, data: Any) -> ShardRecord:
-        check_keys("shard record", data, [f.name for f in dataclasses.fields(cls)])
+        check_fields("shard record", data, cls)
         return cls(**{**data, "seeds": tuple(data["seeds"])})
 
 

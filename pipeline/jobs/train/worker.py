@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load as load_weights
 
 from pipeline.config import TrainConfig, from_dict
-from pipeline.config.records import CheckpointState, TrainingPlan, check_keys
+from pipeline.config.records import CheckpointState, TrainingPlan, check_fields
 from pipeline.data.transforms import tile
 from pipeline.edges import checkpoint, storage, tracking
 from pipeline.maths.edm import Precond, karras_sigmas
@@ -150,7 +150,7 @@ class Stop:
 
     @classmethod
     def from_dict(cls, data: Any) -> Stop:
-        check_keys("stop marker", data, [f.name for f in dataclasses.fields(cls)])
+        check_fields("stop marker", data, cls)
         return cls(**data)
 
 

@@ -1,0 +1,7 @@
+"""Evaluation: the driver that scores a model against its dataset and records the
+result (`job`), and the model's samples and held-out losses, computed in one Ray
+task (`outputs`)."""
+
+from pipeline.jobs.evaluate.job import EvaluateResult, check_fits, evaluate
+
+__all__ = ["EvaluateResult", "check_fits", "evaluate"]
