@@ -5,6 +5,8 @@ resumed runs, against a real MLflow (server, and an sqlite store)."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import pickle
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from mlflow import MlflowClient
 
 from pipeline.config import ConfigError, ModelConfig, TrainConfig
 from pipeline.config.train import resolve_tracking_uri
-from pipeline.edges import checkpoint, tracking
+from pipeline.edges import checkpoint, registry, tracking
 from pipeline.jobs.train.driver import _init_model, _plan, to_training_batch
 from pipeline.jobs.train.worker import grid
 from pipeline.maths.architecture import architecture
@@ -104,9 +106,72 @@ def test_checkpoint_round_trip_continues_the_same_training(tmp_path):
     assert sorted(f.name for f in folder.iterdir()) == [
         "ema.safetensors",
         "model.safetensors",
-        "optimizer.pt",
+        "optimizer.safetensors",
         "state.json",
     ]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.Adam(ps, lr=1e-3, betas=(0.8, 0.95)),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, amsgrad=True),
+        lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True),
+    ],
+    ids=["adam", "adamw-amsgrad", "sgd-nesterov"],
+)
+def test_optimizer_state_survives_safetensors_exactly(make):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    opt = make(net.parameters())
+    for _ in range(3):
+        opt.zero_grad()
+        net(torch.randn(8, 3)).square().mean().backward()
+        opt.step()
+    original = opt.state_dict()
+    tensors, settings = checkpoint.optimizer_to_safetensors(original)
+    settings = json.loads(json.dumps(settings))  # as stored: JSON in the file's metadata
+    restored = checkpoint.optimizer_from_safetensors(tensors, settings)
+    assert restored["param_groups"] == original["param_groups"]
+    assert restored["state"].keys() == original["state"].keys()
+    for param, values in original["state"].items():
+        assert restored["state"][param].keys() == values.keys()
+        for name, value in values.items():
+            assert torch.equal(restored["state"][param][name], value), (param, name)
+    make(net.parameters()).load_state_dict(restored)  # torch accepts it as its own
+
+
+def test_a_pickled_optimizer_state_is_refused_not_unpickled(tmp_path):
+    net = build("tiny", 8)
+    opt = torch.optim.Adam(net.parameters())
+    checkpoint.save(tmp_path, net, net, opt, checkpoint_state(net))
+    (tmp_path / checkpoint.OPTIMIZER).unlink()
+    (tmp_path / "optimizer.pt").write_bytes(b"\x80\x04 not to be unpickled")
+    with pytest.raises(checkpoint.CheckpointError, match="optimizer.pt.*does not unpickle"):
+        checkpoint.load(tmp_path, net, None, opt)
+
+
+def test_loading_a_checkpoint_or_its_model_never_unpickles(tmp_path, monkeypatch):
+    net = build("tiny", 8)
+    opt = torch.optim.Adam(net.parameters())
+    opt.zero_grad()
+    net(torch.randn(2, 3, 8, 8), torch.ones(2)).square().mean().backward()
+    opt.step()
+    checkpoint.save(tmp_path, net, net, opt, checkpoint_state(net))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+
+    for module, name in [
+        (pickle, "load"),
+        (pickle, "loads"),
+        (pickle, "Unpickler"),
+        (torch, "load"),
+    ]:
+        monkeypatch.setattr(module, name, refuse)
+    state = checkpoint.load(tmp_path, build("tiny", 8), None, torch.optim.Adam(net.parameters()))
+    model = registry.load_model(str(tmp_path), "", "test.model")
+    assert model.lineage.run_id == state.run_id and model.card.model == state.model
 
 
 @pytest.mark.parametrize(

@@ -182,7 +182,7 @@ def test_two_workers_on_two_nodes_from_the_bucket_tracked_in_mlflow(
 
     # Checkpoints in the bucket: every 512 images, the newest two kept, complete.
     kept = checkpoints(s3_prefix, "two-nodes")
-    files = {"model.safetensors", "ema.safetensors", "optimizer.pt", "state.json"}
+    files = {"model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json"}
     assert kept == {1536: files, 2048: files}
     state = final_state(s3_prefix, "two-nodes")
     assert state["images_seen"] == 2048 and state["step"] == 64

@@ -1,27 +1,38 @@
-"""A training checkpoint as a folder: weights in safetensors, the rest in JSON.
+"""A training checkpoint as a folder: tensors in safetensors, the rest in JSON.
 
-    model.safetensors   the network's weights
-    ema.safetensors     the averaged weights (what sampling uses)
-    optimizer.pt        the optimizer's state, read back with weights_only=True
-    state.json          images seen, steps, the MLflow run, configs, dataset
+    model.safetensors       the network's weights
+    ema.safetensors         the averaged weights (what sampling uses)
+    optimizer.safetensors   the optimizer's state: its tensors, and its settings
+                            (param_groups, numbers) as JSON in the file's metadata
+    state.json              images seen, steps, the MLflow run, configs, dataset
 
-Nothing in it is unpickled. Ray Train moves the folder to and from the run's
-storage; this module only reads and writes a local folder.
+Nothing in it is unpickled: safetensors and JSON cannot carry code, so loading a
+checkpoint from an untrusted bucket cannot run any. Ray Train moves the folder to
+and from the run's storage; this module only reads and writes a local folder.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.config.records import CheckpointState
 
 STATE = "state.json"
-MODEL, EMA_WEIGHTS, OPTIMIZER = "model.safetensors", "ema.safetensors", "optimizer.pt"
+MODEL, EMA_WEIGHTS = "model.safetensors", "ema.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+_PICKLED_OPTIMIZER = "optimizer.pt"
+"""Where earlier versions kept the optimizer state, as a torch pickle."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder this version cannot restore; the message names it."""
 
 
 def save(
@@ -35,7 +46,8 @@ def save(
     folder.mkdir(parents=True, exist_ok=True)
     save_file(_tensors(net), folder / MODEL)
     save_file(_tensors(ema_net), folder / EMA_WEIGHTS)
-    torch.save(optimizer.state_dict(), folder / OPTIMIZER)
+    tensors, settings = optimizer_to_safetensors(optimizer.state_dict())
+    save_file(tensors, folder / OPTIMIZER, metadata={"optimizer": json.dumps(settings)})
     (folder / STATE).write_text(json.dumps(state.to_dict(), indent=1, sort_keys=True))
 
 
@@ -43,18 +55,62 @@ def load(
     folder: Path, net: nn.Module, ema_net: nn.Module | None, optimizer: torch.optim.Optimizer
 ) -> CheckpointState:
     """Restore into `net`, `ema_net` (when given) and `optimizer`; returns the state."""
-    device = next(net.parameters()).device
-    net.load_state_dict(load_file(folder / MODEL, device=str(device)))
+    if not (folder / OPTIMIZER).exists() and (folder / _PICKLED_OPTIMIZER).exists():
+        raise CheckpointError(
+            f"{folder}: its optimizer state is a torch pickle ({_PICKLED_OPTIMIZER}, from an "
+            "earlier version), which this version does not unpickle; resume it with the "
+            "version that wrote it, or start a new run (--init_from takes its weights)"
+        )
+    device = str(next(net.parameters()).device)
+    net.load_state_dict(load_file(folder / MODEL, device=device))
     if ema_net is not None:
-        ema_net.load_state_dict(load_file(folder / EMA_WEIGHTS, device=str(device)))
-    optimizer.load_state_dict(
-        torch.load(folder / OPTIMIZER, map_location=device, weights_only=True)
-    )
+        ema_net.load_state_dict(load_file(folder / EMA_WEIGHTS, device=device))
+    with safe_open(folder / OPTIMIZER, framework="pt", device=device) as f:
+        settings = json.loads((f.metadata() or {})["optimizer"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    optimizer.load_state_dict(optimizer_from_safetensors(tensors, settings))
     return read_state(folder)
 
 
 def read_state(folder: Path) -> CheckpointState:
     return CheckpointState.from_dict(json.loads((folder / STATE).read_text()))
+
+
+def optimizer_to_safetensors(
+    state_dict: dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split `optimizer.state_dict()` into flat tensors (`state.<param>.<name>`) and
+    JSON-able settings: the param_groups, and the per-parameter values that are
+    plain numbers (some optimizers keep `step` as a float)."""
+    tensors: dict[str, torch.Tensor] = {}
+    numbers: dict[str, dict[str, Any]] = {}
+    for param, values in state_dict["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{param}.{name}"] = value.detach().contiguous().cpu()
+            elif isinstance(value, bool | int | float) or value is None:
+                numbers.setdefault(str(param), {})[name] = value
+            else:
+                raise TypeError(f"optimizer state {param}.{name}: cannot store a {type(value)}")
+    return tensors, {"param_groups": state_dict["param_groups"], "numbers": numbers}
+
+
+def optimizer_from_safetensors(
+    tensors: dict[str, torch.Tensor], settings: dict[str, Any]
+) -> dict[str, Any]:
+    """The inverse of `optimizer_to_safetensors`: a dict for `load_state_dict`."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, param, name = key.split(".", 2)
+        state.setdefault(int(param), {})[name] = value
+    for param, values in settings["numbers"].items():
+        state.setdefault(int(param), {}).update(values)
+    # JSON has no tuples; Adam's betas are one, and optimizers index them either way.
+    groups = [
+        {k: tuple(v) if k == "betas" else v for k, v in group.items()}
+        for group in settings["param_groups"]
+    ]
+    return {"state": state, "param_groups": groups}
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
