@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tarfile
 import unicodedata
 from pathlib import Path
@@ -122,12 +123,31 @@ def test_same_job_twice_gives_identical_shards_and_writes_nothing(tmp_path, s3, 
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in local.rglob("*")} == stats
 
 
-def test_bad_input_corpus_every_file_written_right_or_rejected(tmp_path, s3_prefix):
+def test_bad_input_corpus_every_file_written_right_or_rejected(tmp_path, s3_prefix, monkeypatch):
     raw = tmp_path / "raw"
     raw.mkdir()
     corpus = images.bad_corpus()
     for name, (data, _, _) in corpus.items():
         (raw / name).write_bytes(data)
+    # Entries that are no files: each must cost itself, never the job (a FIFO
+    # opened for reading would block it forever).
+    os.symlink("deleted.png", raw / "broken link.png")
+    os.symlink("loop b", raw / "loop a")
+    os.symlink("loop a", raw / "loop b")
+    os.symlink(".", raw / "itself")
+    os.mkfifo(raw / "fifo.png")
+    monkeypatch.chdir(raw)  # a socket's path must be short
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind("socket.png")
+    for name, reason in [
+        ("broken link.png", "broken_link"),
+        ("loop a", "link_loop"),
+        ("loop b", "link_loop"),
+        ("itself", "link_loop"),
+        ("fifo.png", "not_a_regular_file"),
+        ("socket.png", "not_a_regular_file"),
+    ]:
+        corpus[name] = (b"", "rejected", reason)
     result = preprocess(
         PreprocessConfig(input=str(raw), output=s3_prefix, resolution=32), progress=False
     )

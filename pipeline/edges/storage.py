@@ -17,21 +17,26 @@ Guarantees:
   completion are atomic; a local file is written under a hidden temporary name
   in the same folder and renamed into place.
 - Listings are recursive, sorted, and skip hidden names (any path component
-  starting with "."), so temporary files are never listed.
+  starting with "."), so temporary files are never listed. A local listing
+  follows links to folders (stopping at one that leads back to a folder above
+  it) and lists regular files only; `list_inputs` returns each other entry (a
+  broken link, a FIFO, a folder it may not list, ...) as `Unreadable` rather than
+  failing on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import io
 import os
 import re
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config.locations import (
@@ -50,15 +55,18 @@ if TYPE_CHECKING:
     import pyarrow.fs
 
 __all__ = [
+    "AccessDenied",
     "NotFound",
     "ObjectInfo",
     "StorageError",
+    "Unreadable",
     "arrow_filesystem",
     "contains",
     "delete",
     "exists",
     "is_s3",
     "join",
+    "list_inputs",
     "list_objects",
     "normalize",
     "read_bytes",
@@ -70,6 +78,9 @@ __all__ = [
 
 _TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.partial$")
 _MISSING_CODES = ("NoSuchKey", "NoSuchBucket", "404", "NotFound")
+# Refusals of one object or prefix. Not InvalidAccessKeyId or SignatureDoesNotMatch
+# (also HTTP 403): bad credentials refuse everything and are a configuration error.
+_DENIED_CODES = ("AccessDenied", "403", "Forbidden", "AllAccessDisabled")
 
 
 class StorageError(RuntimeError):
@@ -78,6 +89,11 @@ class StorageError(RuntimeError):
 
 class NotFound(StorageError):
     """The object, folder or bucket does not exist."""
+
+
+class AccessDenied(StorageError):
+    """The object, folder or bucket exists, but may not be read (or listed) by this
+    user or these credentials."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +106,21 @@ class ObjectInfo:
     """Path below the listed prefix, `/`-separated."""
     size: int
     """Size in bytes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Unreadable:
+    """An entry below a listed prefix that has no bytes to read: see `list_inputs`."""
+
+    uri: str
+    """Full URI (or path) of the entry."""
+    relpath: str
+    """Path below the listed prefix, `/`-separated."""
+    reason: str
+    """`broken_link`, `link_loop`, `not_a_regular_file`, `permission_denied` or
+    `unreadable` (any other error of the file system, named in `detail`)."""
+    detail: str
+    """What the entry is, or the error, in words."""
 
 
 # --- URIs --------------------------------------------------------------------------
@@ -159,6 +190,8 @@ def _errors(uri: str) -> Iterator[None]:
         message = err.get("Message") or code
         if code in _MISSING_CODES:
             raise NotFound(f"{uri}: not found ({message})") from None
+        if code in _DENIED_CODES:
+            raise AccessDenied(f"{uri}: permission denied ({message})") from None
         raise StorageError(f"{uri}: {code}: {message}") from None
     except bx.NoCredentialsError:
         raise StorageError(
@@ -170,6 +203,8 @@ def _errors(uri: str) -> Iterator[None]:
         raise StorageError(f"{uri}: {e}") from None
     except FileNotFoundError:
         raise NotFound(f"{uri}: not found") from None
+    except PermissionError:
+        raise AccessDenied(f"{uri}: permission denied") from None
     except OSError as e:
         raise StorageError(f"{uri}: {e.strerror or e}") from None
 
@@ -260,35 +295,141 @@ def remove_partial_writes(prefix: str) -> int:
 def list_objects(prefix: str) -> list[ObjectInfo]:
     """Every object below `prefix` (a folder), recursively, sorted by relative path.
 
-    Raises NotFound when a local folder or an S3 bucket does not exist; an S3
-    prefix with nothing under it lists as empty.
+    Raises NotFound when a local folder or an S3 bucket does not exist (an S3
+    prefix with nothing under it lists as empty), AccessDenied when it may not be
+    listed, and StorageError naming the first entry below it that `list_inputs`
+    finds unreadable (for the prefixes the pipeline writes, where none belongs).
     """
-    out = []
+    objects, unreadable = list_inputs(prefix)
+    if unreadable:
+        raise StorageError(f"{unreadable[0].uri}: {unreadable[0].detail}")
+    return objects
+
+
+def list_inputs(prefix: str) -> tuple[list[ObjectInfo], list[Unreadable]]:
+    """What `list_objects` lists, and every other entry below `prefix` as an
+    `Unreadable`, so one bad entry costs that entry, not the listing.
+
+    Unreadable, with their `reason`: a link to nothing (`broken_link`); a link
+    that loops, or leads to a folder above it (`link_loop`); a FIFO, socket or
+    device (`not_a_regular_file`: opening a FIFO waits for a writer, forever); a
+    file or sub-folder this user may not read or list (`permission_denied`); any
+    other error of the file system (`unreadable`). An S3 listing has none: every
+    key it returns is an object. Raises NotFound when `prefix` itself does not
+    exist and AccessDenied when it may not be listed.
+    """
     with _errors(prefix):
         if is_s3(prefix):
-            bucket, key = _split_s3(prefix)
-            key = key.rstrip("/")
-            start = f"{key}/" if key else ""
-            pages = _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start)
-            for page in pages:
-                for obj in page.get("Contents", []):
-                    relpath = obj["Key"][len(start) :]
-                    if relpath and not relpath.endswith("/") and not _hidden(relpath):
-                        out.append(ObjectInfo(f"{S3}{bucket}/{obj['Key']}", relpath, obj["Size"]))
-        else:
-            root = local_path(prefix)
-            if not root.is_dir():
-                raise NotFound(f"{prefix}: not found (no such folder)")
-            for folder, dirs, files in os.walk(root):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]
-                rel_folder = Path(folder).relative_to(root).as_posix()
-                for name in files:
-                    if name.startswith("."):
-                        continue
-                    relpath = name if rel_folder == "." else f"{rel_folder}/{name}"
-                    size = os.stat(os.path.join(folder, name)).st_size
-                    out.append(ObjectInfo(join(prefix, relpath), relpath, size))
+            return _list_s3(prefix), []
+        return _list_local(prefix)
+
+
+def _list_s3(prefix: str) -> list[ObjectInfo]:
+    bucket, key = _split_s3(prefix)
+    key = key.rstrip("/")
+    start = f"{key}/" if key else ""
+    out = []
+    pages = _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start)
+    for page in pages:
+        for obj in page.get("Contents", []):
+            relpath = obj["Key"][len(start) :]
+            if relpath and not relpath.endswith("/") and not _hidden(relpath):
+                out.append(ObjectInfo(f"{S3}{bucket}/{obj['Key']}", relpath, obj["Size"]))
     return sorted(out, key=lambda o: o.relpath)
+
+
+def _list_local(prefix: str) -> tuple[list[ObjectInfo], list[Unreadable]]:
+    """Walk the folder `prefix`, following links to folders. A folder's (device,
+    inode) pair names it whatever path reaches it; one already on the path from
+    the root is a loop, not descended into again."""
+    root = local_path(prefix)
+    try:
+        top = os.stat(root)
+    except (FileNotFoundError, NotADirectoryError):
+        raise NotFound(f"{prefix}: not found (no such folder)") from None
+    if not stat.S_ISDIR(top.st_mode):
+        raise NotFound(f"{prefix}: not found (not a folder)")
+    objects: list[ObjectInfo] = []
+    unreadable: list[Unreadable] = []
+    # Folders still to list: (path, relpath, the folders above it and itself).
+    todo = [(str(root), "", frozenset({(top.st_dev, top.st_ino)}))]
+    while todo:
+        folder, rel, above = todo.pop()
+        try:
+            with os.scandir(folder) as scan:
+                entries = [e for e in scan if not e.name.startswith(".")]
+        except OSError as e:
+            if not rel:
+                raise  # the root itself: not one entry but the whole listing
+            if e.errno != errno.ENOENT:  # a folder deleted meanwhile lists nothing
+                unreadable.append(Unreadable(join(prefix, rel), rel, *_os_reason(e, "list")))
+            continue
+        for entry in entries:
+            relpath = f"{rel}/{entry.name}" if rel else entry.name
+            found = _local_entry(entry, join(prefix, relpath), relpath, above)
+            if isinstance(found, ObjectInfo):
+                objects.append(found)
+            elif isinstance(found, Unreadable):
+                unreadable.append(found)
+            elif found is not None:
+                todo.append((entry.path, relpath, above | {found}))
+    return sorted(objects, key=lambda o: o.relpath), sorted(unreadable, key=lambda u: u.relpath)
+
+
+def _local_entry(
+    entry: os.DirEntry[str], uri: str, relpath: str, above: frozenset[tuple[int, int]]
+) -> ObjectInfo | Unreadable | tuple[int, int] | None:
+    """One listed entry: a readable regular file, an unreadable entry, a folder to
+    descend into (its device and inode), or None for one deleted since its
+    folder was listed (it is no longer there to account for)."""
+    try:
+        st = entry.stat()  # follows links: a link is what it points at
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            if not entry.is_symlink():
+                return None  # the entry itself is gone
+            return Unreadable(uri, relpath, "broken_link", f"{_what(entry)}, which is missing")
+        if e.errno == errno.ELOOP:
+            return Unreadable(uri, relpath, "link_loop", f"{_what(entry)}, in a loop of links")
+        return Unreadable(uri, relpath, *_os_reason(e, "stat"))
+    if stat.S_ISDIR(st.st_mode):
+        folder = (st.st_dev, st.st_ino)
+        if folder in above:
+            detail = f"{_what(entry)}, a folder that contains it"
+            return Unreadable(uri, relpath, "link_loop", detail)
+        return folder
+    if not stat.S_ISREG(st.st_mode):
+        return Unreadable(uri, relpath, "not_a_regular_file", f"{_kind(st.st_mode)}, not a file")
+    # access() answers for this user without opening the file; the read still
+    # handles a refusal (permissions can change after listing).
+    if not os.access(entry.path, os.R_OK):
+        return Unreadable(uri, relpath, "permission_denied", "this user may not read the file")
+    return ObjectInfo(uri, relpath, st.st_size)
+
+
+def _os_reason(e: OSError, action: str) -> tuple[str, str]:
+    """(reason, detail) for an entry the file system refused to `action`."""
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission_denied", f"this user may not {action} it"
+    return "unreadable", f"cannot {action} it: {e.strerror or e}"
+
+
+def _what(entry: os.DirEntry[str]) -> str:
+    """`a link to <target>`; a folder met twice without a link is a bind mount."""
+    try:
+        return f"a link to {os.readlink(entry.path)}"
+    except OSError:
+        return "a mount of a folder"
+
+
+def _kind(mode: int) -> str:
+    kinds = {
+        stat.S_ISFIFO: "a FIFO (named pipe)",
+        stat.S_ISSOCK: "a socket",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+    }
+    return next((name for test, name in kinds.items() if test(mode)), f"mode {mode:o}")
 
 
 def exists(uri: str) -> bool:

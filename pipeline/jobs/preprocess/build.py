@@ -46,6 +46,8 @@ def index_tars(batch: dict[str, np.ndarray], labels: str, ours: bool) -> dict[st
         tar = storage.ObjectInfo(uri, relpath, int(size))
         try:
             items, rejects = sources.tar_inputs(tar, labels, ours)
+        except (storage.NotFound, storage.AccessDenied) as e:
+            items, rejects = [], [_read_reject(tar.uri, e)]
         except storage.StorageError as e:
             items, rejects = [], [{"error": str(e)}]
         out_items.append(json.dumps([dataclasses.asdict(i) for i in items]))
@@ -79,8 +81,8 @@ def build_shards(batch: dict[str, np.ndarray], cfg: PreprocessConfig) -> dict[st
 def _build_shard(plan: ShardPlan, digest: str, cfg: PreprocessConfig) -> dict[str, Any]:
     members, rejects = [], []
     for item, data in _prefetch(plan.items):
-        if isinstance(data, storage.NotFound):
-            rejects.append(sources.reject(item.source, "vanished", str(data)))
+        if isinstance(data, storage.StorageError):
+            rejects.append(_read_reject(item.source, data))
             continue
         try:
             members += _sample_members(item, data, plan.split, cfg)
@@ -137,14 +139,24 @@ def _sample_members(
     return members
 
 
-def _prefetch(items: Iterable[InputItem], depth: int = 16) -> Iterator[tuple[InputItem, Any]]:
-    """(item, bytes or NotFound) in order, reading up to `depth` items ahead on
-    threads, so object-store latency overlaps with decoding."""
+def _read_reject(uri: str, error: storage.StorageError) -> dict[str, str]:
+    """The reject for an input whose read raised NotFound (deleted after it was
+    listed) or AccessDenied (S3 403, file permissions): each costs one input. The
+    other storage errors (an unreachable endpoint, bad credentials) would fail
+    every input alike, so they stop the job instead."""
+    reason = "vanished" if isinstance(error, storage.NotFound) else "permission_denied"
+    return sources.reject(uri, reason, str(error))
 
-    def read(item: InputItem) -> bytes | storage.NotFound:
+
+def _prefetch(items: Iterable[InputItem], depth: int = 16) -> Iterator[tuple[InputItem, Any]]:
+    """(item, bytes, or the NotFound or AccessDenied that reading it raised) in
+    order, reading up to `depth` items ahead on threads, so object-store latency
+    overlaps with decoding."""
+
+    def read(item: InputItem) -> bytes | storage.StorageError:
         try:
             return item.read()
-        except storage.NotFound as e:
+        except (storage.NotFound, storage.AccessDenied) as e:
             return e
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=depth) as pool:

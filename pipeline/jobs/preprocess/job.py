@@ -97,10 +97,12 @@ def preprocess(
     # Without a committed dataset, an append is the first build: it adds to nothing.
     base = versions.EMPTY if committed is None else versions.read_base(cfg.output, committed)
 
-    objects = _list_inputs(cfg)
+    objects, unreadable = _list_inputs(cfg)
     previous = _list_output(cfg.output)
     with _ray_data(cfg):
-        found, taken = _new_inputs(_plan_inputs(cfg, objects, base), base)
+        planned = _plan_inputs(cfg, objects, base)
+        planned = dataclasses.replace(planned, rejects=unreadable + planned.rejects)
+        found, taken = _new_inputs(planned, base)
         if base.version and not found.items and not found.rejects:
             versions.restore_rejects(cfg.output, base)
             return PreprocessResult(manifest_uri, base.manifest, already_complete=True)
@@ -167,14 +169,18 @@ def _committed_manifest(cfg: PreprocessConfig, config: dict) -> bytes | None:
     return data
 
 
-def _list_inputs(cfg: PreprocessConfig) -> list[storage.ObjectInfo]:
+def _list_inputs(cfg: PreprocessConfig) -> tuple[list[storage.ObjectInfo], list[dict]]:
+    """The objects under the input prefix, and a reject for each other entry there
+    (a broken link, a FIFO, a folder it may not list, ...): one bad entry costs
+    one input, not the job. Only a prefix that is missing, or may not be listed
+    at all, is a config error."""
     try:
-        objects = storage.list_objects(cfg.input)
+        objects, unreadable = storage.list_inputs(cfg.input)
     except storage.StorageError as e:
         raise ConfigError(f"preprocess.input: cannot list {e}") from None
-    if not objects:
+    if not objects and not unreadable:
         raise ConfigError(f"preprocess.input: no files under {cfg.input}")
-    return objects
+    return objects, [sources.reject(u.uri, u.reason, u.detail) for u in unreadable]
 
 
 def _plan_inputs(
@@ -302,7 +308,8 @@ def _check_shards(output: str, entries: list[dict], records: list[dict]) -> None
     """Before committing: every shard is there, as its entry describes it, and the
     ones built now were built by the same software (else they would not be
     reproducible)."""
-    sizes = {o.relpath: o.size for o in storage.list_objects(output)}
+    # With every input rejected there are no shards, and maybe no output folder.
+    sizes = {o.relpath: o.size for o in storage.list_objects(output)} if entries else {}
     for r in entries:
         if sizes.get(r["name"]) != r["bytes"]:
             raise RuntimeError(
