@@ -10,7 +10,8 @@ S3 settings come from the standard AWS variables, which boto3 reads itself:
 `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`,
 and `AWS_MAX_ATTEMPTS` / `AWS_RETRY_MODE` for retries. Requests that fail
 transiently (throttling, 5xx, dropped connections) are retried by botocore with
-backoff; a download that breaks mid-body is retried here.
+backoff; a download that breaks mid-body is retried here, and a write waits out
+an endpoint that is down for up to `WRITE_PATIENCE_S`.
 
 Guarantees:
 - Writes are atomic: an object is absent or complete. S3 PUT and multipart
@@ -27,12 +28,10 @@ Guarantees:
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
 import io
 import os
 import re
-import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -50,6 +49,7 @@ from pipeline.config.locations import (
     redact,
     split_s3,
 )
+from pipeline.edges import local_walk
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -232,6 +232,45 @@ def _retry_body(read: Callable[[], bytes], attempts: int = 4) -> bytes:
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
+WRITE_PATIENCE_S = 60.0
+"""How long a write to S3 keeps trying an endpoint that does not answer, or answers
+5xx (a server restarting, a network blip), before it fails. botocore gives up on
+a refused connection within a second or two, and a failed write costs a job its
+shard or checkpoint, so writes wait. Reads and listings do not: a job makes them
+first, and a wrong endpoint should be reported at once, not after a minute."""
+
+
+def _patiently(put: Callable[[], None], patience: float = WRITE_PATIENCE_S) -> None:
+    """Call `put()` again, with backoff, while the S3 endpoint is down, for up to
+    `patience` seconds; then raise its error. Only for whole-object PUTs, which
+    may be repeated: the same bytes land again."""
+    deadline, delay = time.monotonic() + patience, 0.5
+    while True:
+        try:
+            return put()
+        except Exception as e:
+            if not _endpoint_down(e) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)  # backoff while the endpoint is down
+        delay = min(2 * delay, 8.0)
+
+
+def _endpoint_down(e: Exception) -> bool:
+    """Whether `e` says that the S3 endpoint is down or failing (worth waiting
+    for), rather than that the request is wrong."""
+    import botocore.exceptions as bx
+
+    if isinstance(e, bx.ClientError):
+        return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
+    down = (
+        bx.EndpointConnectionError,
+        bx.ConnectTimeoutError,
+        bx.ConnectionClosedError,
+        bx.ReadTimeoutError,
+    )
+    return isinstance(e, down)
+
+
 # --- operations ---------------------------------------------------------------------
 
 
@@ -262,7 +301,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         if is_s3(uri):
             bucket, key = _split_s3(uri)
             # upload_fileobj switches to multipart above 8 MiB; completion is atomic.
-            _client().upload_fileobj(io.BytesIO(data), bucket, key)
+            _patiently(lambda: _client().upload_fileobj(io.BytesIO(data), bucket, key))
             return
         path = local_path(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -339,97 +378,14 @@ def _list_s3(prefix: str) -> list[ObjectInfo]:
 
 
 def _list_local(prefix: str) -> tuple[list[ObjectInfo], list[Unreadable]]:
-    """Walk the folder `prefix`, following links to folders. A folder's (device,
-    inode) pair names it whatever path reaches it; one already on the path from
-    the root is a loop, not descended into again."""
     root = local_path(prefix)
     try:
-        top = os.stat(root)
-    except (FileNotFoundError, NotADirectoryError):
-        raise NotFound(f"{prefix}: not found (no such folder)") from None
-    if not stat.S_ISDIR(top.st_mode):
-        raise NotFound(f"{prefix}: not found (not a folder)")
-    objects: list[ObjectInfo] = []
-    unreadable: list[Unreadable] = []
-    # Folders still to list: (path, relpath, the folders above it and itself).
-    todo = [(str(root), "", frozenset({(top.st_dev, top.st_ino)}))]
-    while todo:
-        folder, rel, above = todo.pop()
-        try:
-            with os.scandir(folder) as scan:
-                entries = [e for e in scan if not e.name.startswith(".")]
-        except OSError as e:
-            if not rel:
-                raise  # the root itself: not one entry but the whole listing
-            if e.errno != errno.ENOENT:  # a folder deleted meanwhile lists nothing
-                unreadable.append(Unreadable(join(prefix, rel), rel, *_os_reason(e, "list")))
-            continue
-        for entry in entries:
-            relpath = f"{rel}/{entry.name}" if rel else entry.name
-            found = _local_entry(entry, join(prefix, relpath), relpath, above)
-            if isinstance(found, ObjectInfo):
-                objects.append(found)
-            elif isinstance(found, Unreadable):
-                unreadable.append(found)
-            elif found is not None:
-                todo.append((entry.path, relpath, above | {found}))
-    return sorted(objects, key=lambda o: o.relpath), sorted(unreadable, key=lambda u: u.relpath)
-
-
-def _local_entry(
-    entry: os.DirEntry[str], uri: str, relpath: str, above: frozenset[tuple[int, int]]
-) -> ObjectInfo | Unreadable | tuple[int, int] | None:
-    """One listed entry: a readable regular file, an unreadable entry, a folder to
-    descend into (its device and inode), or None for one deleted since its
-    folder was listed (it is no longer there to account for)."""
-    try:
-        st = entry.stat()  # follows links: a link is what it points at
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENOTDIR):
-            if not entry.is_symlink():
-                return None  # the entry itself is gone
-            return Unreadable(uri, relpath, "broken_link", f"{_what(entry)}, which is missing")
-        if e.errno == errno.ELOOP:
-            return Unreadable(uri, relpath, "link_loop", f"{_what(entry)}, in a loop of links")
-        return Unreadable(uri, relpath, *_os_reason(e, "stat"))
-    if stat.S_ISDIR(st.st_mode):
-        folder = (st.st_dev, st.st_ino)
-        if folder in above:
-            detail = f"{_what(entry)}, a folder that contains it"
-            return Unreadable(uri, relpath, "link_loop", detail)
-        return folder
-    if not stat.S_ISREG(st.st_mode):
-        return Unreadable(uri, relpath, "not_a_regular_file", f"{_kind(st.st_mode)}, not a file")
-    # access() answers for this user without opening the file; the read still
-    # handles a refusal (permissions can change after listing).
-    if not os.access(entry.path, os.R_OK):
-        return Unreadable(uri, relpath, "permission_denied", "this user may not read the file")
-    return ObjectInfo(uri, relpath, st.st_size)
-
-
-def _os_reason(e: OSError, action: str) -> tuple[str, str]:
-    """(reason, detail) for an entry the file system refused to `action`."""
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return "permission_denied", f"this user may not {action} it"
-    return "unreadable", f"cannot {action} it: {e.strerror or e}"
-
-
-def _what(entry: os.DirEntry[str]) -> str:
-    """`a link to <target>`; a folder met twice without a link is a bind mount."""
-    try:
-        return f"a link to {os.readlink(entry.path)}"
-    except OSError:
-        return "a mount of a folder"
-
-
-def _kind(mode: int) -> str:
-    kinds = {
-        stat.S_ISFIFO: "a FIFO (named pipe)",
-        stat.S_ISSOCK: "a socket",
-        stat.S_ISCHR: "a character device",
-        stat.S_ISBLK: "a block device",
-    }
-    return next((name for test, name in kinds.items() if test(mode)), f"mode {mode:o}")
+        files, bad = local_walk.walk(root)
+    except local_walk.NotAFolder as e:
+        raise NotFound(f"{prefix}: not found ({e})") from None
+    objects = [ObjectInfo(join(prefix, f.relpath), f.relpath, f.size) for f in files]
+    unreadable = [Unreadable(join(prefix, b.relpath), b.relpath, b.reason, b.detail) for b in bad]
+    return objects, unreadable
 
 
 def exists(uri: str) -> bool:
