@@ -20,6 +20,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from pipeline.config.core import OneLineErrorParser
+
 TASKS = ("digits", "preprocess", "train", "evaluate", "promote", "sample", "nightly")
 PASSED_ON = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "MLFLOW_TRACKING_URI")
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main(argv: list[str] | None = None) -> int:
     raw = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="tasks.submit", description=__doc__, formatter_class=raw)
+    parser = OneLineErrorParser(prog="tasks.submit", description=__doc__, formatter_class=raw)
     parser.add_argument(
         "--address",
         default=os.environ.get("RAY_ADDRESS", ""),

@@ -188,11 +188,37 @@ def test_the_model_is_configured_by_nested_flags_and_yaml(tmp_path):
         ),
         (
             ["--model.attention", "3"],
-            "train.model: template tiny: attention: levels must lie in "
-            "0..1 (one per channel_mult entry), got (3,)",
+            "train.model.attention: levels must lie in 0..1 (one per channel_mult entry), got (3,)",
         ),
+        (
+            ["--model.channel_mult", "1"],
+            "train.model.channel_mult: (1,) does not fit the tiny template's attention: levels "
+            "must lie in 0..0 (one per channel_mult entry), got (1,)",
+        ),
+        (
+            ["--model.channels", "5"],
+            "train.model.channels: must be even (the noise embedding is half cosines, half "
+            "sines), got 5",
+        ),
+        (["--model.blocks", "65"], "train.model.blocks: must be at most 64, got 65"),
         (["--lr", "inf"], "train.lr: expected a finite number, got 'inf'"),
         (["--lr", "nan"], "train.lr: expected a finite number, got 'nan'"),
+        (["--lr", "2"], "train.lr: must be at most 1, got 2.0"),
+        (["--images", "1e30"], "train.images: expected an integer, got '1e30'"),
+        (
+            ["--images", str(10**13)],
+            "train.images: must be at most 1_000_000_000_000, got 10000000000000",
+        ),
+        (["--seed", "-1"], "train.seed: must be in 0..2**63-1, got -1"),
+        (["--ema_rampup_ratio", "0"], "train.ema_rampup_ratio: must be in (0, 1], got 0.0"),
+        (["--run_name", ".."], "train.run_name: must not be . or .., got '..'"),
+        (["--experiment", ""], "train.experiment: must be a non-empty name, got ''"),
+        (
+            ["--storage", "gs://b/runs"],
+            "train.storage: gs://b/runs: unknown scheme gs://; a "
+            "location is a path, file:// or s3://",
+        ),
+        (["--run_name", "a\nb"], "train.run_name: must not hold control characters, got 'a\\nb'"),
     ],
 )
 def test_bad_model_and_number_flags_name_the_field(argv, message):
@@ -252,6 +278,77 @@ def test_nested_configs_take_dotted_flags_and_nested_yaml(tmp_path):
     assert load(["--limit", "7"], _Outer).limit == 7
     with pytest.raises(ConfigError, match=r"^outer\.inner\.wdth: unknown field"):
         C.from_dict(_Outer, {"inner": {"wdth": 1}})
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"channels": c} for c in (4, 6, 8, 12, 24, 32, 36, 40, 48, 50, 64, 66, 96, 128, 136, 160)]
+    + [{"channels": 24, "head_channels": h} for h in (1, 5, 7, 12, 16, 48, 100)]
+    + [{"channels": 36, "channel_mult": (1, 3)}, {"channels": 64, "channel_mult": (1, 3)}]
+    + [{"channels": 20, "blocks": 2, "attention": (0, 1)}],
+)
+def test_a_network_the_config_takes_is_one_that_builds_and_runs(overrides):
+    # The widths GroupNorm and the attention heads need are checked with the config,
+    # so that a bad one stops the task at once, not a training worker later.
+    import torch
+
+    from pipeline.maths.architecture import UNetConfig
+    from pipeline.maths.unet import UNet
+
+    try:
+        cfg = C.ModelConfig(**overrides).resolve(8)
+    except ConfigError:
+        cfg = None
+    if cfg is not None:
+        UNet(cfg)(torch.zeros(1, 3, 8, 8), torch.zeros(1))
+        return
+    unchecked = object.__new__(UNetConfig)  # the same fields, without the checks
+    for name, value in {**C.ModelConfig().resolve(8).to_dict(), **overrides}.items():
+        object.__setattr__(unchecked, name, tuple(value) if isinstance(value, list) else value)
+    with pytest.raises((ValueError, RuntimeError, ZeroDivisionError)):
+        UNet(unchecked)(torch.zeros(1, 3, 8, 8), torch.zeros(1))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model: 3\n", "train.model: expected a mapping of fields, got 3"),
+        ("model: [1]\n", "train.model: expected a mapping of fields, got [1]"),
+    ],
+)
+def test_a_flag_into_a_nested_config_the_file_gives_as_no_mapping(tmp_path, text, message):
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load(["--dataset", "d", "--config", str(path), "--model.channels", "8"], C.TrainConfig)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    "cls, text, message",
+    [
+        # PyYAML raises bare ValueErrors for these; they reach the field as text.
+        (C.TrainConfig, "images: " + "1" * 5000, "train.images: expected an integer, got '1111"),
+        (C.TrainConfig, "images: !!int abc", "train.images: expected an integer, got 'abc'"),
+        (C.TrainConfig, "lr: !!float abc", "train.lr: expected a number, got 'abc'"),
+        (C.TrainConfig, "hflip: !!bool maybe", "train.hflip: expected true or false, got 'maybe'"),
+        (C.NightlyConfig, "night: 2024-13-45", "nightly.night: must be a date, YYYY-MM-DD, got"),
+        # An integer beyond any float.
+        (C.TrainConfig, "lr: " + "1" * 400, "train.lr: expected a number, got 1111"),
+        (C.TrainConfig, "nosuch: 1\n7: 2", "train.7: unknown field"),  # keys of two types
+    ],
+)
+def test_yaml_values_python_cannot_take_are_named_by_field(tmp_path, cls, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"dataset: d\n{text}\n" if cls is C.TrainConfig else f"{text}\n")
+    with pytest.raises(ConfigError) as err:
+        load(["--config", str(path)], cls)
+    assert str(err.value).startswith(message) and len(str(err.value)) < 600  # 5000 digits cut
+
+
+def test_an_empty_config_path_is_refused():
+    with pytest.raises(ConfigError, match="^--config: cannot read"):
+        load(["--input", "a", "--output", "b", "--config", ""])
 
 
 def test_locations_are_normalized_so_equal_places_compare_equal(tmp_path):

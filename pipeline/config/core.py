@@ -8,7 +8,9 @@ Nested configs are addressed with dots (`--model.channels 64`).
 
 Validation happens on construction (`__post_init__`), and every error names the
 field, what is allowed and what was given:
-`preprocess.resolution: must be a positive integer, got -5`.
+`preprocess.resolution: must be an integer in 1..4096, got -5`. Counts and sizes
+also have an upper bound that no real run reaches (`MAX_IMAGES`...), so that a
+slip of the keyboard (or 1e30) fails here instead of overflowing hours later.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import datetime
 import functools
 import inspect
 import math
+import reprlib
 import textwrap
 import types
 import typing
-from collections.abc import Mapping
+import unicodedata
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -33,6 +38,30 @@ from pipeline.config import locations
 
 class ConfigError(ValueError):
     """A user-supplied setting is wrong; the message names the field."""
+
+
+# Upper bounds of counts and sizes: far beyond any real run, and within what the
+# libraries downstream take (64-bit integers in torch and numpy, 32-bit model
+# versions in MLflow's database).
+MAX_IMAGES = 10**12
+"""Images a job sees or writes (and intervals counted in images)."""
+MAX_BATCH = 65_536
+"""Images in one batch or one network call."""
+MAX_WORKERS = 4096
+"""Ray workers or actors of one job."""
+MAX_SEED = 2**63 - 1
+"""Seeds: what torch.manual_seed takes."""
+MAX_SHARD = 1_000_000
+"""Samples in one shard (a shard is written from memory)."""
+
+
+def show(value: Any) -> str:
+    """`repr(value)`, shortened to one readable line: the "got ..." of an error."""
+    return _SHOW.repr(value)
+
+
+_SHOW = reprlib.Repr()
+_SHOW.maxstring, _SHOW.maxlong, _SHOW.maxother, _SHOW.maxtuple = 120, 60, 120, 10
 
 
 # --- field documentation -----------------------------------------------------
@@ -84,7 +113,7 @@ def _describe(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     """`value` as type `tp`; text (from the command line) is parsed."""
     origin = typing.get_origin(tp)
-    bad = ConfigError(f"{name}: expected {_describe(tp)}, got {value!r}")
+    bad = ConfigError(f"{name}: expected {_describe(tp)}, got {show(value)}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
@@ -101,7 +130,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         allowed = typing.get_args(tp)
         if value not in allowed:
             raise ConfigError(
-                f"{name}: must be one of {', '.join(map(str, allowed))}; got {value!r}"
+                f"{name}: must be one of {', '.join(map(str, allowed))}; got {show(value)}"
             )
         return value
     if origin is tuple:
@@ -133,14 +162,20 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             raise bad
         try:
             number = float(value)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: an int beyond any float
             raise bad from None
         if not math.isfinite(number):
-            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{name}: expected a finite number, got {show(value)}")
         return number
     if tp is str:
+        if type(value) is datetime.date:  # YAML reads `night: 2024-01-02` as a date
+            value = value.isoformat()
         if not isinstance(value, str):
             raise bad
+        # No name or location holds a newline, tab or NUL, and each would break the
+        # one-line messages and logs that quote it.
+        if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value):
+            raise ConfigError(f"{name}: must not hold control characters, got {show(value)}")
         return value
     raise TypeError(f"{name}: unsupported config field type {tp!r}")
 
@@ -158,7 +193,7 @@ def from_dict(cls: type[Any], data: Mapping[str, Any], prefix: str | None = None
     prefix = prefix or cls.SECTION
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(map(str, set(data) - set(fields)))  # YAML keys may be numbers
     if unknown:
         raise ConfigError(
             f"{prefix}.{unknown[0]}: unknown field; known fields are {', '.join(sorted(fields))}"
@@ -176,7 +211,9 @@ def from_dict(cls: type[Any], data: Mapping[str, Any], prefix: str | None = None
         value = data[name]
         if _nested(tp):
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{prefix}.{name}: expected a mapping of fields, got {value!r}")
+                raise ConfigError(
+                    f"{prefix}.{name}: expected a mapping of fields, got {show(value)}"
+                )
             kwargs[name] = from_dict(tp, value, f"{prefix}.{name}")
         else:
             kwargs[name] = _coerce(value, tp, f"{prefix}.{name}")
@@ -205,10 +242,30 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a scalar its tag cannot take (an integer
+    of 5,000 digits, the date 2024-13-45, `!!float abc`) stays text: the field it is
+    given to then refuses it by name, where PyYAML would raise a bare ValueError."""
+
+
+def _lenient(construct: Any) -> Any:
+    def construct_or_text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+        try:
+            return construct(loader, node)
+        except (ValueError, KeyError, AttributeError):
+            return loader.construct_scalar(node)
+
+    return construct_or_text
+
+
+for _tag in (f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "bool", "timestamp")):
+    _Loader.add_constructor(_tag, _lenient(yaml.SafeLoader.yaml_constructors[_tag]))
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a mapping, naming the file on any error."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.load(Path(path).read_text(), Loader=_Loader)  # a SafeLoader
     except OSError as e:
         raise ConfigError(f"--config: cannot read {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
@@ -225,7 +282,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 # --- the command line --------------------------------------------------------------
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but usage errors are one line and exit with code 2."""
 
     def error(self, message: str) -> typing.NoReturn:
@@ -273,7 +330,7 @@ def _add_flags(
 
 def make_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
     """A parser with `--config FILE` and one `--field` flag per config field."""
-    parser = _OneLineErrorParser(
+    parser = OneLineErrorParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
@@ -285,17 +342,20 @@ def make_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPars
     return parser
 
 
-def parse_args(cls: type, parser: argparse.ArgumentParser, argv: list[str] | None) -> Any:
+def parse_args(cls: type[Any], parser: argparse.ArgumentParser, argv: list[str] | None) -> Any:
     """Resolve defaults, then the YAML file, then flags, into a validated config."""
     args = parser.parse_args(argv)
-    data = load_yaml(args.config) if args.config else {}
+    data = load_yaml(args.config) if args.config is not None else {}
     for key, value in vars(args).items():
         if not key.startswith("field:"):
             continue
         node = data
         *parents, leaf = key[len("field:") :].split(".")
-        for p in parents:
+        for depth, p in enumerate(parents, 1):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):  # the file gives the nested config as no mapping
+                where = ".".join([cls.SECTION, *parents[:depth]])
+                raise ConfigError(f"{where}: expected a mapping of fields, got {show(node)}")
         node[leaf] = value
     return from_dict(cls, data)
 
@@ -310,7 +370,19 @@ class Checked:
 
     def check(self, condition: bool, field: str, message: str) -> None:
         if not condition:
-            raise ConfigError(f"{self.SECTION}.{field}: {message}, got {getattr(self, field)!r}")
+            raise ConfigError(
+                f"{self.SECTION}.{field}: {message}, got {show(getattr(self, field))}"
+            )
+
+    def at_most(self, limit: int, *fields: str) -> None:
+        """Refuse values above `limit` in `fields` (numbers, lists of them or None):
+        the upper bound of a count or size, checked after its lower bound."""
+        for field in fields:
+            value = getattr(self, field)
+            values = value if isinstance(value, tuple) else (value,)
+            self.check(
+                all(v is None or v <= limit for v in values), field, f"must be at most {limit:_}"
+            )
 
     def locate(self, field: str) -> None:
         """Normalize the location in `field` (see `locations.normalize`) in place."""
@@ -320,3 +392,20 @@ class Checked:
             object.__setattr__(self, field, locations.normalize(value))
         except locations.LocationError as e:
             raise ConfigError(f"{self.SECTION}.{field}: {e}") from None
+
+
+def blame(
+    error: ConfigError, section: str, fields: Collection[str], renamed: Mapping[str, str]
+) -> ConfigError:
+    """`error`, raised by a config built from the fields of config `section`,
+    re-addressed to the field that the bad value came from: `train.images: ...` ->
+    `nightly.images: ...` where `images` is one of `fields`, and `evaluate.images:
+    ...` -> `nightly.eval_images: ...` where `renamed` maps `evaluate.images` to
+    `eval_images`. Any other error keeps its address after `section: `."""
+    where, sep, detail = str(error).partition(": ")
+    inner = where.partition(".")[2]
+    if sep and where in renamed:
+        return ConfigError(f"{section}.{renamed[where]}: {detail}")
+    if sep and inner.split(".")[0] in fields:
+        return ConfigError(f"{section}.{inner}: {detail}")
+    return ConfigError(f"{section}: {error}")

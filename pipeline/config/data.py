@@ -6,7 +6,7 @@ import dataclasses
 from typing import ClassVar, Literal
 
 from pipeline.config import locations
-from pipeline.config.core import Checked
+from pipeline.config.core import MAX_SHARD, Checked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,7 @@ class PreprocessConfig(Checked):
         )
         self.check(0 < self.resolution <= 4096, "resolution", "must be an integer in 1..4096")
         self.check(self.max_pixels > 0, "max_pixels", "must be a positive integer")
+        self.at_most(10**12, "max_pixels")
         self.check(
             len(self.background) == 3 and all(0 <= c <= 255 for c in self.background),
             "background",
@@ -67,6 +68,7 @@ class PreprocessConfig(Checked):
             "must be a number in [0, 1)",
         )
         self.check(self.samples_per_shard > 0, "samples_per_shard", "must be a positive integer")
+        self.at_most(MAX_SHARD, "samples_per_shard")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,4 +87,4 @@ class DigitsConfig(Checked):
     def __post_init__(self) -> None:
         self.locate("output")
         self.check(0 <= self.first < 1797, "first", "must be in 0..1796")
-        self.check(self.count >= 0, "count", "must be >= 0")
+        self.check(0 <= self.count <= 1797, "count", "must be in 0..1797")

@@ -5,23 +5,34 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from pipeline.config.core import Checked
-from pipeline.config.sample import SAMPLER_NAMES, SamplerName, is_registry_ref
+from pipeline.config.core import MAX_BATCH, MAX_SEED, Checked
+from pipeline.config.sample import (
+    MAX_GUIDANCE,
+    MAX_STEPS,
+    SAMPLER_NAMES,
+    SamplerName,
+    is_registry_ref,
+)
 from pipeline.config.train import resolve_tracking_uri
 
 LOWER_IS_BETTER = ("fd_pixel", "swd_pixel", "heldout_loss", "fid", "kid")
 HIGHER_IS_BETTER = ("precision", "recall", "label_fidelity", "cas")
 METRICS = LOWER_IS_BETTER + HIGHER_IS_BETTER
 """What `tasks.evaluate` reports and `tasks.promote` can decide on."""
+MAX_EVAL_IMAGES = 10_000_000
+"""Images generated, referenced or held out by one evaluation (FID uses 50,000)."""
 
 
 def parse_sampler(text: str) -> tuple[SamplerName, int]:
     """`heun:18` -> ("heun", 18); a ValueError naming what is wrong."""
     name, _, steps = text.partition(":")
     for known in SAMPLER_NAMES:
-        if name == known and steps.isdigit() and int(steps) >= 1:
+        if name == known and steps.isdecimal() and 1 <= int(steps) <= MAX_STEPS:
             return known, int(steps)
-    raise ValueError(f"expected sampler:steps with a sampler of {', '.join(SAMPLER_NAMES)}")
+    raise ValueError(
+        f"expected sampler:steps with a sampler of {', '.join(SAMPLER_NAMES)} "
+        f"and 1..{MAX_STEPS} steps"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +93,9 @@ class EvaluateConfig(Checked):
         self.locate("output")
         for field in ("images", "reference_images", "heldout_images", "batch_size"):
             self.check(getattr(self, field) > 1, field, "must be an integer above 1")
+        # Every sample and reference image is held in memory at once.
+        self.at_most(MAX_EVAL_IMAGES, "images", "reference_images", "heldout_images")
+        self.at_most(MAX_BATCH, "batch_size")
         for text in (self.sampler, *self.compare):
             try:
                 parse_sampler(text)
@@ -93,8 +107,12 @@ class EvaluateConfig(Checked):
             "heldout_sigmas",
             "must be positive numbers",
         )
+        self.at_most(1000, "heldout_sigmas")  # EDM samples from sigma 80
         self.check(self.neighbours > 0, "neighbours", "must be a positive integer")
+        self.at_most(1000, "neighbours")
         self.check(self.guidance >= 0, "guidance", "must be >= 0")
+        self.at_most(MAX_GUIDANCE, "guidance")
+        self.check(0 <= self.seed <= MAX_SEED, "seed", "must be in 0..2**63-1")
         object.__setattr__(self, "tracking_uri", resolve_tracking_uri(self.tracking_uri))
 
 
@@ -126,7 +144,11 @@ class PromoteConfig(Checked):
 
     def __post_init__(self) -> None:
         self.check(bool(self.model_name), "model_name", "must name a registered model")
-        self.check(self.version >= 0, "version", "must be a version number, or 0 for the latest")
+        self.check(
+            0 <= self.version < 2**31,  # MLflow keeps versions as 32-bit integers
+            "version",
+            "must be a version number (below 2**31), or 0 for the latest",
+        )
         self.check(self.metric in METRICS, "metric", f"must be one of {', '.join(METRICS)}")
         self.check(0 <= self.margin < 1, "margin", "must be in [0, 1)")
         self.check(bool(self.alias), "alias", "must be a non-empty name")

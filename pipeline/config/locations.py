@@ -47,6 +47,15 @@ def normalize(uri: str) -> str:
     if is_s3(uri):
         bucket, key = split_s3(uri)
         return f"{S3}{bucket}/{key}".rstrip("/")
+    scheme, sep, path = uri.partition("://")
+    if sep and f"{scheme}://" != FILE and "/" not in scheme:
+        # Taken as a local path, gs://bucket or S3://bucket would quietly become a
+        # folder named "gs:" under the current one.
+        raise LocationError(
+            f"{uri}: unknown scheme {scheme}://; a location is a path, file:// or s3://"
+        )
+    if sep and not path:
+        raise LocationError(f"{uri}: a file:// URI needs a path")
     return os.path.abspath(local_path(uri))
 
 

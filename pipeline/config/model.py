@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from pipeline.config.core import Checked, ConfigError
+from pipeline.config.core import Checked, ConfigError, show
 from pipeline.maths.architecture import (
     MAX_SIDE,
     MIN_SIDE,
@@ -50,12 +50,16 @@ class ModelConfig(Checked):
         for name in ("channels", "blocks", "head_channels"):
             value = getattr(self, name)
             self.check(value is None or value > 0, name, "must be a positive integer")
+        # Bounds far beyond EDM2's widest network (448 channels, 3 blocks, x4).
+        self.at_most(4096, "channels", "head_channels")
+        self.at_most(64, "blocks")
         self.check(
             self.channel_mult is None
             or (len(self.channel_mult) > 0 and min(self.channel_mult) > 0),
             "channel_mult",
             "must be positive integers, one per level",
         )
+        self.at_most(64, "channel_mult")
         levels = len(self.channel_mult or TEMPLATES[self.template]()["channel_mult"])
         self.check(
             2 ** (levels - 1) <= MAX_SIDE,
@@ -73,7 +77,27 @@ class ModelConfig(Checked):
         try:
             architecture(self.template, max(MIN_SIDE, 2 ** (levels - 1)), **self.overrides())
         except ValueError as e:
-            raise ConfigError(f"{self.SECTION}: {e}") from None
+            raise self._blame(e) from None
+
+    def _blame(self, error: ValueError) -> ConfigError:
+        """An error of the architecture, addressed to the field given here that
+        caused it: the field itself, or the override that the template's own value
+        of it does not fit (its attention levels, say, after fewer channel_mult)."""
+        name, _, detail = str(error).removeprefix(f"template {self.template}: ").partition(": ")
+        suspects = {
+            "channels": ("channels", "channel_mult"),
+            "head_channels": ("head_channels", "channels", "channel_mult"),
+            "attention": ("attention", "channel_mult"),
+        }.get(name, (name,))
+        given = [f for f in suspects if getattr(self, f, None) is not None]
+        if not given:
+            return ConfigError(f"{self.SECTION}: {error}")
+        if given[0] == name:
+            return ConfigError(f"{self.SECTION}.{name}: {detail}")
+        return ConfigError(
+            f"{self.SECTION}.{given[0]}: {show(getattr(self, given[0]))} does not fit the "
+            f"{self.template} template's {name}: {detail}"
+        )
 
     def overrides(self) -> dict[str, Any]:
         """The fields given, by UNetConfig name."""

@@ -8,12 +8,34 @@ import re
 from typing import ClassVar
 
 from pipeline.config import locations
-from pipeline.config.core import Checked, ConfigError
+from pipeline.config.core import Checked, ConfigError, blame
 from pipeline.config.data import PreprocessConfig
 from pipeline.config.evaluate import METRICS, EvaluateConfig, PromoteConfig, parse_sampler
 from pipeline.config.model import ModelConfig
 from pipeline.config.sample import SampleConfig
 from pipeline.config.train import TrainConfig, resolve_tracking_uri
+
+_RENAMED = {
+    "preprocess.input": "raw",
+    "preprocess.output": "dataset",
+    "train.run_name": "model_name",
+    "train.checkpoint_every_images": "images",
+    "train.log_every_images": "images",
+    "evaluate.model": "model_name",
+    "evaluate.output": "evaluations",
+    "evaluate.images": "eval_images",
+    "evaluate.batch_size": "eval_images",
+    "evaluate.sampler": "eval_sampler",
+    "evaluate.compare": "eval_compare",
+    "evaluate.guidance": "eval_guidance",
+    "sample.model": "model_name",
+    "sample.output": "samples",
+    "sample.images": "sample_images",
+    "sample.sampler": "sample_sampler",
+    "sample.steps": "sample_sampler",
+    "sample.guidance": "sample_guidance",
+}
+"""The fields of the steps' configs that come from a field of another name here."""
 
 
 def today() -> str:
@@ -128,12 +150,13 @@ class NightlyConfig(Checked):
             self.check(False, "sample_sampler", str(e))
         object.__setattr__(self, "tracking_uri", resolve_tracking_uri(self.tracking_uri))
         # Every step's config, built once here so that a bad value stops the night
-        # before anything is written.
+        # before anything is written; its errors name the field here it came from.
         try:
             self.preprocess_config(), self.train_config(""), self.promote_config(1)
             self.evaluate_config(1), self.sample_config(1)
         except ConfigError as e:
-            raise ConfigError(f"{self.SECTION}: {e}") from None
+            fields = [f.name for f in dataclasses.fields(self)]
+            raise blame(e, self.SECTION, fields, _RENAMED) from None
 
     def preprocess_config(self) -> PreprocessConfig:
         return PreprocessConfig(

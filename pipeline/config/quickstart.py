@@ -6,9 +6,17 @@ import dataclasses
 from typing import ClassVar
 
 from pipeline.config import locations
-from pipeline.config.core import Checked, ConfigError
+from pipeline.config.core import Checked, ConfigError, blame
 from pipeline.config.model import ModelConfig
 from pipeline.config.nightly import NightlyConfig
+
+_RENAMED = {
+    **{f"nightly.{f}": "workdir" for f in ("raw", "dataset", "storage", "evaluations", "samples")},
+    "nightly.eval_compare": "compare",
+    "nightly.eval_guidance": "guidance",
+    "nightly.sample_guidance": "guidance",
+}
+"""The nightly's fields that come from a field of another name here."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +69,8 @@ class QuickstartConfig(Checked):
         try:
             self.nightly_config()
         except ConfigError as e:
-            message = str(e).removeprefix("nightly: ").removeprefix("nightly.")
-            raise ConfigError(f"{self.SECTION}.{message}") from None
+            fields = [f.name for f in dataclasses.fields(self)]
+            raise blame(e, self.SECTION, fields, _RENAMED) from None
 
     @property
     def raw(self) -> str:

@@ -7,11 +7,16 @@ import re
 import typing
 from typing import ClassVar, Literal
 
-from pipeline.config.core import Checked
+from pipeline.config.core import MAX_BATCH, MAX_IMAGES, MAX_SEED, MAX_SHARD, MAX_WORKERS, Checked
 from pipeline.config.train import resolve_tracking_uri
 
 SamplerName = Literal["euler", "heun", "dpmpp_2m", "euler_ancestral", "edm_stochastic"]
 SAMPLER_NAMES: tuple[SamplerName, ...] = typing.get_args(SamplerName)
+
+MAX_STEPS = 10_000
+"""Sampler steps: ten times the 1000-step stochastic reference."""
+MAX_GUIDANCE = 100
+"""Classifier-free guidance: common scales are 1 to 10."""
 
 _REGISTRY_REF = re.compile(r"^[A-Za-z0-9_.-]+(@[A-Za-z0-9_-]+|/\d+)$")
 
@@ -77,11 +82,20 @@ class SampleConfig(Checked):
         self.check(self.steps > 0, "steps", "must be a positive integer")
         self.check(self.guidance >= 0, "guidance", "must be >= 0")
         self.check(bool(self.labels), "labels", "must be uniform, none or a class name")
+        self.check(0 <= self.seed <= MAX_SEED, "seed", "must be in 0..2**63-1")
         self.check(self.network_batch > 0, "network_batch", "must be a positive integer")
+        self.at_most(MAX_BATCH, "network_batch")
         self.check(
             self.batch_size > 0 and self.batch_size % self.network_batch == 0,
             "batch_size",
             f"must be a multiple of network_batch ({self.network_batch})",
         )
         self.check(self.actors > 0, "actors", "must be a positive integer")
+        self.check(bool(self.experiment), "experiment", "must be a non-empty name")
+        self.at_most(MAX_IMAGES, "images")
+        self.at_most(MAX_SHARD, "samples_per_shard")
+        self.at_most(MAX_STEPS, "steps")
+        self.at_most(MAX_GUIDANCE, "guidance")
+        self.at_most(MAX_BATCH, "batch_size")
+        self.at_most(MAX_WORKERS, "actors")
         object.__setattr__(self, "tracking_uri", resolve_tracking_uri(self.tracking_uri))

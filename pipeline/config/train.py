@@ -6,7 +6,7 @@ import dataclasses
 import os
 from typing import ClassVar, Literal
 
-from pipeline.config.core import Checked
+from pipeline.config.core import MAX_BATCH, MAX_IMAGES, MAX_SEED, MAX_WORKERS, Checked
 from pipeline.config.model import ModelConfig
 
 
@@ -103,14 +103,19 @@ class TrainConfig(Checked):
             "run_name",
             "must be a non-empty name without '/'",
         )
+        self.check(self.run_name not in (".", ".."), "run_name", "must not be . or ..")
+        self.check(bool(self.experiment), "experiment", "must be a non-empty name")
         self.check(self.images > 0, "images", "must be a positive integer")
         self.check(self.epochs is None or self.epochs > 0, "epochs", "must be positive")
+        self.at_most(1_000_000, "epochs")
         self.check(self.workers > 0, "workers", "must be a positive integer")
+        self.at_most(MAX_WORKERS, "workers")
         self.check(
             self.batch_size > 0 and self.batch_size % self.workers == 0,
             "batch_size",
             f"must be a multiple of the number of workers ({self.workers})",
         )
+        self.at_most(MAX_BATCH, "batch_size")
         per_worker = self.batch_size // self.workers
         self.check(
             self.micro_batch is None
@@ -119,16 +124,31 @@ class TrainConfig(Checked):
             f"must divide batch_size / workers ({per_worker})",
         )
         self.check(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
+        self.at_most(1024, "cpus_per_worker")
         self.check(self.lr > 0, "lr", "must be positive")
+        self.at_most(1, "lr")
         self.check(self.lr_rampup_images >= 0, "lr_rampup_images", "must be >= 0")
         self.check(self.max_grad_norm > 0, "max_grad_norm", "must be positive")
+        self.at_most(1_000_000, "max_grad_norm")  # any larger norm clips nothing either
         self.check(self.ema_halflife_images > 0, "ema_halflife_images", "must be positive")
+        self.check(0 < self.ema_rampup_ratio <= 1, "ema_rampup_ratio", "must be in (0, 1]")
         self.check(0 <= self.label_dropout < 1, "label_dropout", "must be in [0, 1)")
+        self.check(0 <= self.seed <= MAX_SEED, "seed", "must be in 0..2**63-1")
         for field in ("checkpoint_every_images", "log_every_images"):
             self.check(getattr(self, field) > 0, field, "must be a positive integer")
         self.check(self.sample_every_images >= 0, "sample_every_images", "must be >= 0")
+        self.at_most(
+            MAX_IMAGES,
+            "images",
+            "lr_rampup_images",
+            "ema_halflife_images",
+            "checkpoint_every_images",
+            "log_every_images",
+            "sample_every_images",
+        )
         self.check(self.keep_checkpoints > 0, "keep_checkpoints", "must be a positive integer")
         self.check(self.max_failures >= 0, "max_failures", "must be >= 0")
+        self.at_most(1000, "keep_checkpoints", "max_failures")
         object.__setattr__(self, "tracking_uri", resolve_tracking_uri(self.tracking_uri))
 
     @property

@@ -72,6 +72,27 @@ class UNetConfig:
         for name in ("dropout", "label_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.channels % 2:
+            raise ValueError(
+                f"channels: must be even (the noise embedding is half cosines, half sines), "
+                f"got {self.channels}"
+            )
+        normed, attended = feature_widths(self)
+        for width in sorted(normed):
+            if norm_groups(width) < 1 or width % norm_groups(width):
+                raise ValueError(
+                    f"channels: every feature map must split into GroupNorm's groups "
+                    f"(multiples of 4 channels below 128 do, of 32 from 128 on), but one has "
+                    f"{width} (channels x channel_mult, or two of them joined by a skip "
+                    f"connection), got {self.channels}"
+                )
+        for width in sorted(attended):
+            if width % attention_heads(width, self.head_channels):
+                raise ValueError(
+                    f"head_channels: the {width} channels of an attention layer do not split "
+                    f"into {attention_heads(width, self.head_channels)} equal heads, "
+                    f"got {self.head_channels}"
+                )
         if not takes(self.channel_mult, self.resolution):
             raise ResolutionError(self.channel_mult, self.resolution)
 
@@ -112,6 +133,39 @@ class UNetConfig:
             for k in mine
             if k not in ignore and mine[k] != theirs[k]
         ]
+
+
+def norm_groups(channels: int) -> int:
+    """GroupNorm's groups over `channels` feature maps: 32, fewer when narrow."""
+    return min(32, channels // 4)
+
+
+def attention_heads(channels: int, head_channels: int) -> int:
+    """Heads of an attention layer over `channels`: about `head_channels` each."""
+    return max(1, channels // head_channels)
+
+
+def feature_widths(cfg: UNetConfig) -> tuple[set[int], set[int]]:
+    """(the channel counts that the UNet's GroupNorms see, those its attention layers
+    see): the channel bookkeeping of `unet.UNet.__init__`, without building it."""
+    normed: set[int] = set()
+    attended: set[int] = set()
+    skips, ch = [cfg.channels], cfg.channels
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.blocks):
+            normed |= {ch, cfg.channels * mult}
+            ch = cfg.channels * mult
+            attended |= {ch} if level in cfg.attention else set()
+            skips.append(ch)
+        if level < len(cfg.channel_mult) - 1:
+            skips.append(ch)
+    attended.add(ch)  # the bottleneck
+    for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+        for _ in range(cfg.blocks + 1):
+            normed |= {ch + skips.pop(), cfg.channels * mult}
+            ch = cfg.channels * mult
+            attended |= {ch} if level in cfg.attention else set()
+    return normed | attended | {ch}, attended
 
 
 def takes(channel_mult: tuple[int, ...], resolution: int) -> bool:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.maths.architecture import UNetConfig, architecture
+from pipeline.maths.architecture import UNetConfig, architecture, attention_heads, norm_groups
 
 
 class GroupNorm(nn.GroupNorm):
@@ -37,7 +37,7 @@ class GroupNorm(nn.GroupNorm):
 
 
 def _norm(channels: int) -> GroupNorm:
-    return GroupNorm(min(32, channels // 4), channels, eps=1e-6)
+    return GroupNorm(norm_groups(channels), channels, eps=1e-6)
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -69,7 +69,7 @@ class Attention(nn.Module):
 
     def __init__(self, channels: int, head_channels: int):
         super().__init__()
-        self.heads = max(1, channels // head_channels)
+        self.heads = attention_heads(channels, head_channels)
         self.norm = _norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = _zero(nn.Conv2d(channels, channels, 1))
