@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import os
+import random
 import types
 import typing
 from collections.abc import Iterator
@@ -563,3 +565,50 @@ def test_a_task_without_a_config_refuses_in_one_line_too(name, tmp_path):
         assert done.returncode == 2 and done.stdout == "", done.stderr
         assert done.stderr.startswith(f"tasks.{name}: error: ") and done.stderr.count("\n") == 1
     assert not list(tmp_path.iterdir())
+
+
+# --- random values ---------------------------------------------------------------------
+
+
+def _random_value(rng: random.Random) -> tuple[str, str]:
+    """(a flag's text, a YAML scalar or list) drawn from what a user, a script or a
+    corrupted file might give: numbers of any sign and size, text of any
+    characters, lists of either."""
+    kind = rng.choice(("int", "float", "text", "list", "special"))
+    if kind == "int":
+        text = str(rng.choice((-1, 1)) * rng.randrange(10 ** rng.randint(1, 40)))
+    elif kind == "float":
+        text = f"{rng.uniform(-10, 10):.6g}e{rng.randint(-400, 400)}"
+    elif kind == "text":
+        alphabet = "az09 ,.:-_/#%{}[]'\"\\\t\u00e9\u2028\U0001f600"
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+    elif kind == "list":
+        text = ",".join(str(rng.randint(-3, 70)) for _ in range(rng.randint(0, 6)))
+    else:
+        text = rng.choice(("nan", "-inf", "true", "null", "~", "0x1f", "1_000", "1e3", ""))
+    return text, json.dumps(text) if kind == "text" else f"[{text}]" if kind == "list" else text
+
+
+@pytest.mark.parametrize("field", FIELDS, ids=lambda f: f.name)
+def test_random_values_are_taken_or_refused_naming_the_field(field: Field, folders, capsys):
+    """Twelve random values per field (seeded by its name, so a failure repeats), by
+    flag and in YAML: each is either taken, or refused with exit 2 and at most two
+    lines naming the field; never a traceback, and nothing is written."""
+    work, files = folders
+    rng = random.Random(field.name)
+    for _ in range(12):
+        flag, yaml = _random_value(rng)
+        given = _given(field.task, but=field.path)
+        for what, flags, text in [
+            ("flag", (*given, f"--{field.path}", flag), ""),
+            ("yaml", given, _yaml_at(field.path, yaml)),
+        ]:
+            case = Case(field.task, f"{field.path} {what} {flag!r}", flags, text, ())
+            code, err = run_in_process(case, files, capsys)
+            if code == 0:
+                continue  # taken: a value the field accepts
+            names = (f"{field.name}:", f"--{field.path}", "--config")
+            if field.path.rsplit(".", 1)[-1] in err:  # a rule joining two fields
+                names += (f"{field.config.SECTION}.",)
+            assert verdict(dataclasses.replace(case, names=names), code, err) is None
+    assert not list(work.iterdir())

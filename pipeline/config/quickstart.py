@@ -65,6 +65,8 @@ class QuickstartConfig(Checked):
         self.check(self.eval_images > 1, "eval_images", "must be an integer above 1")
         self.check(self.sample_images >= 0, "sample_images", "must be >= 0")
         self.check(self.guidance >= 0, "guidance", "must be >= 0")
+        batch = NightlyConfig.batch_size  # the quickstart trains at the nightly's default
+        self.check(batch % self.workers == 0, "workers", f"must divide the batch of {batch} images")
         # The whole night is checked before anything is written.
         try:
             self.nightly_config()
