@@ -1,5 +1,9 @@
 """Decoding, colour conversion and geometry of single images, against known pixels."""
 
+import io
+import struct
+import zlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -7,6 +11,7 @@ from PIL import Image
 from pipeline.data.decode import Rejected, decode_image
 from pipeline.data.transforms import center_crop_resize, encode_png
 from tests import images
+from tests.fuzz import run
 
 RES = 32
 
@@ -116,3 +121,131 @@ def test_icc_tagged_images_go_through_colour_management():
         data = images.encode(Image.new("RGB", (64, 64), (200, 50, 50)), "PNG", icc_profile=icc)
         img, _ = decode_image(data, max_pixels=10**6)
         assert img.mode == "RGB" and (np.asarray(img) == (200, 50, 50)).all()
+
+
+# --- found by fuzzing (tests/test_fuzz_decode.py, bench/fuzz_decode.py): each of these
+# inputs made decode_image raise something other than Rejected, or cost too much.
+
+
+def _exif_with_a_broken_header() -> bytes:
+    """EXIF asking for a quarter turn, its TIFF header damaged as a bit flip would."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return exif.tobytes().replace(b"MM\x00*", b"MM@*", 1)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_a_corrupt_exif_block_leaves_the_image_as_stored(fmt):
+    # Was: SyntaxError from Pillow's EXIF parser. Viewers ignore such a block.
+    stored = Image.new("RGB", (64, 32), (0, 0, 200))
+    data = images.encode(stored, fmt, exif=_exif_with_a_broken_header())
+    img, original = decode_image(data, max_pixels=10**6)
+    assert original == (64, 32) and img.size == (64, 32)
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def test_alphas_for_more_entries_than_the_palette_holds_are_ignored():
+    # Was: ValueError("palette index out of range"). libpng ignores such a tRNS chunk,
+    # so the image is opaque: red and blue halves, not blended with the background.
+    palette = Image.new("P", (64, 64), 0)
+    palette.putpalette([255, 0, 0, 0, 0, 255])
+    palette.paste(1, (32, 0, 64, 64))
+    png = images.encode(palette, "PNG")
+    idat = png.index(b"IDAT") - 4
+    data = png[:idat] + _png_chunk(b"tRNS", bytes(769)) + png[idat:]
+    pixels = process(data)
+    assert (pixels[:, :8] == (255, 0, 0)).all() and (pixels[:, -8:] == (0, 0, 255)).all()
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "RGB"])
+def test_a_colour_key_is_composited_and_not_passed_on(mode):
+    # Was: ValueError ("transparency for RGB must be list or tuple") from the PNG
+    # encoder for a 1-bit PNG with a tRNS chunk: the key travelled with the image
+    # (L and RGB ones were written into the training PNG as a key).
+    white = {"1": 1, "L": 255, "RGB": (255, 255, 255)}[mode]
+    stored = Image.new(mode, (64, 64), 0)
+    stored.paste(white, (0, 0, 32, 64))  # the left half has the key colour
+    data = images.encode(stored, "PNG", transparency=255 if mode == "1" else white)
+    img, _ = decode_image(data, max_pixels=10**6, background=(0, 128, 0))
+    assert img.info == {}
+    pixels = images.pixels_of(encode_png(center_crop_resize(img, RES, upscale=False)))
+    assert (pixels[:, :8] == (0, 128, 0)).all() and (pixels[:, -8:] == 0).all()
+
+
+def _tiff_with_tag_value(img: Image.Image, tag: int, *, kind: int | None = None, value=None):
+    """`img` as a TIFF whose IFD entry `tag` is given another type or inline value."""
+    data = bytearray(images.encode(img, "TIFF"))
+    ifd = int.from_bytes(data[4:8], "little")
+    for entry in range(ifd + 2, ifd + 2 + 12 * int.from_bytes(data[ifd : ifd + 2], "little"), 12):
+        if int.from_bytes(data[entry : entry + 2], "little") == tag:
+            if kind is not None:
+                data[entry + 2 : entry + 4] = kind.to_bytes(2, "little")
+            if value is not None:
+                data[entry + 8 : entry + 10] = value.to_bytes(2, "little")
+    return bytes(data)
+
+
+def test_a_tiff_strip_offset_of_the_wrong_type_is_rejected():
+    # Was: TypeError ("'float' object cannot be interpreted as an integer"): a bit
+    # flip made StripOffsets (273) a DOUBLE (type 12).
+    data = _tiff_with_tag_value(Image.new("RGB", (48, 40)), 273, kind=12)
+    with pytest.raises(Rejected) as err:
+        decode_image(data, max_pixels=10**6)
+    assert err.value.reason == "truncated", err.value
+
+
+def test_grey_with_premultiplied_alpha_is_composited():
+    # Was: ValueError ("conversion from La to L not supported"). ExtraSamples (338)
+    # = 1 marks the alpha as associated: a stored 100 at alpha 128 is a 199 grey
+    # half covering white: 100 + 255 * 127 / 255 = 227.
+    data = _tiff_with_tag_value(Image.new("LA", (48, 40), (100, 128)), 338, value=1)
+    assert Image.open(io.BytesIO(data)).mode == "La"
+    pixels = process(data)
+    assert np.abs(pixels.astype(int) - 227).max() <= 1
+
+
+def _bmp_declaring(width: int, height: int) -> bytes:
+    """A BMP header declaring `width` x `height` 32-bit pixels, and 16 bytes of them."""
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 32, 0, 0, 0, 0, 0, 0)
+    offset = 14 + len(info)
+    return b"BM" + struct.pack("<IHHI", offset + 16, 0, 0, offset) + info + bytes(16)
+
+
+@pytest.mark.parametrize("size", [(1 << 26, 1), (1, 1 << 26), (70_000, 10)])
+def test_a_side_longer_than_max_side_is_rejected_before_decoding(size):
+    # Within max_pixels, yet: 67M x 1 made Pillow raise MemoryError, and 1 x 67M
+    # took 0.5 GB of row pointers before finding the file truncated.
+    data = _bmp_declaring(*size) if size[0] != 70_000 else images.png_declaring(*size)
+    with pytest.raises(Rejected) as err:
+        decode_image(data, max_pixels=8192 * 8192)
+    assert err.value.reason == "too_many_pixels" and "a side exceeds" in err.value.detail
+
+
+def _transparent_gif_on_a_large_canvas() -> bytes:
+    """A 48x40 transparent GIF frame on an 8192x8192 logical screen: what the
+    fuzzer's dimension mutation made, a full-size palette image with alpha."""
+    frame = Image.new("P", (48, 40), 1)
+    frame.putpalette([255, 0, 0, 0, 0, 255])
+    frame.paste(0, (0, 0, 24, 40))  # the left half transparent
+    data = bytearray(images.encode(frame, "GIF", transparency=0))
+    data[6:10] = struct.pack("<HH", 8192, 8192)
+    return bytes(data)
+
+
+def _sixteen_bit_png_of_64_megapixels() -> bytes:
+    return images.encode(Image.fromarray(np.full((8192, 8192), 0x4000, np.uint16)), "PNG")
+
+
+@pytest.mark.parametrize(
+    "make", [_transparent_gif_on_a_large_canvas, _sixteen_bit_png_of_64_megapixels]
+)
+def test_the_largest_images_allowed_take_under_2_s_and_1_gib(make):
+    # At max_pixels (64M pixels) these took 1.4 GB (alpha compositing's RGBA
+    # copies) and 1.7 GB in 5.7 s (16-bit samples scaled in float64); now about
+    # two full-size copies at most. Measured in a fresh process.
+    outcome = run.measure(make())
+    assert outcome.result == "written", outcome
+    assert outcome.peak_rss < 1 << 30 and outcome.cpu_seconds < 2.0, outcome
