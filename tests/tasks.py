@@ -10,8 +10,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from pipeline.edges import storage
@@ -23,17 +24,25 @@ def command(name: str, *args: str) -> list[str]:
     return [sys.executable, "-m", f"tasks.{name}", *args]
 
 
+def private_ray_env() -> dict[str, str]:
+    """The environment of a task that starts its own local Ray, as on a laptop."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    return env
+
+
 def run(
-    argv: list[str], env: dict | None = None, timeout: float = 600
+    argv: list[str], env: dict | None = None, timeout: float = 600, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:
-    """Run a command (a task, or a CLI such as `ray job submit`) to its end: its
-    exit code, stdout and stderr. A group that outlives `timeout` is killed whole."""
+    """Run a command (a task, or a CLI such as `ray job submit`) to its end, in `cwd`
+    (default: the repository): its exit code, stdout and stderr. A group that
+    outlives `timeout` is killed whole."""
     proc = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        cwd=services.ROOT,
+        cwd=cwd or services.ROOT,
         env=os.environ if env is None else env,
         start_new_session=True,
     )
@@ -121,3 +130,56 @@ def kill_when(
 def kill_at(proc: subprocess.Popen, prefix: str, objects: int, timeout: float = 300) -> None:
     """Kill the task's process group once `prefix` holds `objects` objects."""
     kill_when(proc, lambda: count(prefix) >= objects, f"{objects} objects under {prefix}", timeout)
+
+
+CLUSTER_ACTORS = (
+    "DashboardAgent",
+    "RuntimeEnvAgent",
+    "_StatsActor",
+    "_StatsSummaryActor",
+    "_AutoscalingCoordinatorActor",
+    "_UsageCollectionActor",
+    "ActorLocationTracker",
+    "AutoscalingRequester",
+    "TrainStateActor",
+)
+"""Ray's own processes titled like workers: each node's agents, and Ray Data's and
+Ray Train's detached actors (the first job that needs one creates it, and it
+stays for the cluster's lifetime, by design)."""
+
+
+def task_processes(*markers: str) -> dict[int, str]:
+    """{pid: command line} of the processes that do a task's work, among those in
+    this process's network namespace (the test session's, when it runs `offline`):
+    `python -m tasks.<name>` drivers, Ray workers busy for a job (their title is
+    `ray::<task or actor>`; idle pool workers, `ray::IDLE...`, and CLUSTER_ACTORS
+    are the cluster's), and any whose command line holds one of `markers` (a
+    private Ray's temp folder)."""
+    found = {}
+    ours = os.readlink("/proc/self/ns/net")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.readlink(entry / "ns" / "net") != ours:
+                continue
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # it has ended
+            continue
+        line = " ".join(a.decode(errors="replace") for a in argv if a)
+        title = line.removeprefix("ray::").partition(".")[0] if line.startswith("ray::") else ""
+        busy_worker = bool(title) and not title.startswith("IDLE") and title not in CLUSTER_ACTORS
+        if busy_worker or " -m tasks." in line or any(m in line for m in markers):
+            found[int(entry.name)] = line
+    return found
+
+
+def strays(before: Collection[int], *markers: str, timeout: float = 30) -> dict[int, str]:
+    """The task processes (see `task_processes`) not in `before` that are still
+    there after `timeout`: Ray ends a dead driver's workers within seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = {p: c for p, c in task_processes(*markers).items() if p not in before}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)  # a raylet notices its driver's death and ends the job's workers

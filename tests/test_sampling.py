@@ -1,6 +1,7 @@
 """`tasks.sample` as users run it: a registered model into shards in the SeaweedFS
 bucket on the session's Ray cluster, tracked by the MLflow server. Lineage,
-determinism across batch sizes and actor counts, a killed job run again, bad input."""
+determinism across batch sizes and actor counts, bad input. (A job killed and run
+again: tests/test_chaos.py.)"""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import hashlib
 import io
 import json
 import tarfile
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -79,15 +78,6 @@ def read_shards(prefix: str) -> dict[str, dict[str, bytes]]:
             with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(obj.uri))) as tar:
                 out[obj.relpath] = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     return out
-
-
-def listing(prefix: str) -> dict[str, tuple]:
-    import boto3
-
-    bucket, _, key = prefix.removeprefix("s3://").partition("/")
-    client = boto3.client("s3")
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/")
-    return {o["Key"]: (o["ETag"], o["LastModified"]) for p in pages for o in p.get("Contents", [])}
 
 
 def test_two_thousand_images_with_lineage_into_the_bucket(registered, ray_cluster, s3_prefix):
@@ -196,51 +186,6 @@ def test_other_batch_size_and_actor_count_give_identical_pngs(registered, refere
     ref = {n: d for shard in reference.values() for n, d in shard.items() if n.endswith(".png")}
     assert len(pngs) == 640 and pngs == ref
     assert found == reference  # labels and lineage too
-
-
-def test_killed_job_run_again_writes_each_shard_once(registered, reference, s3_prefix):
-    argv = sample_argv(
-        "tiny-digits@champion",
-        s3_prefix,
-        registered["uri"],
-        *JOB,
-        "--actors",
-        "1",
-        "--batch_size",
-        "16",
-    )
-    seen: dict[str, bytes] = {}
-    stop = threading.Event()
-
-    def watch() -> None:  # every shard ever listed must be complete
-        while not stop.is_set():
-            for obj in storage.list_objects(s3_prefix):
-                if obj.relpath.endswith(".tar") and obj.relpath not in seen:
-                    seen[obj.relpath] = storage.read_bytes(obj.uri)
-            time.sleep(0.2)  # listing the bucket while the job runs
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        job = tasks.start(argv)
-        tasks.kill_at(job, f"{s3_prefix}/{shards.RECORDS}", 2)
-        written = tasks.count(f"{s3_prefix}/{shards.RECORDS}")
-        assert written < 10 and not storage.exists(f"{s3_prefix}/{shards.MANIFEST}")
-        again = tasks.run(argv)
-        assert again.returncode == 0, again.stderr[-3000:]
-        assert f"({10 - written} written now, {written} already complete)" in again.stdout
-    finally:
-        stop.set()
-        watcher.join()
-    assert read_shards(s3_prefix) == reference
-    for name, data in seen.items():
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            assert {m.name: tar.extractfile(m).read() for m in tar.getmembers()} == reference[name]
-
-    before = listing(s3_prefix)
-    third = tasks.run(argv)
-    assert third.returncode == 0 and "(0 written now, 10 already complete)" in third.stdout
-    assert listing(s3_prefix) == before  # wrote nothing
 
 
 @pytest.mark.parametrize(

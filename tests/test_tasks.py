@@ -1,28 +1,24 @@
 """The task entry points as users run them: `python -m tasks.<name>`, exit codes,
-one-line errors, a job killed part-way and run again, the quickstart."""
+one-line errors, the quickstart. (Jobs killed and run again: tests/test_chaos.py.)"""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import re
-import signal
 import tarfile
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline.config import PreprocessConfig
-from pipeline.data import shards
 from pipeline.data.digits import load_digits, write_digits
 from pipeline.edges import storage
 from pipeline.jobs.preprocess import preprocess
-from tests import dataset, images, tasks
+from tests import images, tasks
 
 pytestmark = pytest.mark.slow
 
@@ -98,98 +94,6 @@ def test_output_with_another_dataset_is_refused(tmp_path, ray_cluster, raw_folde
     assert sorted(os.listdir(out)) == before
 
 
-class ShardWatcher:
-    """Lists an S3 prefix over and over while a job runs, and checks that every
-    shard it ever sees is complete: byte-identical to the reference run's."""
-
-    def __init__(self, prefix: str, reference: dict[str, str]):
-        self.prefix, self.reference = prefix, reference
-        self.checked: set[str] = set()
-        self.problems: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def listing(self) -> list[storage.ObjectInfo]:
-        try:
-            return storage.list_objects(self.prefix)
-        except storage.NotFound:  # a local output folder appears with the first shard
-            return []
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            for o in self.listing():
-                if o.relpath.endswith(".tar") and o.relpath not in self.checked:
-                    digest = hashlib.sha256(storage.read_bytes(o.uri)).hexdigest()
-                    if digest != self.reference.get(o.relpath):
-                        self.problems.append(f"{o.relpath}: listed with other bytes")
-                    self.checked.add(o.relpath)
-
-
-def private_ray_env() -> dict[str, str]:
-    """The environment of a task that starts its own local Ray, as on a laptop."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="r", dir="/tmp")
-    return env
-
-
-@pytest.mark.parametrize("where", ["s3", "local"])
-def test_killed_job_run_again_ends_as_an_uninterrupted_run(where, tmp_path, s3, ray_cluster):
-    raw = tmp_path / "raw"
-    for i in range(720):
-        (raw / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
-        (raw / f"c{i % 3}" / f"{i}.png").write_bytes(
-            images.encode(images.noise(200, 150, i), "PNG")
-        )
-    settings = ["--input", str(raw), "--resolution", "32", "--samples_per_shard", "12"]
-    if where == "s3":
-        reference_prefix, prefix = s3.prefix("reference"), s3.prefix("killed")
-    else:
-        reference_prefix, prefix = str(tmp_path / "reference"), str(tmp_path / "killed")
-    done = tasks.run(tasks.command("preprocess", *settings, "--output", reference_prefix))
-    assert done.returncode == 0, done.stderr
-    reference = dataset.manifest(reference_prefix)
-    shard_digests = {s["name"]: s["sha256"] for s in reference["shards"]}
-
-    with ShardWatcher(prefix, shard_digests) as watcher:
-        # The job runs its own Ray, in its own process group: SIGKILL takes the
-        # driver, Ray and the workers (mid-write) down together.
-        argv = tasks.command("preprocess", *settings, "--output", prefix)
-        job = tasks.start(argv, private_ray_env())
-        records = storage.join(prefix, shards.RECORDS)
-        tasks.kill_at(job, records, 5)
-        done_at_kill = tasks.count(records)
-        assert job.returncode == -signal.SIGKILL
-        assert shards.load_manifest(prefix) is None
-        assert 5 <= done_at_kill < len(reference["shards"]), "the kill was not part-way"
-
-        again = tasks.run(argv)
-    assert again.returncode == 0, again.stderr
-    reused = int(re.search(r"shards \((\d+) reused\)", again.stdout).group(1))
-    print(f"killed after {done_at_kill} of {len(shard_digests)} shards; re-run reused {reused}")
-    assert done_at_kill <= reused < len(reference["shards"])
-
-    assert watcher.problems == [] and watcher.checked == set(shard_digests)
-    final = dataset.manifest(prefix)
-    assert final["config"].pop("output") == prefix
-    assert reference["config"].pop("output") == reference_prefix
-    assert final == reference
-    for name, digest in shard_digests.items():
-        assert hashlib.sha256(storage.read_bytes(storage.join(prefix, name))).hexdigest() == digest
-    if where == "local":
-        assert list((tmp_path / "killed").rglob("*.partial")) == []  # interrupted writes gone
-
-    third = tasks.run(argv)
-    assert third.returncode == 0 and "already complete" in third.stdout
-
-
 def test_digits_are_written_by_class_with_their_pixels(tmp_path):
     pixels, labels = load_digits()
     assert pixels.shape == (1797, 8, 8) and sorted(set(labels)) == list(range(10))
@@ -206,7 +110,7 @@ def test_digits_are_written_by_class_with_their_pixels(tmp_path):
 
 
 def test_quickstart_on_embedded_defaults(tmp_path):
-    env = {k: v for k, v in private_ray_env().items() if not k.startswith("AWS_")}
+    env = {k: v for k, v in tasks.private_ray_env().items() if not k.startswith("AWS_")}
     small = [
         "--images",
         "1280",

@@ -1,6 +1,6 @@
 """`tasks.train` as users run it: on a two-node local Ray cluster, from shards in
 the SeaweedFS bucket, tracked by an MLflow server, with checkpoints in the bucket.
-Killed and run again, a node lost mid-run, bad inputs, a NaN in the loss."""
+Bad inputs, a NaN in the loss. (Runs killed and nodes lost: tests/test_chaos.py.)"""
 
 from __future__ import annotations
 
@@ -19,13 +19,11 @@ from pipeline.data.digits import write_digits
 from pipeline.edges import storage
 from pipeline.maths.architecture import architecture
 from tests import services
+from tests.runs import checkpoints, final_state, history, runs_named
 from tests.services import ROOT
-from tests.tasks import command, kill, kill_when, run, start, wait_for
+from tests.tasks import command, run
 
 pytestmark = pytest.mark.slow
-
-K = 1024
-"""Run B of the resume test is killed after its checkpoint at K images."""
 
 FAULTS = ROOT / "tests" / "faults"
 """Holds the sitecustomize.py that injects faults into the cluster's training runs."""
@@ -116,47 +114,6 @@ def train_argv(dataset: str, runs: str, tracking: str, name: str, *extra: str) -
     )
 
 
-def checkpoints(runs: str, name: str) -> dict[int, set[str]]:
-    """{images seen: file names} of the checkpoints of run `name` in storage."""
-    found: dict[int, set[str]] = {}
-    for obj in storage.list_objects(storage.join(runs, name)):
-        folder, _, file = obj.relpath.partition("/")
-        if folder.startswith("checkpoint-") and file:
-            found.setdefault(int(folder.removeprefix("checkpoint-")), set()).add(file)
-    return found
-
-
-def registered(runs: str, name: str) -> set[int]:
-    """Images seen of the checkpoints Ray Train has recorded for run `name`: what a
-    restart resumes from. (A checkpoint's files are uploaded before it is
-    recorded, so a run killed in between resumes from the one before.)"""
-    try:
-        snapshot = json.loads(storage.read_bytes(f"{runs}/{name}/checkpoint_manager_snapshot.json"))
-    except storage.NotFound:
-        return set()
-    return {r["metrics"]["images_seen"] for r in snapshot["checkpoint_results"]}
-
-
-def final_state(runs: str, name: str) -> dict:
-    last = max(checkpoints(runs, name))
-    return json.loads(storage.read_bytes(f"{runs}/{name}/checkpoint-{last:012d}/state.json"))
-
-
-def runs_named(client: MlflowClient, name: str) -> list:
-    experiment = client.get_experiment_by_name("tests")
-    if experiment is None:
-        return []
-    return client.search_runs([experiment.experiment_id], f"tags.`mlflow.runName` = '{name}'")
-
-
-def history(client: MlflowClient, run_id: str, key: str) -> dict[int, list[float]]:
-    """{step: values in the order logged} of a metric."""
-    out: dict[int, list[float]] = {}
-    for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp):
-        out.setdefault(m.step, []).append(m.value)
-    return out
-
-
 def test_two_workers_on_two_nodes_from_the_bucket_tracked_in_mlflow(
     cluster, digits, s3_prefix, mlflow_server
 ):
@@ -234,95 +191,6 @@ def test_two_workers_on_two_nodes_from_the_bucket_tracked_in_mlflow(
     # The whole network, as the workers built it (also in every checkpoint).
     assert card["model"] == architecture("tiny", 8, num_classes=10, label_dropout=0.1).to_dict()
     assert state["model"] == card["model"]
-
-
-def test_killed_run_resumed_continues_the_straight_run(
-    cluster, digits, s3_prefix, mlflow_server, tmp_path
-):
-    args = ("--workers", "2", "--images", str(2 * K))
-    straight = run(train_argv(digits, s3_prefix, mlflow_server, "A", *args), cluster.env)
-    assert straight.returncode == 0, straight.stderr[-5000:]
-
-    # Run B: killed (its whole process group) once the checkpoint at K is recorded.
-    argv, log = train_argv(digits, s3_prefix, mlflow_server, "B", *args), tmp_path / "b.log"
-    proc = start(argv, cluster.env, log)
-    kill_when(proc, lambda: K in registered(s3_prefix, "B"), f"checkpoint at {K}", log=log)
-    assert max(checkpoints(s3_prefix, "B")) < 2 * K
-    again = run(argv, cluster.env)
-    assert again.returncode == 0, again.stderr[-5000:]
-    assert f"train: {2 * K} images seen" in again.stdout
-
-    a, b = final_state(s3_prefix, "A"), final_state(s3_prefix, "B")
-    assert a["images_seen"] == b["images_seen"] == 2 * K
-    client = MlflowClient(mlflow_server)
-    [run_a], [run_b] = runs_named(client, "A"), runs_named(client, "B")  # one run for B
-    assert run_b.info.status == "FINISHED" and b["run_id"] == run_b.info.run_id
-    loss_a = history(client, run_a.info.run_id, "loss")
-    loss_b = history(client, run_b.info.run_id, "loss")
-    # B's second invocation started at K: the steps before it were logged once.
-    assert all(len(loss_b[step]) == 1 for step in loss_b if step <= K)
-    assert sorted(loss_b) == sorted(loss_a)
-    # The learning rate is a function of images seen: equal at every step.
-    lr_a = history(client, run_a.info.run_id, "learning_rate")
-    lr_b = history(client, run_b.info.run_id, "learning_rate")
-    assert {s: v[-1] for s, v in lr_a.items()} == {s: v[-1] for s, v in lr_b.items()}
-    # Loss curves: same weights at K, different batches after it (the stream's
-    # order is not reproduced), so they agree within the batch-to-batch noise:
-    # every logged mean (over 4 batches of 32) within 20%, on average within 8%.
-    # A run that restarted from scratch after K would be 40-60% above A there.
-    gaps = [abs(loss_b[s][-1] - loss_a[s][-1]) / loss_a[s][-1] for s in loss_a if s > K]
-    assert max(gaps) < 0.20 and sum(gaps) / len(gaps) < 0.08, (loss_a, loss_b)
-
-    # Resuming with a setting that must not change is refused, naming it.
-    changed = run(argv + ["--lr", "1e-3"], cluster.env)
-    assert changed.returncode == 2
-    assert changed.stderr.strip() == (
-        "tasks.train: error: train.lr: run 'B' was started with lr=0.002, now 0.001; "
-        "resume it with the same value, or start a new train.run_name"
-    )
-
-
-def test_node_lost_mid_run_restarts_from_checkpoint_and_finishes(
-    cluster, digits, s3_prefix, mlflow_server, tmp_path
-):
-    argv = train_argv(
-        digits,
-        s3_prefix,
-        mlflow_server,
-        "node-loss",
-        "--workers",
-        "2",
-        "--placement",
-        "STRICT_SPREAD",
-        "--images",
-        "3072",
-    )
-    log = tmp_path / "train.log"
-    proc = start(argv, cluster.env, log)
-    try:
-        wait_for(proc, lambda: 1024 in registered(s3_prefix, "node-loss"), "checkpoint", log=log)
-        node = cluster.nodes[-1]
-        cluster.kill_node(node)
-        assert services.group_gone(node.pid)
-        cluster.add_node()  # the replacement
-        assert proc.wait(timeout=600) == 0, log.read_text()[-5000:]
-    finally:
-        kill(proc)
-    output = log.read_text()
-    assert "train: 3072 images seen" in output
-    # (Two nodes on one machine print every log line twice: count nothing from it.)
-    pattern = r"train worker (\d) of 2 on node (\w+) \(cpu\) starts at (\d+)"
-    starts = set(re.findall(pattern, output))
-    resumed = {int(at) for _, _, at in starts} - {0}
-    assert len(resumed) == 1 and min(resumed) >= 1024  # restarted from a checkpoint
-    assert len({node for _, node, _ in starts}) == 3  # the replacement node took a worker
-    assert final_state(s3_prefix, "node-loss")["images_seen"] == 3072
-    client = MlflowClient(mlflow_server)
-    [found] = runs_named(client, "node-loss")
-    assert found.info.status == "FINISHED"
-    loss = history(client, found.info.run_id, "loss")
-    assert max(loss) == 3072
-    assert all(len(loss[step]) == 1 for step in loss if step <= 1024)  # not from the start
 
 
 @pytest.mark.parametrize(
