@@ -20,6 +20,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -80,12 +81,17 @@ def stop_group(proc: subprocess.Popen, timeout: float = 5) -> None:
     proc.wait()
 
 
-@contextlib.contextmanager
-def process_group(cmd: list[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+def spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start `cmd` in a process group of its own, its output appended to `log`."""
     with open(log, "ab") as out:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT
         )
+
+
+@contextlib.contextmanager
+def process_group(cmd: list[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    proc = spawn(cmd, log, env)
     try:
         yield proc
     finally:
@@ -100,73 +106,163 @@ def service_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@contextlib.contextmanager
-def s3_server(workdir: Path) -> Iterator[dict[str, str]]:
-    """A SeaweedFS S3 server with one identity and one bucket, checked by a real
-    put and get. Yields the AWS_* variables that point at it, plus S3_BUCKET."""
-    import boto3
+class S3Server:
+    """A SeaweedFS S3 server with one identity and one bucket, checked by a real put
+    and get, that a test can also stop and start again on the same ports, data
+    folder and identity: an outage, after which the objects are still there."""
 
-    port, base = free_port(), free_port(span=3, grpc_offset=10000)
-    key, secret, bucket = "test-key", f"test-secret-{uuid.uuid4().hex[:8]}", "pipeline-test"
-    env = service_env(
-        S3_PORT=str(port),
-        S3_BUCKET="",
-        S3_ACCESS_KEY=key,
-        S3_SECRET_KEY=secret,
-        SEAWEED_PORT_BASE=str(base),
-    )
-    log = workdir / "s3.log"
-    with process_group(
-        [str(ROOT / "infra/local/start-s3.sh"), str(workdir / "data")], log, env
-    ) as proc:
-        aws = {
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-            "AWS_ACCESS_KEY_ID": key,
-            "AWS_SECRET_ACCESS_KEY": secret,
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.port, self.base = free_port(), free_port(span=3, grpc_offset=10000)
+        self.key, self.secret = "test-key", f"test-secret-{uuid.uuid4().hex[:8]}"
+        self.bucket = "pipeline-test"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def settings(self) -> dict[str, str]:
+        """The AWS_* variables that point at it, plus S3_BUCKET."""
+        return {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}",
+            "AWS_ACCESS_KEY_ID": self.key,
+            "AWS_SECRET_ACCESS_KEY": self.secret,
             "AWS_REGION": "us-east-1",
+            "S3_BUCKET": self.bucket,
         }
-        client = boto3.client(
+
+    def client(self, **config: Any) -> Any:
+        """A boto3 client of this server (`config`: botocore.config.Config fields)."""
+        import boto3
+        import botocore.config
+
+        return boto3.client(
             "s3",
-            endpoint_url=aws["AWS_ENDPOINT_URL"],
+            endpoint_url=self.settings["AWS_ENDPOINT_URL"],
             region_name="us-east-1",
-            aws_access_key_id=key,
-            aws_secret_access_key=secret,
+            aws_access_key_id=self.key,
+            aws_secret_access_key=self.secret,
+            config=botocore.config.Config(**config),
         )
 
-        def bucket_ready() -> bool:
-            try:
-                client.create_bucket(Bucket=bucket)
-            except client.exceptions.BucketAlreadyOwnedByYou:
-                pass  # an earlier attempt succeeded but its answer was lost
-            return True
+    def start(self) -> None:
+        """Start the server (the first time: create the bucket) and wait until it
+        stores and returns bytes."""
+        assert self.proc is None, "the S3 server is running"
+        env = service_env(
+            S3_PORT=str(self.port),
+            S3_BUCKET="",
+            S3_ACCESS_KEY=self.key,
+            S3_SECRET_KEY=self.secret,
+            SEAWEED_PORT_BASE=str(self.base),
+        )
+        # SeaweedFS adds an admin identity of its own from any AWS_* keys it is
+        # given (a test's, pointing at a server), which then owns new buckets.
+        for name in [k for k in env if k.startswith("AWS_")]:
+            del env[name]
+        log = self.workdir / "s3.log"
+        script = [str(ROOT / "infra/local/start-s3.sh"), str(self.workdir / "data")]
+        self.proc = spawn(script, log, env)
+        try:
+            client = self.client()
 
-        wait_until(bucket_ready, "SeaweedFS S3", 60, proc, log)
-        probe = os.urandom(1 << 16)
-        client.put_object(Bucket=bucket, Key="_probe", Body=probe)
-        got = client.get_object(Bucket=bucket, Key="_probe")["Body"].read()
-        assert got == probe, "S3 server returned different bytes than were put"
-        client.delete_object(Bucket=bucket, Key="_probe")
-        yield {**aws, "S3_BUCKET": bucket}
+            def bucket_ready() -> bool:
+                try:
+                    client.create_bucket(Bucket=self.bucket)
+                except client.exceptions.BucketAlreadyOwnedByYou:
+                    pass  # created before a restart, or an earlier attempt's answer was lost
+                return True
+
+            wait_until(bucket_ready, "SeaweedFS S3", 60, self.proc, log)
+            probe = os.urandom(1 << 16)
+            wait_until(
+                lambda: client.put_object(Bucket=self.bucket, Key="_probe", Body=probe) is not None,
+                "SeaweedFS S3 writes",
+                60,
+                self.proc,
+                log,
+            )
+            got = client.get_object(Bucket=self.bucket, Key="_probe")["Body"].read()
+            assert got == probe, "S3 server returned different bytes than were put"
+            client.delete_object(Bucket=self.bucket, Key="_probe")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """SIGKILL the server's whole process group, as a crash would, and wait until
+        it is gone: SeaweedFS takes about 25 s to exit after SIGTERM, and a new one
+        on the same ports and folder fails to start while the old one lingers."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        assert group_gone(self.proc.pid), "SeaweedFS outlived SIGKILL"
+        self.proc = None
+
+    def __enter__(self) -> S3Server:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def s3_server(workdir: Path) -> Iterator[dict[str, str]]:
+    """A SeaweedFS S3 server (`S3Server`), stopped at the end. Yields the AWS_*
+    variables that point at it, plus S3_BUCKET."""
+    with S3Server(workdir) as server:
+        yield server.settings
+
+
+class MlflowServer:
+    """An MLflow tracking server (sqlite runs, artifacts at `artifacts`) that a test
+    can also stop and start again on the same port and backend store."""
+
+    def __init__(self, workdir: Path, artifacts: str):
+        self.workdir, self.artifacts = workdir, artifacts
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Start the server and wait until it answers its health check."""
+        assert self.proc is None, "the MLflow server is running"
+        env = service_env(MLFLOW_PORT=str(self.port), MLFLOW_ARTIFACTS=self.artifacts)
+        log = self.workdir / "mlflow.log"
+        script = [str(ROOT / "infra/local/start-mlflow.sh"), str(self.workdir / "mlflow")]
+        self.proc = spawn(script, log, env)
+        try:
+            wait_until(
+                lambda: urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200,
+                "MLflow server",
+                120,
+                self.proc,
+                log,
+            )
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop the server as an operator would (SIGINT, then SIGKILL what is left)."""
+        if self.proc is not None:
+            stop_group(self.proc)
+            self.proc = None
+
+    def __enter__(self) -> MlflowServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 @contextlib.contextmanager
 def mlflow_server(workdir: Path, artifacts: str) -> Iterator[str]:
-    """An MLflow tracking server (sqlite runs, artifacts at `artifacts`); yields its URI."""
-    port = free_port()
-    env = service_env(MLFLOW_PORT=str(port), MLFLOW_ARTIFACTS=artifacts)
-    log = workdir / "mlflow.log"
-    uri = f"http://127.0.0.1:{port}"
-    with process_group(
-        [str(ROOT / "infra/local/start-mlflow.sh"), str(workdir / "mlflow")], log, env
-    ) as proc:
-        wait_until(
-            lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200,
-            "MLflow server",
-            120,
-            proc,
-            log,
-        )
-        yield uri
+    """An MLflow tracking server (`MlflowServer`), stopped at the end; yields its URI."""
+    with MlflowServer(workdir, artifacts) as server:
+        yield server.uri
 
 
 @contextlib.contextmanager

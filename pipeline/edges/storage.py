@@ -420,13 +420,51 @@ def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
 
     pyarrow's S3 client does not read `AWS_ENDPOINT_URL*` itself, so the endpoint
     is passed explicitly. Ray takes the path without its scheme (`bucket/prefix`).
+    Its requests wait out an endpoint that is down for up to about a minute, in
+    every process Ray sends it to (`_s3_filesystem`).
     """
     import pyarrow.fs
 
     if is_s3(uri):
         bucket, key = _split_s3(uri)
-        fs = pyarrow.fs.S3FileSystem(
-            endpoint_override=s3_endpoint(), region=_region() or "us-east-1"
+        fs = _s3_filesystem(
+            {"endpoint_override": s3_endpoint(), "region": _region() or "us-east-1"}
         )
         return fs, f"{bucket}/{key}".rstrip("/")
     return pyarrow.fs.LocalFileSystem(), str(local_path(uri).resolve())
+
+
+ARROW_S3_ATTEMPTS = 11
+"""Tries of each request of the pyarrow S3 client (its default: 3, about a second
+in all). pyarrow's default strategy waits 25 ms x 2^n before try n + 1, so 11
+tries span about 51 s: Ray Train's checkpoint uploads, its record of them and Ray
+Data's reads ride out an outage about as long as `WRITE_PATIENCE_S`."""
+
+
+def _s3_filesystem(options: dict[str, Any]) -> pyarrow.fs.S3FileSystem:
+    """A pyarrow S3 filesystem with `options` and ARROW_S3_ATTEMPTS tries per
+    request, which it keeps when pickled: pyarrow's own pickling drops the retry
+    strategy, and Ray pickles the filesystem to its controller and workers."""
+    import pyarrow.fs
+
+    fs = _patient_s3_class()(
+        retry_strategy=pyarrow.fs.AwsDefaultS3RetryStrategy(max_attempts=ARROW_S3_ATTEMPTS),
+        **options,
+    )
+    fs.options = options
+    return fs
+
+
+@functools.cache
+def _patient_s3_class() -> type[pyarrow.fs.S3FileSystem]:
+    """pyarrow's S3FileSystem, pickled as `_s3_filesystem(options)` (made on first
+    use: pyarrow is imported only by the jobs that need it)."""
+    import pyarrow.fs
+
+    class PatientS3FileSystem(pyarrow.fs.S3FileSystem):
+        options: dict[str, Any]
+
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (_s3_filesystem, (self.options,))
+
+    return PatientS3FileSystem

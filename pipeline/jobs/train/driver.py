@@ -134,7 +134,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         tracking.end_run(cfg.tracking_uri, run_id, "KILLED" if interrupted else "FAILED")
         if interrupted or not isinstance(e, Exception):
             raise
-        raise TrainingFailed(f"training failed (the last checkpoint is kept): {e}") from e
+        raise TrainingFailed(f"training failed (the last checkpoint is kept): {_brief(e)}") from e
     metrics = result.metrics or {}
     final = result.checkpoint.path if result.checkpoint else None
     try:
@@ -157,6 +157,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         cfg.model_name or cfg.run_name,
         version,
     )
+
+
+def _brief(e: BaseException) -> str:
+    """Ray Train's error in one line, for the task's verdict: its first line (what
+    failed) and its last (the cause); the tracebacks between stay in the log."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return " ".join(lines[:1] + lines[1:][-1:])
 
 
 @contextlib.contextmanager
