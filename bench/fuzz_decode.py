@@ -175,10 +175,17 @@ def save_failures(outcomes: list[run.Outcome], seed: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", type=int, default=10_000)
+    parser.add_argument(
+        "--cases", type=int, default=10_000, help="mutated images to run (default: 10,000)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="run seed: the same cases every time")
     parser.add_argument("--start", type=int, default=0, help="index of the first case")
-    parser.add_argument("--output", type=Path, default=RESULTS / "fuzz_decode-cpu2.json")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS / "fuzz_decode-cpu2.json",
+        help="the JSON to write (default: bench/results/fuzz_decode-cpu2.json)",
+    )
     args = parser.parse_args()
 
     OUT.mkdir(parents=True, exist_ok=True)
