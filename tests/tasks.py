@@ -1,7 +1,7 @@
 """The tasks as users run them, `python -m tasks.<name> ...`: each in a subprocess
 in its own process group (so that a test can kill it whole: driver, local Ray,
 workers), with this process's environment (the session's Ray cluster and S3
-server) unless given another; and killed once its output is part-way."""
+server) unless given another; and the processes of a task that must be gone."""
 
 from __future__ import annotations
 
@@ -108,28 +108,6 @@ def wait_for(
         if time.monotonic() > deadline:
             raise failed(f"no {what} after {timeout:.0f}s")
         time.sleep(0.2)  # one storage listing per poll: cheap on 2 CPUs, kills land part-way
-
-
-def kill_when(
-    proc: subprocess.Popen,
-    ready: Callable[[], bool],
-    what: str,
-    timeout: float = 300,
-    log: Path | None = None,
-) -> None:
-    """Wait for `ready()` as `wait_for` does, then SIGKILL the task's process group
-    (also when waiting failed); fails if a process of the group survives."""
-    try:
-        wait_for(proc, ready, what, timeout, log)
-    except BaseException:
-        kill(proc)
-        raise
-    assert kill(proc), f"processes of the task killed at {what} survived"
-
-
-def kill_at(proc: subprocess.Popen, prefix: str, objects: int, timeout: float = 300) -> None:
-    """Kill the task's process group once `prefix` holds `objects` objects."""
-    kill_when(proc, lambda: count(prefix) >= objects, f"{objects} objects under {prefix}", timeout)
 
 
 CLUSTER_ACTORS = (

@@ -28,15 +28,13 @@ Guarantees:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import os
 import re
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pipeline.config.locations import (
     S3,
@@ -49,13 +47,15 @@ from pipeline.config.locations import (
     redact,
     split_s3,
 )
-from pipeline.edges import local_walk
+from pipeline.edges import local_walk, s3
+from pipeline.edges.s3 import WRITE_PATIENCE_S, s3_endpoint
 
 if TYPE_CHECKING:
     import pyarrow.fs
 
 __all__ = [
     "AccessDenied",
+    "WRITE_PATIENCE_S",
     "NotFound",
     "ObjectInfo",
     "StorageError",
@@ -137,44 +137,7 @@ def _hidden(relpath: str) -> bool:
     return any(part.startswith(".") for part in relpath.split("/"))
 
 
-# --- S3 client ---------------------------------------------------------------------
-
-
-def s3_endpoint() -> str | None:
-    """The S3 endpoint URL from the environment, or None for AWS itself."""
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
-def _region() -> str | None:
-    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
-
-
-def _client() -> Any:
-    return _make_client(s3_endpoint(), _region(), os.environ.get("AWS_ACCESS_KEY_ID"))
-
-
-@functools.lru_cache(maxsize=4)
-def _make_client(endpoint: str | None, region: str | None, _key_id: str | None) -> Any:
-    # One client per process and setting; boto3 clients are thread-safe. The key
-    # id is part of the cache key so a changed identity gets a new client.
-    import boto3
-    import botocore.config
-
-    config = botocore.config.Config(
-        retries={
-            "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
-            "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "5")),
-        },
-        connect_timeout=10,
-        read_timeout=60,
-        max_pool_connections=32,
-        # Custom endpoints (MinIO, SeaweedFS, in-cluster services) rarely resolve
-        # bucket subdomains; AWS itself prefers virtual hosting.
-        s3={"addressing_style": "path"} if endpoint else None,
-    )
-    return boto3.session.Session().client(
-        "s3", endpoint_url=endpoint, region_name=region, config=config
-    )
+# --- S3 errors ---------------------------------------------------------------------
 
 
 @contextmanager
@@ -209,68 +172,6 @@ def _errors(uri: str) -> Iterator[None]:
         raise StorageError(f"{uri}: {e.strerror or e}") from None
 
 
-def _retry_body(read: Callable[[], bytes], attempts: int = 4) -> bytes:
-    """Call `read()` again when a download breaks mid-body; botocore retries
-    requests, not the streaming of an already-started response."""
-    import botocore.exceptions as bx
-    import urllib3.exceptions as ux
-
-    transient = (
-        bx.ResponseStreamingError,
-        bx.ReadTimeoutError,
-        bx.IncompleteReadError,
-        bx.ConnectionClosedError,
-        ux.ProtocolError,
-    )
-    for attempt in range(attempts):
-        try:
-            return read()
-        except transient:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.2 * 2**attempt)  # backoff between retries of a failed download
-    raise AssertionError("unreachable: the last attempt returns or raises")
-
-
-WRITE_PATIENCE_S = 60.0
-"""How long a write to S3 keeps trying an endpoint that does not answer, or answers
-5xx (a server restarting, a network blip), before it fails. botocore gives up on
-a refused connection within a second or two, and a failed write costs a job its
-shard or checkpoint, so writes wait. Reads and listings do not: a job makes them
-first, and a wrong endpoint should be reported at once, not after a minute."""
-
-
-def _patiently(put: Callable[[], None], patience: float = WRITE_PATIENCE_S) -> None:
-    """Call `put()` again, with backoff, while the S3 endpoint is down, for up to
-    `patience` seconds; then raise its error. Only for whole-object PUTs, which
-    may be repeated: the same bytes land again."""
-    deadline, delay = time.monotonic() + patience, 0.5
-    while True:
-        try:
-            return put()
-        except Exception as e:
-            if not _endpoint_down(e) or time.monotonic() + delay > deadline:
-                raise
-        time.sleep(delay)  # backoff while the endpoint is down
-        delay = min(2 * delay, 8.0)
-
-
-def _endpoint_down(e: Exception) -> bool:
-    """Whether `e` says that the S3 endpoint is down or failing (worth waiting
-    for), rather than that the request is wrong."""
-    import botocore.exceptions as bx
-
-    if isinstance(e, bx.ClientError):
-        return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
-    down = (
-        bx.EndpointConnectionError,
-        bx.ConnectTimeoutError,
-        bx.ConnectionClosedError,
-        bx.ReadTimeoutError,
-    )
-    return isinstance(e, down)
-
-
 # --- operations ---------------------------------------------------------------------
 
 
@@ -287,9 +188,9 @@ def read_bytes(uri: str, start: int = 0, length: int | None = None) -> bytes:
                 extra["Range"] = f"bytes={start}-{end}"
 
             def read() -> bytes:
-                return _client().get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
+                return s3.client().get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
 
-            return _retry_body(read)
+            return s3.retry_body(read)
         with open(local_path(uri), "rb") as f:
             f.seek(start)
             return f.read() if length is None else f.read(length)
@@ -301,7 +202,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         if is_s3(uri):
             bucket, key = _split_s3(uri)
             # upload_fileobj switches to multipart above 8 MiB; completion is atomic.
-            _patiently(lambda: _client().upload_fileobj(io.BytesIO(data), bucket, key))
+            s3.patiently(lambda: s3.client().upload_fileobj(io.BytesIO(data), bucket, key))
             return
         path = local_path(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -368,7 +269,7 @@ def _list_s3(prefix: str) -> list[ObjectInfo]:
     key = key.rstrip("/")
     start = f"{key}/" if key else ""
     out = []
-    pages = _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start)
+    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start)
     for page in pages:
         for obj in page.get("Contents", []):
             relpath = obj["Key"][len(start) :]
@@ -396,7 +297,7 @@ def exists(uri: str) -> bool:
 
             bucket, key = _split_s3(uri)
             try:
-                _client().head_object(Bucket=bucket, Key=key)
+                s3.client().head_object(Bucket=bucket, Key=key)
             except bx.ClientError as e:
                 if e.response.get("Error", {}).get("Code") in _MISSING_CODES:
                     return False
@@ -410,7 +311,7 @@ def delete(uri: str) -> None:
     with _errors(uri):
         if is_s3(uri):
             bucket, key = _split_s3(uri)
-            _client().delete_object(Bucket=bucket, Key=key)
+            s3.client().delete_object(Bucket=bucket, Key=key)
         else:
             local_path(uri).unlink(missing_ok=True)
 
@@ -421,50 +322,14 @@ def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
     pyarrow's S3 client does not read `AWS_ENDPOINT_URL*` itself, so the endpoint
     is passed explicitly. Ray takes the path without its scheme (`bucket/prefix`).
     Its requests wait out an endpoint that is down for up to about a minute, in
-    every process Ray sends it to (`_s3_filesystem`).
+    every process Ray sends it to (`arrow_s3_filesystem`).
     """
     import pyarrow.fs
 
     if is_s3(uri):
         bucket, key = _split_s3(uri)
-        fs = _s3_filesystem(
-            {"endpoint_override": s3_endpoint(), "region": _region() or "us-east-1"}
+        fs = s3.arrow_s3_filesystem(
+            {"endpoint_override": s3_endpoint(), "region": s3.region() or "us-east-1"}
         )
         return fs, f"{bucket}/{key}".rstrip("/")
     return pyarrow.fs.LocalFileSystem(), str(local_path(uri).resolve())
-
-
-ARROW_S3_ATTEMPTS = 11
-"""Tries of each request of the pyarrow S3 client (its default: 3, about a second
-in all). pyarrow's default strategy waits 25 ms x 2^n before try n + 1, so 11
-tries span about 51 s: Ray Train's checkpoint uploads, its record of them and Ray
-Data's reads ride out an outage about as long as `WRITE_PATIENCE_S`."""
-
-
-def _s3_filesystem(options: dict[str, Any]) -> pyarrow.fs.S3FileSystem:
-    """A pyarrow S3 filesystem with `options` and ARROW_S3_ATTEMPTS tries per
-    request, which it keeps when pickled: pyarrow's own pickling drops the retry
-    strategy, and Ray pickles the filesystem to its controller and workers."""
-    import pyarrow.fs
-
-    fs = _patient_s3_class()(
-        retry_strategy=pyarrow.fs.AwsDefaultS3RetryStrategy(max_attempts=ARROW_S3_ATTEMPTS),
-        **options,
-    )
-    fs.options = options
-    return fs
-
-
-@functools.cache
-def _patient_s3_class() -> type[pyarrow.fs.S3FileSystem]:
-    """pyarrow's S3FileSystem, pickled as `_s3_filesystem(options)` (made on first
-    use: pyarrow is imported only by the jobs that need it)."""
-    import pyarrow.fs
-
-    class PatientS3FileSystem(pyarrow.fs.S3FileSystem):
-        options: dict[str, Any]
-
-        def __reduce__(self) -> tuple[Any, ...]:
-            return (_s3_filesystem, (self.options,))
-
-    return PatientS3FileSystem
