@@ -1,44 +1,47 @@
 """Benchmark: training images/s fed by the real Ray Data stream, against the same
 training fed from tensors already in memory.
 
-All cases run the same Ray Train worker: the model of the preset, DDP
-preparation, the real training step (EDM loss, Adam, clipping, EMA). They differ
-only in where each batch comes from:
+One Ray Train worker (1 CPU; Ray Data reads on the other) builds the model of
+the preset once, prepares it for DDP, and runs segments of the real training
+step (EDM loss, Adam, clipping, EMA), each `--steps` steps timed after
+`--warmup` untimed ones. The segments differ only in where the batches come
+from:
 - `memory`: one batch of random tensors already on the device, reused (the
   baseline: training with no data path at all);
-- `stream`: this worker's split of the preprocessed shards (read_webdataset, PNG
-  decode, `to_training_batch` with flips, `iter_torch_batches`), exactly as
-  `tasks.train` builds it: one stream covering the whole run;
-- `one-pass`: the same, but a stream of one pass over the data that restarts at
-  its end (what `tasks.train` did first).
-The ratio stream / memory is what the data path costs training (goal on a GPU:
-at least 0.97). Each case is timed after warm-up steps, the cases alternate, and
-medians are reported, with the time spent waiting for a batch.
+- `stream`: this worker's split of the preprocessed shards, through the
+  driver's `training_data` and the worker's `_batches`, exactly as `tasks.train`
+  builds them; each segment starts a new epoch of the stream (as a run does) and
+  ends it.
+They come in rounds of one of each, back to back, in alternating order (ABBA),
+so that the load of the machine drifts over both alike. The table gives the
+median over the rounds of stream / memory (the goal: at least 0.97), its range,
+and per case the time spent waiting for a batch and the CPU used.
 
-    infra/local/offline .venv/bin/python bench/train_ingest.py [--resolution 8] [--steps 60]
+    infra/local/offline .venv/bin/python bench/train_ingest.py [--resolution 8] [--pairs 10]
 
 Prints a table and writes bench/results/train_ingest-<machine>-<resolution>px.json.
 
-Results on this 2-core machine (2026-11-26; tiny preset, 8x8 digits, batch 64,
-one worker of 1 CPU, Ray Data on the other; 60 timed steps, 2.1 passes over the
-1,610 training images; medians of 3 alternating runs, one invocation):
+Results on this 2-core machine (2026-12-02; tiny preset, 8x8 digits, batch 64;
+10 rounds of 60 timed steps per segment, 2.1 passes over the 1,797 images each;
+one invocation; other sessions' work was running beside it):
 
-    case       images/s  ratio  stalls  stalled   runs
-    memory        604.5  1.000       0     0.0%   605, 736, 541
-    stream        561.9  0.929       1     1.6%   580, 479, 562
-    one-pass      461.0  0.762       2    11.7%   480, 461, 429
+    case     images/s  ratio       range  waiting  stalls  cpus  busy
+    memory      606.6  1.000 1.000-1.000     0.0%       0  0.99   67%
+    stream      551.3  0.885 0.769-1.063     2.3%       1  0.91   88%
 
-(stalls: waits for a batch over 50 ms.) The stream reaches 0.93 here, not the
-0.97 goal; this machine has no GPU to measure the goal's case. Where the time goes:
-1. Restarting the stream. When a worker's stream ends, Ray Data starts the next
-   execution from scratch and training waits about 0.4 s; with one pass per
-   stream that is 12% of the time on the digits (a pass is 2.7 s of training).
-   `tasks.train` now builds one stream of up to 100 passes, so the wait comes
-   once per run: 0.76 -> 0.93, 1.22x in the same run.
-2. Two cores shared: Ray Data's reading, PNG decoding and flipping run on the
-   core beside the training process, and Ray's own processes on both; waiting
-   for batches is only 1.9% of the time, so most of the remaining 7% is
-   contention, which a GPU node (training on the GPU, data on many CPUs) avoids.
+    paired ratios: 0.910, 0.854, 1.063, 1.043, 0.860, 0.954, 1.027, 0.769, 0.815, 0.820
+
+Not the 0.97 goal, and noisy: one round's ratio ranges over +-15% (quartiles
+0.82-1.03), as memory segments alone range 519-711 images/s with the machine's
+load. What the columns say about the gap: the stream waits for batches 2.3% of
+the time, and the training process runs on a CPU 0.91 of the time against 0.99
+fed from memory, while the machine has a core mostly free in the quiet rounds
+(busy 60-65%): the rest of the loss is the training thread waiting on the
+iterator's threads in its own process (the GIL, thread hand-offs), not on
+reading. So `_batches` keeps one collate thread and one batch of prefetch
+(tried in one process, 6 rounds: Ray's default collate with its pool of four
+0.96 of memory, one thread 1.01, prefetch 2 and 4 0.95, no prefetch 0.85; all
++-10%). This machine has no GPU to measure the goal's case.
 """
 
 from __future__ import annotations
@@ -50,14 +53,27 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
 PRESETS = {8: "tiny", 32: "small", 64: "base"}
+CASES = ["memory", "stream"]
+STALL_S = 0.05
+"""A wait for a batch longer than this counts as a stall."""
+
+
+def busy_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine so far, in jiffies (Linux)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
 
 
 def bench_loop(config: dict) -> None:
-    """One Ray Train worker: `steps` training steps after `warmup` ones, timed."""
+    """One Ray Train worker: the rounds of segments, each `steps` training steps
+    after `warmup` ones, timed; the metrics of every segment go back in a checkpoint."""
     import ray.train
     import ray.train.torch
     import torch
@@ -75,27 +91,15 @@ def bench_loop(config: dict) -> None:
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=1e-4)
     model = ray.train.torch.prepare_model(denoiser)
     size, resolution = config["batch"], config["resolution"]
-    if config["source"] in ("stream", "one-pass"):
-        batches = _batches(ray.train.get_dataset_shard("train"), size, device)
-    else:
-        fixed = {
-            "image": torch.randn(size, 3, resolution, resolution, device=device),
-            "label": torch.randint(0, 10, (size,), device=device),
-        }
-        batches = iter(lambda: fixed, None)
     bf16 = torch.bfloat16 if device.type == "cuda" else None
-    waited, seen, stalls = 0.0, 0, []
-    for step in range(config["warmup"] + config["steps"]):
-        if step == config["warmup"]:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start, waited = time.perf_counter(), 0.0
-        t = time.perf_counter()
-        batch = next(batches)
-        wait = time.perf_counter() - t
-        waited += wait
-        if step >= config["warmup"] and wait > 0.05:
-            stalls.append(wait)
+    fixed = {
+        "image": torch.randn(size, 3, resolution, resolution, device=device),
+        "label": torch.randint(0, 10, (size,), device=device),
+    }
+    seen = 0
+
+    def step(batch: dict[str, torch.Tensor]) -> None:
+        nonlocal seen
         train_step(
             model,
             optimizer,
@@ -108,20 +112,56 @@ def bench_loop(config: dict) -> None:
             ema_model=denoiser,
         )
         seen += size
+
+    segments: dict[str, list[dict]] = {case: [] for case in config["rounds"][0]}
+    for order in config["rounds"]:
+        for case in order:
+            if case == "memory":
+                batches = iter(lambda: fixed, None)
+                segments[case].append(timed_steps(batches, step, config, device))
+            else:
+                # A new epoch of the stream per segment, as a run of `tasks.train`
+                # starts one; closing it mid-epoch lets Ray Data shut it down.
+                stream = _batches(ray.train.get_dataset_shard("train"), size, device)
+                segments[case].append(timed_steps(stream, step, config, device))
+                stream.close()
+    # Ray Train V2 returns the metrics of the latest checkpoint only: attach one.
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "segments.json").write_text(json.dumps(segments))
+        ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def timed_steps(batches: Iterator, step: Callable, config: dict, device: Any) -> dict:
+    """`warmup` steps, then `steps` steps timed: images/s, the time spent waiting
+    for batches, and the CPU time of this process and of the machine."""
+    import torch
+
+    for _ in range(config["warmup"]):
+        step(next(batches))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    waited, stalls = 0.0, []
+    start, cpu, machine = time.perf_counter(), time.process_time(), busy_jiffies()
+    for _ in range(config["steps"]):
+        t = time.perf_counter()
+        batch = next(batches)
+        wait = time.perf_counter() - t
+        waited += wait
+        if wait > STALL_S:
+            stalls.append(wait)
+        step(batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    metrics = {
-        "images_per_second": config["steps"] * size / elapsed,
+    busy, total = (a - b for a, b in zip(busy_jiffies(), machine, strict=True))
+    return {
+        "images_per_second": config["steps"] * config["batch"] / elapsed,
         "waiting": waited / elapsed,
         "stalls": len(stalls),
         "stalled": sum(stalls) / elapsed,
-        "epochs": config["steps"] * size / config["train_images"],
+        "worker_cpus": (time.process_time() - cpu) / elapsed,
+        "machine_busy": busy / max(total, 1),
     }
-    # Ray Train V2 returns the metrics of the latest checkpoint only: attach one.
-    with tempfile.TemporaryDirectory() as folder:
-        Path(folder, "metrics.json").write_text(json.dumps(metrics))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 def digits_dataset(folder: Path, resolution: int) -> tuple[str, dict]:
@@ -144,40 +184,89 @@ def digits_dataset(folder: Path, resolution: int) -> tuple[str, dict]:
     return out, json.loads(Path(out, "manifest.json").read_text())
 
 
-def run_case(source: str, dataset: str, manifest: dict, args) -> dict:
+def run_rounds(dataset: str, manifest: dict, args: argparse.Namespace) -> dict[str, list[dict]]:
+    """One TorchTrainer run of `bench_loop`: `args.pairs` rounds of a memory and a
+    stream segment, in alternating order (ABBA); each case's segments in order."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.edges import cluster
     from pipeline.jobs.train.driver import training_data
 
+    train_images = manifest["counts"]["written_by_split"]["train"]
     config = {
-        "source": source,
+        "rounds": [CASES if i % 2 == 0 else CASES[::-1] for i in range(args.pairs)],
         "preset": PRESETS[args.resolution],
         "batch": args.batch,
         "resolution": args.resolution,
         "steps": args.steps,
         "warmup": args.warmup,
-        "train_images": manifest["counts"]["written_by_split"]["train"],
     }
-    datasets = {}
+    passes = -(-(args.warmup + args.steps) * args.batch // train_images)  # one segment's
     with cluster.data_settings():
-        if source == "one-pass":  # restarted at the end of each pass
-            datasets["train"] = training_data(dataset, manifest, True, True, passes=1)
-        if source == "stream":
-            images = (args.warmup + args.steps) * args.batch
-            passes = -(-images // config["train_images"])
-            datasets["train"] = training_data(dataset, manifest, True, True, passes)
         trainer = TorchTrainer(
             bench_loop,
             train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=1, use_gpu=args.gpu),
-            run_config=RunConfig(
-                name=f"bench-{source}-{time.time_ns()}", storage_path=args.storage
-            ),
-            datasets=datasets,
+            run_config=RunConfig(name=f"bench-{time.time_ns()}", storage_path=args.storage),
+            datasets={"train": training_data(dataset, manifest, True, True, passes)},
         )
-        return trainer.fit().metrics
+        result = trainer.fit()
+    assert result.checkpoint is not None, "bench_loop reports one checkpoint"
+    with result.checkpoint.as_directory() as folder:
+        segments: dict[str, list[dict]] = json.loads(Path(folder, "segments.json").read_text())
+    for each in segments.values():
+        for segment in each:
+            segment["passes"] = args.steps * args.batch / train_images
+    return segments
+
+
+def summarise(segments: dict[str, list[dict]]) -> dict:
+    """Medians per case, and the ratios of the stream to memory in each round
+    (two segments measured back to back): their median, min and max."""
+    keys = ("images_per_second", "waiting", "stalls", "stalled", "worker_cpus", "machine_busy")
+    ratios = [
+        s["images_per_second"] / m["images_per_second"]
+        for s, m in zip(segments["stream"], segments["memory"], strict=True)
+    ]
+    return {
+        "medians": {
+            case: {key: statistics.median(s[key] for s in each) for key in keys}
+            for case, each in segments.items()
+        },
+        "paired_ratios": ratios,
+        "ratio": statistics.median(ratios),
+        "ratio_range": [min(ratios), max(ratios)],
+    }
+
+
+def print_table(segments: dict[str, list[dict]], summary: dict) -> None:
+    print(
+        f"\n{segments['stream'][0]['passes']:.1f} passes over the data timed per segment; "
+        f"{len(summary['paired_ratios'])} rounds"
+    )
+    print(
+        f"{'case':<7} {'images/s':>9} {'ratio':>6} {'range':>11} {'waiting':>8} {'stalls':>7} "
+        f"{'cpus':>5} {'busy':>5}   images/s of each segment"
+    )
+    for case, each in segments.items():
+        m = summary["medians"][case]
+        low, high = summary["ratio_range"] if case == "stream" else (1.0, 1.0)
+        ratio = summary["ratio"] if case == "stream" else 1.0
+        rates = ", ".join(f"{s['images_per_second']:.0f}" for s in each)
+        print(
+            f"{case:<7} {m['images_per_second']:>9.1f} {ratio:>6.3f} {low:>5.3f}-{high:<5.3f} "
+            f"{m['waiting']:>8.1%} {m['stalls']:>7.0f} {m['worker_cpus']:>5.2f} "
+            f"{m['machine_busy']:>5.0%}   {rates}"
+        )
+    print(
+        "paired ratios: "
+        + ", ".join(f"{r:.3f}" for r in summary["paired_ratios"])
+        + "\nratio: the median of (stream / memory) over the rounds, range: their min-max; "
+        "waiting: the\nshare of the time in next(batches); stalls: waits over "
+        f"{STALL_S * 1000:.0f} ms; cpus: the training process's\nCPU time per second; busy: "
+        "the machine's CPUs busy (both = 100%); all medians over the segments"
+    )
 
 
 def main() -> None:
@@ -190,9 +279,11 @@ def main() -> None:
         help="image side; picks the preset (8 tiny, 32 small, 64 base)",
     )
     parser.add_argument("--batch", type=int, default=64, help="images per step")
-    parser.add_argument("--steps", type=int, default=60, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each case, alternating")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per segment")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first, per segment")
+    parser.add_argument(
+        "--pairs", type=int, default=10, help="rounds of a memory and a stream segment (ABBA)"
+    )
     parser.add_argument(
         "--out",
         default=os.environ.get("OUT") or str(RESULTS),
@@ -204,36 +295,16 @@ def main() -> None:
     import torch
 
     args.gpu = torch.cuda.is_available()
-    machine = (
-        torch.cuda.get_device_name().split()[-1].lower() if args.gpu else (f"cpu{os.cpu_count()}")
-    )
+    machine = torch.cuda.get_device_name().split()[-1].lower() if args.gpu else "cpu"
+    machine = machine if args.gpu else f"cpu{os.cpu_count()}"
     with tempfile.TemporaryDirectory() as tmp:
         args.storage = str(Path(tmp, "runs"))
         ray.init(num_cpus=os.cpu_count())
         dataset, manifest = digits_dataset(Path(tmp), args.resolution)
-        runs: dict[str, list[dict]] = {"memory": [], "stream": [], "one-pass": []}
-        for _ in range(args.repeats):
-            for source in runs:
-                runs[source].append(run_case(source, dataset, manifest, args))
-                print(f"{source}: {runs[source][-1]}", flush=True)
+        segments = run_rounds(dataset, manifest, args)
         ray.shutdown()
-
-    rate = {s: statistics.median(r["images_per_second"] for r in runs[s]) for s in runs}
-    waiting = statistics.median(r["waiting"] for r in runs["stream"])
-    stalled = {s: statistics.median(r["stalled"] for r in runs[s]) for s in runs}
-    stalls = {s: statistics.median(r["stalls"] for r in runs[s]) for s in runs}
-    ratio = rate["stream"] / rate["memory"]
-    epochs = runs["stream"][0]["epochs"]
-    print(f"\n{epochs:.1f} passes over the data timed per run; ratio against memory; stalls:")
-    print("waits for a batch over 50 ms, and their share of the time")
-    print(f"{'case':<9} {'images/s':>9} {'ratio':>6} {'stalls':>7} {'stalled':>8}   runs")
-    for s in runs:
-        each = ", ".join(f"{r['images_per_second']:.0f}" for r in runs[s])
-        print(
-            f"{s:<9} {rate[s]:>9.1f} {rate[s] / rate['memory']:>6.3f} {stalls[s]:>7.0f} "
-            f"{stalled[s]:>8.1%}   {each}"
-        )
-    print(f"ratio stream / memory: {ratio:.3f}; the stream waits for data {waiting:.1%} of it")
+    summary = summarise(segments)
+    print_table(segments, summary)
     result = {
         "machine": machine,
         "platform": platform.platform(),
@@ -243,12 +314,10 @@ def main() -> None:
         "batch": args.batch,
         "steps": args.steps,
         "warmup": args.warmup,
+        "pairs": args.pairs,
         "train_images": manifest["counts"]["written_by_split"]["train"],
-        "runs": runs,
-        "median_images_per_second": rate,
-        "ratio": ratio,
-        "stream_waiting_share": waiting,
-        "stalled_share": stalled,
+        "segments": segments,
+        **summary,
     }
     out = Path(args.out, f"train_ingest-{machine}-{args.resolution}px.json")
     out.parent.mkdir(parents=True, exist_ok=True)

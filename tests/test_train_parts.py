@@ -17,11 +17,11 @@ from pipeline.config import ConfigError, ModelConfig, TrainConfig
 from pipeline.config.train import resolve_tracking_uri
 from pipeline.edges import checkpoint, registry, tracking
 from pipeline.jobs.train.driver import _init_model, _plan, to_training_batch
-from pipeline.jobs.train.worker import grid
+from pipeline.jobs.train.worker import _AsTensors, grid
 from pipeline.maths.architecture import architecture
 from pipeline.maths.edm import Precond
 from pipeline.maths.ema import EMA
-from pipeline.maths.train_step import step_generator, train_step
+from pipeline.maths.train_step import fused_adam, keep_fused, step_generator, train_step
 from pipeline.maths.unet import build
 from tests.nets import checkpoint_state, randomised
 
@@ -56,6 +56,17 @@ def test_horizontal_flip_mirrors_about_half_of_the_images_whole():
     assert 140 < right.sum() < 260  # Binomial(400, 1/2): outside this, p < 1e-9
 
 
+def test_the_workers_collate_wraps_the_readers_arrays_without_copies():
+    # Ray hands over arrays in its object store read-only: wrapped without a copy
+    # and without torch's warning about them (an error under pytest).
+    image = np.ones((2, 3, 4, 4), np.float32)
+    image.flags.writeable = False
+    out = _AsTensors()({"image": image, "label": np.array([3, 7])})
+    assert out["image"].dtype == torch.float32 and out["image"].shape == (2, 3, 4, 4)
+    assert out["image"].data_ptr() == image.ctypes.data  # the same memory
+    assert out["label"].dtype == torch.int64 and out["label"].tolist() == [3, 7]
+
+
 def test_grid_places_enlarged_images_in_rows_with_grey_gaps():
     images = torch.stack([torch.full((3, 8, 8), v) for v in (-1.0, 0.0, 1.0)])
     images[1, 0] = 1.0  # red channel up: (255, 128, 128)
@@ -72,7 +83,7 @@ def test_checkpoint_round_trip_continues_the_same_training(tmp_path):
         torch.manual_seed(seed)
         net = randomised(build("tiny", num_classes=0, dropout=0.0), seed)
         denoiser = Precond(net)
-        opt = torch.optim.Adam(denoiser.parameters(), lr=1e-3)
+        opt = fused_adam(denoiser.parameters(), lr=1e-3)  # as the training worker builds it
         return net, denoiser, opt, EMA(denoiser, 100, None)
 
     def step(denoiser, opt, ema, seen):
@@ -94,6 +105,7 @@ def test_checkpoint_round_trip_continues_the_same_training(tmp_path):
     checkpoint.save(folder, net, ema.module.net, opt, saved)
     net2, denoiser2, opt2, ema2 = parts(2)  # other weights, empty optimizer
     state = checkpoint.load(folder, net2, ema2.module.net, opt2)
+    keep_fused(opt2)  # as the worker does after loading
     assert state == saved
     for a, b in [(net, net2), (ema.module.net, ema2.module.net)]:
         for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
@@ -117,8 +129,9 @@ def test_checkpoint_round_trip_continues_the_same_training(tmp_path):
         lambda ps: torch.optim.Adam(ps, lr=1e-3, betas=(0.8, 0.95)),
         lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, amsgrad=True),
         lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True),
+        lambda ps: fused_adam(ps, lr=1e-3),
     ],
-    ids=["adam", "adamw-amsgrad", "sgd-nesterov"],
+    ids=["adam", "adamw-amsgrad", "sgd-nesterov", "fused-adam"],
 )
 def test_optimizer_state_survives_safetensors_exactly(make):
     torch.manual_seed(0)
@@ -308,6 +321,37 @@ def test_registering_twice_adds_one_version_per_distinct_checkpoint(mlflow_serve
     assert (first, again, later) == (1, 1, 2)
     c = MlflowClient(mlflow_server)
     assert c.get_model_version(name, "2").tags["images_seen"] == "20"
+
+
+@pytest.mark.slow
+def test_the_background_log_keeps_order_and_raises_a_failure_in_the_caller(mlflow_server):
+    run_id = tracking.find_or_create_run(
+        mlflow_server, "unit", f"background-{np.random.default_rng().integers(1 << 30)}"
+    )
+    log = tracking.BackgroundLog(mlflow_server, run_id, capacity=4)  # the caller waits for room
+    for step in range(40):
+        log.log_metrics({"loss": 1 / (step + 1), "images_seen": step * 32}, step=step)
+    log.log_image(np.full((4, 4, 3), 200, np.uint8), key="samples", step=39)
+    log.flush()
+    c = MlflowClient(mlflow_server)
+    history = c.get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(s, 1 / (s + 1)) for s in range(40)]
+    stamps = [m.timestamp for m in history]
+    assert stamps == sorted(stamps)  # stamped as queued, in order
+    assert any("samples" in a.path for a in c.list_artifacts(run_id, "images"))
+
+    # A failed call is raised in the caller's thread; nothing queued after it is logged.
+    failing = tracking.BackgroundLog(mlflow_server, "no-such-run")
+    failing.log_metrics({"loss": 1.0}, step=0)
+    with pytest.raises(tracking.LoggingFailed, match="run no-such-run at http"):
+        failing.flush()
+    with pytest.raises(tracking.LoggingFailed):
+        failing.log_metrics({"loss": 2.0}, step=1)
+    with pytest.raises(tracking.LoggingFailed):
+        failing.close()
+    log.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        log.log_metrics({"loss": 0.0}, step=40)
 
 
 def test_sqlite_runs_keep_their_artifacts_beside_the_database(tmp_path, monkeypatch):

@@ -1,14 +1,26 @@
 """The EMA and the torch-only training step: closed-form averages, accumulation,
-the NaN guard, and a resumed run that continues exactly."""
+the NaN guard (a step skipped on the device, reported at the next read), no host
+read inside a step, and a resumed run that continues exactly."""
 
 import copy
+import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.maths.edm import Precond, edm_loss, training_noise
 from pipeline.maths.ema import EMA
-from pipeline.maths.train_step import NonFiniteLoss, learning_rate, step_generator, train_step
+from pipeline.maths.train_step import (
+    NonFiniteLoss,
+    StepLog,
+    Steps,
+    fused_adam,
+    keep_fused,
+    learning_rate,
+    step_generator,
+    train_step,
+)
 from pipeline.maths.unet import build
 from tests.nets import randomised
 
@@ -46,13 +58,43 @@ def test_learning_rate_ramps_up_linearly_in_images():
     assert learning_rate(0, 1e-3, 0) == 1e-3
 
 
+def test_the_foreach_ema_is_the_per_parameter_lerp_bit_for_bit():
+    torch.manual_seed(0)
+    model = build("tiny", num_classes=10)
+    ema = EMA(randomised(build("tiny", num_classes=10), 3), halflife_images=300)
+    expected = [p.detach().clone() for p in ema.module.parameters()]
+    for seen in (0, 64, 640, 6400):  # betas from 0 (weights copied) to 0.86
+        beta = ema.beta(seen, 64)
+        for i, p in enumerate(model.parameters()):
+            expected[i].lerp_(p.detach(), 1 - beta)  # the update as it was written before
+        where = torch.tensor(True) if seen % 128 else None  # masked and not: the same
+        assert ema.update(model, seen, 64, where=where) == beta
+        assert all(
+            torch.equal(a, b) for a, b in zip(ema.module.parameters(), expected, strict=True)
+        )
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+    # A masked-off update changes nothing, buffers included.
+    before = copy.deepcopy(ema.state_dict()), [b.clone() for b in ema.module.buffers()]
+    for b in model.buffers():
+        b.add_(1.0)
+    ema.update(model, 10_000, 64, where=torch.tensor(False))
+    assert all(torch.equal(v, ema.state_dict()[k]) for k, v in before[0].items())
+    assert all(torch.equal(a, b) for a, b in zip(before[1], ema.module.buffers(), strict=True))
+    ema.update(model, 10_000, 64, where=torch.tensor(True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.buffers(), ema.module.buffers(), strict=True)
+    )
+
+
 def setup(seed=0, sgd=False, **net):
     torch.manual_seed(seed)
     denoiser = Precond(randomised(build("tiny", num_classes=10, **net), seed))
     opt = (
         torch.optim.SGD(denoiser.parameters(), lr=0.1)
         if sgd
-        else torch.optim.Adam(denoiser.parameters(), lr=1e-3)
+        else fused_adam(denoiser.parameters(), lr=1e-3)
     )
     return denoiser, opt, EMA(denoiser, halflife_images=500, rampup_ratio=0.05)
 
@@ -82,7 +124,7 @@ def test_micro_batches_give_the_update_of_one_batch():
             max_grad_norm=None,
             generator=step_generator(0, 0, 0),
         )
-        after.append((flat(denoiser), result.loss))
+        after.append((flat(denoiser), float(result.loss)))
     assert not torch.equal(after[0][0], before)
     for params, loss in after[1:]:
         assert torch.allclose(params, after[0][0], atol=1e-6) and loss == pytest.approx(after[0][1])
@@ -108,7 +150,7 @@ def test_gradients_are_clipped_to_the_maximum_norm():
         generator=step_generator(0, 0, 0),
     )
     opt_lr = opt.param_groups[0]["lr"]
-    assert result.grad_norm > 1e-2 and opt_lr == 1.0
+    assert float(result.grad_norm) > 1e-2 and opt_lr == 1.0
     assert (flat(denoiser) - before).norm().item() == pytest.approx(1e-3, rel=1e-3)
 
 
@@ -128,16 +170,121 @@ def test_each_step_draws_its_own_noise_and_the_same_step_the_same():
         assert not torch.equal(first(0, 0, 64), other)
 
 
-def test_a_non_finite_loss_stops_the_step_and_changes_nothing():
-    denoiser, opt, ema = setup()
+def everything(denoiser, opt, ema):
+    """Every tensor of the weights, the average and the optimizer state, copied."""
+    state = opt.state_dict()["state"]
+    moments = {f"opt.{i}.{k}": v for i, s in state.items() for k, v in s.items()}
+    tensors = {**denoiser.state_dict(), **{f"ema.{k}": v for k, v in ema.state_dict().items()}}
+    return copy.deepcopy({**tensors, **moments})
+
+
+@pytest.mark.parametrize("sgd", [False, True], ids=["fused-adam", "sgd-momentum"])
+def test_a_non_finite_step_changes_nothing_and_the_next_read_names_it(sgd):
+    denoiser, opt, ema = setup(sgd=sgd)
+    if sgd:  # an optimizer without found_inf: the step reads `finite` on the host
+        opt = torch.optim.SGD(denoiser.parameters(), lr=0.1, momentum=0.9)
     x, label = data()
-    train_step(denoiser, opt, ema, [(x, label)], images_seen=0, base_lr=1e-3)
-    before = copy.deepcopy(denoiser.state_dict()), copy.deepcopy(ema.state_dict())
-    x[3, 0, 0, 0] = float("nan")
-    with pytest.raises(NonFiniteLoss, match="loss nan"):
-        train_step(denoiser, opt, ema, [(x, label)], images_seen=16, base_lr=1e-3)
-    for saved, now in zip(before, (denoiser.state_dict(), ema.state_dict()), strict=True):
-        assert all(torch.equal(saved[k], now[k]) for k in saved)
+    steps = StepLog()
+    for seen in (0, 16):
+        steps.add(seen, train_step(denoiser, opt, ema, [(x, label)], images_seen=seen, base_lr=1))
+    before = everything(denoiser, opt, ema)
+    assert steps.read().non_finite is None and len(before) > 2 * len(ema.state_dict())
+    poisoned = x.clone()
+    poisoned[3, 0, 0, 0] = float("nan")
+    result = train_step(denoiser, opt, ema, [(poisoned, label)], images_seen=32, base_lr=1)
+    assert not result.finite and math.isnan(result.loss) and math.isnan(result.grad_norm)
+    now = everything(denoiser, opt, ema)
+    assert now.keys() == before.keys()
+    assert all(torch.equal(before[k], now[k]) for k in before), "the step changed something"
+    steps.add(32, result)
+    steps.add(48, train_step(denoiser, opt, ema, [(x, label)], images_seen=48, base_lr=1))
+    read = steps.read()
+    assert read.count == 4 and read.non_finite is not None and read.non_finite[0] == 32
+    with pytest.raises(NonFiniteLoss, match="^loss nan, gradient norm nan$") as e:
+        read.check()
+    assert e.value.images_seen == 32
+
+
+class HostReads(TorchDispatchMode):
+    """Records the operators that bring a tensor's value to the host (on a GPU,
+    waiting for it): item(), float(), int(), bool() and comparisons of whole tensors."""
+
+    READS = ("aten._local_scalar_dense", "aten.equal", "aten.nonzero", "aten.is_nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(self.READS):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_step_reads_nothing_back_to_the_host(monkeypatch):
+    denoiser, opt, ema = setup(dropout=0.1, label_dropout=0.2)
+    x, label = data()
+    parts = [(x[:8], label[:8]), (x[8:], label[8:])]
+    train_step(denoiser, opt, ema, parts, images_seen=0, base_lr=1e-3)  # the optimizer state
+    poisoned = x.clone()
+    poisoned[0, 0, 0, 0] = float("inf")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor was copied to the host")
+
+    with monkeypatch.context() as m:
+        for method in ("tolist", "numpy", "cpu", "item"):
+            m.setattr(torch.Tensor, method, refuse)
+        with HostReads() as reads:
+            for seen, batch in [(16, parts), (32, [(poisoned, label)])]:
+                train_step(
+                    denoiser,
+                    opt,
+                    ema,
+                    batch,
+                    images_seen=seen,
+                    base_lr=1e-3,
+                    generator=step_generator(0, 0, seen),
+                )
+    assert reads.seen == []
+    # The check sees what it looks for: the step before this version read two values.
+    with HostReads() as reads:
+        float(torch.tensor(1.0)), bool(torch.tensor(True))
+    assert len(reads.seen) == 2
+
+
+def test_keep_fused_restores_the_fused_kernel_after_an_earlier_checkpoint():
+    denoiser, opt, ema = setup()
+    train_step(denoiser, opt, ema, [data()], images_seen=0, base_lr=1e-3)
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        group["fused"] = None  # as an earlier version saved it
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["fused"] is None  # the saved settings win
+    keep_fused(opt)
+    assert all(group["fused"] for group in opt.param_groups)
+    assert all(
+        torch.equal(opt.state_dict()["state"][0][k], v) for k, v in saved["state"][0].items()
+    )
+    poisoned = data()[0]
+    poisoned[0] = float("nan")
+    with HostReads() as reads:
+        result = train_step(denoiser, opt, ema, [(poisoned, None)], images_seen=16, base_lr=1e-3)
+    assert reads.seen == [] and not result.finite
+
+
+def test_steps_of_data_parallel_ranks_add_up_and_name_the_earliest_non_finite():
+    one = Steps(4, 2.0, 0.5, (96, math.nan, math.inf))
+    other = Steps(4, 2.4, 0.5, (64, math.inf, 0.7))
+    for steps in (one, other, Steps(3, 1.5, 0.25)):
+        again = Steps.from_tensor(steps.to_tensor(torch.device("cpu")))
+        assert again.count == steps.count and again.loss_sum == steps.loss_sum
+        assert str(again.non_finite) == str(steps.non_finite)  # nan != nan
+    both = Steps.over_ranks([Steps(4, 2.0, 0.5), other])
+    assert (both.count, both.mean_loss, both.grad_norm) == (8, 0.55, 0.5)
+    assert both.non_finite == (64, math.inf, 0.7)
+    assert Steps.over_ranks([one, other]).non_finite == (64, math.inf, 0.7)
+    assert Steps.over_ranks([Steps(4, 2.0, 0.5), Steps(4, 2.4, 0.5)]).non_finite is None
 
 
 def run_steps(denoiser, opt, ema, start, stop, batch=16):
@@ -155,7 +302,7 @@ def run_steps(denoiser, opt, ema, start, stop, batch=16):
             lr_rampup_images=64,
             generator=gen,
         )
-        losses.append(result.loss)
+        losses.append(float(result.loss))
     return losses
 
 

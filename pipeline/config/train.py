@@ -70,8 +70,12 @@ class TrainConfig(Checked):
     """Seeds the weights and every step's noise, (seed, rank, images seen)."""
     bf16: bool = True
     """bf16 autocast on GPUs (ignored on CPUs)."""
-    compile: bool = False
-    """torch.compile the network."""
+    compile: bool | None = None
+    """torch.compile the network (its first steps take longer, while it compiles).
+    Default: on GPUs, where it pays; not on CPUs."""
+    channels_last: bool | None = None
+    """Keep the network's weights and batches in the channels_last memory layout,
+    which GPU convolutions run fastest on. Default: on GPUs; not on CPUs."""
     checkpoint_every_images: int = 20_000
     """A checkpoint every this many images, and one at the end."""
     keep_checkpoints: int = 3

@@ -11,9 +11,11 @@ version of a named model.
 from __future__ import annotations
 
 import os
+import queue
 import tempfile
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -157,9 +159,83 @@ def log_dataset(
 
 
 def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    client(tracking_uri).log_batch(run_id, metrics=_metrics(metrics, step))
+
+
+def _metrics(metrics: Mapping[str, float], step: int) -> list[Metric]:
+    """MLflow's entries for `metrics` at `step`, stamped with the time now."""
     now = int(time.time() * 1000)
-    entries = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-    client(tracking_uri).log_batch(run_id, metrics=entries)
+    return [Metric(k, float(v), now, step) for k, v in metrics.items()]
+
+
+class LoggingFailed(RuntimeError):
+    """A call that a `BackgroundLog` made for its caller failed."""
+
+
+class BackgroundLog:
+    """Metrics and images logged to one run by a thread of its own, so that the
+    caller (a training loop) only queues them. The calls are made one at a time
+    in the order they were queued, so each metric's values arrive in order. The
+    caller waits only when `capacity` calls are queued: while MLflow is slower
+    than training, or down (its client retries for a few minutes).
+
+    A failed call is raised, as LoggingFailed, in the caller's thread by its next
+    call, `flush` or `close`; nothing queued after it is logged."""
+
+    def __init__(self, tracking_uri: str, run_id: str, capacity: int = 64):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self._calls: queue.Queue[Callable[[MlflowClient], object] | None] = queue.Queue(capacity)
+        self._failure: Exception | None = None
+        self._thread = threading.Thread(target=self._work, name="mlflow-log", daemon=True)
+        self._thread.start()
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        entries = _metrics(metrics, step)  # stamped when measured, not when sent
+        self._queue(lambda c: c.log_batch(self.run_id, metrics=entries))
+
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
+        """Queue an image (HxWx3 uint8, not to be changed after) as `log_image` logs it."""
+        self._queue(lambda c: c.log_image(self.run_id, image, key=key, step=step))
+
+    def flush(self) -> None:
+        """Wait until every call queued so far has been made."""
+        self._raise_failure()
+        self._calls.join()
+        self._raise_failure()
+
+    def close(self) -> None:
+        """Flush, and end the thread."""
+        if self._thread.is_alive():
+            self._calls.put(None)
+            self._thread.join()
+        self._raise_failure()
+
+    def _queue(self, call: Callable[[MlflowClient], object]) -> None:
+        self._raise_failure()
+        if not self._thread.is_alive():
+            raise RuntimeError(f"the background log of run {self.run_id} is closed")
+        self._calls.put(call)
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise LoggingFailed(
+                f"logging to MLflow run {self.run_id} at {redact(self.tracking_uri)} failed: "
+                f"{self._failure}"
+            ) from self._failure
+
+    def _work(self) -> None:
+        c = client(self.tracking_uri)
+        while True:
+            call = self._calls.get()
+            try:
+                if call is None:
+                    return
+                if self._failure is None:  # after a failure, later values would be out of order
+                    call(c)
+            except Exception as e:
+                self._failure = e
+            finally:
+                self._calls.task_done()
 
 
 def latest_metric(tracking_uri: str, run_id: str, key: str) -> float | None:

@@ -10,12 +10,13 @@ checkpoints and logs to MLflow; every rank calls `report()` at the same points.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import tempfile
 import time
 import typing
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.data.util.torch_utils import convert_ndarray_batch_to_torch_tensor_batch
 from safetensors.torch import load as load_weights
 
 from pipeline.config import TrainConfig, from_dict
@@ -33,7 +36,15 @@ from pipeline.edges import checkpoint, storage, tracking
 from pipeline.maths.edm import Precond, karras_sigmas
 from pipeline.maths.ema import EMA
 from pipeline.maths.solvers import initial_noise, sample_generators, sample_heun
-from pipeline.maths.train_step import NonFiniteLoss, StepResult, step_generator, train_step
+from pipeline.maths.train_step import (
+    NonFiniteLoss,
+    StepLog,
+    Steps,
+    fused_adam,
+    keep_fused,
+    step_generator,
+    train_step,
+)
 from pipeline.maths.unet import UNet
 
 
@@ -47,17 +58,20 @@ def train_loop_per_worker(config: dict) -> None:
     # The same network on every worker, then the latest checkpoint over it.
     # A warm start begins from another model's weights, its average too.
     torch.manual_seed(cfg.seed)
+    layout = torch.channels_last if on_gpu(cfg.channels_last, device) else torch.contiguous_format
     net = UNet(plan.model).to(device)
+    net.to(memory_format=layout)  # type: ignore[call-overload]  # torch's stubs lack it
     restored = ray.train.get_checkpoint()
     if restored is None and config.get("init_weights") is not None:
         net.load_state_dict(load_weights(ray.get(config["init_weights"])))
     denoiser = Precond(net)
-    optimizer = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = fused_adam(denoiser.parameters(), cfg.lr)
     ema = EMA(denoiser, cfg.ema_halflife_images, cfg.ema_rampup_ratio) if rank == 0 else None
     images_seen = 0
     if restored is not None:
         with restored.as_directory() as folder:
             state = checkpoint.load(Path(folder), net, ema.module.net if ema else None, optimizer)
+        keep_fused(optimizer)
         images_seen = state.images_seen
     node = ray.get_runtime_context().get_node_id()[:12]
     print(
@@ -66,19 +80,18 @@ def train_loop_per_worker(config: dict) -> None:
         flush=True,
     )
     model: torch.nn.Module = ray.train.torch.prepare_model(denoiser)  # DDP if world > 1
-    if cfg.compile:
+    if on_gpu(cfg.compile, device):
         # On a module, torch.compile returns a module (OptimizedModule).
         model = typing.cast(torch.nn.Module, torch.compile(model))
     bf16 = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else None
 
     batches = _batches(ray.train.get_dataset_shard("train"), cfg.per_worker_batch, device)
-    log = _Rank0Log(cfg, plan, images_seen) if rank == 0 else None
-    losses: list[float] = []
-    while images_seen < plan.images:
-        # One optimizer step over this worker's part of the global batch.
-        batch = next(batches)
-        micro = _micro_batches(batch, cfg.micro_batch or cfg.per_worker_batch)
-        try:
+    steps_taken = StepLog()
+    with _Rank0Log(cfg, plan, images_seen) if rank == 0 else contextlib.nullcontext() as log:
+        while images_seen < plan.images:
+            # One optimizer step over this worker's part of the global batch. It
+            # does not wait for the device: its results are read at log points.
+            micro = _micro_batches(next(batches), cfg.micro_batch or cfg.per_worker_batch, layout)
             result = train_step(
                 model,
                 optimizer,
@@ -92,42 +105,57 @@ def train_loop_per_worker(config: dict) -> None:
                 autocast_dtype=bf16,
                 ema_model=denoiser,
             )
-        except NonFiniteLoss as e:
-            # Every rank sees it (the gradients are all-reduced). Stop without Ray
-            # Train's retries, which would meet it again, and tell the driver.
-            if rank == 0:
-                stop = Stop(images_seen // cfg.batch_size, images_seen, str(e))
-                storage.write_bytes(stopped_marker(cfg), json.dumps(stop.to_dict()).encode())
-            return
-        before, images_seen = images_seen, images_seen + cfg.batch_size
-        losses.append(result.loss)
-        done = images_seen >= plan.images
-
-        # Logging, sample grids and checkpoints, at fixed image counts on every rank.
-        if _crossed(before, images_seen, cfg.log_every_images) or done:
-            loss = _mean_over_ranks(float(np.mean(losses)), world, device)
-            losses = []
-            if log:
-                log.metrics(images_seen, loss, result)
-        if log and (
-            done
-            or (cfg.sample_every_images and _crossed(before, images_seen, cfg.sample_every_images))
-        ):
-            assert ema is not None  # rank 0 keeps the average and logs
-            log.samples(images_seen, ema.module, device)
-        if _crossed(before, images_seen, cfg.checkpoint_every_images) or done:
-            state = CheckpointState(
-                images_seen=images_seen,
-                step=images_seen // cfg.batch_size,
-                run_id=plan.run_id,
-                model=plan.model,
-                config={**config["train"], "tracking_uri": tracking.redact(cfg.tracking_uri)},
-                dataset=plan.dataset,
-                seed=cfg.seed,
+            steps_taken.add(images_seen, result)
+            before, images_seen = images_seen, images_seen + cfg.batch_size
+            done = images_seen >= plan.images
+            at_log = _crossed(before, images_seen, cfg.log_every_images) or done
+            at_checkpoint = _crossed(before, images_seen, cfg.checkpoint_every_images) or done
+            at_samples = done or (
+                cfg.sample_every_images > 0
+                and _crossed(before, images_seen, cfg.sample_every_images)
             )
-            _report_checkpoint(rank, state, net, ema, optimizer, result, done)
-    if log:
-        log.close()
+            if not (at_log or at_checkpoint or at_samples):
+                continue
+
+            # Log, sample and checkpoint points, at fixed image counts on every rank:
+            # read the steps since the last log point, all ranks together. A step
+            # that was not finite (it changed nothing) stops the run here, before
+            # anything after it is logged or saved, and without Ray Train's retries,
+            # which would meet it again.
+            steps = _over_ranks(steps_taken.read(), world, device)
+            try:
+                steps.check()
+            except NonFiniteLoss as e:
+                if rank == 0:
+                    stop = Stop(e.images_seen // cfg.batch_size, e.images_seen, str(e))
+                    storage.write_bytes(stopped_marker(cfg), json.dumps(stop.to_dict()).encode())
+                return
+            if at_log:
+                steps_taken.clear()
+                if log:
+                    log.metrics(images_seen, steps, result.learning_rate)
+            if log and at_samples:
+                assert ema is not None  # rank 0 keeps the average and logs
+                log.samples(images_seen, ema.module, device)
+            if at_checkpoint:
+                if log:
+                    log.flush()  # the run's metrics are complete up to its checkpoint
+                state = CheckpointState(
+                    images_seen=images_seen,
+                    step=images_seen // cfg.batch_size,
+                    run_id=plan.run_id,
+                    model=plan.model,
+                    config={**config["train"], "tracking_uri": tracking.redact(cfg.tracking_uri)},
+                    dataset=plan.dataset,
+                    seed=cfg.seed,
+                )
+                metrics = {"loss": steps.mean_loss, "learning_rate": result.learning_rate}
+                _report_checkpoint(rank, state, net, ema, optimizer, metrics, done)
+
+
+def on_gpu(setting: bool | None, device: torch.device) -> bool:
+    """A setting that is true, false, or None for "on GPUs only", on this device."""
+    return device.type == "cuda" if setting is None else setting
 
 
 def stopped_marker(cfg: TrainConfig) -> str:
@@ -160,7 +188,7 @@ def _report_checkpoint(
     net: torch.nn.Module,
     ema: EMA[Precond] | None,
     optimizer: torch.optim.Optimizer,
-    result: StepResult,
+    measured: dict[str, float],
     done: bool,
 ) -> None:
     """Every rank reports; rank 0 attaches the checkpoint it just wrote."""
@@ -168,8 +196,7 @@ def _report_checkpoint(
         "status": "done" if done else "running",
         "images_seen": state.images_seen,
         "step": state.step,
-        "loss": result.loss,
-        "learning_rate": result.learning_rate,
+        **measured,
     }
     name = f"checkpoint-{state.images_seen:012d}"
     if rank != 0:
@@ -187,23 +214,44 @@ def _report_checkpoint(
 
 def _batches(
     shard: ray.data.DataIterator, size: int, device: torch.device
-) -> Iterator[dict[str, torch.Tensor]]:
+) -> Generator[dict[str, torch.Tensor]]:
     """This worker's batches, epoch after epoch. Every worker's split has the same
     number of rows and the last partial batch is dropped, so all workers run the
-    same number of steps per epoch and stay in lockstep."""
+    same number of steps per epoch and stay in lockstep.
+
+    The readers' `to_training_batch` already made the final arrays, so a batch
+    here is only wrapped as tensors, in one thread (Ray's default collate spreads
+    that over a pool of four), and prefetched one ahead: each thread more competes
+    with the training step for the GIL and the cores (bench/train_ingest.py). On
+    CUDA the batch is pinned there too, so its copy to the device does not block."""
     while True:
         empty = True
-        for batch in shard.iter_torch_batches(batch_size=size, drop_last=True, device=device):
+        for batch in shard.iter_torch_batches(
+            batch_size=size,
+            drop_last=True,
+            device=device,
+            collate_fn=_AsTensors(),
+            prefetch_batches=1,
+            pin_memory=device.type == "cuda",
+        ):
             empty = False
             yield batch
         if empty:
             raise RuntimeError(f"this worker's share of the data holds fewer than {size} images")
 
 
+class _AsTensors(NumpyBatchCollateFn):
+    """Numpy arrays -> tensors sharing their memory (read-only ones from Ray's
+    object store too, as Ray's own collate does): the whole collate step."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+        return convert_ndarray_batch_to_torch_tensor_batch(batch)
+
+
 def _micro_batches(
-    batch: dict[str, torch.Tensor], size: int
+    batch: dict[str, torch.Tensor], size: int, layout: torch.memory_format
 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    x, label = batch["image"], batch.get("label")
+    x, label = batch["image"].contiguous(memory_format=layout), batch.get("label")
     return [
         (x[i : i + size], None if label is None else label[i : i + size])
         for i in range(0, len(x), size)
@@ -214,40 +262,59 @@ def _crossed(before: int, after: int, every: int) -> bool:
     return before // every != after // every
 
 
-def _mean_over_ranks(value: float, world: int, device: torch.device) -> float:
+def _over_ranks(steps: Steps, world: int, device: torch.device) -> Steps:
+    """The steps of every rank together (one all-gather of six numbers each)."""
     if world == 1:
-        return value
-    tensor = torch.tensor([value], device=device, dtype=torch.float64)
-    torch.distributed.all_reduce(tensor)
-    return tensor.item() / world
+        return steps
+    mine = steps.to_tensor(device)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    torch.distributed.all_gather(gathered, mine)
+    return Steps.over_ranks([Steps.from_tensor(row) for row in torch.stack(gathered).cpu()])
 
 
 class _Rank0Log:
-    """Rank 0's MLflow logging: metrics, images/s, sample grids, system metrics."""
+    """Rank 0's MLflow logging: metrics, images/s, sample grids, system metrics.
+    A thread of its own makes the calls (`tracking.BackgroundLog`), so the
+    training thread only queues them. Used as a context: on leaving it, every
+    queued call has been made (a failed one is raised, unless another error is
+    already on its way out)."""
 
     def __init__(self, cfg: TrainConfig, plan: TrainingPlan, images_seen: int):
         assert plan.run_id is not None, "the driver gives the workers a plan with its run"
-        self.uri, self.run_id, self.plan = cfg.tracking_uri, plan.run_id, plan
-        self.seed = cfg.seed
-        self.system = tracking.SystemMetrics(self.uri, self.run_id).__enter__()
+        self.plan, self.seed = plan, cfg.seed
+        self.system = tracking.SystemMetrics(cfg.tracking_uri, plan.run_id).__enter__()
+        self.queue = tracking.BackgroundLog(cfg.tracking_uri, plan.run_id)
         self.clock, self.images = time.perf_counter(), images_seen
 
-    def metrics(self, images_seen: int, loss: float, result: StepResult) -> None:
+    def __enter__(self) -> _Rank0Log:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self.system.__exit__(None, None, None)
+        try:
+            self.queue.close()
+        except tracking.LoggingFailed as e:
+            if kind is None:
+                raise
+            print(f"also: {e}", flush=True)  # the error on its way out says more
+
+    def metrics(self, images_seen: int, steps: Steps, learning_rate: float) -> None:
+        """Queue the metrics of a log point (`steps`: those since the last one)."""
         now = time.perf_counter()
         rate = (images_seen - self.images) / max(now - self.clock, 1e-9)
         self.clock, self.images = now, images_seen
-        tracking.log_metrics(
-            self.uri,
-            self.run_id,
-            {
-                "loss": loss,
-                "learning_rate": result.learning_rate,
-                "grad_norm": result.grad_norm,
-                "images_per_second": rate,
-                "images_seen": images_seen,
-            },
-            step=images_seen,
-        )
+        values = {
+            "loss": steps.mean_loss,
+            "learning_rate": learning_rate,
+            "grad_norm": steps.grad_norm,
+            "images_per_second": rate,
+            "images_seen": images_seen,
+        }
+        self.queue.log_metrics(values, step=images_seen)
+
+    def flush(self) -> None:
+        """Wait until every queued call is made."""
+        self.queue.flush()
 
     def samples(
         self, images_seen: int, ema_denoiser: Precond, device: torch.device, count: int = 64
@@ -260,11 +327,8 @@ class _Rank0Log:
         x = initial_noise((count, 3, resolution, resolution), 80.0, generators, device)
         label = torch.arange(count, device=device) % classes if classes else None
         images = sample_heun(ema_denoiser, x, karras_sigmas(18), label=label)
-        tracking.log_image(self.uri, self.run_id, grid(images), key="samples", step=images_seen)
+        self.queue.log_image(grid(images), key="samples", step=images_seen)
         self.clock = time.perf_counter()  # sampling time is not training time
-
-    def close(self) -> None:
-        self.system.__exit__(None, None, None)
 
 
 def grid(images: torch.Tensor, columns: int = 8) -> np.ndarray:
