@@ -8,17 +8,43 @@ model FLOP utilisation (MFU) against a bf16 matmul peak it measures. Before
 timing it checks correctness on the device: the samplers against the exact
 Gaussian denoiser, and the network in bf16 and compiled against fp32 eager.
 
-    python bench/model.py                         # CPU: fp32, batch 8
+    python bench/model.py                         # CPU: fp32, both layouts, batch 8
     python bench/model.py --out "$OUT"            # CUDA: the reference cases
     python bench/model.py --modes bf16 --batch 256
+    python bench/model.py --modes fp32+compile+channels_last   # CPU, ~6 min of builds
 
-Rows are printed, and the JSON (`model-<device>.json`) rewritten, as each one
-finishes, so a run cut short keeps what it measured. diffusers is a `bench`
-extra; a GPU machine without network can be given it as a folder carried with
-the working tree: `pip install --target bench/vendor --no-deps diffusers`
-(plus whatever of its dependencies that machine lacks); the script puts
-bench/vendor on its path. Without diffusers the baseline is skipped, with the
-reason printed.
+The two networks' calls take turns (`interleaved`), so that a machine shared with
+other work weighs on both alike; the JSON's `ratios` are ours/diffusers per mode,
+and `best_train` each network in its fastest mode. On a CPU each row also says
+where the training step's time goes (`train_time_shares`, from torch.profiler):
+what limits the ratio. Rows are printed, and the JSON (`model-<device>.json`)
+rewritten, as each one finishes, so a run cut short keeps what it measured.
+
+Latest run on this machine (2 cores, torch 2.13 CPU, fp32, batch 8, images/s,
+7 steps each in turns, medians; 2026-12-02):
+
+    mode                 ours train  diffusers train  ratio   forward ratio
+    fp32                    3.8          4.1           0.94      0.99
+    fp32+channels_last      4.0          3.9           1.02      1.01
+    best mode each          4.0          4.1           0.97
+    fp32+compile+cl         3.3          3.5           0.94      (not run)
+
+The compiled row is two runs, one per network (a script beside this one, not
+--modes): torch.compile (inductor, C++) is slower than eager for both on a CPU
+(diffusers contiguous: 3.3); the convolutions stay oneDNN's, the fused rest is small.
+Convolutions (the same 37.3 GFLOP per image for both) are 76-80% of our step's
+CPU time and 71-74% of diffusers'; attention 4%; the rest (norms, SiLU, dropout's
+draws, Adam) is memory-bound. With all of that rest gone our step would be only
+~1.3x diffusers': the 1.3x goal is out of reach at the same size in fp32 here.
+Earlier runs, one network after the other, gave 0.91-1.10 for the same code:
+the spread that the turns remove.
+
+diffusers is a `bench` extra; a GPU machine without network can be given it as a
+folder carried with the working tree: `pip download --no-deps diffusers==0.42.1 -d bench/vendor`
+(one pure-Python wheel, imported as a zip) or `pip install --target bench/vendor
+--no-deps diffusers` (plus whatever of its dependencies that machine lacks); the
+script looks there after the environment. Without diffusers the baseline is
+skipped, with the reason printed.
 """
 
 from __future__ import annotations
@@ -35,7 +61,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bench" / "vendor")]
+VENDOR = ROOT / "bench" / "vendor"
+sys.path.insert(0, str(ROOT))
+sys.path += [str(VENDOR), *map(str, sorted(VENDOR.glob("*.whl")))]  # after the environment's
 
 from pipeline.maths import solvers as S  # noqa: E402
 from pipeline.maths.analytic import GaussianDenoiser  # noqa: E402
@@ -44,6 +72,8 @@ from pipeline.maths.unet import build  # noqa: E402
 
 CUDA_CASES = [("fp32", 128, 256), ("bf16", 512, 1024), ("bf16+compile+channels_last", 512, 1024)]
 """(mode, training batch, forward batch) on CUDA: the issue's reference settings."""
+CPU_CASES = [("fp32", 8, 8), ("fp32+channels_last", 8, 8)]
+"""On a CPU: both layouts, eager (compiled modes take minutes to build: `--modes`)."""
 
 
 # --- the two networks, each with its own training loss --------------------------------------
@@ -134,12 +164,12 @@ def matmul_peak(device, dtype=torch.bfloat16, n=8192) -> float:
     return 2 * n**3 / seconds_per_call(lambda: a @ b, device, warmup=3, iters=10)
 
 
-def measure(make, device, mode, batch, forward_batch, warmup, iters) -> dict | None:
-    """Training-step and forward images/s, and FLOP per image, of one network."""
+def prepare(make, device, mode, batch, forward_batch) -> dict | None:
+    """One network in one mode: its training step and forward, ready to time, and
+    their FLOP per image (None without the network)."""
     made = make(device)
     if made is None:
         return None
-    torch._dynamo.reset()  # each case compiles its own graphs at its own batch size
     net, loss_fn, forward_fn = made
     layout = torch.channels_last if "channels_last" in mode else torch.contiguous_format
     net = net.to(memory_format=layout)
@@ -153,6 +183,7 @@ def measure(make, device, mode, batch, forward_batch, warmup, iters) -> dict | N
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled="bf16" in mode)
 
     def train():
+        net.train()
         with precision():
             loss = loss_fn(model, x)
         loss.backward()
@@ -162,25 +193,87 @@ def measure(make, device, mode, batch, forward_batch, warmup, iters) -> dict | N
 
     @torch.no_grad()
     def forward():
+        net.eval()
         with precision():
             forward_fn(model, x_fwd)
 
-    net.train()
-    train_flop = flop_per_image(train, batch)
-    net.eval()
-    forward_flop = flop_per_image(forward, forward_batch)
+    flops = {
+        "train_gflop_per_image": flop_per_image(train, batch) / 1e9,
+        "forward_gflop_per_image": flop_per_image(forward, forward_batch) / 1e9,
+    }
     model = compiled
-    net.train()
-    train_s = seconds_per_call(train, device, warmup, iters)
-    net.eval()
-    forward_s = seconds_per_call(forward, device, warmup, iters)
+    parameters = sum(p.numel() for p in net.parameters())
+    return {"train": train, "forward": forward, "parameters": parameters, **flops}
+
+
+def interleaved(fns, device, warmup: int, iters: int) -> list[float]:
+    """Median seconds per call of each of `fns`, their calls taking turns, so that
+    a machine that slows down or speeds up weighs on each alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(iters):
+        for fn, spent in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
+
+
+def measure(device, mode, batch, forward_batch, warmup, iters) -> list[tuple[str, dict]]:
+    """Both networks in one mode, timed in turns: (label, result) for each."""
+    torch._dynamo.reset()  # each mode compiles its own graphs at its own batch size
+    cases = [
+        (label, case)
+        for label, make in (("ours small", ours), ("diffusers DDPM", diffusers_unet))
+        if (case := prepare(make, device, mode, batch, forward_batch)) is not None
+    ]
+    train_s = interleaved([c["train"] for _, c in cases], device, warmup, iters)
+    forward_s = interleaved([c["forward"] for _, c in cases], device, warmup, iters)
+    results = []
+    for (label, case), train, forward in zip(cases, train_s, forward_s, strict=True):
+        shares = time_shares(case["train"]) if device.type == "cpu" else {}
+        result = {k: v for k, v in case.items() if k not in ("train", "forward")}
+        result |= {
+            "forward_batch": forward_batch,
+            "train_images_per_s": batch / train,
+            "forward_images_per_s": forward_batch / forward,
+            **shares,
+        }
+        results.append((label, result))
+    return results
+
+
+KERNEL_KINDS = {
+    "convolution": ("convolution",),
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "attention": ("scaled_dot_product", "flash_attention"),
+}
+"""The compute-bound kernels, by substrings of their profiler names; everything else
+(norms, activations, copies, dropout, the optimizer) is memory-bound on a CPU."""
+
+
+def time_shares(fn) -> dict:
+    """Where one call of `fn` spends its CPU time: each kind of kernel's share of
+    the self time of all operators, and the six costliest operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    ops = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    total = sum(t for _, t in ops)
+    shares = {
+        kind: sum(t for name, t in ops if any(part in name for part in parts)) / total
+        for kind, parts in KERNEL_KINDS.items()
+    }
+    shares["other"] = 1 - sum(shares.values())
+    top = sorted(ops, key=lambda op: -op[1])[:6]
     return {
-        "parameters": sum(p.numel() for p in net.parameters()),
-        "forward_batch": forward_batch,
-        "train_images_per_s": batch / train_s,
-        "forward_images_per_s": forward_batch / forward_s,
-        "train_gflop_per_image": train_flop / 1e9,
-        "forward_gflop_per_image": forward_flop / 1e9,
+        "train_time_shares": shares,
+        "train_top_ops_ms": {name: round(t / 1e3, 1) for name, t in top},
     }
 
 
@@ -190,6 +283,15 @@ def measure(make, device, mode, batch, forward_batch, warmup, iters) -> dict | N
 def check_correctness(device) -> dict:
     """Samplers on the exact Gaussian denoiser; on CUDA also the network F in bf16
     and compiled against fp32 eager (on the CPU the unit tests cover those)."""
+    out = check_samplers(device)
+    if device.type == "cuda":
+        out.update(_check_network(device))
+    return out
+
+
+def check_samplers(device) -> dict:
+    """Heun, DPM++ 2M and Euler ancestral on the exact denoiser of a Gaussian: the
+    samples' mean and standard deviation against the law's. Asserts them."""
     out = {}
     mean = torch.tensor([0.3, -0.5, 1.0, 0.0], device=device)
     g = GaussianDenoiser(mean, torch.tensor([0.5, 0.2, 1.0, 0.7], device=device))
@@ -200,22 +302,27 @@ def check_correctness(device) -> dict:
         out[f"{name}_mean_error"] = (y.mean(0) - mean).abs().max().item()
         out[f"{name}_std_ratio_error"] = (y.std(0) / g.std - 1).abs().max().item()
         assert out[f"{name}_mean_error"] < 0.06 and out[f"{name}_std_ratio_error"] < 0.1, out
-    if device.type == "cuda":
-        torch.manual_seed(0)
-        net = build("small").to(device).eval()
-        for p in net.parameters():  # give the zero-initialised layers weights
-            if not p.detach().abs().sum():
-                torch.nn.init.normal_(p, std=0.02)
-        x, c = torch.randn(64, 3, 32, 32, device=device), torch.zeros(64, device=device)
-        with torch.no_grad():
-            reference = net(x, c)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                low = net(x, c)
-            fast = torch.compile(net, dynamic=False)(x, c)
-        out["bf16_relative_error"] = ((low.float() - reference).norm() / reference.norm()).item()
-        out["compile_relative_error"] = ((fast - reference).norm() / reference.norm()).item()
-        assert out["bf16_relative_error"] < 0.05 and out["compile_relative_error"] < 1e-3, out
-        torch._dynamo.reset()
+    return out
+
+
+def _check_network(device) -> dict:
+    torch.manual_seed(0)
+    net = build("small").to(device).eval()
+    for p in net.parameters():  # give the zero-initialised layers weights
+        if not p.detach().abs().sum():
+            torch.nn.init.normal_(p, std=0.02)
+    x, c = torch.randn(64, 3, 32, 32, device=device), torch.zeros(64, device=device)
+    with torch.no_grad():
+        reference = net(x, c)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = net(x, c)
+        fast = torch.compile(net, dynamic=False)(x, c)
+    out = {
+        "bf16_relative_error": ((low.float() - reference).norm() / reference.norm()).item(),
+        "compile_relative_error": ((fast - reference).norm() / reference.norm()).item(),
+    }
+    assert out["bf16_relative_error"] < 0.05 and out["compile_relative_error"] < 1e-3, out
+    torch._dynamo.reset()
     return out
 
 
@@ -235,9 +342,9 @@ def main() -> None:
         "--modes",
         nargs="+",
         default=None,
-        help="any of fp32, bf16, bf16+compile, bf16+compile+channels_last "
-        "(default: fp32 on CPU; on CUDA fp32, bf16, "
-        "bf16+compile+channels_last)",
+        help="fp32 or bf16, with any of +compile and +channels_last: fp32, "
+        "fp32+compile+channels_last, bf16+channels_last, ... (default: fp32 and "
+        "fp32+channels_last on CPU; on CUDA fp32, bf16, bf16+compile+channels_last)",
     )
     parser.add_argument("--iters", type=int, default=None, help="timed calls per measurement")
     parser.add_argument(
@@ -247,12 +354,12 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     name = torch.cuda.get_device_name() if cuda else f"cpu{torch.get_num_threads()}"
-    cases = CUDA_CASES if cuda else [("fp32", 8, 8)]
+    cases = CUDA_CASES if cuda else CPU_CASES
     if args.modes:
         cases = [(mode, cases[-1][1], cases[-1][2]) for mode in args.modes]
     if args.batch:
         cases = [(mode, args.batch, args.batch) for mode, _, _ in cases]
-    iters = args.iters or (20 if cuda else 3)
+    iters = args.iters or (20 if cuda else 7)
     if cuda:
         torch.backends.cudnn.benchmark = True  # TF32 stays at PyTorch's defaults, recorded below
     folder = Path(args.out or os.environ.get("OUT") or ROOT / "bench" / "results")
@@ -268,6 +375,7 @@ def main() -> None:
             "cudnn": torch.backends.cudnn.allow_tf32,
         },
         "rows": [],
+        "ratios": {},
     }
 
     report["correctness"] = check_correctness(device)
@@ -279,18 +387,57 @@ def main() -> None:
         print(f"measured bf16 matmul peak: {peak / 1e12:.0f} TFLOP/s", flush=True)
     print(HEADER + ("  MFU tr, fwd" if peak else ""), flush=True)
     for mode, batch, forward_batch in cases:
-        for label, make in (("ours small", ours), ("diffusers DDPM", diffusers_unet)):
-            result = measure(make, device, mode, batch, forward_batch, 3 if cuda else 1, iters)
-            if result is None:
-                continue
+        for label, result in measure(device, mode, batch, forward_batch, 3 if cuda else 1, iters):
             if peak:
                 for kind in ("train", "forward"):
                     rate = result[f"{kind}_images_per_s"] * result[f"{kind}_gflop_per_image"]
                     result[f"{kind}_mfu"] = rate * 1e9 / peak
             report["rows"].append({"model": label, "mode": mode, "batch": batch, **result})
             print(_line(report["rows"][-1], report["rows"], peak), flush=True)
+            report["ratios"] = ratios(report["rows"])
             out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
+    for row in report["rows"]:
+        if "train_time_shares" in row:
+            shares = ", ".join(f"{k} {v:.0%}" for k, v in row["train_time_shares"].items())
+            print(f"training step's CPU time, {row['model']}, {row['mode']}: {shares}")
+    best = report["ratios"].get("best_train")
+    if best:
+        print(f"training step, ours/diffusers, each in its fastest mode: {best:.2f}")
+
+
+def ratios(rows: list[dict]) -> dict:
+    """ours/diffusers images/s per mode and batch, training and forward; and the
+    training step with each network in its fastest mode."""
+    out: dict = {}
+    best: dict[str, float] = {}
+    for row in rows:
+        best[row["model"]] = max(best.get(row["model"], 0.0), row["train_images_per_s"])
+        if row["model"] != "diffusers DDPM":
+            continue
+        mine = _ours_row(row, rows)
+        if mine:
+            out[f"{row['mode']} batch {row['batch']}"] = {
+                kind: mine[f"{kind}_images_per_s"] / row[f"{kind}_images_per_s"]
+                for kind in ("train", "forward")
+            }
+    if len(best) == 2:
+        out["best_train"] = best["ours small"] / best["diffusers DDPM"]
+    return out
+
+
+def _ours_row(row: dict, rows: list[dict]) -> dict | None:
+    """Our row of the same mode and batch as `row`."""
+    return next(
+        (
+            r
+            for r in rows
+            if r["model"] == "ours small"
+            and r["mode"] == row["mode"]
+            and r["batch"] == row["batch"]
+        ),
+        None,
+    )
 
 
 HEADER = (
@@ -305,16 +452,7 @@ def _line(row: dict, rows: list[dict], peak) -> str:
         f"{row['train_images_per_s']:>13.1f}{row['forward_images_per_s']:>11.1f}"
         f"{row['train_gflop_per_image']:>10.1f},{row['forward_gflop_per_image']:>6.1f}"
     )
-    ours_row = next(
-        (
-            r
-            for r in rows
-            if r["model"] == "ours small"
-            and r["mode"] == row["mode"]
-            and r["batch"] == row["batch"]
-        ),
-        None,
-    )
+    ours_row = _ours_row(row, rows)
     if row["model"] == "diffusers DDPM" and ours_row:
         train = ours_row["train_images_per_s"] / row["train_images_per_s"]
         forward = ours_row["forward_images_per_s"] / row["forward_images_per_s"]

@@ -1,11 +1,14 @@
 """The UNet: templates at any resolution, shapes, labels and their dropout,
 gradients, layouts, bf16, and no graph breaks under torch.compile."""
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.maths.architecture import TEMPLATES, UNetConfig, architecture
-from pipeline.maths.unet import Attention, GroupNorm, build
+from pipeline.maths.unet import Attention, GroupNorm, ResBlock, build
 from tests.nets import randomised
 
 SIZES = {"tiny": (0.2e6, 1e6), "small": (34e6, 40e6), "base": (54e6, 60e6), "base64": (58e6, 66e6)}
@@ -62,6 +65,27 @@ def test_gradients_reach_every_parameter():
     randomised(net)(x, c, label).square().mean().backward()
     silent = [n for n, p in net.named_parameters() if not p.grad.abs().sum()]
     assert silent == []
+
+
+def test_a_residual_block_is_its_formula_in_training_too():
+    # The block drops out and scales its sums in place, for speed: the numbers of
+    # the plain formula all the same, dropout's draws included.
+    block = ResBlock(24, 48, 96, architecture("tiny", 8, dropout=0.5), attention=True).train()
+    torch.manual_seed(0)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, emb = torch.randn(2, 24, 8, 8, requires_grad=True), torch.randn(2, 96)
+    torch.manual_seed(3)
+    out = block(x, emb)
+    torch.manual_seed(3)
+    h = block.conv0(F.silu(block.norm0(x)))
+    scale, shift = block.affine(emb)[:, :, None, None].chunk(2, dim=1)
+    h = block.conv1(F.dropout(F.silu(block.norm1(h) * (scale + 1) + shift), 0.5))
+    y = (h + block.skip(x)) / math.sqrt(2)
+    assert block.attn is not None
+    assert torch.allclose(out, (y + block.attn(y)) / math.sqrt(2), atol=1e-5)
+    out.square().sum().backward()  # autograd refuses in-place ops on what it saved
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_channels_last_gives_the_same_output():
