@@ -187,12 +187,12 @@ def test_quickstart_on_embedded_defaults(tmp_path):
     assert list((qs / "evaluations").glob("digits-8-v1-*.json"))
 
 
-@pytest.mark.parametrize("resolution", [16, 32, 64])
+@pytest.mark.parametrize("resolution", [16, 64])
 def test_quickstart_at_other_resolutions(resolution, tmp_path, ray_cluster):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    # Small and fast: on the session's cluster, a few images; from 32 px on a
-    # narrower network, at 64 px deeper with attention at 16x16 (overrides the
-    # registered model must carry to sampling).
+    # Small and fast: on the session's cluster, a few images; at 64 px a narrower,
+    # deeper network with attention at 16x16 (overrides the registered model must
+    # carry to sampling). 32 px adds nothing the two sides do not cover.
     narrow = resolution >= 32
     small = [
         "--images",
