@@ -71,3 +71,28 @@ def test_storage_failures_come_back_as_data_not_as_a_crashed_task(tmp_path):
     cfg = PreprocessConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), resolution=16)
     record = run(ShardPlan("train", 0, (InputItem(str(raw), "a.png"),)), cfg)
     assert record["name"] == "train-000000.tar" and "out/train-000000.tar" in record["error"]
+
+
+def tarfile_reference(members: list[tuple[str, bytes]]) -> bytes:
+    """What the shard writer wrote before it built headers itself: tarfile, PAX."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_shard_tars_are_the_bytes_tarfile_writes():
+    # Short ASCII names take the hand-built ustar header; names of 101 characters,
+    # non-ASCII or undecodable ones tarfile's PAX records. Sizes cross block edges.
+    rng = np.random.default_rng(0)
+    names = ["a.png", "x" * 100, "x" * 101, "é-1.json", "dir/k.cls", "\udcff.png"]
+    for name in names:
+        for sizes in ([0], [511, 512, 513], [10_237, 1], list(rng.integers(0, 20_000, 25))):
+            members = [(f"{i or ''}{name}", rng.bytes(int(s))) for i, s in enumerate(sizes)]
+            assert shards.write_tar(members) == tarfile_reference(members), (name, sizes)
+    assert shards.write_tar([]) == tarfile_reference([])

@@ -358,7 +358,7 @@ def _build(
             "split": p.split,
             "index": p.index,
             "plan_sha256": digests[p.name],
-            "items": json.dumps([dataclasses.asdict(i) for i in p.items]),
+            "items": build.items_json(p.items),
         }
         for p in todo
     ]
