@@ -21,22 +21,25 @@ and per case the time spent waiting for a batch and the CPU used.
 
 Prints a table and writes bench/results/train_ingest-<machine>-<resolution>px.json.
 
-Results on this 2-core machine (2026-12-02; tiny preset, 8x8 digits, batch 64;
-10 rounds of 60 timed steps per segment, 2.1 passes over the 1,797 images each;
-one invocation; other sessions' work was running beside it):
+Results on this 2-core machine (2026-12-02, 03:12 UTC; tiny preset, 8x8 digits,
+batch 64; 10 rounds of 60 timed steps per segment, 2.1 passes over the 1,797
+images each; one invocation, on a machine mostly quiet):
 
     case     images/s  ratio       range  waiting  stalls  cpus  busy
-    memory      606.6  1.000 1.000-1.000     0.0%       0  0.99   67%
-    stream      551.3  0.885 0.769-1.063     2.3%       1  0.91   88%
+    memory      723.6  1.000 1.000-1.000     0.0%       0  1.01   59%
+    stream      672.6  0.933 0.760-1.203     0.5%       0  0.98   63%
 
-    paired ratios: 0.910, 0.854, 1.063, 1.043, 0.860, 0.954, 1.027, 0.769, 0.815, 0.820
+    paired ratios: 1.203, 0.864, 0.961, 0.846, 1.019, 0.927, 0.939, 0.976, 0.873, 0.760
 
-Not the 0.97 goal, and noisy: one round's ratio ranges over +-15% (quartiles
-0.82-1.03), as memory segments alone range 519-711 images/s with the machine's
-load. What the columns say about the gap: the stream waits for batches 2.3% of
-the time, and the training process runs on a CPU 0.91 of the time against 0.99
-fed from memory, while the machine has a core mostly free in the quiet rounds
-(busy 60-65%): the rest of the loss is the training thread waiting on the
+An earlier run the same day, with other sessions' work beside it, gave 0.885
+(range 0.769-1.063; waiting 2.3%, cpus 0.91 against 0.99).
+
+Not the 0.97 goal, and noisy: one round's ratio ranges over +-15%, as memory
+segments alone range 569-761 images/s with the machine's load. What the columns
+say about the gap: the stream waits for batches 0.5-2.3% of the time, and the
+training process runs on a CPU less of the time than fed from memory (0.98
+against 1.01 here, 0.91 against 0.99 in the loaded run), while the machine has
+a core mostly free (busy 59-65%): the rest of the loss is the training thread waiting on the
 iterator's threads in its own process (the GIL, thread hand-offs), not on
 reading. So `_batches` keeps one collate thread and one batch of prefetch
 (tried in one process, 6 rounds: Ray's default collate with its pool of four
