@@ -6,54 +6,87 @@ same number of network evaluations, in one run.
   as uint8 tensors: no PNG, no shards, no Ray (the baseline; goal for the job:
   at least 0.9 of it);
 - `job`: `pipeline.jobs.generate.sample` end to end with one actor into a local
-  folder: model load, the actor, fixed-shape network calls, PNG encoding, tars,
-  records, manifest (Ray itself is started before the clock); `job, running`:
-  the same without its fixed costs (the time of a one-batch job subtracted);
+  folder: model load, the MLflow run (a new sqlite store), the actor, fixed-shape
+  network calls, PNG encoding, tars, records, manifest. Each job runs on a Ray
+  started for it before the clock, as `tasks.sample` starts a local one (the
+  actor then takes a worker process Ray started with it); `job, second on a
+  Ray`: the same job again on that Ray, its actor starting a new process, as a
+  job's does on a long-lived cluster; `job, running`: the job without its fixed
+  costs (the time of a one-batch job subtracted);
+- the crossover: the job at more image counts (`--job_images`), each against
+  the bare loop's rate, and the smallest count at which it reaches 0.9 of it
+  (`crossover_images`; `crossover_images_fitted` from a line through the times);
 - `diffusers DDIM` / `DDPM`: `DDIMPipeline` and `DDPMPipeline` with a
   `UNet2DModel` of about the same parameter count, `num_inference_steps` equal
   to our sampler's network evaluations, `output_type="np"`;
 - `guided, one call` / `two calls`: the bare loop with classifier-free guidance
   (`--guidance`), each evaluation one network call over the batch twice (with
   and without labels, as the pipeline does) or two calls (the usual way), at
-  the same batch; their ratio is `guidance_speedup`, and again at more batch
-  sizes (`--guided_batches`, `guidance_speedup_by_batch`).
+  the same batch; their ratio is `guidance_speedup`, and at more batch sizes
+  (`--guided_batches`, `guidance_speedup_by_batch`).
 Everything runs on one thread on CPU (one actor holds one CPU), or the GPU.
 
     infra/local/offline .venv/bin/python bench/sample.py [--images 2048] [--steps 20]
+        [--job_images 256 512 1024 4096]
 
 Prints a table and writes bench/results/sample-<machine>.json. Needs the `bench`
 extra (diffusers).
 
-Results on this 2-core machine (2026-12-01, one run, bench/results/sample-cpu2.json;
+Results on this 2-core machine (2026-12-02, one run, bench/results/sample-cpu2.json;
 tiny template 0.43M parameters against a UNet2DModel of the same layout, 0.40M;
 2048 8x8 images, DPM-Solver++(2M) 20 steps = 20 evaluations, batch 64, one
-thread, guidance 2):
+thread, guidance 2, shards of 256; the machine was shared with other work
+outside the benchmark lock, and the job's fixed costs varied by seconds):
 
-    case                images/s  vs bare loop
-    bare loop              129.8         1.000
-    guided, one call        65.7         0.506
-    guided, two calls       65.0         0.501
-    job                     95.7         0.737
-    diffusers DDIM         139.5         1.075
-    diffusers DDPM         139.2         1.073
-    job, running           136.7         1.053
+    case                    images/s  vs bare loop
+    bare loop                  128.5         1.000
+    guided, one call            57.9         0.450
+    guided, two calls           61.6         0.479
+    job, second on a Ray        81.0         0.630
+    job                         86.8         0.676
+    diffusers DDIM             120.7         0.939
+    diffusers DDPM             117.3         0.913
+    job, running               119.3         0.928
 
     guided, by batch size   one call  two calls  speed-up
-        1                        9.9        8.0      1.23
-        4                       27.5       15.0      1.83
-       16                       45.2       35.5      1.27
-       64                       55.3       67.7      0.82   (1.01 in the rows above)
+        1                        9.6        7.8      1.24
+        4                       26.0       16.0      1.62
+       16                       52.6       34.6      1.52
+       64                       57.9       61.6      0.94
 
-The whole job of 2,048 images reaches 0.74 of the bare loop (6.9 s of fixed
-costs: Ray Data's start, the actor and its model load, the MLflow run, listing
-the output); once running it keeps up with it (1.05: this machine's noise).
+    job, by images   seconds  vs bare loop
+       256              5.75         0.347
+       512              8.01         0.497
+      1024             13.49         0.591
+      2048             23.58         0.676
+      4096             41.94         0.760
+
+The whole job of 2,048 images is at 0.68 of the bare loop (goal 0.9), 0.76 at
+4,096; no count measured reaches 0.9 (`crossover_images`: null). The one-batch
+job took 7.0 s. Profiled on its own (a second job of 512 images on one Ray), the
+first shard now starts 4.3 s after the call (5.3-6.1 s before): the MLflow run
+(1.3-1.9 s here, most of it creating the sqlite store) is opened on a thread
+while the actor starts, and the actor no longer imports MLflow (1.2 s less).
+What is left is the actor's own start: a Ray worker process and Ray Data (2.4 s),
+torch and the model (1.6 s). With fixed costs F and the running rate at the bare
+loop's R, the job reaches 0.9 of it at 9 R F images: about 4,700 for F = 4.3 s;
+2,048 images need F under 1.9 s, which an actor started afresh per job does not
+reach on these CPUs.
+
+Preloading torch and Ray Data in Ray's idle workers (`preload_python_modules`)
+was tried and left out: it cuts the actor's constructor from 1.4-1.8 s to
+0.15-0.2 s, but only the first job's actor takes a worker Ray prestarted; a later
+job's actor gets a new process (Ray's log: idle workers of the same job stay
+unused), which then imports torch before the constructor instead of in it, while
+the idle workers (~280 MB more RSS each) import it too on the same two cores:
+second jobs of 512 images took 10.4 and 9.8 s with it, 7.9 and 7.3 s without.
 
 Guidance in one batched call is not faster than two calls at batch 64 on a CPU
-(1.01, and 0.82 in the repeat): both do the same arithmetic, and at 64 rows a
+(0.95 here, 1.01 and 0.82 before): both do the same arithmetic, and at 64 rows a
 call is compute-bound. Batching saves only the fixed cost of a call (about 3 ms
 of Python and kernel launches for this network, one thread): with o that cost
 and r the work of a row, the speed-up is 2(o + b r) / (o + 2 b r) for batch b,
-near 2 only where o dominates (1.8x at batch 4 here, 1.3x at 16). That is the
+near 2 only where o dominates (1.8x at batch 4 here, 1.5x at 16). That is the
 regime of small batches on GPUs, where each kernel launch costs as much as the
 work; no GPU was lent to measure it.
 """
@@ -68,6 +101,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 RESULTS = Path(__file__).parent / "results"
@@ -127,7 +161,7 @@ def guided_speedups(args, device) -> dict[int, dict[str, float]]:
     """Per batch size: images/s of guided sampling in one batched call per step and
     in two calls, and their ratio (fewer images for small batches)."""
     out = {}
-    for batch in sorted({*args.guided_batches, args.batch}):
+    for batch in sorted(set(args.guided_batches) - {args.batch}):
         images = min(args.images, 64 * batch)
         one = images / bare_loop(args, device, images, batch, args.guidance)
         two = images / bare_loop(args, device, images, batch, args.guidance, two_calls=True)
@@ -135,7 +169,7 @@ def guided_speedups(args, device) -> dict[int, dict[str, float]]:
     return out
 
 
-def job(args, device, tmp: Path, images: int) -> float:
+def job(args, tmp: Path, images: int) -> float:
     """Seconds for the whole job of `images` images (Ray already started)."""
     from safetensors.torch import save
 
@@ -144,9 +178,9 @@ def job(args, device, tmp: Path, images: int) -> float:
     from pipeline.edges import checkpoint
     from pipeline.jobs.generate import sample
 
-    tmp = tmp / str(images)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{images}-", dir=tmp))
     folder = tmp / "checkpoint"
-    folder.mkdir(parents=True)
+    folder.mkdir()
     net = our_model("cpu").net
     (folder / checkpoint.EMA_WEIGHTS).write_bytes(save(net.state_dict()))
     state = CheckpointState(
@@ -163,7 +197,7 @@ def job(args, device, tmp: Path, images: int) -> float:
         model=str(folder),
         output=str(tmp / "out"),
         images=images,
-        samples_per_shard=max(args.batch, args.images // 8),
+        samples_per_shard=args.samples_per_shard,
         sampler=args.sampler,
         steps=args.steps,
         batch_size=args.batch,
@@ -174,6 +208,34 @@ def job(args, device, tmp: Path, images: int) -> float:
     start = time.perf_counter()
     sample(cfg)
     return time.perf_counter() - start
+
+
+def jobs_on_a_fresh_ray(args, tmp: Path, counts: list[int]) -> tuple[dict[int, float], float]:
+    """Seconds of the job of each of `counts` images, each on a Ray started for it
+    before the clock; and of the job of `args.images` again on the same Ray."""
+    import ray
+
+    seconds, second = {}, float("nan")
+    for images in counts:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+        try:
+            seconds[images] = job(args, tmp, images)
+            if images == args.images:
+                second = job(args, tmp, images)
+        finally:
+            ray.shutdown()
+    return seconds, second
+
+
+def crossover(counts: dict[int, float], bare_rate: float, goal: float = 0.9) -> tuple:
+    """The smallest of the counts whose job reaches `goal` of the bare loop's rate,
+    and where a line through (images, seconds) reaches it (None where it never does)."""
+    reached = [n for n in sorted(counts) if n / counts[n] >= goal * bare_rate]
+    n, t = zip(*sorted(counts.items()), strict=True)
+    per_image, fixed = np.polyfit(n, t, 1)  # t = fixed + n * per_image
+    # n / (fixed + n * per_image) = goal * bare_rate, solved for n
+    room = 1 / (goal * bare_rate) - per_image
+    return (reached[0] if reached else None), (fixed / room if room > 0 else None)
 
 
 def diffusers_unet(device):
@@ -220,6 +282,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2048, help="images per case")
     parser.add_argument("--batch", type=int, default=64, help="images per batch")
+    parser.add_argument(
+        "--samples_per_shard", type=int, default=256, help="images per shard of the job"
+    )
+    parser.add_argument(
+        "--job_images",
+        type=int,
+        nargs="+",
+        default=[256, 512, 1024, 4096],
+        help="more image counts of the job, for the crossover (with --images)",
+    )
     parser.add_argument("--sampler", default="dpmpp_2m", help="our sampler")
     parser.add_argument("--steps", type=int, default=20, help="our sampler's steps")
     parser.add_argument("--guidance", type=float, default=2.0, help="guidance of the guided cases")
@@ -236,8 +308,6 @@ def main() -> None:
         help="folder for the JSON (default: $OUT if set, else bench/results)",
     )
     args = parser.parse_args()
-
-    import ray
 
     from pipeline.maths.solvers import network_evaluations
     from pipeline.maths.unet import build
@@ -262,24 +332,34 @@ def main() -> None:
         args, device, args.images, args.batch, args.guidance, two_calls=True
     )
     by_batch = guided_speedups(args, device)
+    by_batch[args.batch] = {
+        "images": args.images,
+        "one_call": args.images / seconds["guided, one call"],
+        "two_calls": args.images / seconds["guided, two calls"],
+        "speedup": seconds["guided, two calls"] / seconds["guided, one call"],
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
-        start_up = job(args, device, Path(tmp), args.batch)  # one batch: the fixed costs
-        seconds["job"] = job(args, device, Path(tmp), args.images)
-        ray.shutdown()
+        # One batch first: the fixed costs, and this process's first imports.
+        counts = sorted({args.batch, *args.job_images, args.images})
+        jobs, seconds["job, second on a Ray"] = jobs_on_a_fresh_ray(args, Path(tmp), counts)
+    start_up = jobs.pop(args.batch)
+    seconds["job"] = jobs[args.images]
     for kind in ("DDIM", "DDPM"):
         seconds[f"diffusers {kind}"] = diffusers_pipeline(kind, args, device, nfe)
 
     rate = {k: args.images / s for k, s in seconds.items()}
     # The job's rate once running: its extra time over a one-batch job.
     rate["job, running"] = (args.images - args.batch) / (seconds["job"] - start_up)
+    bare = rate["bare loop"]
+    by_count = {n: {"seconds": t, "ratio_to_bare_loop": n / t / bare} for n, t in jobs.items()}
+    reached, fitted = crossover(jobs, bare)
     print(
         f"\n{args.images} images, {args.sampler} {args.steps} steps = {nfe} network "
         f"evaluations each, batch {args.batch}, {device}; parameters: {params}"
     )
-    print(f"{'case':<18} {'images/s':>9} {'vs bare loop':>13}")
+    print(f"{'case':<22} {'images/s':>9} {'vs bare loop':>13}")
     for k in rate:
-        print(f"{k:<18} {rate[k]:>9.1f} {rate[k] / rate['bare loop']:>13.3f}")
+        print(f"{k:<22} {rate[k]:>9.1f} {rate[k] / rate['bare loop']:>13.3f}")
     speedup = rate["guided, one call"] / rate["guided, two calls"]
     print(f"\nguidance {args.guidance:g}, images/s by batch size:")
     print(f"{'batch':>5} {'one call':>9} {'two calls':>10} {'speed-up':>9}")
@@ -288,6 +368,12 @@ def main() -> None:
             f"{batch:>5} {row['one_call']:>9.1f} {row['two_calls']:>10.1f} {row['speedup']:>9.2f}"
         )
     print(f"at batch {args.batch}, one batched call is {speedup:.2f}x two calls")
+    print(f"\njob (one-batch job: {start_up:.2f} s), by images:")
+    print(f"{'images':>6} {'seconds':>8} {'vs bare loop':>13}")
+    for n, row in by_count.items():
+        print(f"{n:>6} {row['seconds']:>8.2f} {row['ratio_to_bare_loop']:>13.3f}")
+    line = "never" if fitted is None else f"{fitted:.0f}"
+    print(f"0.9 of the bare loop from {reached} of these counts (a line through them: {line})")
     result = {
         "machine": machine,
         "platform": platform.platform(),
@@ -300,6 +386,10 @@ def main() -> None:
         "parameters": params,
         "seconds": seconds,
         "job_start_up_seconds": start_up,
+        "samples_per_shard": args.samples_per_shard,
+        "job_by_images": by_count,
+        "crossover_images": reached,
+        "crossover_images_fitted": fitted,
         "images_per_second": rate,
         "ratios_to_bare_loop": {k: rate[k] / rate["bare loop"] for k in rate},
         "guidance": args.guidance,

@@ -5,6 +5,7 @@ again: tests/test_chaos.py.)"""
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import io
 import json
@@ -17,8 +18,10 @@ from mlflow import MlflowClient
 from PIL import Image
 from safetensors.torch import save
 
+from pipeline.config.records import GenerationJob, Lineage, ModelCard
 from pipeline.data import shards
 from pipeline.edges import storage, tracking
+from pipeline.jobs.generate import ShardRecord, ShardSampler
 from pipeline.maths.unet import build
 from tests import tasks
 from tests.nets import checkpoint_state, randomised
@@ -259,6 +262,42 @@ def test_fixed_batch_makes_an_image_independent_of_its_neighbours():
         other[3:8] = 0  # other neighbours in the same call
         assert torch.equal(fixed(other, sigma, label)[:3], whole[:3])
     assert whole.shape == (13, 3, 8, 8) and torch.equal(whole, alone)
+
+
+def test_a_failed_write_fails_its_shard_only_while_other_calls_sample(tmp_path):
+    """ShardSampler's calls on threads at once, as the job's actors make them: the
+    shard whose write fails comes back as an error and leaves no record; the others
+    hold the bytes that calls one after another write."""
+    net = randomised(build("tiny", num_classes=10), seed=3)
+    weights = save({k: v.contiguous() for k, v in net.state_dict().items()})
+    card = ModelCard(template="tiny", model=net.cfg, resolution=8)
+    job = GenerationJob(
+        model=Lineage("tiny", 1, "r", hashlib.sha256(weights).hexdigest()),
+        images=12,
+        samples_per_shard=4,
+        sampler="heun",
+        steps=2,
+        guidance=2.0,
+        labels="uniform",
+        seed=7,
+        network_batch=4,
+        template="tiny",
+    )
+    one_by_one = ShardSampler(card, weights, job, str(tmp_path / "one-by-one"), batch_size=4)
+    expected = [one_by_one.shard(i) for i in range(3)]
+
+    out = tmp_path / "out"
+    (out / "train-000001.tar").mkdir(parents=True)  # in the way of shard 1's write
+    sampler = ShardSampler(card, weights, job, str(out), batch_size=2)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as calls:
+        rows = list(calls.map(lambda i: sampler({"shard": np.array([i])})["record"], range(3)))
+    [ok0], [failed], [ok2] = ([json.loads(r) for r in row] for row in rows)
+    assert failed == {"error": f"{out}/train-000001.tar: Is a directory"}
+    assert [ShardRecord.from_dict(ok0), ShardRecord.from_dict(ok2)] == [expected[0], expected[2]]
+    assert sorted(p.name for p in (out / shards.RECORDS).iterdir()) == [
+        "train-000000.json",
+        "train-000002.json",
+    ]
 
 
 def test_from_a_checkpoint_folder_with_one_class_and_a_stochastic_sampler(

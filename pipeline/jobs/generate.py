@@ -10,6 +10,11 @@ Data actor pool (one actor per GPU, or CPU actors). The manifest is written
 last. Per image the shard holds `{key}.png`, `{key}.json` (seed, label,
 guidance, sampler, steps, the model's name, version and weights digest) and
 `{key}.cls` when labelled.
+
+The fixed costs of a job are kept off its path: the MLflow run is opened on a
+thread while the actors start (a process, torch, the model: seconds), the
+actors get the weights from one copy in Ray's object store, and each actor
+writes a finished shard while it samples the next.
 """
 
 from __future__ import annotations
@@ -21,14 +26,23 @@ import io
 import json
 import logging
 import math
-from typing import Any
+import threading
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.config import ConfigError, SampleConfig, to_dict
 from pipeline.config.records import GenerationJob, ModelCard, check_fields
 from pipeline.data import shards
-from pipeline.edges import cluster, registry, storage, tracking
+from pipeline.edges import cluster, storage
+
+# The driver's functions import `registry` and `tracking` (MLflow) where they use
+# them: the actors import this module for ShardSampler, and start about a second
+# sooner without MLflow.
+if TYPE_CHECKING:
+    import ray
+
+    from pipeline.edges.registry import Model
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +93,41 @@ class ShardRecord:
 def sample(cfg: SampleConfig) -> SampleResult:
     """Generate the images `cfg` describes; see the module doc. A finished job run
     again writes nothing, to the output or to MLflow."""
+    from pipeline.edges import registry, tracking
+
     model = registry.load_model(cfg.model, cfg.tracking_uri, "sample.model")
     job = _job(cfg, model)
     names = [shards.shard_name("train", i) for i in range(_shard_count(cfg))]
     manifest_uri = storage.join(cfg.output, shards.MANIFEST)
     done = _check_output(cfg, job)
     missing = [i for i, name in enumerate(names) if name not in done]
-    found = tracking.find_run(cfg.tracking_uri, cfg.experiment, _run_name(cfg))
-    if not missing and found and found[1] == "FINISHED":
-        if _read_or_none(manifest_uri) == _manifest(cfg, model, job, names, done):
-            return SampleResult(0, len(names), cfg.images, manifest_uri, found[0])
+    if not missing:
+        found = tracking.find_run(cfg.tracking_uri, cfg.experiment, _run_name(cfg))
+        if found and found[1] == "FINISHED":
+            if _read_or_none(manifest_uri) == _manifest(cfg, model, job, names, done):
+                return SampleResult(0, len(names), cfg.images, manifest_uri, found[0])
+    elif not storage.exists(storage.join(cfg.output, JOB)):
+        storage.write_bytes(storage.join(cfg.output, JOB), shards.dumps(job.to_dict()))
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as mlflow_thread:
+        run = mlflow_thread.submit(_open_run, cfg, model)
+        if missing:
+            done.update(_generate(cfg, model, job, missing, run))
+        run_id = run.result()
+    data = _manifest(cfg, model, job, names, done)
+    if _read_or_none(manifest_uri) != data:
+        storage.write_bytes(manifest_uri, data)
+    tracking.log_metrics(
+        cfg.tracking_uri, run_id, {"images": cfg.images, "shards": len(names)}, step=0
+    )
+    tracking.end_run(cfg.tracking_uri, run_id)
+    return SampleResult(len(missing), len(names), cfg.images, manifest_uri, run_id)
+
+
+def _open_run(cfg: SampleConfig, model: Model) -> str:
+    """The job's MLflow run, found or created, marked running, with the config as
+    params and the model's lineage as tags; its id."""
+    from pipeline.edges import tracking
 
     run_id = tracking.find_or_create_run(cfg.tracking_uri, cfg.experiment, _run_name(cfg))
     tracking.set_running(cfg.tracking_uri, run_id)
@@ -103,23 +142,12 @@ def sample(cfg: SampleConfig) -> SampleResult:
             "output": cfg.output,
         },
     )
-    if missing and not storage.exists(storage.join(cfg.output, JOB)):
-        storage.write_bytes(storage.join(cfg.output, JOB), shards.dumps(job.to_dict()))
-    if missing:
-        done.update(_generate(cfg, model, job, missing))
-    data = _manifest(cfg, model, job, names, done)
-    if _read_or_none(manifest_uri) != data:
-        storage.write_bytes(manifest_uri, data)
-    tracking.log_metrics(
-        cfg.tracking_uri, run_id, {"images": cfg.images, "shards": len(names)}, step=0
-    )
-    tracking.end_run(cfg.tracking_uri, run_id)
-    return SampleResult(len(missing), len(names), cfg.images, manifest_uri, run_id)
+    return run_id
 
 
 def _manifest(
     cfg: SampleConfig,
-    model: registry.Model,
+    model: Model,
     job: GenerationJob,
     names: list[str],
     done: dict[str, ShardRecord],
@@ -149,7 +177,7 @@ def _read_or_none(uri: str) -> bytes | None:
         return None
 
 
-def _job(cfg: SampleConfig, model: registry.Model) -> GenerationJob:
+def _job(cfg: SampleConfig, model: Model) -> GenerationJob:
     """What decides the pixels: a re-run must match it to continue a job."""
     classes = model.card.model.num_classes
     if cfg.labels == "uniform":
@@ -211,17 +239,23 @@ def _check_output(cfg: SampleConfig, job: GenerationJob) -> dict[str, ShardRecor
             except storage.NotFound:
                 raise ConfigError(f"sample.output: {e}") from None
         records = []
-    done = {}
-    for obj in records:
-        record = ShardRecord.from_dict(json.loads(storage.read_bytes(obj.uri)))
-        done[record.name] = record
-    return done
+    # One read per record, in parallel: a large job has thousands.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        found = pool.map(storage.read_bytes, [obj.uri for obj in records])
+        done = [ShardRecord.from_dict(json.loads(data)) for data in found]
+    return {record.name: record for record in done}
 
 
 def _generate(
-    cfg: SampleConfig, model: registry.Model, job: GenerationJob, missing: list[int]
+    cfg: SampleConfig,
+    model: Model,
+    job: GenerationJob,
+    missing: list[int],
+    run: concurrent.futures.Future[str],
 ) -> dict[str, ShardRecord]:
-    """Generate the `missing` shards over an actor pool; their records by name."""
+    """Generate the `missing` shards over an actor pool; their records by name.
+    `run` is the MLflow run being opened meanwhile: its error stops the job at the
+    next finished shard rather than after the last."""
     import ray
     from ray.data import ActorPoolStrategy
     from tqdm import tqdm
@@ -236,12 +270,16 @@ def _generate(
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             ShardSampler,
             batch_size=1,
-            compute=ActorPoolStrategy(size=cfg.actors),
+            # Two calls at once per actor: one writes the shard it sampled while the
+            # other samples the next (ShardSampler runs the network for one at a time).
+            compute=ActorPoolStrategy(
+                size=cfg.actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True
+            ),
             num_gpus=1 if use_gpu else 0,
-            # The weights by reference: one copy in the object store for all actors.
             fn_constructor_kwargs={
                 "card": model.card,
-                "weights": [ray.put(model.weights)],
+                # By reference: one copy in the object store for all actors.
+                "weights": ray.put(model.weights),
                 "job": job,
                 "output": cfg.output,
                 "batch_size": cfg.batch_size,
@@ -255,6 +293,8 @@ def _generate(
                 record = ShardRecord.from_dict(data)
                 records[record.name] = record
                 bar.update(record.samples)
+                if run.done():
+                    run.result()  # raises the MLflow run's error, if it had one
     return records
 
 
@@ -267,12 +307,24 @@ def _seeds(job: GenerationJob, shard: int) -> tuple[int, int]:
 class ShardSampler:
     """A Ray Data actor: loads the model once, then generates one shard per call,
     writes it and its record, and returns the record. PNG encoding runs in threads
-    while the next batch is sampled."""
+    while the next batch is sampled.
+
+    Calls may run at once, on threads: the network runs for one at a time (under
+    `sampling`), so one call's last encodes, tar and upload overlap the next call's
+    sampling. A call returns only once its shard and then its record are written,
+    and a failed write fails that call's shard, so the driver never counts a shard
+    that is not complete in storage."""
 
     def __init__(
-        self, card: ModelCard, weights: list, job: GenerationJob, output: str, batch_size: int
+        self,
+        card: ModelCard,
+        weights: bytes | ray.ObjectRef,
+        job: GenerationJob,
+        output: str,
+        batch_size: int,
     ):
-        import ray
+        """`weights`: the safetensors bytes, or a reference to them in Ray's object
+        store (one copy for all actors)."""
         import torch
         from safetensors.torch import load
 
@@ -283,11 +335,16 @@ class ShardSampler:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.backends.cudnn.benchmark = False  # the same kernels for the same shapes
         torch.backends.cudnn.deterministic = True
+        if not isinstance(weights, bytes):
+            import ray
+
+            weights = bytes(ray.get(weights))
         net = UNet(card.model)
-        net.load_state_dict(load(ray.get(weights[0])))
+        net.load_state_dict(load(weights))
         self.denoiser = FixedBatch(Precond(net).to(self.device).eval(), job.network_batch)
         self.card, self.job, self.output, self.batch_size = card, job, output, batch_size
         self.encoder = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+        self.sampling = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         records = []
@@ -299,26 +356,29 @@ class ShardSampler:
         return {"record": [json.dumps(r) for r in records]}
 
     def shard(self, index: int) -> ShardRecord:
+        """Generate shard `index`, write it, then its record; the record."""
         from pipeline.maths.reproducible import generate
 
         job = self.job
         start, stop = _seeds(job, index)
         pending = []
-        for first in range(start, stop, self.batch_size):
-            indices = list(range(first, min(first + self.batch_size, stop)))
-            images, labels = generate(
-                self.denoiser,
-                indices,
-                self.device,
-                seed=job.seed,
-                labels=job.labels,
-                sampler=job.sampler,
-                steps=job.steps,
-                guidance=job.guidance,
-                resolution=self.card.resolution,
-                num_classes=self.card.model.num_classes,
-            )
-            pending.append(self.encoder.submit(self._members, indices, images, labels))
+        with self.sampling:
+            for first in range(start, stop, self.batch_size):
+                indices = list(range(first, min(first + self.batch_size, stop)))
+                images, labels = generate(
+                    self.denoiser,
+                    indices,
+                    self.device,
+                    seed=job.seed,
+                    labels=job.labels,
+                    sampler=job.sampler,
+                    steps=job.steps,
+                    guidance=job.guidance,
+                    resolution=self.card.resolution,
+                    num_classes=self.card.model.num_classes,
+                )
+                pending.append(self.encoder.submit(self._members, indices, images, labels))
+        # From here on the next call may sample.
         members = [m for future in pending for m in future.result()]
         name = shards.shard_name("train", index)
         data = shards.write_tar(members)
