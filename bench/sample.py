@@ -5,7 +5,7 @@ same number of network evaluations, in one run.
 - `bare loop`: our sampler over batches of the same model, images kept in memory
   as uint8 tensors: no PNG, no shards, no Ray (the baseline; goal for the job:
   at least 0.9 of it);
-- `job`: `pipeline.jobs.generate.sample` end to end with one actor into a local
+- `job`: `pipeline.jobs.generate.job.sample` end to end with one actor into a local
   folder: model load, the MLflow run (a new sqlite store), the actor, fixed-shape
   network calls, PNG encoding, tars, records, manifest. Each job runs on a Ray
   started for it before the clock, as `tasks.sample` starts a local one (the
@@ -176,7 +176,7 @@ def job(args, tmp: Path, images: int) -> float:
     from pipeline.config import SampleConfig
     from pipeline.config.records import CheckpointState, DatasetRef
     from pipeline.edges import checkpoint
-    from pipeline.jobs.generate import sample
+    from pipeline.jobs.generate.job import sample
 
     tmp = Path(tempfile.mkdtemp(prefix=f"{images}-", dir=tmp))
     folder = tmp / "checkpoint"

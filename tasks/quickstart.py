@@ -22,7 +22,7 @@ def main(cfg: QuickstartConfig) -> None:
     from pipeline.data.digits import write_digits
     from pipeline.data.transforms import encode_png
     from pipeline.edges import cluster, storage, tracking
-    from pipeline.jobs.generate import preview
+    from pipeline.jobs.generate.job import preview
     from pipeline.workflows.nightly import nightly
 
     def say(line: str) -> None:

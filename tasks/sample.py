@@ -14,7 +14,7 @@ from tasks.cli import run_task
 
 
 def main(cfg: SampleConfig) -> None:
-    from pipeline.jobs.generate import sample
+    from pipeline.jobs.generate.job import sample
 
     result = sample(cfg)
     print(

@@ -18,7 +18,7 @@ from pipeline.config.records import (
     TrainingPlan,
 )
 from pipeline.data import shards
-from pipeline.jobs.generate import ShardRecord
+from pipeline.jobs.generate.sampler import ShardRecord
 from pipeline.jobs.train.worker import Stop
 from pipeline.maths.architecture import architecture
 

@@ -21,7 +21,7 @@ from safetensors.torch import save
 from pipeline.config.records import GenerationJob, Lineage, ModelCard
 from pipeline.data import shards
 from pipeline.edges import storage, tracking
-from pipeline.jobs.generate import ShardRecord, ShardSampler
+from pipeline.jobs.generate.sampler import ShardRecord, ShardSampler
 from pipeline.maths.unet import build
 from tests import tasks
 from tests.nets import checkpoint_state, randomised

@@ -129,7 +129,7 @@ def _evaluate(cfg: NightlyConfig, version: int, say: Callable[[str], None]) -> d
 
 
 def _sample(cfg: NightlyConfig, champion: int, say: Callable[[str], None]) -> str:
-    from pipeline.jobs.generate import sample
+    from pipeline.jobs.generate.job import sample
 
     result = sample(cfg.sample_config(champion))
     say(

@@ -12,9 +12,9 @@ guidance, sampler, steps, the model's name, version and weights digest) and
 `{key}.cls` when labelled.
 
 The fixed costs of a job are kept off its path: the MLflow run is opened on a
-thread while the actors start (a process, torch, the model: seconds), the
-actors get the weights from one copy in Ray's object store, and each actor
-writes a finished shard while it samples the next.
+thread while the actors start (a process, torch, the model: seconds), and the
+actors get the weights from one copy in Ray's object store. The actors' side,
+one shard per call, is `sampler.py`: it imports neither MLflow nor this module.
 """
 
 from __future__ import annotations
@@ -26,23 +26,14 @@ import io
 import json
 import logging
 import math
-import threading
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.config import ConfigError, SampleConfig, to_dict
-from pipeline.config.records import GenerationJob, ModelCard, check_fields
+from pipeline.config.records import GenerationJob
 from pipeline.data import shards
-from pipeline.edges import cluster, storage
-
-# The driver's functions import `registry` and `tracking` (MLflow) where they use
-# them: the actors import this module for ShardSampler, and start about a second
-# sooner without MLflow.
-if TYPE_CHECKING:
-    import ray
-
-    from pipeline.edges.registry import Model
+from pipeline.edges import cluster, registry, storage, tracking
+from pipeline.jobs.generate.sampler import ShardRecord, ShardSampler, shard_seeds
 
 log = logging.getLogger(__name__)
 
@@ -68,33 +59,9 @@ class SampleResult:
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class ShardRecord:
-    """A finished shard: written under `_records/` once the shard is, so that a
-    re-run skips it, and listed in the manifest."""
-
-    name: str
-    split: str
-    samples: int
-    seeds: tuple[int, int]
-    """The image indices [start, stop) it holds."""
-    bytes: int
-    sha256: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "seeds": list(self.seeds)}
-
-    @classmethod
-    def from_dict(cls, data: Any) -> ShardRecord:
-        check_fields("shard record", data, cls)
-        return cls(**{**data, "seeds": tuple(data["seeds"])})
-
-
 def sample(cfg: SampleConfig) -> SampleResult:
     """Generate the images `cfg` describes; see the module doc. A finished job run
     again writes nothing, to the output or to MLflow."""
-    from pipeline.edges import registry, tracking
-
     model = registry.load_model(cfg.model, cfg.tracking_uri, "sample.model")
     job = _job(cfg, model)
     names = [shards.shard_name("train", i) for i in range(_shard_count(cfg))]
@@ -124,11 +91,9 @@ def sample(cfg: SampleConfig) -> SampleResult:
     return SampleResult(len(missing), len(names), cfg.images, manifest_uri, run_id)
 
 
-def _open_run(cfg: SampleConfig, model: Model) -> str:
+def _open_run(cfg: SampleConfig, model: registry.Model) -> str:
     """The job's MLflow run, found or created, marked running, with the config as
     params and the model's lineage as tags; its id."""
-    from pipeline.edges import tracking
-
     run_id = tracking.find_or_create_run(cfg.tracking_uri, cfg.experiment, _run_name(cfg))
     tracking.set_running(cfg.tracking_uri, run_id)
     tracking.log_params(cfg.tracking_uri, run_id, tracking.flatten(to_dict(cfg)))
@@ -147,7 +112,7 @@ def _open_run(cfg: SampleConfig, model: Model) -> str:
 
 def _manifest(
     cfg: SampleConfig,
-    model: Model,
+    model: registry.Model,
     job: GenerationJob,
     names: list[str],
     done: dict[str, ShardRecord],
@@ -177,7 +142,7 @@ def _read_or_none(uri: str) -> bytes | None:
         return None
 
 
-def _job(cfg: SampleConfig, model: Model) -> GenerationJob:
+def _job(cfg: SampleConfig, model: registry.Model) -> GenerationJob:
     """What decides the pixels: a re-run must match it to continue a job."""
     classes = model.card.model.num_classes
     if cfg.labels == "uniform":
@@ -248,7 +213,7 @@ def _check_output(cfg: SampleConfig, job: GenerationJob) -> dict[str, ShardRecor
 
 def _generate(
     cfg: SampleConfig,
-    model: Model,
+    model: registry.Model,
     job: GenerationJob,
     missing: list[int],
     run: concurrent.futures.Future[str],
@@ -264,7 +229,7 @@ def _generate(
     cluster.warn_local_paths([("sample.output", cfg.output)])
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     items = [{"shard": i} for i in missing]
-    total = sum(stop - start for start, stop in (_seeds(job, i) for i in missing))
+    total = sum(stop - start for start, stop in (shard_seeds(job, i) for i in missing))
     records = {}
     with cluster.data_settings():
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -298,126 +263,6 @@ def _generate(
     return records
 
 
-def _seeds(job: GenerationJob, shard: int) -> tuple[int, int]:
-    """The image indices [start, stop) of a shard."""
-    per = job.samples_per_shard
-    return shard * per, min((shard + 1) * per, job.images)
-
-
-class ShardSampler:
-    """A Ray Data actor: loads the model once, then generates one shard per call,
-    writes it and its record, and returns the record. PNG encoding runs in threads
-    while the next batch is sampled.
-
-    Calls may run at once, on threads: the network runs for one at a time (under
-    `sampling`), so one call's last encodes, tar and upload overlap the next call's
-    sampling. A call returns only once its shard and then its record are written,
-    and a failed write fails that call's shard, so the driver never counts a shard
-    that is not complete in storage."""
-
-    def __init__(
-        self,
-        card: ModelCard,
-        weights: bytes | ray.ObjectRef,
-        job: GenerationJob,
-        output: str,
-        batch_size: int,
-    ):
-        """`weights`: the safetensors bytes, or a reference to them in Ray's object
-        store (one copy for all actors)."""
-        import torch
-        from safetensors.torch import load
-
-        from pipeline.maths.edm import Precond
-        from pipeline.maths.reproducible import FixedBatch
-        from pipeline.maths.unet import UNet
-
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        torch.backends.cudnn.benchmark = False  # the same kernels for the same shapes
-        torch.backends.cudnn.deterministic = True
-        if not isinstance(weights, bytes):
-            import ray
-
-            weights = bytes(ray.get(weights))
-        net = UNet(card.model)
-        net.load_state_dict(load(weights))
-        self.denoiser = FixedBatch(Precond(net).to(self.device).eval(), job.network_batch)
-        self.card, self.job, self.output, self.batch_size = card, job, output, batch_size
-        self.encoder = concurrent.futures.ThreadPoolExecutor(max_workers=2)
-        self.sampling = threading.Lock()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        records = []
-        for i in batch["shard"]:
-            try:
-                records.append(self.shard(int(i)).to_dict())
-            except storage.StorageError as e:  # as data: Ray would keep only its text
-                records.append({"error": str(e)})
-        return {"record": [json.dumps(r) for r in records]}
-
-    def shard(self, index: int) -> ShardRecord:
-        """Generate shard `index`, write it, then its record; the record."""
-        from pipeline.maths.reproducible import generate
-
-        job = self.job
-        start, stop = _seeds(job, index)
-        pending = []
-        with self.sampling:
-            for first in range(start, stop, self.batch_size):
-                indices = list(range(first, min(first + self.batch_size, stop)))
-                images, labels = generate(
-                    self.denoiser,
-                    indices,
-                    self.device,
-                    seed=job.seed,
-                    labels=job.labels,
-                    sampler=job.sampler,
-                    steps=job.steps,
-                    guidance=job.guidance,
-                    resolution=self.card.resolution,
-                    num_classes=self.card.model.num_classes,
-                )
-                pending.append(self.encoder.submit(self._members, indices, images, labels))
-        # From here on the next call may sample.
-        members = [m for future in pending for m in future.result()]
-        name = shards.shard_name("train", index)
-        data = shards.write_tar(members)
-        storage.write_bytes(storage.join(self.output, name), data)
-        record = ShardRecord(
-            name, "train", stop - start, (start, stop), len(data), shards.sha256(data)
-        )
-        record_uri = storage.join(self.output, shards.RECORDS, name.replace(".tar", ".json"))
-        storage.write_bytes(record_uri, shards.dumps(record.to_dict()))
-        return record
-
-    def _members(
-        self, indices: list[int], images: np.ndarray, labels: list[int | None]
-    ) -> list[tuple[str, bytes]]:
-        from PIL import Image
-
-        from pipeline.data.transforms import encode_png
-
-        members = []
-        for k, pixels, label in zip(indices, images, labels, strict=True):
-            key = f"{k:09d}"
-            info = {
-                "key": key,
-                "index": k,
-                "seed": self.job.seed,
-                "label": label,
-                "class": None if label is None else _class_name(self.card, label),
-                "sampler": self.job.sampler,
-                "steps": self.job.steps,
-                "guidance": self.job.guidance,
-                "model": self.job.model.to_dict(),
-            }
-            png = encode_png(Image.fromarray(pixels))
-            members += [(f"{key}.png", png), (f"{key}.json", shards.dumps(info))]
-            if label is not None:
-                members.append((f"{key}.cls", str(label).encode()))
-        return members
-
-
 def preview(output: str, per_class: int = 10, count: int = 100) -> np.ndarray:
     """A grid (uint8 HxWx3) of a finished job's first images: `per_class` of each
     class, a row per class, when labelled; else the first `count`, 10 a row."""
@@ -444,7 +289,3 @@ def preview(output: str, per_class: int = 10, count: int = 100) -> np.ndarray:
         picked = [(rows.get(c, []) + [blank] * per_class)[:per_class] for c in range(classes)]
         return tile(np.stack([image for row in picked for image in row]), per_class)
     return tile(np.stack(rows[None]), 10)
-
-
-def _class_name(card: ModelCard, label: int) -> str:
-    return card.classes[label] if card.classes else str(label)
