@@ -214,7 +214,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
         "unknown-version": "sample.model: model 'tiny-digits' has no version 99",
         "missing-checkpoint": f"sample.model: no checkpoint at {tmp_path}/nowhere (",
         "unknown-sampler": "sample.sampler: must be one of euler, heun, dpmpp_2m, "
-        "euler_ancestral, edm_stochastic; got 'ddim'",
+        "euler_ancestral, edm_stochastic, dpmpp_2m_sde, restart; got 'ddim'",
         "zero-steps": "sample.steps: must be a positive integer, got 0",
         "negative-images": "sample.images: must be a positive integer, got -5",
         "unknown-class": "sample.labels: the model's classes are 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, "

@@ -10,7 +10,9 @@ from typing import ClassVar, Literal
 from pipeline.config.core import MAX_BATCH, MAX_IMAGES, MAX_SEED, MAX_SHARD, MAX_WORKERS, Checked
 from pipeline.config.train import resolve_tracking_uri
 
-SamplerName = Literal["euler", "heun", "dpmpp_2m", "euler_ancestral", "edm_stochastic"]
+SamplerName = Literal[
+    "euler", "heun", "dpmpp_2m", "euler_ancestral", "edm_stochastic", "dpmpp_2m_sde", "restart"
+]
 SAMPLER_NAMES: tuple[SamplerName, ...] = typing.get_args(SamplerName)
 
 MAX_STEPS = 10_000
@@ -44,7 +46,8 @@ class SampleConfig(Checked):
     sampler: SamplerName = "heun"
     """The sampler (pipeline.maths.solvers)."""
     steps: int = 18
-    """Sampler steps (Heun and EDM's stochastic sampler evaluate the network 2*steps-1 times)."""
+    """Sampler steps (Heun, EDM's stochastic sampler and restart evaluate the network
+    2*steps-1 times, restart 12 more with its defaults)."""
     guidance: float = 1.0
     """Classifier-free guidance scale: 1 is none; above 1 trades diversity for
     fidelity to the label, each network call then holding its images twice (with

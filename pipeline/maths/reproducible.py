@@ -55,7 +55,7 @@ def generate(
         (len(indices), 3, resolution, resolution), float(sigmas[0]), generators, device
     )
     label = None if per_image[0] is None else torch.tensor(per_image, device=device)
-    stochastic = sampler in ("euler_ancestral", "edm_stochastic")
+    stochastic = sampler in ("euler_ancestral", "edm_stochastic", "dpmpp_2m_sde", "restart")
     with torch.no_grad():
         out = SAMPLERS[sampler](
             denoiser,

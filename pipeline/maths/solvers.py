@@ -2,7 +2,8 @@
 
 Every sampler is one function with one signature, as in k-diffusion:
 
-    sample_x(denoiser, x, sigmas, *, label=None, guidance=1.0, generator=None, callback=None)
+    sample_x(denoiser, x, sigmas, *, label=None, guidance=1.0, generator=None, callback=None,
+             **settings)
 
 - `denoiser(y, sigma, label)` is an EDM denoiser D(y; sigma): a `Precond`-wrapped
   network, or an exact one from `pipeline.maths.analytic`.
@@ -18,17 +19,23 @@ Every sampler is one function with one signature, as in k-diffusion:
   the batch it is in (see `sample_generators`). That costs one random-number
   call per sample per step, small beside a network evaluation.
 - `callback(i, sigma, x, denoised)` runs after step i, for progress bars.
+- `settings` are the sampler's own keywords, with defaults (EDM's S_churn, restart's
+  interval, ...); `network_evaluations` counts the cost of any of them.
 
 Adding a solver means adding one function and one entry in SAMPLERS.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+
+from pipeline.maths.edm import karras_sigmas
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -214,6 +221,127 @@ def sample_edm_stochastic(
     return x
 
 
+@torch.no_grad()
+def sample_dpmpp_2m_sde(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    label: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    generator: Sequence[torch.Generator] | None = None,
+    callback: Callable[..., None] | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    solver_type: str = "midpoint",
+) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE: 2nd-order multistep on the data-prediction SDE (Lu et al.
+    2022, "DPM-Solver++", its SDE variant; as k-diffusion's sample_dpmpp_2m_sde); N
+    evaluations.
+
+    With h = lambda_next - lambda (lambda = -log sigma), each step decays x by
+    (sigma_next / sigma) e^{-eta h}, moves toward D by 1 - e^{-(1 + eta) h}, corrects
+    with the previous D ("midpoint" or "heun"), and adds fresh noise of standard
+    deviation sigma_next sqrt(1 - e^{-2 eta h}) s_noise. eta = 0 is the ODE solver
+    (with "midpoint", exactly sample_dpmpp_2m); eta = 1 the reverse SDE. k-diffusion
+    draws the noise from a Brownian tree; fresh per-sample Gaussians per step have
+    the same law for this discretisation and keep samples independent of their batch."""
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    generators = _need_generators(generator, x, "dpmpp_2m_sde")
+    previous, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = _denoise(denoiser, x, sigma, label, guidance)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = math.log(sigma / sigma_next)
+            pull = -math.expm1(-h - eta * h)  # 1 - e^{-(1 + eta) h}
+            x = (sigma_next / sigma) * math.exp(-eta * h) * x + pull * denoised
+            if previous is not None:
+                assert h_last is not None
+                slope = (denoised - previous) * (h / h_last)  # (D - D_prev) / r
+                if solver_type == "heun":
+                    x = x + (pull / (-h - eta * h) + 1) * slope
+                else:
+                    x = x + 0.5 * pull * slope
+            if eta:
+                spread = sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise
+                x = x + noise_like(x, generators) * spread
+            h_last = h
+        previous = denoised
+        if callback is not None:
+            callback(i, sigma, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_restart(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    label: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    generator: Sequence[torch.Generator] | None = None,
+    callback: Callable[..., None] | None = None,
+    restart_tmin: float = 0.06,
+    restart_tmax: float = 0.30,
+    restart_k: int = 2,
+    restart_steps: int = 3,
+    s_noise: float = 1.0,
+) -> torch.Tensor:
+    """Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative
+    Processes", Algorithm 1, EDM's parametrisation): Heun over `sigmas`, and where
+    the path reaches t_min (the level of `sigmas` nearest `restart_tmin`), restart_k
+    times: noise back up to t_max, x + s_noise sqrt(t_max^2 - t_min^2) n, then
+    `restart_steps` Heun steps down to t_min on Karras levels (rho = 7).
+
+    The noise of the jump up contracts the errors the ODE steps accumulated, as in
+    a stochastic sampler, while the steps stay ODE steps. Each restart costs
+    2 restart_steps evaluations (see network_evaluations); `callback` sees the main
+    path's steps only."""
+    generators = _need_generators(generator, x, "restart")
+    if restart_k < 0:
+        raise ValueError(f"restart_k must be at least 0, got {restart_k}")
+    where, levels = -1, list[float]()  # where = -1: no restart when restart_k = 0
+    if restart_k > 0:
+        where, levels = _restart_levels(sigmas, restart_tmin, restart_tmax, restart_steps)
+    for i in range(len(sigmas) - 1):
+        x = _heun_step(denoiser, x, sigmas[i], sigmas[i + 1], label, guidance, callback, i)
+        if i + 1 != where:
+            continue
+        for _ in range(restart_k):
+            # Algorithm 1's forward jump, t_min -> t_max in one exact draw
+            up = s_noise * math.sqrt(levels[0] ** 2 - levels[-1] ** 2)
+            x = x + noise_like(x, generators) * up
+            for j in range(restart_steps):
+                x = _heun_step(denoiser, x, levels[j], levels[j + 1], label, guidance, None, j)
+    return x
+
+
+def _restart_levels(
+    sigmas: torch.Tensor, tmin: float, tmax: float, steps: int
+) -> tuple[int, list[float]]:
+    """Where restart happens (the index in `sigmas` of the positive level, after the
+    first, nearest `tmin`) and its levels from t_max down to that level."""
+    if steps < 1:
+        raise ValueError(f"restart_steps must be at least 1, got {steps}")
+    positive = [float(s) for s in sigmas[1:] if s > 0]
+    if not positive:
+        raise ValueError("restart needs a schedule with a positive level after the first")
+    where = 1 + min(range(len(positive)), key=lambda k: abs(positive[k] - tmin))
+    t_min = positive[where - 1]
+    if not t_min < tmax:
+        raise ValueError(
+            f"restart_tmax must lie above the schedule's level nearest restart_tmin "
+            f"({t_min:.4g} for restart_tmin={tmin}), got restart_tmax={tmax}"
+        )
+    levels = karras_sigmas(steps + 1, t_min, tmax, append_zero=False, dtype=torch.float64)
+    return where, [*levels[:-1].tolist(), t_min]  # end exactly on the schedule's level
+
+
 def _need_generators(
     generator: Sequence[torch.Generator] | None, x: torch.Tensor, name: str
 ) -> Sequence[torch.Generator]:
@@ -228,11 +356,27 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "euler_ancestral": sample_euler_ancestral,
     "edm_stochastic": sample_edm_stochastic,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "restart": sample_restart,
 }
 """Samplers by the name configs use."""
 
 
-def network_evaluations(sampler: str, steps: int) -> int:
+def network_evaluations(sampler: str, steps: int, **settings: Any) -> int:
     """Network evaluations (NFE) a sampler makes for `steps` steps ending at sigma = 0,
-    before classifier-free guidance doubles them."""
-    return 2 * steps - 1 if sampler in ("heun", "edm_stochastic") else steps
+    before classifier-free guidance doubles them. `settings` are the sampler's own
+    (defaults otherwise): restart adds 2 restart_steps per restart, restart_k times."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; one of {', '.join(SAMPLERS)}")
+    parameters = inspect.signature(SAMPLERS[sampler]).parameters
+    unknown = sorted(settings.keys() - parameters.keys())
+    if unknown:
+        raise ValueError(f"{sampler} has no setting {', '.join(unknown)}")
+    if sampler in ("euler", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde"):
+        return steps
+    heun = 2 * steps - 1  # the step to sigma = 0 is Euler's
+    if sampler == "restart":
+        k = settings.get("restart_k", parameters["restart_k"].default)
+        restart_steps = settings.get("restart_steps", parameters["restart_steps"].default)
+        return heun + 2 * k * restart_steps
+    return heun
