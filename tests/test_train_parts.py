@@ -14,13 +14,15 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline.config import ConfigError, ModelConfig, TrainConfig
+from pipeline.config.records import ModelCard
 from pipeline.config.train import resolve_tracking_uri
-from pipeline.edges import checkpoint, registry, tracking
+from pipeline.edges import checkpoint, registry, snapshots, tracking
 from pipeline.jobs.train.driver import _init_model, _plan, to_training_batch
-from pipeline.jobs.train.worker import _AsTensors, grid
+from pipeline.jobs.train.worker import _AsTensors, _restore_profiles, grid
 from pipeline.maths.architecture import architecture
 from pipeline.maths.edm import Precond
 from pipeline.maths.ema import EMA
+from pipeline.maths.phema import PostHocEMA
 from pipeline.maths.train_step import fused_adam, keep_fused, step_generator, train_step
 from pipeline.maths.unet import build
 from tests.nets import checkpoint_state, randomised
@@ -78,49 +80,88 @@ def test_grid_places_enlarged_images_in_rows_with_grey_gaps():
     assert (canvas[32:34] == 128).all() and (canvas[34:, 34:] == 128).all()  # gap, empty slot
 
 
-def test_checkpoint_round_trip_continues_the_same_training(tmp_path):
+def test_checkpoint_round_trip_continues_the_same_training(tmp_path, capsys):
     def parts(seed):
         torch.manual_seed(seed)
         net = randomised(build("tiny", num_classes=0, dropout=0.0), seed)
         denoiser = Precond(net)
         opt = fused_adam(denoiser.parameters(), lr=1e-3)  # as the training worker builds it
-        return net, denoiser, opt, EMA(denoiser, 100, None)
+        return net, denoiser, opt, EMA(denoiser, 100, None), PostHocEMA(denoiser)
 
-    def step(denoiser, opt, ema, seen):
+    def step(denoiser, opt, ema, phema, seen, ema_images=None):
         x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(seen))
         return train_step(
             denoiser,
             opt,
-            ema,
+            (ema, phema),
             [(x, None)],
             images_seen=seen,
             base_lr=1e-3,
             generator=step_generator(0, 0, seen),
+            ema_images=ema_images,
         )
 
-    net, denoiser, opt, ema = parts(1)
-    step(denoiser, opt, ema, 0)
+    def nets(phema):
+        return {p.std: p.module.net for p in phema.profiles}
+
+    net, denoiser, opt, ema, phema = parts(1)
+    result = step(denoiser, opt, ema, phema, 0)
+    assert result.ema_beta == ema.beta(0, 4)  # the first average's
     folder = tmp_path / "checkpoint"
-    saved = checkpoint_state(net, images_seen=4, step=1)
-    checkpoint.save(folder, net, ema.module.net, opt, saved)
-    net2, denoiser2, opt2, ema2 = parts(2)  # other weights, empty optimizer
+    snapshots_at = str(tmp_path / "runs" / "r" / snapshots.FOLDER)
+    saved = checkpoint_state(net, images_seen=4, step=1, snapshots=snapshots_at)
+    checkpoint.save(folder, net, ema.module.net, opt, saved, nets(phema))
+    # The snapshot in storage, as the worker writes it, reads back as both profiles.
+    snapshots.write(saved.snapshots, 4, (folder / checkpoint.PHEMA).read_bytes())
+    stored = snapshots.read_snapshots(saved.snapshots)
+    assert [(images, std) for images, std, _ in stored] == [(4, 0.05), (4, 0.1)]
+    for (_, _, tensors), profile in zip(stored, nets(phema).values(), strict=True):
+        assert tensors.keys() == profile.state_dict().keys()
+        assert all(torch.equal(v, profile.state_dict()[k]) for k, v in tensors.items())
+    net2, denoiser2, opt2, ema2, phema2 = parts(2)  # other weights, empty optimizer
     state = checkpoint.load(folder, net2, ema2.module.net, opt2)
+    assert checkpoint.load_profiles(folder, nets(phema2))
     keep_fused(opt2)  # as the worker does after loading
     assert state == saved
-    for a, b in [(net, net2), (ema.module.net, ema2.module.net)]:
+    pairs = [(net, net2), (ema.module.net, ema2.module.net)]
+    pairs += list(zip(nets(phema).values(), nets(phema2).values(), strict=True))
+    for a, b in pairs:
         for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
             assert k == k2 and torch.equal(v, v2)
     # The next step from the restored parts is the step the original takes.
-    step(denoiser, opt, ema, 4)
-    step(denoiser2, opt2, ema2, 4)
+    # (As a worker of two steps, whose global batch is 8: the averages count 8.)
+    assert step(denoiser, opt, ema, phema, 4, ema_images=8).ema_beta == ema.beta(4, 8)
+    step(denoiser2, opt2, ema2, phema2, 4, ema_images=8)
     for p, p2 in zip(denoiser.parameters(), denoiser2.parameters(), strict=True):
         assert torch.equal(p, p2)
+    for a, b in zip(phema.profiles, phema2.profiles, strict=True):
+        assert all(torch.equal(v, a.module.state_dict()[k]) for k, v in b.state_dict().items())
     assert sorted(f.name for f in folder.iterdir()) == [
         "ema.safetensors",
         "model.safetensors",
         "optimizer.safetensors",
+        "phema.safetensors",
         "state.json",
     ]
+
+    # The model loaded from the checkpoint knows where its run's snapshots are.
+    card = registry.load_model(str(folder), "", "test.model").card
+    assert card.snapshots == snapshots_at and ModelCard.from_dict(card.to_dict()) == card
+
+    # A checkpoint written before the profiles were kept has none: nothing changes,
+    # and the worker starts them from the restored model, saying so.
+    (folder / checkpoint.PHEMA).unlink()
+    untouched = {k: v.clone() for k, v in phema2.profiles[0].module.state_dict().items()}
+    assert not checkpoint.load_profiles(folder, nets(phema2))
+    assert all(
+        torch.equal(v, untouched[k]) for k, v in phema2.profiles[0].module.state_dict().items()
+    )
+    fresh = _restore_profiles(folder, denoiser2)
+    assert "no post-hoc EMA profiles" in capsys.readouterr().out
+    for profile in fresh.profiles:
+        assert all(
+            torch.equal(v, net2.state_dict()[k]) for k, v in profile.module.net.state_dict().items()
+        )
 
 
 @pytest.mark.parametrize(

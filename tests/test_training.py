@@ -16,8 +16,9 @@ from mlflow import MlflowClient
 
 from pipeline.data import shards
 from pipeline.data.digits import write_digits
-from pipeline.edges import storage
+from pipeline.edges import snapshots, storage
 from pipeline.maths.architecture import architecture
+from pipeline.maths.phema import STDS
 from tests import services
 from tests.runs import checkpoints, final_state, history, runs_named
 from tests.services import ROOT
@@ -140,9 +141,22 @@ def test_two_workers_on_two_nodes_from_the_bucket_tracked_in_mlflow(
     # Checkpoints in the bucket: every 512 images, the newest two kept, complete.
     kept = checkpoints(s3_prefix, "two-nodes")
     files = {"model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json"}
+    files.add("phema.safetensors")
     assert kept == {1536: files, 2048: files}
     state = final_state(s3_prefix, "two-nodes")
     assert state["images_seen"] == 2048 and state["step"] == 64
+    # The post-hoc EMA snapshots outlive the checkpoints: one per checkpoint, each
+    # with EDM2's two profiles, the last the final checkpoint's.
+    assert state["snapshots"] == f"{s3_prefix}/two-nodes/phema"
+    stored = snapshots.read_snapshots(state["snapshots"])
+    assert [(images, std) for images, std, _ in stored] == [
+        (images, std) for images in (512, 1024, 1536, 2048) for std in STDS
+    ]
+    assert storage.read_bytes(f"{s3_prefix}/two-nodes/phema/000000002048.safetensors") == (
+        storage.read_bytes(f"{s3_prefix}/two-nodes/checkpoint-000000002048/phema.safetensors")
+    )
+    narrow, wide = stored[-2][2], stored[-1][2]
+    assert narrow.keys() == wide.keys() and any(not narrow[k].equal(wide[k]) for k in narrow)
     assert state["config"]["workers"] == 2 and state["config"]["lr"] == 2e-3
 
     # MLflow: one run with the config, the metrics, the dataset and the samples.
@@ -188,6 +202,7 @@ def test_two_workers_on_two_nodes_from_the_bucket_tracked_in_mlflow(
     )
     assert card["template"] == "tiny" and card["dataset"]["digest"] == digest
     assert card["augmentation"] == {"hflip": False} and version.tags["hflip"] == "False"
+    assert card["snapshots"] == state["snapshots"]
     # The whole network, as the workers built it (also in every checkpoint).
     assert card["model"] == architecture("tiny", 8, num_classes=10, label_dropout=0.1).to_dict()
     assert state["model"] == card["model"]

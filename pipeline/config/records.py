@@ -154,6 +154,9 @@ class CheckpointState:
     dataset: DatasetRef
     seed: int
     """The run's seed."""
+    snapshots: str = ""
+    """Where the run stores its post-hoc EMA snapshots (`edges.snapshots`); empty
+    in checkpoints written before they were kept."""
 
     @property
     def template(self) -> str:
@@ -169,12 +172,14 @@ class CheckpointState:
             "config": self.config,
             "dataset": self.dataset.to_dict(),
             "seed": self.seed,
+            **({"snapshots": self.snapshots} if self.snapshots else {}),
         }
 
     @classmethod
     def from_dict(cls, data: Any) -> CheckpointState:
         what = "checkpoint state"
-        check_fields(what, data, cls)
+        fields = [f.name for f in dataclasses.fields(cls)]
+        check_keys(what, data, [f for f in fields if f != "snapshots"], ["snapshots"])
         config = data["config"]
         if not isinstance(config, Mapping):
             raise RecordError(f"{what}: config: must be a JSON object, got {type(config).__name__}")
@@ -212,6 +217,9 @@ class ModelCard:
     """The MLflow run that trained it."""
     augmentation: dict[str, Any] | None = None
     """How the training images were augmented (`{"hflip": ...}`), for people."""
+    snapshots: str = ""
+    """Where its training run stored the post-hoc EMA snapshots (`edges.snapshots`),
+    from which another averaging length can be reconstructed; empty: none known."""
 
     def __post_init__(self) -> None:
         if self.resolution != self.model.resolution:
@@ -231,6 +239,7 @@ class ModelCard:
             "dataset": None if self.dataset is None else self.dataset.to_dict(),
             "run_id": self.run_id,
             "augmentation": self.augmentation,
+            **({"snapshots": self.snapshots} if self.snapshots else {}),
         }
 
     @classmethod
@@ -240,7 +249,15 @@ class ModelCard:
         what = "model card"
         if isinstance(data, Mapping) and "preset" in data and "template" not in data:
             data = {("template" if k == "preset" else k): v for k, v in data.items()}
-        optional = ["classes", "sigma_data", "images_seen", "dataset", "run_id", "augmentation"]
+        optional = [
+            "classes",
+            "sigma_data",
+            "images_seen",
+            "dataset",
+            "run_id",
+            "augmentation",
+            "snapshots",
+        ]
         check_keys(what, data, ["template", "model", "resolution"], optional)
         dataset = data.get("dataset")
         return cls(

@@ -4,6 +4,8 @@
     ema.safetensors         the averaged weights (what sampling uses)
     optimizer.safetensors   the optimizer's state: its tensors, and its settings
                             (param_groups, numbers) as JSON in the file's metadata
+    phema.safetensors       the post-hoc EMA profiles (`edges.snapshots`' format;
+                            absent from checkpoints written before them)
     state.json              images seen, steps, the MLflow run, configs, dataset
 
 Nothing in it is unpickled: safetensors and JSON cannot carry code, so loading a
@@ -14,6 +16,7 @@ and from the run's storage; this module only reads and writes a local folder.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +26,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.config.records import CheckpointState
+from pipeline.edges import snapshots
 
 STATE = "state.json"
 MODEL, EMA_WEIGHTS = "model.safetensors", "ema.safetensors"
 OPTIMIZER = "optimizer.safetensors"
+PHEMA = "phema.safetensors"
 _PICKLED_OPTIMIZER = "optimizer.pt"
 """Where earlier versions kept the optimizer state, as a torch pickle."""
 
@@ -41,11 +46,15 @@ def save(
     ema_net: nn.Module,
     optimizer: torch.optim.Optimizer,
     state: CheckpointState,
+    profiles: Mapping[float, nn.Module] | None = None,
 ) -> None:
-    """Write a checkpoint of `net` (the raw UNet), its average and the optimizer."""
+    """Write a checkpoint of `net` (the raw UNet), its average and the optimizer,
+    and the post-hoc EMA `profiles` (raw networks by relative width) when given."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file(_tensors(net), folder / MODEL)
     save_file(_tensors(ema_net), folder / EMA_WEIGHTS)
+    if profiles is not None:
+        (folder / PHEMA).write_bytes(snapshots.encode(profiles, state.images_seen))
     tensors, settings = optimizer_to_safetensors(optimizer.state_dict())
     save_file(tensors, folder / OPTIMIZER, metadata={"optimizer": json.dumps(settings)})
     (folder / STATE).write_text(json.dumps(state.to_dict(), indent=1, sort_keys=True))
@@ -70,6 +79,20 @@ def load(
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     optimizer.load_state_dict(optimizer_from_safetensors(tensors, settings))
     return read_state(folder)
+
+
+def load_profiles(folder: Path, profiles: Mapping[float, nn.Module]) -> bool:
+    """Restore the post-hoc EMA `profiles` (raw networks by relative width); False,
+    changing nothing, for a checkpoint written before they were kept."""
+    if not (folder / PHEMA).exists():
+        return False
+    _, stored = snapshots.decode((folder / PHEMA).read_bytes(), str(folder / PHEMA))
+    missing = sorted(set(profiles) - set(stored))
+    if missing:
+        raise CheckpointError(f"{folder / PHEMA}: holds no profile of width {missing}")
+    for std, net in profiles.items():
+        net.load_state_dict(stored[std])
+    return True
 
 
 def read_state(folder: Path) -> CheckpointState:

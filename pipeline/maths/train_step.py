@@ -19,13 +19,13 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline.maths.edm import edm_loss, training_noise
-from pipeline.maths.ema import EMA
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -48,7 +48,19 @@ class StepResult:
     optimizer state or average."""
     learning_rate: float
     ema_beta: float | None
-    """Weight the EMA kept (None without an EMA)."""
+    """Weight the (first) average kept (None without one)."""
+
+
+class Average(Protocol):
+    """What a step folds the model into: an `EMA`, EDM2's `PostHocEMA` profiles."""
+
+    def update(
+        self,
+        model: nn.Module,
+        images_seen: int,
+        batch_images: int,
+        where: torch.Tensor | None = None,
+    ) -> float: ...
 
 
 def learning_rate(images_seen: int, base: float, rampup_images: int) -> float:
@@ -87,7 +99,7 @@ def keep_fused(optimizer: torch.optim.Optimizer) -> None:
 def train_step(
     denoiser: nn.Module,
     optimizer: torch.optim.Optimizer,
-    ema: EMA | None,
+    ema: Average | Sequence[Average] | None,
     batches: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
     *,
     images_seen: int,
@@ -97,6 +109,7 @@ def train_step(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     ema_model: nn.Module | None = None,
+    ema_images: int | None = None,
 ) -> StepResult:
     """One optimizer step over `batches`: micro-batches accumulated into one
     gradient, the same update as one batch of all their images (every image's
@@ -105,7 +118,11 @@ def train_step(
     `denoiser` is what the loss calls (a `Precond`, possibly wrapped by DDP, whose
     gradients are then all-reduced once, after the last micro-batch); `ema_model`
     is the unwrapped module the EMA averages (default: `denoiser`; no EMA: None).
-    `images_seen` counts images before this step. `generator` (a fresh
+    `ema` is one average or several (the fixed EMA and the post-hoc profiles),
+    each updated in turn. `images_seen` counts images before this step, all
+    workers together, and `ema_images` the images the step adds to it (default:
+    this worker's, which is all of them with one worker): the averages' weights
+    are functions of both. `generator` (a fresh
     `step_generator` each step) drives all of the step's randomness: the noise is
     drawn from it and dropout is seeded from its seed, so the step is reproducible.
 
@@ -141,11 +158,11 @@ def train_step(
     mean_loss = loss_sum / total
     finite = torch.isfinite(mean_loss) & torch.isfinite(norm)
     _step_unless(optimizer, finite)
-    beta = None
-    if ema is not None:
-        averaged = ema_model if ema_model is not None else denoiser
-        beta = ema.update(averaged, images_seen, total, where=finite)
-    return StepResult(mean_loss, norm, finite, lr, beta)
+    averages = [] if ema is None else list(ema) if isinstance(ema, Sequence) else [ema]
+    averaged = ema_model if ema_model is not None else denoiser
+    step_images = total if ema_images is None else ema_images
+    betas = [a.update(averaged, images_seen, step_images, where=finite) for a in averages]
+    return StepResult(mean_loss, norm, finite, lr, betas[0] if betas else None)
 
 
 def _step_unless(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:

@@ -361,6 +361,7 @@ def _register(cfg: TrainConfig, plan: TrainingPlan, run_id: str, final: str | No
         dataset=plan.dataset,
         run_id=run_id,
         augmentation={"hflip": cfg.hflip},
+        snapshots=state.snapshots,
     )
     files = {
         "model.safetensors": storage.read_bytes(storage.join(folder, checkpoint.EMA_WEIGHTS)),

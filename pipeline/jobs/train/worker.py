@@ -4,8 +4,10 @@
 Every worker builds the same network (same seed), restores the latest
 checkpoint if there is one, and steps through its share of the Ray Data stream
 in lockstep with the others (DDP all-reduces the gradients). Progress is counted
-in images seen by all workers together. Rank 0 alone keeps the EMA, writes the
-checkpoints and logs to MLflow; every rank calls `report()` at the same points.
+in images seen by all workers together. Rank 0 alone keeps the averages (the EMA
+that sampling uses, and EDM2's post-hoc EMA profiles), writes the checkpoints,
+stores the profiles' snapshots beside them and logs to MLflow; every rank calls
+`report()` at the same points.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ from safetensors.torch import load as load_weights
 from pipeline.config import TrainConfig, from_dict
 from pipeline.config.records import CheckpointState, TrainingPlan, check_fields
 from pipeline.data.transforms import tile
-from pipeline.edges import checkpoint, storage, tracking
+from pipeline.edges import checkpoint, snapshots, storage, tracking
 from pipeline.maths.edm import Precond, karras_sigmas
 from pipeline.maths.ema import EMA
+from pipeline.maths.phema import PostHocEMA
 from pipeline.maths.solvers import initial_noise, sample_generators, sample_heun
 from pipeline.maths.train_step import (
     NonFiniteLoss,
@@ -67,12 +70,18 @@ def train_loop_per_worker(config: dict) -> None:
     denoiser = Precond(net)
     optimizer = fused_adam(denoiser.parameters(), cfg.lr)
     ema = EMA(denoiser, cfg.ema_halflife_images, cfg.ema_rampup_ratio) if rank == 0 else None
+    phema: PostHocEMA[Precond] | None = None
     images_seen = 0
     if restored is not None:
         with restored.as_directory() as folder:
             state = checkpoint.load(Path(folder), net, ema.module.net if ema else None, optimizer)
+            if rank == 0:
+                phema = _restore_profiles(Path(folder), denoiser)
         keep_fused(optimizer)
         images_seen = state.images_seen
+    elif rank == 0:
+        phema = PostHocEMA(denoiser)
+    averages = None if ema is None or phema is None else (ema, phema)  # rank 0's
     node = ray.get_runtime_context().get_node_id()[:12]
     print(
         f"train worker {rank} of {world} on node {node} ({device}) starts at "
@@ -95,7 +104,7 @@ def train_loop_per_worker(config: dict) -> None:
             result = train_step(
                 model,
                 optimizer,
-                ema,
+                averages,
                 micro,
                 images_seen=images_seen,
                 base_lr=cfg.lr,
@@ -104,6 +113,7 @@ def train_loop_per_worker(config: dict) -> None:
                 generator=step_generator(cfg.seed, rank, images_seen, device),
                 autocast_dtype=bf16,
                 ema_model=denoiser,
+                ema_images=cfg.batch_size,
             )
             steps_taken.add(images_seen, result)
             before, images_seen = images_seen, images_seen + cfg.batch_size
@@ -148,9 +158,10 @@ def train_loop_per_worker(config: dict) -> None:
                     config={**config["train"], "tracking_uri": tracking.redact(cfg.tracking_uri)},
                     dataset=plan.dataset,
                     seed=cfg.seed,
+                    snapshots=snapshots.location(cfg.storage, cfg.run_name),
                 )
                 metrics = {"loss": steps.mean_loss, "learning_rate": result.learning_rate}
-                _report_checkpoint(rank, state, net, ema, optimizer, metrics, done)
+                _report_checkpoint(rank, state, net, averages, optimizer, metrics, done)
 
 
 def on_gpu(setting: bool | None, device: torch.device) -> bool:
@@ -182,16 +193,37 @@ class Stop:
         return cls(**data)
 
 
+def _restore_profiles(folder: Path, denoiser: Precond) -> PostHocEMA[Precond]:
+    """The post-hoc EMA profiles of the checkpoint in `folder`. One written before
+    they were kept has none: they start from the restored model, which then stands
+    for the whole average of the training before it."""
+    phema = PostHocEMA(denoiser)
+    if not checkpoint.load_profiles(folder, _profile_nets(phema)):
+        print(
+            f"the checkpoint holds no post-hoc EMA profiles (written before they were "
+            f"kept): profiles {', '.join(map(str, phema.stds))} start from the restored model",
+            flush=True,
+        )
+    return phema
+
+
+def _profile_nets(phema: PostHocEMA[Precond]) -> dict[float, torch.nn.Module]:
+    """The raw networks of the profiles, by width: what checkpoints and snapshots hold."""
+    return {p.std: p.module.net for p in phema.profiles}
+
+
 def _report_checkpoint(
     rank: int,
     state: CheckpointState,
     net: torch.nn.Module,
-    ema: EMA[Precond] | None,
+    averages: tuple[EMA[Precond], PostHocEMA[Precond]] | None,
     optimizer: torch.optim.Optimizer,
     measured: dict[str, float],
     done: bool,
 ) -> None:
-    """Every rank reports; rank 0 attaches the checkpoint it just wrote."""
+    """Every rank reports; rank 0 attaches the checkpoint it just wrote, after
+    storing its post-hoc EMA snapshot, which outlives the checkpoint (Ray Train
+    keeps the newest few): a recorded checkpoint always has its snapshot."""
     metrics = {
         "status": "done" if done else "running",
         "images_seen": state.images_seen,
@@ -202,9 +234,12 @@ def _report_checkpoint(
     if rank != 0:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
         return
-    assert ema is not None  # rank 0 keeps the average
+    assert averages is not None  # rank 0 keeps the averages
+    ema, phema = averages
     with tempfile.TemporaryDirectory() as folder:
-        checkpoint.save(Path(folder), net, ema.module.net, optimizer, state)
+        checkpoint.save(Path(folder), net, ema.module.net, optimizer, state, _profile_nets(phema))
+        data = (Path(folder) / checkpoint.PHEMA).read_bytes()
+        snapshots.write(state.snapshots, state.images_seen, data)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(folder),
