@@ -5,6 +5,8 @@ local Inception weights file). Results go to a JSON file and to MLflow.
     python -m tasks.evaluate --model digits@champion --dataset s3://bucket/datasets/digits \\
         --output s3://bucket/evaluations --compare euler_ancestral:1000
 
+With `--ema_length 0.05,0.1,0.2` the model is also scored at those post-hoc EMA
+lengths, reconstructed from its training run's snapshots: one line each.
 Running the same command again finds the results and writes nothing.
 """
 
@@ -18,11 +20,13 @@ def main(cfg: EvaluateConfig) -> None:
     from pipeline.jobs.evaluate import evaluate
 
     result = evaluate(cfg)
-    for line in result.sampler_lines():
-        print(f"evaluate: {line}")
+    for scored in (result, *result.lengths.values()):
+        for line in scored.sampler_lines():
+            print(f"evaluate: {line}")
     for name, reason in result.results["not_computed"].items():
         print(f"evaluate: {name} not computed: {reason}")
-    print(f"evaluate: {result.summary()}")
+    for scored in (result, *result.lengths.values()):
+        print(f"evaluate: {scored.summary()}")
 
 
 if __name__ == "__main__":

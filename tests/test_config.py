@@ -72,6 +72,53 @@ def test_bad_values_name_the_field_and_what_is_allowed(argv, message):
     assert str(err.value).startswith(message)
 
 
+@pytest.mark.parametrize(
+    "cls, argv, message",
+    [
+        (
+            C.EvaluateConfig,
+            ["--model", "m/1", "--dataset", "d", "--ema_length", "0.05,0.3"],
+            "evaluate.ema_length: each length (EDM2's sigma_rel) must be in (0, 0.2887), "
+            "got (0.05, 0.3)",
+        ),
+        (
+            C.EvaluateConfig,
+            ["--model", "m/1", "--dataset", "d", "--ema_length", "0"],
+            "evaluate.ema_length: each length (EDM2's sigma_rel) must be in (0, 0.2887), "
+            "got (0.0,)",
+        ),
+        (
+            C.EvaluateConfig,
+            ["--model", "m/1", "--dataset", "d", "--ema_length", "0.1,0.1"],
+            "evaluate.ema_length: must not repeat a length, got (0.1, 0.1)",
+        ),
+        (
+            C.NightlyConfig,
+            ["--ema_lengths", "-0.1"],
+            "nightly.ema_lengths: each length (EDM2's sigma_rel) must be in (0, 0.2887), "
+            "got (-0.1,)",
+        ),
+    ],
+)
+def test_post_hoc_ema_lengths_are_sigma_rel_values(cls, argv, message):
+    with pytest.raises(ConfigError) as err:
+        load(argv, cls)
+    assert str(err.value) == message
+
+
+def test_post_hoc_ema_lengths_parse_and_default():
+    evaluate = load(
+        ["--model", "m/1", "--dataset", "d", "--ema_length", "0.05,0.1,0.2"], C.EvaluateConfig
+    )
+    assert evaluate.ema_length == (0.05, 0.1, 0.2)
+    assert load(["--model", "m/1", "--dataset", "d"], C.EvaluateConfig).ema_length == ()
+    nightly = load([], C.NightlyConfig)
+    assert nightly.ema_lengths == (0.05, 0.1, 0.2)
+    assert nightly.evaluate_config(3, nightly.ema_lengths).ema_length == (0.05, 0.1, 0.2)
+    assert load(["--ema_lengths", ""], C.NightlyConfig).ema_lengths == ()
+    assert load([], C.QuickstartConfig).nightly_config().ema_lengths == nightly.ema_lengths
+
+
 def test_unknown_yaml_field_is_named(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("input: a\noutput: b\nresolutoin: 32\n")

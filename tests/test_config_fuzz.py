@@ -81,7 +81,8 @@ ZERO_OK = {
 }
 """Fields (by the section that declares them) where zero means something. Every
 other number field refuses zero, and every number field refuses negative ones."""
-EMPTY_OK = {"model.attention"}  # attention in the bottleneck only
+# Attention in the bottleneck only; post-hoc EMA off.
+EMPTY_OK = {"model.attention", "nightly.ema_lengths", "quickstart.ema_lengths"}
 """List fields that may be empty besides those whose default is empty."""
 
 

@@ -3,6 +3,7 @@ exact denoiser, the pixel features, and promotion decisions in a real MLflow."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 
@@ -13,7 +14,7 @@ import torch
 from pipeline.config import ConfigError, EvaluateConfig, PromoteConfig
 from pipeline.config.records import Lineage, ModelCard
 from pipeline.data.reference import pixel_features
-from pipeline.edges import tracking
+from pipeline.edges import registry, snapshots, tracking
 from pipeline.edges.registry import Model
 from pipeline.jobs.evaluate import check_fits
 from pipeline.jobs.evaluate.outputs import heldout_losses
@@ -98,6 +99,39 @@ def test_a_model_that_does_not_fit_the_dataset_is_refused_before_any_work():
     too_few = EvaluateConfig(model="m/1", dataset="/tmp/d", images=3, neighbours=3)
     with pytest.raises(ConfigError, match="evaluate.neighbours: must be below images"):
         check_fits(too_few, _model(None, 0), digits)
+
+
+def test_ema_lengths_are_reconstructed_at_the_card_s_images_and_need_snapshots(tmp_path):
+    from safetensors.torch import load
+
+    from pipeline.maths.unet import UNet
+
+    network = architecture("tiny", 8)
+    torch.manual_seed(0)
+    stored = {images: {std: UNet(network) for std in (0.05, 0.1)} for images in (128, 256)}
+    for images, nets in stored.items():
+        snapshots.write(str(tmp_path), images, snapshots.encode(nets, images))
+    for images_seen in (128, 256):  # the registered weights' images, not the latest
+        card = ModelCard("tiny", network, 8, images_seen=images_seen, snapshots=str(tmp_path))
+        model = registry.at_ema_length(Model(card, b"", Lineage("m", 1, "r", "0" * 64)), 0.1, "f")
+        # A stored length comes back as it was stored.
+        expected = stored[images_seen][0.1].state_dict()
+        got = load(model.weights)
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6)
+        assert model.lineage.version == 1 and model.lineage.digest != "0" * 64
+
+    with pytest.raises(ConfigError) as err:
+        registry.require_snapshots(_model(None, 0), "evaluate.ema_length", (0.05, 0.1))
+    assert str(err.value) == (
+        "evaluate.ema_length: m/1 has no post-hoc EMA snapshots (its training run stored "
+        "none, or it was registered before runs kept them), so only its own EMA weights "
+        "can be scored, got (0.05, 0.1)"
+    )
+    missing = dataclasses.replace(_model(None, 0).card, snapshots=str(tmp_path / "none"))
+    with pytest.raises(ConfigError, match=r"^f: m/1: cannot reconstruct from .*none"):
+        registry.at_ema_length(Model(missing, b"", Lineage("m", 1, "r", "0" * 64)), 0.1, "f")
 
 
 def test_an_unreachable_mlflow_is_one_redacted_line_and_exit_1():

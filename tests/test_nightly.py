@@ -40,6 +40,8 @@ SMALL = [
     "64",
     "--sample_sampler",
     "heun:4",
+    "--ema_lengths",
+    "0.15",  # one reconstructed length against the fixed EMA: each costs an evaluation
 ]
 
 
@@ -110,6 +112,31 @@ def shard_digests(dataset: str, manifest: dict) -> dict[str, str]:
     }
 
 
+def ema_candidate(uri: str, name: str, run_id: str) -> int:
+    """The candidate of the night whose training run is `run_id`, checked: the
+    trained version's own weights and each post-hoc EMA length were scored, and the
+    candidate is the best of them, tagged with its length."""
+    c = tracking.client(uri)
+    versions = {int(v.version): v.tags for v in c.search_model_versions(f"run_id = '{run_id}'")}
+    [trained] = [v for v, tags in versions.items() if "ema_source_version" not in tags]
+    tags = versions[trained]
+    assert tags["ema_length"] == "fixed"  # its own weights: the fixed half-life EMA
+    scored = {"fixed": float(tags[f"eval.{tags['eval.key']}.fd_pixel"])}
+    for key in {k.split(".")[1] for k in tags if k.endswith(".ema_length")}:
+        scored[tags[f"eval.{key}.ema_length"]] = float(tags[f"eval.{key}.fd_pixel"])
+    assert set(scored) == {"fixed", "0.15"}, tags
+    best = min(scored, key=scored.__getitem__)
+    if best == "fixed":
+        assert set(versions) == {trained}
+        return trained
+    [candidate] = set(versions) - {trained}
+    found = versions[candidate]
+    assert found["ema_length"] == best and found["ema_source_version"] == str(trained)
+    assert float(found[f"eval.{found['eval.key']}.fd_pixel"]) == scored[best]
+    assert found["eval.key"] == tags["eval.key"]  # comparable with the champion
+    return candidate
+
+
 def test_three_nights(ray_cluster, mlflow_server, s3_prefix):
     uri, name = mlflow_server, f"digits-{uuid.uuid4().hex[:6]}"
     dataset = f"{s3_prefix}/dataset"
@@ -123,8 +150,15 @@ def test_three_nights(ray_cluster, mlflow_server, s3_prefix):
     assert v1["version"] == 1 and v1["counts"]["inputs"] == 600
     old_digests = shard_digests(dataset, v1)
     assert old_digests == {s["name"]: s["sha256"] for s in v1["shards"]}
-    assert tracking.model_version(uri, name, alias="champion")["version"] == 1
-    version1 = tracking.model_version(uri, name, 1)
+    c = tracking.client(uri)
+    nightly_runs = c.get_experiment_by_name("nightly").experiment_id
+    [run1] = c.search_runs(
+        [nightly_runs], filter_string=f"tags.`mlflow.runName` = '{name}-2026-11-24'"
+    )
+    candidate1 = ema_candidate(uri, name, run1.info.run_id)
+    assert "ema: fd_pixel by EMA length: fixed " in first.stdout
+    assert tracking.model_version(uri, name, alias="champion")["version"] == candidate1
+    version1 = tracking.model_version(uri, name, candidate1)
     assert version1["tags"]["promotion.decision"] == "first_champion"
     key1 = version1["tags"]["eval.key"]
     for metric in (
@@ -137,12 +171,24 @@ def test_three_nights(ray_cluster, mlflow_server, s3_prefix):
         "cas",
     ):
         assert float(version1["tags"][f"eval.{key1}.{metric}"]) >= 0
-    [result_file] = storage.list_objects(f"{s3_prefix}/evaluations")
-    results = json.loads(storage.read_bytes(result_file.uri))
-    assert results["model"]["version"] == 1 and results["dataset"]["version"] == 1
+    evaluated = [
+        json.loads(storage.read_bytes(o.uri))
+        for o in storage.list_objects(f"{s3_prefix}/evaluations")
+    ]
+    lengths = sorted(
+        r["settings"].get("ema_length", 0) for r in evaluated if r["model"]["version"] == 1
+    )
+    assert lengths == [0, 0.15]  # version 1's own weights, and the length
+    [results] = [
+        r
+        for r in evaluated
+        if r["model"]["version"] == candidate1 and "ema_length" not in r["settings"]
+    ]
+    assert results["dataset"]["version"] == 1
     assert set(results["not_computed"]) == {"fid", "kid"}  # no Inception weights given
     samples = json.loads(storage.read_bytes(f"{s3_prefix}/samples/2026-11-24/manifest.json"))
-    assert samples["counts"]["images"] == 64 and samples["job"]["model"]["version"] == 1
+    assert samples["counts"]["images"] == 64
+    assert samples["job"]["model"]["version"] == candidate1
 
     # New raw images arrive; night 2 preprocesses only those, from the champion.
     write_digits(f"{s3_prefix}/raw", 600, 300)
@@ -159,17 +205,16 @@ def test_three_nights(ray_cluster, mlflow_server, s3_prefix):
     assert v2["counts"]["inputs"] == 900
     assert v2["counts"]["written"] + v2["counts"]["rejected"] == 900
 
-    c = tracking.client(uri)
-    nightly_runs = c.get_experiment_by_name("nightly").experiment_id
     night2 = f"tags.`mlflow.runName` = '{name}-2026-11-25'"
     [run2] = c.search_runs([nightly_runs], filter_string=night2)
     assert run2.info.status == "FINISHED"
-    assert run2.data.params["init_from"] == f"{name}/1"
+    assert run2.data.params["init_from"] == f"{name}/{candidate1}"
     assert run2.data.tags["init_from.digest"] == results["model"]["digest"]
-    version2 = tracking.model_version(uri, name, 2)
+    candidate2 = ema_candidate(uri, name, run2.info.run_id)
+    version2 = tracking.model_version(uri, name, candidate2)
     key2 = version2["tags"]["eval.key"]
     assert key2 != key1  # a new dataset version: a new evaluation ...
-    champion_tags = tracking.model_version(uri, name, 1)["tags"]
+    champion_tags = tracking.model_version(uri, name, candidate1)["tags"]
     assert f"eval.{key2}.fd_pixel" in champion_tags  # ... of the champion too
     decision = version2["tags"]["promotion.decision"]
     assert decision in ("promoted", "kept_champion")
@@ -180,7 +225,7 @@ def test_three_nights(ray_cluster, mlflow_server, s3_prefix):
         champion_tags[f"eval.{key2}.fd_pixel"]
     )
     champion = tracking.model_version(uri, name, alias="champion")["version"]
-    assert champion == (2 if decision == "promoted" else 1)
+    assert champion == (candidate2 if decision == "promoted" else candidate1)
     night2_samples = json.loads(storage.read_bytes(f"{s3_prefix}/samples/2026-11-25/manifest.json"))
     assert night2_samples["job"]["model"]["version"] == champion
 

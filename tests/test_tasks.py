@@ -122,6 +122,8 @@ def test_quickstart_on_embedded_defaults(tmp_path):
         "32",
         "--night",
         "2026-11-26",
+        "--ema_lengths",
+        "",  # each length is an evaluation more (tests/test_nightly.py scores one)
     ]
     result = tasks.run(tasks.command("quickstart", "--workdir", str(tmp_path / "qs"), *small), env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -208,6 +210,8 @@ def test_quickstart_at_64_px_on_a_narrower_deeper_network(tmp_path, ray_cluster)
         "1,2,2",
         "--model.attention",
         "2",
+        "--ema_lengths",
+        "",
     ]
     qs = tmp_path / "qs"
     result = tasks.run(

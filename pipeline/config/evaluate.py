@@ -19,6 +19,9 @@ LOWER_IS_BETTER = ("fd_pixel", "swd_pixel", "heldout_loss", "fid", "kid")
 HIGHER_IS_BETTER = ("precision", "recall", "label_fidelity", "cas")
 METRICS = LOWER_IS_BETTER + HIGHER_IS_BETTER
 """What `tasks.evaluate` reports and `tasks.promote` can decide on."""
+MAX_EMA_LENGTH = 12**-0.5
+"""0.2887: the widest post-hoc EMA length (`pipeline.maths.phema.MAX_STD`, a flat
+average of all training; named here so that configs do not import torch)."""
 MAX_EVAL_IMAGES = 10_000_000
 """Images generated, referenced or held out by one evaluation (FID uses 50,000)."""
 
@@ -33,6 +36,18 @@ def parse_sampler(text: str) -> tuple[SamplerName, int]:
         f"expected sampler:steps with a sampler of {', '.join(SAMPLER_NAMES)} "
         f"and 1..{MAX_STEPS} steps"
     )
+
+
+def check_ema_lengths(cfg: Checked, field: str) -> None:
+    """Each post-hoc EMA length in `cfg.<field>` is a width a power-function
+    profile can have, and none is given twice."""
+    lengths = getattr(cfg, field)
+    cfg.check(
+        all(0 < length < MAX_EMA_LENGTH for length in lengths),
+        field,
+        f"each length (EDM2's sigma_rel) must be in (0, {MAX_EMA_LENGTH:.4f})",
+    )
+    cfg.check(len(set(lengths)) == len(lengths), field, "must not repeat a length")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +79,13 @@ class EvaluateConfig(Checked):
     """Classifier-free guidance scale of the samples: 1 is none; above 1 trades
     diversity for fidelity to the label (one batched network call per step).
     Ignored for unconditional models."""
+    ema_length: tuple[float, ...] = ()
+    """Post-hoc EMA lengths (EDM2's sigma_rel, each in (0, 0.2887)) at which the
+    model is also scored, e.g. `0.05,0.1,0.2`: its weights at each length are
+    reconstructed from the power-function snapshots its training run stored, and
+    each length is scored like the model's own weights, with its own results.
+    Empty: only the model's own EMA weights (the fixed half-life EMA that training
+    registers)."""
     seed: int = 0
     """Seed of the samples and of the held-out noise."""
     reference_images: int = 10_000
@@ -112,6 +134,7 @@ class EvaluateConfig(Checked):
         self.at_most(1000, "neighbours")
         self.check(self.guidance >= 0, "guidance", "must be >= 0")
         self.at_most(MAX_GUIDANCE, "guidance")
+        check_ema_lengths(self, "ema_length")
         self.check(0 <= self.seed <= MAX_SEED, "seed", "must be in 0..2**63-1")
         object.__setattr__(self, "tracking_uri", resolve_tracking_uri(self.tracking_uri))
 

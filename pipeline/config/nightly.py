@@ -10,7 +10,13 @@ from typing import ClassVar
 from pipeline.config import locations
 from pipeline.config.core import Checked, ConfigError, blame
 from pipeline.config.data import PreprocessConfig
-from pipeline.config.evaluate import METRICS, EvaluateConfig, PromoteConfig, parse_sampler
+from pipeline.config.evaluate import (
+    METRICS,
+    EvaluateConfig,
+    PromoteConfig,
+    check_ema_lengths,
+    parse_sampler,
+)
 from pipeline.config.model import ModelConfig
 from pipeline.config.sample import SampleConfig
 from pipeline.config.train import TrainConfig, resolve_tracking_uri
@@ -28,6 +34,7 @@ _RENAMED = {
     "evaluate.sampler": "eval_sampler",
     "evaluate.compare": "eval_compare",
     "evaluate.guidance": "eval_guidance",
+    "evaluate.ema_length": "ema_lengths",
     "sample.model": "model_name",
     "sample.output": "samples",
     "sample.images": "sample_images",
@@ -103,6 +110,12 @@ class NightlyConfig(Checked):
     to decide)."""
     eval_guidance: float = 1.0
     """Classifier-free guidance of the scored samples (1: none)."""
+    ema_lengths: tuple[float, ...] = (0.05, 0.1, 0.2)
+    """Post-hoc EMA lengths (EDM2's sigma_rel, each in (0, 0.2887)) scored beside the
+    trained version's own weights (the fixed half-life EMA); the best of them by
+    `metric` is tonight's candidate, registered as a new version when a
+    reconstructed length wins, and the version carries the tag `ema_length` (the
+    length, or `fixed`). Empty: off, the trained version is the candidate."""
     metric: str = "fd_pixel"
     """What promotion decides on (see tasks.promote)."""
     margin: float = 0.0
@@ -135,6 +148,7 @@ class NightlyConfig(Checked):
         )
         self.model.resolve(self.resolution, field=f"{self.SECTION}.resolution")
         self.check(self.sample_images >= 0, "sample_images", "must be >= 0")
+        check_ema_lengths(self, "ema_lengths")
         for field in ("eval_guidance", "sample_guidance"):
             self.check(getattr(self, field) >= 0, field, "must be >= 0")
         allowed = [m for m in METRICS if m not in ("fid", "kid")]
@@ -153,7 +167,7 @@ class NightlyConfig(Checked):
         # before anything is written; its errors name the field here it came from.
         try:
             self.preprocess_config(), self.train_config(""), self.promote_config(1)
-            self.evaluate_config(1), self.sample_config(1)
+            self.evaluate_config(1, self.ema_lengths), self.sample_config(1)
         except ConfigError as e:
             fields = [f.name for f in dataclasses.fields(self)]
             raise blame(e, self.SECTION, fields, _RENAMED) from None
@@ -192,9 +206,12 @@ class NightlyConfig(Checked):
             init_from=init_from,
         )
 
-    def evaluate_config(self, version: int) -> EvaluateConfig:
+    def evaluate_config(self, version: int, ema_length: tuple[float, ...] = ()) -> EvaluateConfig:
+        """The evaluation of `version`'s own weights, and of `ema_length` (post-hoc
+        EMA lengths) beside them."""
         return EvaluateConfig(
             model=f"{self.model_name}/{version}",
+            ema_length=ema_length,
             dataset=self.dataset,
             output=self.evaluations,
             images=self.eval_images,

@@ -50,6 +50,9 @@ class QuickstartConfig(Checked):
     compare: tuple[str, ...] = ()
     """More samplers scored beside Heun (18 steps, 35 network evaluations), e.g.
     euler_ancestral:1000, the 1000-step stochastic reference (minutes more)."""
+    ema_lengths: tuple[float, ...] = NightlyConfig.ema_lengths
+    """Post-hoc EMA lengths scored beside the trained weights (see tasks.nightly);
+    the best is the model; empty: off."""
     sample_images: int = 1000
     """Images the champion generates at the end."""
     night: str = ""
@@ -99,6 +102,7 @@ class QuickstartConfig(Checked):
             eval_images=self.eval_images,
             eval_compare=self.compare,
             eval_guidance=self.guidance,
+            ema_lengths=self.ema_lengths,
             sample_images=self.sample_images,
             sample_guidance=self.guidance,
             tracking_uri=tracking_uri,

@@ -80,6 +80,46 @@ def load_model(ref: str, tracking_uri: str, field: str) -> Model:
         raise ConfigError(f"{field}: {ref}: {e}") from None
 
 
+def require_snapshots(model: Model, field: str, value: object) -> str:
+    """Where `model`'s post-hoc EMA snapshots are; a config error naming `field`
+    (and its `value`) for a model that has none."""
+    if not model.card.snapshots:
+        raise ConfigError(
+            f"{field}: {model.describe()} has no post-hoc EMA snapshots (its training "
+            f"run stored none, or it was registered before runs kept them), so only its "
+            f"own EMA weights can be scored, got {value}"
+        )
+    return model.card.snapshots
+
+
+def at_ema_length(model: Model, length: float, field: str) -> Model:
+    """`model` with its weights reconstructed at the post-hoc EMA length `length`
+    (EDM2's sigma_rel) from its training run's snapshots, at the images seen when
+    its own weights were taken; a config error naming `field` (say
+    `evaluate.ema_length`) when the model has no snapshots to reconstruct from."""
+    from safetensors.torch import save
+
+    from pipeline.edges import snapshots
+    from pipeline.maths.phema import reconstruct
+
+    folder = require_snapshots(model, field, length)
+    try:
+        stored = snapshots.read_snapshots(folder)
+        # The card's images seen are those of the registered weights: the length
+        # is reconstructed at the same point of training (a card without them:
+        # the latest snapshot's).
+        state = reconstruct(stored, length, out_images=model.card.images_seen)
+    except (storage.StorageError, ValueError) as e:
+        raise ConfigError(
+            f"{field}: {model.describe()}: cannot reconstruct from {folder} ({e}), got {length}"
+        ) from None
+    weights: bytes = save(state)
+    digest = hashlib.sha256(weights).hexdigest()
+    return dataclasses.replace(
+        model, weights=weights, lineage=dataclasses.replace(model.lineage, digest=digest)
+    )
+
+
 def _checkpoint_model(state: CheckpointState, weights: bytes, folder: str) -> Model:
     """A checkpoint's EMA weights as a model: its card says what the checkpoint
     knows (no class names)."""

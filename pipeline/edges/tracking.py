@@ -259,11 +259,18 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 
 def register_model(
-    tracking_uri: str, run_id: str, name: str, files: Mapping[str, bytes], tags: Mapping[str, str]
+    tracking_uri: str,
+    run_id: str,
+    name: str,
+    files: Mapping[str, bytes],
+    tags: Mapping[str, str],
+    artifact_path: str = "model",
 ) -> int:
-    """Log `files` under the run's `model/` artifacts and register them as a new
-    version of the model `name`; returns the version number. A version of this run
-    with the same tags is returned as it is (a finished run re-run adds none)."""
+    """Log `files` under the run's `artifact_path` artifacts and register them as a
+    new version of the model `name`; returns the version number. A version of this
+    run with the same tags is returned as it is (a finished run re-run adds none).
+    A second version of one run needs its own `artifact_path`: the files would
+    replace the first version's."""
     c = client(tracking_uri)
     for existing in c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
         if all(existing.tags.get(k) == str(v) for k, v in tags.items()):
@@ -271,14 +278,14 @@ def register_model(
     with tempfile.TemporaryDirectory() as tmp:
         for filename, data in files.items():
             (Path(tmp) / filename).write_bytes(data)
-        c.log_artifacts(run_id, tmp, artifact_path="model")
+        c.log_artifacts(run_id, tmp, artifact_path=artifact_path)
     try:
         c.get_registered_model(name)
     except mlflow.exceptions.MlflowException as e:
         if not _missing(e):
             raise
         c.create_registered_model(name)
-    source = f"{c.get_run(run_id).info.artifact_uri}/model"
+    source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
     version = c.create_model_version(name, source, run_id=run_id, tags=dict(tags))
     return int(version.version)
 

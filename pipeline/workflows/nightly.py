@@ -10,6 +10,11 @@ done, so running the same night again changes nothing:
   this dataset version (a night without new data);
 - evaluation skips a model already scored on this dataset version and settings;
   the champion is scored on the new version too, so the two are comparable;
+- post-hoc EMA: the trained version's own weights (the fixed half-life EMA) and
+  its weights reconstructed at each of `ema_lengths` are scored alike, and the
+  best by the promotion metric is the candidate: a winning length is registered
+  as a new version of the model (tagged `ema_length` and `ema_source_version`),
+  found by those tags when the night runs again;
 - promotion skips a candidate already decided against the same champion;
 - generation (by the champion, into `samples/<night>/`) writes only missing shards.
 """
@@ -17,21 +22,34 @@ done, so running the same night again changes nothing:
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pipeline.config import ConfigError
+from pipeline.config.evaluate import HIGHER_IS_BETTER
 from pipeline.config.nightly import NightlyConfig
-from pipeline.edges import tracking
+from pipeline.edges import registry, tracking
 from pipeline.jobs.promote import promote
 
+if TYPE_CHECKING:
+    from pipeline.jobs.evaluate import EvaluateResult
+
 ALIAS = "champion"
+EMA_LENGTH = "ema_length"
+"""The version tag of the post-hoc EMA length of its weights (`fixed`: training's
+fixed half-life EMA)."""
+EMA_SOURCE = "ema_source_version"
+"""The version tag of a reconstruction: the version whose snapshots it came from."""
 
 
 @dataclasses.dataclass(frozen=True)
 class NightResult:
     dataset_version: int
     candidate: int | None
-    """The version trained tonight (None when there was nothing new to train on)."""
+    """Tonight's candidate: the version trained tonight, or its reconstruction at the
+    post-hoc EMA length that scored best (None when there was nothing new to train
+    on)."""
     champion: int | None
     promoted: bool
     samples: str | None
@@ -55,13 +73,13 @@ def nightly(cfg: NightlyConfig, say: Callable[[str], None] = print) -> NightResu
             f"none (its inputs are not in class folders), got {cfg.sample_guidance}"
         )
 
-    candidate = _train(cfg, digest, say)
-    promoted, scores = False, None
-    if candidate is not None:
+    trained = _train(cfg, digest, say)
+    promoted, scores, candidate = False, None, None
+    if trained is not None:
         champion = tracking.model_version(uri, name, alias=ALIAS)
-        evaluations = {}
-        for version in sorted({candidate} | ({champion["version"]} if champion else set())):
-            evaluations[version] = _evaluate(cfg, version, say)
+        candidate, evaluations = _candidate(cfg, trained, say)
+        if champion and champion["version"] not in evaluations:
+            evaluations[champion["version"]] = _evaluate(cfg, champion["version"], say).results
         scores = evaluations[candidate]["metrics"]
         decision = promote(cfg.promote_config(candidate, evaluations[candidate]["key"]))
         promoted = decision.promoted and not decision.already_decided
@@ -93,6 +111,9 @@ def _train(cfg: NightlyConfig, digest: str, say: Callable[[str], None]) -> int |
     if found is not None and found[1] == "FINISHED":
         version = tracking.run_model_version(uri, name, found[0])
         if version is not None:
+            # The run's latest version may be its post-hoc EMA reconstruction.
+            source = _tags(cfg, version).get(EMA_SOURCE)
+            version = int(source) if source else version
             say(f"nightly {cfg.night}: train: run {run_name} finished earlier: version {version}")
             return version
     trained = tracking.versions_with_tag(uri, name, "dataset_digest", digest)
@@ -117,15 +138,92 @@ def _train(cfg: NightlyConfig, digest: str, say: Callable[[str], None]) -> int |
     return result.model_version
 
 
-def _evaluate(cfg: NightlyConfig, version: int, say: Callable[[str], None]) -> dict:
-    """Score `version` on tonight's dataset; returns the results (`key`, `metrics`...)."""
+def _evaluate(
+    cfg: NightlyConfig, version: int, say: Callable[[str], None], lengths: tuple[float, ...] = ()
+) -> EvaluateResult:
+    """Score `version` on tonight's dataset, and its weights at the post-hoc EMA
+    `lengths`; returns the results of its own weights (`key`, `metrics`...)."""
     from pipeline.jobs.evaluate import evaluate
 
-    result = evaluate(cfg.evaluate_config(version))
-    for line in result.sampler_lines():
-        say(f"nightly {cfg.night}: evaluate: {cfg.model_name}/{version}: {line}")
-    say(f"nightly {cfg.night}: evaluate: {result.summary()}")
-    return result.results
+    result = evaluate(cfg.evaluate_config(version, lengths))
+    for scored in (result, *result.lengths.values()):
+        for line in scored.sampler_lines():
+            say(f"nightly {cfg.night}: evaluate: {cfg.model_name}/{version}: {line}")
+        say(f"nightly {cfg.night}: evaluate: {scored.summary()}")
+    return result
+
+
+def _candidate(
+    cfg: NightlyConfig, trained: int, say: Callable[[str], None]
+) -> tuple[int, dict[int, dict]]:
+    """Tonight's candidate and the evaluations so far (by version): the trained
+    version, or its reconstruction at the post-hoc EMA length that scores best by
+    the promotion metric."""
+    result = _evaluate(cfg, trained, say, cfg.ema_lengths)
+    if not cfg.ema_lengths:
+        return trained, {trained: result.results}
+    scored = {"fixed": result.results}
+    scored.update({f"{length:g}": r.results for length, r in result.lengths.items()})
+    values = {length: _metric(cfg, results) for length, results in scored.items()}
+    pick = max if cfg.metric in HIGHER_IS_BETTER else min
+    best = pick(values, key=values.__getitem__)
+    shown = ", ".join(f"{length} {value:.5g}" for length, value in values.items())
+    say(f"nightly {cfg.night}: ema: {cfg.metric} by EMA length: {shown}; {best} wins")
+    if _tags(cfg, trained).get(EMA_LENGTH) != "fixed":
+        tracking.set_version_tags(cfg.tracking_uri, cfg.model_name, trained, {EMA_LENGTH: "fixed"})
+    if best == "fixed":
+        return trained, {trained: result.results}
+    candidate = _register_length(cfg, trained, float(best), say)
+    # Scored again as a version of its own, for promotion, which reads a version's
+    # tags: the same weights and seeds give the length's very scores.
+    return candidate, {trained: result.results, candidate: _evaluate(cfg, candidate, say).results}
+
+
+def _metric(cfg: NightlyConfig, results: dict) -> float:
+    """The promotion metric of `results`; a config error when it was not computed."""
+    if cfg.metric not in results["metrics"]:
+        reason = results["not_computed"].get(cfg.metric, "not reported")
+        raise ConfigError(f"nightly.metric: {cfg.metric} was not computed ({reason})")
+    return float(results["metrics"][cfg.metric])
+
+
+def _register_length(
+    cfg: NightlyConfig, trained: int, length: float, say: Callable[[str], None]
+) -> int:
+    """The version holding `trained`'s weights reconstructed at the post-hoc EMA
+    `length`: registered now with the same card, or found by its tags."""
+    uri, name, tag = cfg.tracking_uri, cfg.model_name, f"{length:g}"
+    for version in tracking.versions_with_tag(uri, name, EMA_SOURCE, str(trained)):
+        if _tags(cfg, version).get(EMA_LENGTH) == tag:
+            say(f"nightly {cfg.night}: ema: {name}/{trained} at length {tag} is version {version}")
+            return version
+    model = registry.load_model(f"{name}/{trained}", uri, "nightly.model_name")
+    model = registry.at_ema_length(model, length, "nightly.ema_lengths")
+    # The training tags, but its own: the weights come from the snapshots, not
+    # the checkpoint, and its evaluations and promotion are still to come.
+    tags = {
+        k: v
+        for k, v in _tags(cfg, trained).items()
+        if not k.startswith(("eval.", "promotion.")) and k not in ("checkpoint", EMA_LENGTH)
+    }
+    tags.update({"snapshots": model.card.snapshots, EMA_LENGTH: tag, EMA_SOURCE: str(trained)})
+    files = {
+        "model.safetensors": model.weights,
+        "model.json": json.dumps(model.card.to_dict(), indent=1, sort_keys=True).encode(),
+    }
+    assert model.lineage.run_id, f"{name}/{trained} was registered by its training run"
+    version = tracking.register_model(
+        uri, model.lineage.run_id, name, files, tags, artifact_path=f"model-ema-{tag}"
+    )
+    say(f"nightly {cfg.night}: ema: registered {name}/{trained} at length {tag}: version {version}")
+    return version
+
+
+def _tags(cfg: NightlyConfig, version: int) -> dict[str, str]:
+    found = tracking.model_version(cfg.tracking_uri, cfg.model_name, version)
+    assert found is not None, f"{cfg.model_name}/{version} is registered"
+    tags: dict[str, str] = found["tags"]
+    return tags
 
 
 def _sample(cfg: NightlyConfig, champion: int, say: Callable[[str], None]) -> str:

@@ -16,6 +16,12 @@ to one JSON file per (model weights, dataset version, settings): its presence
 means done, so a re-run writes nothing. They also go to MLflow: metrics on the
 training run of the model version, and tags on the version (`eval.key`,
 `eval.<key>.<metric>`) that `tasks.promote` reads.
+
+With post-hoc EMA lengths (`evaluate.ema_length`), the model's weights are also
+reconstructed at each length from the snapshots its training run stored
+(`registry.at_ema_length`) and scored the same way (same seeds, same metrics),
+each with its own results: the length is one of the settings of its key. The
+version's `eval.key` stays that of its own weights, which promotion compares.
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ class EvaluateResult:
     """The JSON file of the results."""
     results: dict[str, Any]
     already_complete: bool
+    lengths: dict[float, EvaluateResult] = dataclasses.field(default_factory=dict)
+    """The scores of the weights at each post-hoc EMA length (`evaluate.ema_length`)."""
 
     def sampler_lines(self) -> list[str]:
         """Per sampler: its network evaluations, the pixel Frechet distance, and the
@@ -68,6 +76,8 @@ class EvaluateResult:
 
         settings, m, lines = self.results["settings"], self.results["metrics"], []
         guidance = "" if settings["guidance"] == 1 else f", guidance {settings['guidance']:g}"
+        length = settings.get("ema_length")
+        weights = "" if length is None else f"EMA length {length:g}: "
         for i, text in enumerate([settings["sampler"], *settings["compare"]]):
             sampler, steps = parse_sampler(text)
             prefix = metric_prefix(i, text)
@@ -79,7 +89,7 @@ class EvaluateResult:
             if prefix + "cas" in m:
                 found.append(f"CAS {m[prefix + 'cas']:.3f}")
             lines.append(
-                f"{sampler} {steps} steps ({network_evaluations(sampler, steps)} network "
+                f"{weights}{sampler} {steps} steps ({network_evaluations(sampler, steps)} network "
                 f"evaluations{guidance}): {', '.join(found)} over "
                 f"{settings['images']} images"
             )
@@ -93,7 +103,8 @@ class EvaluateResult:
 
 
 def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
-    """Score the model `cfg` names; see the module doc."""
+    """Score the model `cfg` names, and its weights at each post-hoc EMA length of
+    `cfg.ema_length` (`EvaluateResult.lengths`); see the module doc."""
     model = registry.load_model(cfg.model, cfg.tracking_uri, "evaluate.model")
     manifest, digest = load_dataset(cfg.dataset, "evaluate.dataset")
     if manifest["resolution"] != model.card.resolution:
@@ -102,13 +113,39 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
             f"{model.card.resolution} px, got {cfg.dataset!r}"
         )
     check_fits(cfg, model, manifest)
+    if cfg.ema_length:
+        registry.require_snapshots(model, "evaluate.ema_length", cfg.ema_length)
+    own = _evaluate_weights(cfg, model, manifest, digest, None)
+    lengths = {
+        length: _evaluate_weights(cfg, model, manifest, digest, length) for length in cfg.ema_length
+    }
+    return dataclasses.replace(own, lengths=lengths)
+
+
+def _evaluate_weights(
+    cfg: EvaluateConfig,
+    model: registry.Model,
+    manifest: dict,
+    digest: str,
+    ema_length: float | None,
+) -> EvaluateResult:
+    """Score `model`'s own weights (`ema_length` None) or its weights reconstructed
+    at the post-hoc EMA length `ema_length`: each has its own results, keyed by
+    the settings with the length in them, so a re-run finds them before any
+    reconstruction."""
     settings = evaluation_settings(cfg, digest)
+    if ema_length is not None:
+        settings["ema_length"] = ema_length
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     uri = storage.join(cfg.output, f"{_slug(model)}-{model.lineage.digest[:12]}-{key}.json")
     try:
         return EvaluateResult(uri, json.loads(storage.read_bytes(uri)), already_complete=True)
     except storage.NotFound:
         pass
+    model_ref = model.describe()
+    if ema_length is not None:
+        model_ref += f" at EMA length {ema_length:g}"
+        model = registry.at_ema_length(model, ema_length, "evaluate.ema_length")
     inception = _inception(cfg)
 
     train = Split(cfg.dataset, manifest, "train", cfg.reference_images)
@@ -149,7 +186,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
         scores["heldout_loss"] = float(np.mean(outputs["heldout"]))
 
     results = {
-        "model_ref": model.describe(),
+        "model_ref": model_ref,
         "model": model.lineage.to_dict(),
         "key": key,
         "dataset": {"uri": cfg.dataset, "digest": digest, "version": manifest.get("version", 1)},
@@ -187,7 +224,18 @@ def evaluation_settings(cfg: EvaluateConfig, dataset_digest: str) -> dict[str, A
     """What decides the scores besides the model: two models are comparable when
     these are equal (their hash is the evaluation key)."""
     settings = to_dict(cfg)
-    for field in ("model", "output", "batch_size", "use_gpu", "tracking_uri", "inception"):
+    # The lengths are not settings of the model's own scores: each length's
+    # evaluation adds its own (`_evaluate_weights`).
+    skipped = (
+        "model",
+        "output",
+        "batch_size",
+        "use_gpu",
+        "tracking_uri",
+        "inception",
+        "ema_length",
+    )
+    for field in skipped:
         settings.pop(field)
     settings["dataset"] = dataset_digest
     settings["inception"] = _file_digest(cfg.inception) if cfg.inception else None
@@ -285,8 +333,12 @@ def _model_outputs(
 
 def _track(cfg: EvaluateConfig, model: registry.Model, results: dict) -> None:
     """Metrics on the model's training run (step: the dataset's version), and for a
-    registered model, tags on its version for `tasks.promote`."""
+    registered model, tags on its version for `tasks.promote`. The scores of a
+    post-hoc EMA length are metrics `eval.ema_length_<length>.*` and tags
+    `eval.<key>.*`, but never the version's `eval.key`: promotion compares the
+    version's own weights."""
     scores, key = results["metrics"], results["key"]
+    length = results["settings"].get("ema_length")
     run_id, name, version = model.lineage.run_id, model.lineage.name, model.lineage.version
     if name is not None and version is not None:
         # The version's tags are written last: present, they say a run that crashed
@@ -297,13 +349,18 @@ def _track(cfg: EvaluateConfig, model: registry.Model, results: dict) -> None:
         if f"eval.{key}.dataset" in tags:
             run_id = None
     if run_id:
+        prefix = "eval." if length is None else f"eval.ema_length_{length:g}."
         tracking.log_metrics(
             cfg.tracking_uri,
             run_id,
-            {f"eval.{k}": v for k, v in scores.items()},
+            {prefix + k: v for k, v in scores.items()},
             step=results["dataset"]["version"],
         )
     if name is not None and version is not None:
         tags = {f"eval.{key}.{k}": f"{v:.8g}" for k, v in scores.items()}
-        tags.update({"eval.key": key, f"eval.{key}.dataset": results["dataset"]["digest"]})
+        if length is None:
+            tags["eval.key"] = key
+        else:
+            tags[f"eval.{key}.ema_length"] = f"{length:g}"
+        tags[f"eval.{key}.dataset"] = results["dataset"]["digest"]
         tracking.set_version_tags(cfg.tracking_uri, name, version, tags)
