@@ -157,6 +157,28 @@ def bare_loop(
     return time.perf_counter() - start
 
 
+def speedup_vs_1000_steps(args, device) -> dict[str, float | str | int]:
+    """images/s of `tasks.sample`'s default sampler against the 1000-step Euler
+    ancestral sampler, each in the bare loop at the same batch (the 1000-step one
+    on `--reference_images` images: its rate does not depend on the count)."""
+    from pipeline.config.sample import SampleConfig
+    from pipeline.maths.solvers import network_evaluations
+
+    default = argparse.Namespace(sampler=SampleConfig.sampler, steps=SampleConfig.steps)
+    reference = argparse.Namespace(sampler="euler_ancestral", steps=1000)
+    default_rate = args.images / bare_loop(default, device, args.images, args.batch)
+    count = args.reference_images
+    reference_rate = count / bare_loop(reference, device, count, args.batch)
+    return {
+        "default": f"{default.sampler}:{default.steps}",
+        "default_nfe": network_evaluations(default.sampler, default.steps),
+        "default_images_per_second": default_rate,
+        "reference": "euler_ancestral:1000",
+        "reference_images_per_second": reference_rate,
+        "speedup_vs_1000_steps": default_rate / reference_rate,
+    }
+
+
 def guided_speedups(args, device) -> dict[int, dict[str, float]]:
     """Per batch size: images/s of guided sampling in one batched call per step and
     in two calls, and their ratio (fewer images for small batches)."""
@@ -292,6 +314,17 @@ def main() -> None:
         default=[256, 512, 1024, 4096],
         help="more image counts of the job, for the crossover (with --images)",
     )
+    parser.add_argument(
+        "--reference_images",
+        type=int,
+        default=128,
+        help="images of the 1000-step sampler in speedup_vs_1000_steps",
+    )
+    parser.add_argument(
+        "--speedup_only",
+        action="store_true",
+        help="only speedup_vs_1000_steps (to sample_speedup-<machine>.json)",
+    )
     parser.add_argument("--sampler", default="dpmpp_2m", help="our sampler")
     parser.add_argument("--steps", type=int, default=20, help="our sampler's steps")
     parser.add_argument("--guidance", type=float, default=2.0, help="guidance of the guided cases")
@@ -320,6 +353,18 @@ def main() -> None:
         if device.type == "cuda"
         else (f"cpu{os.cpu_count()}")
     )
+    speedup = speedup_vs_1000_steps(args, device)
+    print(
+        f"{speedup['default']} ({speedup['default_nfe']} NFE) "
+        f"{speedup['default_images_per_second']:.1f} images/s, euler_ancestral:1000 "
+        f"{speedup['reference_images_per_second']:.2f} images/s: speedup_vs_1000_steps "
+        f"{speedup['speedup_vs_1000_steps']:.1f}"
+    )
+    if args.speedup_only:
+        out = Path(args.out, f"sample_speedup-{machine}.json")
+        out.write_text(json.dumps({"machine": machine, "batch": args.batch, **speedup}, indent=1))
+        print(f"wrote {out}")
+        return
     nfe = network_evaluations(args.sampler, args.steps)
     params = {
         "ours (tiny)": sum(p.numel() for p in build("tiny", num_classes=10).parameters()),
@@ -395,6 +440,7 @@ def main() -> None:
         "guidance": args.guidance,
         "guidance_speedup": speedup,
         "guidance_speedup_by_batch": by_batch,
+        **speedup,
     }
     out = Path(args.out, f"sample-{machine}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -48,8 +48,9 @@ class QuickstartConfig(Checked):
     eval_images: int = 1000
     """Images generated from fixed seeds to score the model."""
     compare: tuple[str, ...] = ()
-    """More samplers scored beside Heun (18 steps, 35 network evaluations), e.g.
-    euler_ancestral:1000, the 1000-step stochastic reference (minutes more)."""
+    """More samplers scored beside the default (DPM-Solver++(2M) SDE, 35 network
+    evaluations), e.g. euler_ancestral:1000, the 1000-step stochastic reference
+    (minutes more)."""
     ema_lengths: tuple[float, ...] = NightlyConfig.ema_lengths
     """Post-hoc EMA lengths scored beside the trained weights (see tasks.nightly);
     the best is the model; empty: off."""
