@@ -427,7 +427,8 @@ def main() -> None:
     parser.add_argument(
         "--final_only",
         metavar="CASE",
-        help="no sweep: the reference and CASE (the default), its scores and EMA lengths",
+        nargs="+",
+        help="no sweep: the reference and these cases, the first the default (scores, EMA)",
     )
     parser.add_argument(
         "--rows_from",
@@ -465,7 +466,7 @@ def main() -> None:
         if args.reuse and (keep / "samples.pt").exists():
             study.cached = torch.load(keep / "samples.pt", weights_only=True)
         if args.final_only:
-            study.run(REFERENCE, Case.parse(args.final_only))
+            study.run(REFERENCE, *map(Case.parse, args.final_only))
         else:
             sweep(study, args.quick)
         torch.save({c.name: x for c, x in study.samples.items()}, keep / "samples.pt")
@@ -498,7 +499,7 @@ def main() -> None:
         return
     default, ratios = choose(studies)
     if args.final_only:
-        default = args.final_only
+        default = args.final_only[0]
     ratios = {
         n: next(r["fd"] for r in s.rows if r["case"] == default) / s.rows[0]["fd"]
         for n, s in studies.items()
