@@ -81,6 +81,13 @@ unused), which then imports torch before the constructor instead of in it, while
 the idle workers (~280 MB more RSS each) import it too on the same two cores:
 second jobs of 512 images took 10.4 and 9.8 s with it, 7.9 and 7.3 s without.
 
+`--speedup_only` (2026-12-02, bench/results/sample_speedup-cpu2.json; 512 and 64
+images, batch 64, one thread, the machine shared with a test run): the default
+sampler, DPM-Solver++(2M) SDE at 35 evaluations, 41.9 images/s; the 1000-step
+Euler ancestral sampler 1.33 images/s: speedup_vs_1000_steps 31.4 (28.6 from
+the evaluation counts alone; the ancestral sampler also draws each image's
+noise at every one of its 1000 steps).
+
 Guidance in one batched call is not faster than two calls at batch 64 on a CPU
 (0.95 here, 1.01 and 0.82 before): both do the same arithmetic, and at 64 rows a
 call is compute-bound. Batching saves only the fixed cost of a call (about 3 ms
