@@ -54,6 +54,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -63,9 +64,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.maths.architecture import NATIVE_RESOLUTION, architecture  # noqa: E402
+from pipeline.maths.counter import seed63  # noqa: E402
 from pipeline.maths.edm import Precond, edm_loss  # noqa: E402
 from pipeline.maths.ema import EMA  # noqa: E402
-from pipeline.maths.train_step import fused_adam, step_generator, train_step  # noqa: E402
+from pipeline.maths.train_step import fused_adam, train_step  # noqa: E402
 from pipeline.maths.unet import UNet  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -168,7 +170,8 @@ def worker(rank: int, world: int, case: str, spec: Spec, port: int, out: Any, st
             batches=[(x, label)],
             images_seen=images_seen,
             base_lr=1e-4,
-            generator=step_generator(0, rank, images_seen),
+            seeds=seed63(0, np.arange(spec.batch) + images_seen + rank * spec.batch),
+            dropout_seed=images_seen + rank,
             ema_model=denoiser,
         )
         if lockstep:

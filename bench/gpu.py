@@ -46,6 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -57,10 +58,11 @@ sys.path += [str(VENDOR), *map(str, sorted(VENDOR.glob("*.whl")))]  # after the 
 from model import check_samplers, flop_per_image, matmul_peak, sync  # noqa: E402
 
 from pipeline.maths.architecture import UNetConfig, architecture, norm_groups  # noqa: E402
+from pipeline.maths.counter import seed63  # noqa: E402
 from pipeline.maths.edm import Precond  # noqa: E402
 from pipeline.maths.ema import EMA  # noqa: E402
 from pipeline.maths.solvers import guided  # noqa: E402
-from pipeline.maths.train_step import fused_adam, step_generator, train_step  # noqa: E402
+from pipeline.maths.train_step import fused_adam, train_step  # noqa: E402
 from pipeline.maths.unet import UNet  # noqa: E402
 
 NUM_CLASSES = 10
@@ -246,7 +248,9 @@ class TrainCase:
             batches=[(self.x, self.label)],
             images_seen=self.images_seen,
             base_lr=1e-4,
-            generator=step_generator(0, 0, self.images_seen, self.device),
+            # Per-image seeds from the images' positions, as tasks.train draws them.
+            seeds=seed63(0, np.arange(self.images_seen, self.images_seen + len(self.x))),
+            dropout_seed=self.images_seen,
             autocast_dtype=autocast_dtype,
             ema_model=self.net,
         )

@@ -85,6 +85,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config.train import TrainConfig  # noqa: E402
+from pipeline.maths.counter import seed63  # noqa: E402
 from pipeline.maths.edm import Precond, edm_loss, karras_sigmas  # noqa: E402
 from pipeline.maths.ema import EMA  # noqa: E402
 from pipeline.maths.phema import PostHocEMA, reconstruct  # noqa: E402
@@ -94,7 +95,7 @@ from pipeline.maths.solvers import (  # noqa: E402
     network_evaluations,
     sample_generators,
 )
-from pipeline.maths.train_step import fused_adam, step_generator, train_step  # noqa: E402
+from pipeline.maths.train_step import fused_adam, train_step  # noqa: E402
 from pipeline.maths.unet import build  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -210,7 +211,9 @@ def train(data: Data, images: int, seed: int = 0) -> Trained:
             base_lr=cfg.lr,
             lr_rampup_images=cfg.lr_rampup_images,
             max_grad_norm=cfg.max_grad_norm,
-            generator=step_generator(seed, 0, seen, "cpu"),
+            seeds=seed63(seed, np.arange(seen, seen + len(index))),
+            dropout_seed=seen,
+            label_dropout=cfg.label_dropout if classes else 0.0,
         )
         # The averages as tasks.train's rank 0 updates them (every step is finite here).
         ema.update(denoiser, seen, len(index))

@@ -6,8 +6,9 @@ moment drawn from the trial's seed, and runs the same command again. Wherever
 the kill lands (Ray start-up, listing, mid-write, committing, after the end)
 the tasks' contracts hold: the shards are byte-identical to an uninterrupted
 reference run's and every manifest entry matches its bytes; a training run ends
-at exactly the images asked for, in one MLflow run, FINISHED, on the reference
-run's curves; and nothing of the killed task is left running.
+at exactly the images asked for, in one MLflow run, FINISHED, every step on the
+samples of the straight run's, with its weights bit for bit; and nothing of the
+killed task is left running.
 
 The moment is a time drawn uniformly from 0.5 s to 1.1 times the reference
 run's duration (odd seeds), or a progress point drawn from the first half of
@@ -324,26 +325,42 @@ def train_argv(dataset: str, runs: str, tracking_uri: str, name: str) -> list[st
 
 @dataclasses.dataclass(frozen=True)
 class Straight:
-    """The training run uninterrupted: the curves every trial's run must follow."""
+    """The training run uninterrupted: the curves every trial's run must follow,
+    and the weights it must end with."""
 
     loss: dict[int, list[float]]
     learning_rate: dict[int, list[float]]
+    checksum: dict[int, list[float]]
+    """`stream_checksum`: what the steps up to each log point trained on."""
+    weights: dict[str, str]
     seconds: float
 
 
 @pytest.fixture(scope="module")
 def straight(two_nodes, digits, s3, mlflow_server) -> Straight:
-    name = "chaos-straight"
+    name, runs = "chaos-straight", s3.prefix("runs")
     started = time.monotonic()
-    result = tasks.run(train_argv(digits, s3.prefix("runs"), mlflow_server, name), on(two_nodes))
+    result = tasks.run(train_argv(digits, runs, mlflow_server, name), on(two_nodes))
     assert result.returncode == 0, result.stderr[-5000:]
     seconds = time.monotonic() - started
     client = MlflowClient(mlflow_server)
     [found] = runs_named(client, name)
     run_id = found.info.run_id
     return Straight(
-        history(client, run_id, "loss"), history(client, run_id, "learning_rate"), seconds
+        history(client, run_id, "loss"),
+        history(client, run_id, "learning_rate"),
+        history(client, run_id, "stream_checksum"),
+        final_weights(runs, name),
+        seconds,
     )
+
+
+def final_weights(runs: str, name: str) -> dict[str, str]:
+    """The sha256 of the final checkpoint's model, EMA and optimizer state."""
+    last = max(registered(runs, name))
+    folder = f"{runs}/{name}/checkpoint-{last:012d}"
+    files = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
+    return {f: shards.sha256(storage.read_bytes(f"{folder}/{f}")) for f in files}
 
 
 def last_checkpoint(runs: str, name: str) -> int:
@@ -383,15 +400,23 @@ def check_run(
         lr == {s: v[-1] for s, v in straight.learning_rate.items()},
         lr,
     )
-    # Loss curves: same weights at the resume point, other batches after it (the
-    # stream's order is not reproduced), so they agree within the batch-to-batch
-    # noise: every logged mean (over 4 batches of 32) within 20%, on average within
-    # 8%. A run that restarted from scratch after it would be 40-60% above there.
-    ref = {s: v[-1] for s, v in straight.loss.items() if s > resumed_at}
-    gaps = [abs(loss[s][-1] - ref[s]) / ref[s] for s in ref]
+    # The stream is a function of the images seen: every step after the resume
+    # trains on the samples (flips, noise) of the straight run's step. The checksum
+    # of each log point's steps says so; the weights, the losses with them.
+    checksum = {s: v[-1] for s, v in history(client, run_id, "stream_checksum").items()}
     t.check(
-        "after the resume point the loss follows the straight run's",
-        not gaps or (max(gaps) < 0.20 and sum(gaps) / len(gaps) < 0.08),
+        "every step trains on the straight run's samples (stream_checksum)",
+        checksum == {s: v[-1] for s, v in straight.checksum.items()},
+        (checksum, straight.checksum),
+    )
+    t.check(
+        "the final weights, average and optimizer state are the straight run's, bit for bit",
+        final_weights(runs, name) == straight.weights,
+        (final_weights(runs, name), straight.weights),
+    )
+    t.check(
+        "every logged loss is the straight run's, exactly",
+        {s: v[-1] for s, v in loss.items()} == {s: v[-1] for s, v in straight.loss.items()},
         (loss, straight.loss),
     )
 

@@ -15,7 +15,9 @@ from pipeline.config.records import (
     Lineage,
     ModelCard,
     RecordError,
+    StreamPlan,
     TrainingPlan,
+    TrainShard,
 )
 from pipeline.data import shards
 from pipeline.jobs.generate.sampler import ShardRecord
@@ -82,7 +84,18 @@ STATE_DICT = {
     "seed": 0,
 }
 
-PLAN = TrainingPlan(2048, 10, NET, 8, DATASET, tuple(CLASSES), run_id="run1")
+STREAM = StreamPlan(
+    7, "ab" * 32, (TrainShard("train-000000.tar", 1000, "01" * 32),), 64, 4096, False
+)
+STREAM_DICT = {
+    "seed": 7,
+    "dataset_digest": "ab" * 32,
+    "shards": [{"name": "train-000000.tar", "samples": 1000, "sha256": "01" * 32}],
+    "batch_size": 64,
+    "window": 4096,
+    "hflip": False,
+}
+PLAN = TrainingPlan(2048, 10, NET, 8, DATASET, tuple(CLASSES), STREAM, run_id="run1")
 PLAN_DICT = {
     "images": 2048,
     "num_classes": 10,
@@ -90,6 +103,7 @@ PLAN_DICT = {
     "resolution": 8,
     "dataset": DATASET_DICT,
     "classes": CLASSES,
+    "stream": STREAM_DICT,
     "run_id": "run1",
 }
 
@@ -124,6 +138,7 @@ RECORDS = [
     (CARD, CARD_DICT),
     (STATE, STATE_DICT),
     (PLAN, PLAN_DICT),
+    (STREAM, STREAM_DICT),
     (DATASET, DATASET_DICT),
     (REGISTERED, JOB_DICT["model"]),
     (JOB, JOB_DICT),
@@ -160,6 +175,7 @@ def test_a_record_names_an_unknown_or_missing_key(record, data):
         ModelCard: "model card",
         CheckpointState: "checkpoint state",
         TrainingPlan: "training plan",
+        StreamPlan: "stream plan",
         DatasetRef: "dataset",
         Lineage: "model lineage",
         GenerationJob: "generation job",
@@ -177,6 +193,14 @@ def test_a_record_names_an_unknown_or_missing_key(record, data):
         type(record).from_dict({"x": 1, f"{key}t": data[key]})
     assert str(e.value).startswith(f"{what}: unknown keys '{key}t', 'x'; missing key")
     assert f"'{key}'" in str(e.value)
+
+
+def test_a_stream_plan_names_a_bad_shard_entry():
+    bad = {**STREAM_DICT, "shards": [{"name": "train-000000.tar", "samples": 1000}]}
+    with pytest.raises(RecordError, match=r"^stream plan: shards\[0\]: missing key 'sha256'$"):
+        StreamPlan.from_dict(bad)
+    with pytest.raises(RecordError, match="^stream plan: shards: must be a list$"):
+        StreamPlan.from_dict({**STREAM_DICT, "shards": "train-000000.tar"})
 
 
 def test_the_generation_job_writes_the_bytes_of_its_job_file():

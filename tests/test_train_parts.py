@@ -1,5 +1,5 @@
-"""The parts of the training task that need no cluster: the batch transform, the
-sample grid, checkpoints, the config and the plan; and the MLflow bookkeeping of
+"""The parts of the training task that need no cluster: the worker's collate and
+batches, the sample grid, checkpoints, the config and the plan; and the MLflow bookkeeping of
 resumed runs, against a real MLflow (server, and an sqlite store)."""
 
 from __future__ import annotations
@@ -17,56 +17,54 @@ from pipeline.config import ConfigError, ModelConfig, TrainConfig
 from pipeline.config.records import ModelCard
 from pipeline.config.train import resolve_tracking_uri
 from pipeline.edges import checkpoint, registry, snapshots, tracking
-from pipeline.jobs.train.driver import _init_model, _plan, to_training_batch
-from pipeline.jobs.train.worker import _AsTensors, _restore_profiles, grid
+from pipeline.jobs.train import ingest
+from pipeline.jobs.train.driver import _init_model, _plan
+from pipeline.jobs.train.worker import _micro_batches, _restore_profiles, grid
 from pipeline.maths.architecture import architecture
+from pipeline.maths.counter import seed63
 from pipeline.maths.edm import Precond
 from pipeline.maths.ema import EMA
 from pipeline.maths.phema import PostHocEMA
-from pipeline.maths.train_step import fused_adam, keep_fused, step_generator, train_step
+from pipeline.maths.train_step import fused_adam, keep_fused, train_step
 from pipeline.maths.unet import build
 from tests.nets import checkpoint_state, randomised
-
-
-def test_training_batch_maps_pixels_to_minus_one_one_in_nchw():
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
-    pixels[0, 0, 0] = [0, 255, 128]
-    out = to_training_batch({"png": pixels, "cls": np.arange(5, dtype=np.int32)}, hflip=False)
-    assert out["image"].dtype == np.float32 and out["image"].shape == (5, 3, 8, 8)
-    assert out["image"][0, :, 0, 0].tolist() == [-1.0, 1.0, pytest.approx(1 / 255, abs=1e-6)]
-    np.testing.assert_allclose(out["image"], pixels.transpose(0, 3, 1, 2) / 127.5 - 1, atol=1e-6)
-    assert out["label"].dtype == np.int64 and out["label"].tolist() == [0, 1, 2, 3, 4]
-
-
-def test_training_batch_takes_decoded_images_as_objects_and_no_labels():
-    images = [np.full((4, 4, 3), v, np.uint8) for v in (0, 255)]
-    column = np.empty(2, dtype=object)
-    column[:] = images
-    out = to_training_batch({"png": column}, hflip=False)
-    assert set(out) == {"image"}
-    assert out["image"][0].max() == -1.0 and out["image"][1].min() == 1.0
-
-
-def test_horizontal_flip_mirrors_about_half_of_the_images_whole():
-    pixels = np.zeros((400, 8, 8, 3), np.uint8)
-    pixels[:, :, :2] = 255  # a bar on the left: flipped images have it on the right
-    out = to_training_batch({"png": pixels}, hflip=True)["image"]
-    left = (out[:, :, :, :2] == 1).all(axis=(1, 2, 3))
-    right = (out[:, :, :, -2:] == 1).all(axis=(1, 2, 3))
-    assert (left ^ right).all()  # each image is the original or its mirror image
-    assert 140 < right.sum() < 260  # Binomial(400, 1/2): outside this, p < 1e-9
 
 
 def test_the_workers_collate_wraps_the_readers_arrays_without_copies():
     # Ray hands over arrays in its object store read-only: wrapped without a copy
     # and without torch's warning about them (an error under pytest).
-    image = np.ones((2, 3, 4, 4), np.float32)
+    image = np.ones((2, 3, 4, 4), np.uint8)
     image.flags.writeable = False
-    out = _AsTensors()({"image": image, "label": np.array([3, 7])})
-    assert out["image"].dtype == torch.float32 and out["image"].shape == (2, 3, 4, 4)
-    assert out["image"].data_ptr() == image.ctypes.data  # the same memory
-    assert out["label"].dtype == torch.int64 and out["label"].tolist() == [3, 7]
+    position, check = np.array([64, 65]), np.array([7, 9], dtype=np.uint64)
+    out = ingest._Collate(pin=False)(
+        {"image": image, "label": np.array([3, 7]), "position": position, "check": check}
+    )
+    assert out.image.dtype == torch.uint8 and out.image.shape == (2, 3, 4, 4)
+    assert out.image.data_ptr() == image.ctypes.data  # the same memory
+    assert out.label is not None and out.label.tolist() == [3, 7]
+    assert out.position is position and out.check is check
+    assert (
+        ingest._Collate(pin=False)({"image": image, "position": position, "check": check}).label
+        is None
+    )
+
+
+def test_the_worker_maps_pixels_to_minus_one_one_on_the_device():
+    pixels = np.random.default_rng(0).integers(0, 256, size=(4, 3, 2, 2), dtype=np.uint8)
+    pixels[0, :, 0, 0] = [0, 255, 128]
+    batch = ingest.Batch(torch.from_numpy(pixels), torch.arange(4), np.arange(4), np.zeros(4))
+    micro = _micro_batches(batch, torch.device("cpu"), 2, torch.contiguous_format)
+    assert [len(x) for x, _ in micro] == [2, 2] and [y.tolist() for _, y in micro] == [
+        [0, 1],
+        [2, 3],
+    ]
+    x = torch.cat([x for x, _ in micro])
+    assert x.dtype == torch.float32 and x[0, :, 0, 0].tolist() == [
+        -1.0,
+        1.0,
+        pytest.approx(1 / 255, abs=1e-6),
+    ]
+    np.testing.assert_allclose(x.numpy(), pixels / 127.5 - 1, atol=1e-6)
 
 
 def test_grid_places_enlarged_images_in_rows_with_grey_gaps():
@@ -97,7 +95,7 @@ def test_checkpoint_round_trip_continues_the_same_training(tmp_path, capsys):
             [(x, None)],
             images_seen=seen,
             base_lr=1e-3,
-            generator=step_generator(0, 0, seen),
+            seeds=seed63(0, np.arange(seen, seen + 4)),
             ema_images=ema_images,
         )
 
@@ -269,6 +267,12 @@ MANIFEST = {
     "resolution": 8,
     "counts": {"written_by_split": {"train": 1610}},
     "classes": [str(d) for d in range(10)],
+    "shards": [
+        {"name": "train-000000.tar", "split": "train", "samples": 1000, "sha256": "a" * 64},
+        {"name": "validation-000000.tar", "split": "validation", "samples": 90, "sha256": "b" * 64},
+        {"name": "train-000001.tar", "split": "train", "samples": 0, "sha256": "c" * 64},
+        {"name": "train-000002.tar", "split": "train", "samples": 610, "sha256": "d" * 64},
+    ],
 }
 
 
@@ -279,6 +283,17 @@ def test_plan_rounds_the_length_up_to_whole_batches():
     assert _plan(by_epochs, MANIFEST, "digest").images == 3232  # 3220 rounded up
     plan = _plan(cfg, MANIFEST, "digest")
     assert plan.num_classes == 10 and plan.model.label_dropout == 0.1
+
+
+def test_the_plans_stream_is_the_train_split_in_manifest_order():
+    cfg = TrainConfig(dataset="/d", batch_size=48, shuffle_window=1000, seed=5, hflip=True)
+    stream = _plan(cfg, MANIFEST, "digest").stream
+    names = [s.name for s in stream.shards]
+    assert names == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert [s.samples for s in stream.shards] == [1000, 0, 610] and stream.train_images == 1610
+    assert stream.shards[2].sha256 == "d" * 64
+    assert (stream.seed, stream.dataset_digest, stream.batch_size) == (5, "digest", 48)
+    assert stream.window == 1008 and stream.hflip  # 1000 rounded up to 21 batches of 48
 
 
 @pytest.mark.parametrize(

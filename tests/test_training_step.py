@@ -1,15 +1,18 @@
 """The EMA and the torch-only training step: closed-form averages, accumulation,
-the NaN guard (a step skipped on the device, reported at the next read), no host
-read inside a step, and a resumed run that continues exactly."""
+per-image randomness (noise and label dropout that follow an image's seed, not
+its batch), the NaN guard (a step skipped on the device, reported at the next
+read), no host read inside a step, and a resumed run that continues exactly."""
 
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.maths.edm import Precond, edm_loss, training_noise
+from pipeline.maths.counter import seed63
+from pipeline.maths.edm import Precond, edm_loss, seeded_training_noise
 from pipeline.maths.ema import EMA
 from pipeline.maths.train_step import (
     NonFiniteLoss,
@@ -18,7 +21,6 @@ from pipeline.maths.train_step import (
     fused_adam,
     keep_fused,
     learning_rate,
-    step_generator,
     train_step,
 )
 from pipeline.maths.unet import build
@@ -104,6 +106,11 @@ def data(n=16):
     return torch.randn(n, 3, 8, 8, generator=gen) * 0.5, torch.randint(0, 10, (n,), generator=gen)
 
 
+def seeds(start, count=16, seed=0):
+    """Per-image seeds of `count` images from position `start` on."""
+    return seed63(seed, np.arange(start, start + count))
+
+
 def flat(module):
     return torch.cat([p.detach().flatten() for p in module.parameters()])
 
@@ -122,7 +129,7 @@ def test_micro_batches_give_the_update_of_one_batch():
             images_seen=0,
             base_lr=0.1,
             max_grad_norm=None,
-            generator=step_generator(0, 0, 0),
+            seeds=seeds(0),
         )
         after.append((flat(denoiser), float(result.loss)))
     assert not torch.equal(after[0][0], before)
@@ -130,7 +137,7 @@ def test_micro_batches_give_the_update_of_one_batch():
         assert torch.allclose(params, after[0][0], atol=1e-6) and loss == pytest.approx(after[0][1])
     # and that update is SGD on the mean loss over all 16 images, written out
     denoiser, _, _ = setup(sgd=True)
-    sigma, noise = training_noise(x, step_generator(0, 0, 0))
+    sigma, noise = seeded_training_noise(seeds(0), x.shape)
     edm_loss(denoiser, x, label, sigma=sigma, noise=noise).mean().backward()
     expected = torch.cat([(p - 0.1 * p.grad).detach().flatten() for p in denoiser.parameters()])
     assert torch.allclose(after[0][0], expected, atol=1e-6)
@@ -147,7 +154,7 @@ def test_gradients_are_clipped_to_the_maximum_norm():
         images_seen=10**6,
         base_lr=1.0,
         max_grad_norm=1e-3,
-        generator=step_generator(0, 0, 0),
+        seeds=seeds(0),
     )
     opt_lr = opt.param_groups[0]["lr"]
     assert float(result.grad_norm) > 1e-2 and opt_lr == 1.0
@@ -161,13 +168,55 @@ def test_the_ema_follows_the_optimizer_step():
     assert torch.equal(flat(ema.module), flat(denoiser))
 
 
-def test_each_step_draws_its_own_noise_and_the_same_step_the_same():
-    def first(seed, rank, images):
-        return torch.randn(4, generator=step_generator(seed, rank, images))
+def test_each_image_draws_its_noise_from_its_seed_whatever_batch_it_is_in():
+    sigma, noise = seeded_training_noise(seeds(0, 8), (8, 3, 4, 4))
+    # The same images in another batch (a worker's half, other neighbours) draw the same.
+    for part in (slice(0, 4), slice(4, 8), slice(2, 3)):
+        s, n = seeded_training_noise(seeds(0, 8)[part], (len(seeds(0, 8)[part]), 3, 4, 4))
+        assert torch.equal(s, sigma[part]) and torch.equal(n, noise[part])
+    assert len(set(sigma.tolist())) == 8  # and different images draw differently
+    again_elsewhere = seeded_training_noise(seeds(8, 8), (8, 3, 4, 4))[1]
+    assert not torch.equal(again_elsewhere, noise)
+    # ln(sigma) ~ N(-1.2, 1.2^2) and n ~ N(0, I): over 4,000 images, within 5 standard errors.
+    sigma, noise = seeded_training_noise(seeds(0, 4000), (4000, 3, 2, 2))
+    log = sigma.log()
+    assert abs(log.mean() + 1.2) < 5 * 1.2 / 4000**0.5 and abs(log.std() - 1.2) < 0.07
+    assert abs(noise.mean()) < 5 / 16000**0.5 and abs(noise.std() - 1) < 0.03
 
-    assert torch.equal(first(0, 0, 64), first(0, 0, 64))
-    for other in (first(0, 0, 128), first(0, 1, 64), first(1, 0, 64)):
-        assert not torch.equal(first(0, 0, 64), other)
+
+def test_label_dropout_drops_each_images_label_by_its_seed():
+    class Labels(torch.nn.Module):
+        """A denoiser that records the labels it is called with."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.seen = []
+
+        def forward(self, y, sigma, label):
+            self.seen.append(label.clone())
+            return y * self.w
+
+    def labels_seen(image_seeds, parts, rate=0.3):
+        net = Labels()
+        x, label = torch.zeros(len(image_seeds), 3, 2, 2), torch.arange(len(image_seeds))
+        batches = [(x[p], label[p]) for p in parts]
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        step = {"images_seen": 0, "base_lr": 0.1, "seeds": image_seeds, "label_dropout": rate}
+        train_step(net, opt, None, batches, **step)
+        return torch.cat(net.seen)
+
+    all_at_once = labels_seen(seeds(0, 2000), [slice(0, 2000)])
+    dropped = all_at_once < 0
+    assert 0.3 - 5 * 0.0103 < dropped.float().mean() < 0.3 + 5 * 0.0103  # 5 standard errors
+    kept = ~dropped
+    assert torch.equal(all_at_once[kept], torch.arange(2000)[kept])  # the rest keep theirs
+    # The same images in micro-batches, or half of them alone, drop the same labels.
+    split = labels_seen(seeds(0, 2000), [slice(0, 700), slice(700, 2000)])
+    assert torch.equal(split, all_at_once)
+    half = labels_seen(seeds(1000, 1000), [slice(0, 1000)])
+    assert torch.equal(half < 0, dropped[1000:])
+    assert not (labels_seen(seeds(0, 2000), [slice(0, 2000)], rate=0.0) < 0).any()
 
 
 def everything(denoiser, opt, ema):
@@ -222,7 +271,7 @@ class HostReads(TorchDispatchMode):
 
 
 def test_a_step_reads_nothing_back_to_the_host(monkeypatch):
-    denoiser, opt, ema = setup(dropout=0.1, label_dropout=0.2)
+    denoiser, opt, ema = setup(dropout=0.1)
     x, label = data()
     parts = [(x[:8], label[:8]), (x[8:], label[8:])]
     train_step(denoiser, opt, ema, parts, images_seen=0, base_lr=1e-3)  # the optimizer state
@@ -244,7 +293,9 @@ def test_a_step_reads_nothing_back_to_the_host(monkeypatch):
                     batch,
                     images_seen=seen,
                     base_lr=1e-3,
-                    generator=step_generator(0, 0, seen),
+                    seeds=seeds(seen, len(torch.cat([x for x, _ in batch]))),
+                    dropout_seed=seen,
+                    label_dropout=0.2,
                 )
     assert reads.seen == []
     # The check sees what it looks for: the step before this version read two values.
@@ -291,7 +342,6 @@ def run_steps(denoiser, opt, ema, start, stop, batch=16):
     x, label = data(batch)
     losses = []
     for images in range(start, stop, batch):
-        gen = step_generator(seed=3, rank=0, images_seen=images)
         result = train_step(
             denoiser,
             opt,
@@ -300,14 +350,16 @@ def run_steps(denoiser, opt, ema, start, stop, batch=16):
             images_seen=images,
             base_lr=2e-3,
             lr_rampup_images=64,
-            generator=gen,
+            seeds=seeds(images, batch, seed=3),
+            dropout_seed=images,
+            label_dropout=0.2,
         )
         losses.append(float(result.loss))
     return losses
 
 
 def test_a_resumed_run_continues_exactly_dropout_included():
-    net = {"dropout": 0.1, "label_dropout": 0.2}
+    net = {"dropout": 0.1}
     straight = setup(**net)
     losses = run_steps(*straight, 0, 128)
 

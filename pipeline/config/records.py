@@ -1,6 +1,7 @@
 """What the jobs hand each other across a process or storage boundary, typed.
 
     TrainingPlan     the train driver -> its Ray Train workers
+    StreamPlan       what decides the training stream (inside TrainingPlan)
     CheckpointState  a checkpoint's `state.json`
     ModelCard        a registered model's `model.json` (and what a checkpoint says
                      of its model)
@@ -93,6 +94,52 @@ class DatasetRef:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainShard:
+    """One shard of a dataset's train split, as its manifest lists it."""
+
+    name: str
+    samples: int
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamPlan:
+    """What decides the training stream: which sample sits at each global position,
+    its flip and its noise (`pipeline.data.order` computes them). Nothing else
+    does: not the number of workers, not Ray Data's executor, not a restart."""
+
+    seed: int
+    """The run's seed."""
+    dataset_digest: str
+    """The sha256 of the dataset's manifest: another version, another order."""
+    shards: tuple[TrainShard, ...]
+    """The train split's shards in manifest order (empty ones included)."""
+    batch_size: int
+    """The global batch: positions [s * batch_size, (s + 1) * batch_size) are step s."""
+    window: int
+    """Images shuffled together: a multiple of batch_size."""
+    hflip: bool
+    """Whether positions flip their image (each with probability 1/2)."""
+
+    @property
+    def train_images(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "shards": [dataclasses.asdict(s) for s in self.shards]}
+
+    @classmethod
+    def from_dict(cls, data: Any, what: str = "stream plan") -> StreamPlan:
+        check_fields(what, data, cls)
+        shards = data["shards"]
+        if not isinstance(shards, list):
+            raise RecordError(f"{what}: shards: must be a list")
+        for i, shard in enumerate(shards):
+            check_fields(f"{what}: shards[{i}]", shard, TrainShard)
+        return cls(**{**data, "shards": tuple(TrainShard(**s) for s in shards)})
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainingPlan:
     """What the training workers need beyond the config: derived sizes and the
     whole network."""
@@ -108,6 +155,8 @@ class TrainingPlan:
     dataset: DatasetRef
     classes: tuple[str, ...] | None
     """The dataset's class names (None: unlabelled)."""
+    stream: StreamPlan
+    """What each step trains on."""
     run_id: str | None = None
     """The MLflow run, once the driver has found or created it."""
 
@@ -119,6 +168,7 @@ class TrainingPlan:
             "resolution": self.resolution,
             "dataset": self.dataset.to_dict(),
             "classes": None if self.classes is None else list(self.classes),
+            "stream": self.stream.to_dict(),
             "run_id": self.run_id,
         }
 
@@ -132,6 +182,7 @@ class TrainingPlan:
                 "model": _network(what, data["model"]),
                 "dataset": DatasetRef.from_dict(data["dataset"], f"{what}: dataset"),
                 "classes": _classes(data["classes"]),
+                "stream": StreamPlan.from_dict(data["stream"], f"{what}: stream"),
             }
         )
 

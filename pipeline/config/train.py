@@ -9,6 +9,9 @@ from typing import ClassVar, Literal
 from pipeline.config.core import MAX_BATCH, MAX_IMAGES, MAX_SEED, MAX_WORKERS, Checked
 from pipeline.config.model import ModelConfig
 
+MAX_SHUFFLE_WINDOW = 1 << 24
+"""The largest shuffle window: 16M images (what one worker's reader would hold)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(Checked):
@@ -62,12 +65,26 @@ class TrainConfig(Checked):
     label_dropout: float = 0.1
     """Share of labels replaced by "no label" (for classifier-free guidance); applies
     when the dataset has classes."""
+    shuffle_window: int = 4096
+    """Images shuffled together, rounded up to a multiple of batch_size. Every pass
+    permutes the shards, then the images of each shard, then mixes the images of
+    each window of this many (docs/architecture.md, the training stream); a global
+    batch draws from one window. A worker holds its share of a window, about
+    shuffle_window / workers encoded images, and each shard is read by about
+    1 + samples_per_shard * workers / shuffle_window workers per pass."""
     hflip: bool = False
     """Flip each training image left-right with probability 1/2. Off by default
     (as diffusers' --random_flip and EDM's --xflip): a mirrored digit or letter is
     not one. Turn it on for data whose mirror images are as real (faces, scenes)."""
     seed: int = 0
-    """Seeds the weights and every step's noise, (seed, rank, images seen)."""
+    """Seeds the weights and the training stream: the order of the images, and each
+    image's flip, noise and label dropout, which follow its position in the stream
+    (not the worker that reads it)."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms on every worker, with cuDNN's deterministic
+    kernels: a resumed run on GPUs then repeats an uninterrupted one bit for bit, at
+    some cost in speed (ops without a deterministic kernel warn). The CPU step is
+    deterministic without it."""
     bf16: bool = True
     """bf16 autocast on GPUs (ignored on CPUs)."""
     compile: bool | None = None
@@ -138,6 +155,8 @@ class TrainConfig(Checked):
         self.check(0 < self.ema_rampup_ratio <= 1, "ema_rampup_ratio", "must be in (0, 1]")
         self.check(0 <= self.label_dropout < 1, "label_dropout", "must be in [0, 1)")
         self.check(0 <= self.seed <= MAX_SEED, "seed", "must be in 0..2**63-1")
+        self.check(self.shuffle_window > 0, "shuffle_window", "must be a positive integer")
+        self.at_most(MAX_SHUFFLE_WINDOW, "shuffle_window")
         for field in ("checkpoint_every_images", "log_every_images"):
             self.check(getattr(self, field) > 0, field, "must be a positive integer")
         self.check(self.sample_every_images >= 0, "sample_every_images", "must be >= 0")

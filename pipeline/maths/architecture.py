@@ -51,7 +51,8 @@ class UNetConfig:
     """Classes for conditioning; 0 for an unconditional network."""
     label_dropout: float = 0.0
     """Training probability of replacing a label by "no label", which teaches the
-    unconditional model that classifier-free guidance needs (training only)."""
+    unconditional model that classifier-free guidance needs. The training step
+    draws it per image (`train_step`); the network only records it."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))

@@ -14,8 +14,10 @@ deviation `sigma_data`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -118,6 +120,29 @@ def training_noise(
     rnd = torch.randn(x.shape[0], generator=generator, device=x.device)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return (rnd * p_std + p_mean).exp(), noise
+
+
+def seeded_training_noise(
+    seeds: Sequence[int] | np.ndarray,
+    shape: Sequence[int],
+    device: torch.device | str = "cpu",
+    p_mean: float = P_MEAN,
+    p_std: float = P_STD,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`training_noise` for a batch of `shape` ([N, C, H, W]) whose image i draws its
+    sigma and noise from its own seed `seeds[i]`: an image's draw is the same in
+    any batch, on any worker. One generator, re-seeded per image, fills one row
+    per image (ln sigma first, then n), about 15 us per image on a CPU."""
+    count, *image = shape
+    assert len(seeds) == count, (len(seeds), count)
+    size = math.prod(image)
+    draws = torch.empty(count, 1 + size, device=device)
+    generator = torch.Generator(device=device)
+    for row, seed in zip(draws, np.asarray(seeds).tolist(), strict=True):
+        generator.manual_seed(seed)
+        torch.randn(1 + size, generator=generator, device=device, out=row)
+    sigma = (draws[:, 0] * p_std + p_mean).exp()
+    return sigma, draws[:, 1:].reshape(count, *image)
 
 
 def karras_sigmas(

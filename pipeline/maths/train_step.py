@@ -3,8 +3,11 @@
 The Ray trainer calls this once per global batch; it runs the same in a test
 with no Ray at all. Progress is counted in images seen: the learning-rate
 ramp-up and the EMA are functions of it, so a resumed run continues the same
-curves, and each step's noise comes from a generator seeded by
-(seed, rank, images_seen), so a resumed run draws what an uninterrupted one would.
+curves. Each image's randomness (its sigma, its noise, whether its label is
+dropped) comes from its own seed, which the training stream derives from the
+image's position (`pipeline.data.order`): a resumed run draws what an
+uninterrupted one would, and a global batch draws the same whatever number of
+workers shares it. Dropout, drawn per activation, is seeded per step and worker.
 
 A step never waits for the device. Its loss and gradient norm stay there
 (`StepResult`); a step whose loss or gradient is NaN or infinite is skipped
@@ -25,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.maths.edm import edm_loss, training_noise
+from pipeline.maths.counter import MASK52, uniform
+from pipeline.maths.edm import edm_loss, seeded_training_noise, training_noise
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -70,13 +74,6 @@ def learning_rate(images_seen: int, base: float, rampup_images: int) -> float:
     return base * min(images_seen / rampup_images, 1.0)
 
 
-def step_generator(
-    seed: int, rank: int, images_seen: int, device: torch.device | str = "cpu"
-) -> torch.Generator:
-    """The generator for one step's noise, a function of (seed, rank, images_seen)."""
-    return torch.Generator(device=device).manual_seed(_derive(seed, rank, images_seen))
-
-
 def fused_adam(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Adam:
     """Adam with EDM's settings (betas 0.9 and 0.999, eps 1e-8) and the fused
     kernel: one pass over all parameters, whose update `train_step` can skip on
@@ -106,7 +103,9 @@ def train_step(
     base_lr: float,
     lr_rampup_images: int = 0,
     max_grad_norm: float | None = 1.0,
-    generator: torch.Generator | None = None,
+    seeds: Sequence[int] | np.ndarray | None = None,
+    dropout_seed: int | None = None,
+    label_dropout: float = 0.0,
     autocast_dtype: torch.dtype | None = None,
     ema_model: nn.Module | None = None,
     ema_images: int | None = None,
@@ -122,9 +121,14 @@ def train_step(
     each updated in turn. `images_seen` counts images before this step, all
     workers together, and `ema_images` the images the step adds to it (default:
     this worker's, which is all of them with one worker): the averages' weights
-    are functions of both. `generator` (a fresh
-    `step_generator` each step) drives all of the step's randomness: the noise is
-    drawn from it and dropout is seeded from its seed, so the step is reproducible.
+    are functions of both.
+
+    The step's randomness: `seeds` (one per image, in the order of `batches`)
+    draw each image's sigma and noise (`edm.seeded_training_noise`) and decide
+    whether its label is replaced by "no label", with probability
+    `label_dropout` (the label dropout that classifier-free guidance needs);
+    `dropout_seed` seeds the network's dropout for the step. Without them the
+    draws come from torch's global generator.
 
     When the loss or the gradient is NaN or infinite, the step changes no
     parameter, optimizer state or average, and `result.finite` is false. A fused
@@ -137,15 +141,22 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     first = batches[0][0]
     total = sum(x.shape[0] for x, _ in batches)
-    # A batch shaped like all of them together: training_noise reads its shape only.
-    sigma, noise = training_noise(first.new_empty((total, *first.shape[1:])), generator)
+    shape = (total, *first.shape[1:])
+    if seeds is None:
+        # A batch shaped like all of them together: training_noise reads its shape only.
+        sigma, noise = training_noise(first.new_empty(shape))
+    else:
+        sigma, noise = seeded_training_noise(seeds, shape, first.device)
+    kept = _labels_kept(seeds, total, label_dropout, first.device)
     loss_sum = torch.zeros((), device=first.device)
     start = 0
     no_sync = getattr(denoiser, "no_sync", None)  # DistributedDataParallel's
-    with _seeded_global_rng(generator, first.device):
+    with _seeded_global_rng(dropout_seed, first.device):
         for i, (x, label) in enumerate(batches):
             part = slice(start, start + x.shape[0])
             start += x.shape[0]
+            if label is not None and kept is not None:
+                label = torch.where(kept[part], label, -1)  # a negative label is "no label"
             last = i == len(batches) - 1
             with contextlib.nullcontext() if last or no_sync is None else no_sync():
                 with _autocast(first.device, autocast_dtype):
@@ -181,6 +192,24 @@ def _step_unless(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None
         optimizer.step()
 
 
+_LABEL = 1
+"""The word that makes an image's label draw from its seed (`counter.uniform`)."""
+
+
+def _labels_kept(
+    seeds: Sequence[int] | np.ndarray | None, count: int, rate: float, device: torch.device
+) -> torch.Tensor | None:
+    """Which of the step's images keep their label under label dropout (None:
+    all). With seeds, a function of each image's seed, drawn on the host; else
+    from torch's global generator, on the device."""
+    if rate <= 0:
+        return None
+    if seeds is None:
+        return torch.rand(count, device=device) >= rate
+    draws = uniform(np.asarray(seeds, dtype=np.uint64), _LABEL)
+    return torch.from_numpy(draws >= rate).to(device, non_blocking=True)
+
+
 def _autocast(
     device: torch.device, dtype: torch.dtype | None
 ) -> contextlib.AbstractContextManager[object]:
@@ -190,27 +219,15 @@ def _autocast(
 
 
 @contextlib.contextmanager
-def _seeded_global_rng(generator: torch.Generator | None, device: torch.device) -> Iterator[None]:
-    """Dropout and label dropout draw from torch's global generators: seed them
-    for the step from the step generator's seed, and leave the caller's state as
-    it was. The seed is known on the host (a number drawn from a GPU generator
-    would have to wait for the GPU)."""
-    if generator is None:
+def _seeded_global_rng(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Dropout draws from torch's global generators: seed them for the step, and
+    leave the caller's state as it was."""
+    if seed is None:
         yield
         return
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(_derive(generator.initial_seed(), _DROPOUT))
+        torch.manual_seed(seed)
         yield
-
-
-_DROPOUT = 1
-"""Derives the dropout seed from the step generator's (see `_derive`)."""
-
-
-def _derive(*key: int) -> int:
-    """A 63-bit seed that is a function of `key` (what torch.manual_seed takes)."""
-    state = np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0]
-    return int(state) & (2**63 - 1)
 
 
 # --- reading steps back at log points -----------------------------------------------
@@ -228,6 +245,9 @@ class Steps:
     non_finite: tuple[int, float, float] | None = None
     """(images seen before it, loss, gradient norm) of the first step that was not
     finite."""
+    checksum: int = 0
+    """The sum, modulo 2^52, of the steps' sample fingerprints (the training
+    stream's `checks`): equal for equal data, however the workers split it."""
 
     @property
     def mean_loss(self) -> float:
@@ -239,28 +259,31 @@ class Steps:
             raise NonFiniteLoss(*self.non_finite)
 
     def to_tensor(self, device: torch.device) -> torch.Tensor:
-        """Six float64s, for a collective across ranks (`from_tensor` reads them)."""
+        """Seven float64s, for a collective across ranks (`from_tensor` reads them;
+        the checksum, below 2^52, is exact in a float64)."""
         bad = self.non_finite or (-1, math.nan, math.nan)
-        values = [self.count, self.loss_sum, self.grad_norm, *bad]
+        values = [self.count, self.loss_sum, self.grad_norm, *bad, self.checksum]
         return torch.tensor(values, dtype=torch.float64, device=device)
 
     @classmethod
     def from_tensor(cls, values: torch.Tensor) -> Steps:
-        count, loss_sum, grad_norm, images, loss, norm = values.tolist()
+        count, loss_sum, grad_norm, images, loss, norm, checksum = values.tolist()
         bad = None if images < 0 else (int(images), loss, norm)
-        return cls(int(count), loss_sum, grad_norm, bad)
+        return cls(int(count), loss_sum, grad_norm, bad, int(checksum))
 
     @classmethod
     def over_ranks(cls, ranks: Sequence[Steps]) -> Steps:
         """The same steps as data-parallel ranks took them: counts and losses add
         up (so `mean_loss` is the mean over ranks), the gradient norm is the same
-        on every rank, and the first step not finite is the earliest on any."""
+        on every rank, the first step not finite is the earliest on any, and the
+        checksums add up (modulo 2^52)."""
         bad = [r.non_finite for r in ranks if r.non_finite is not None]
         return cls(
             sum(r.count for r in ranks),
             sum(r.loss_sum for r in ranks),
             ranks[0].grad_norm,
             min(bad, key=lambda b: b[0]) if bad else None,
+            sum(r.checksum for r in ranks) & MASK52,
         )
 
 
@@ -275,10 +298,13 @@ class StepLog:
         self._norm: list[float] = []
         """What `read` brought to the host: images seen before each step, its
         loss and its gradient norm."""
+        self._checksum = 0
 
-    def add(self, images_seen: int, result: StepResult) -> None:
-        """Record a step taken after `images_seen` images; reads nothing."""
+    def add(self, images_seen: int, result: StepResult, checksum: int = 0) -> None:
+        """Record a step taken after `images_seen` images, whose samples' fingerprints
+        sum to `checksum`; reads nothing."""
         self._pending.append((images_seen, result))
+        self._checksum = (self._checksum + checksum) & MASK52
 
     def read(self) -> Steps:
         """All the steps since the last `clear` (waits for the device)."""
@@ -299,8 +325,9 @@ class StepLog:
             None,
         )
         last_norm = self._norm[-1] if self._norm else math.nan
-        return Steps(len(self._loss), math.fsum(self._loss), last_norm, bad)
+        return Steps(len(self._loss), math.fsum(self._loss), last_norm, bad, self._checksum)
 
     def clear(self) -> None:
         """Start a new window (after `read`, at a log point)."""
         self._pending, self._images, self._loss, self._norm = [], [], [], []
+        self._checksum = 0

@@ -193,10 +193,8 @@ class UNet(nn.Module):
             null = torch.full((x.shape[0],), self.cfg.num_classes, device=x.device)
             # A negative label is "no label" for that row: guidance batches
             # conditional and unconditional rows into one call.
+            # (Label dropout is the training step's: it drops a label per image.)
             label = null if label is None else torch.where(label < 0, null, label.to(torch.long))
-            if self.training and self.cfg.label_dropout > 0:
-                drop = torch.rand(x.shape[0], device=x.device) < self.cfg.label_dropout
-                label = torch.where(drop, null, label)
             emb = emb + self.embed_label(label)
         emb = F.silu(emb)
 

@@ -3,7 +3,8 @@
 The driver checks the config and the dataset before anything is written, finds
 (or creates) the MLflow run by name, logs the config and the dataset, and runs a
 `TorchTrainer` whose workers (`pipeline.jobs.train.worker`) stream the dataset's
-train shards through Ray Data. Re-running the same command with the same run
+train shards through Ray Data in the order the plan's `StreamPlan` decides
+(`pipeline.data.order`). Re-running the same command with the same run
 name resumes: Ray Train restores the latest checkpoint from `storage/run_name`,
 and MLflow logs into the same run. Ray Train's FailureConfig restarts the
 workers from the last checkpoint when a worker or node is lost. At the end the
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -22,23 +22,22 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from pipeline.config import ConfigError, TrainConfig, to_dict
-from pipeline.config.records import CheckpointState, DatasetRef, ModelCard, TrainingPlan
+from pipeline.config.records import (
+    CheckpointState,
+    DatasetRef,
+    ModelCard,
+    StreamPlan,
+    TrainingPlan,
+    TrainShard,
+)
 from pipeline.data import shards
 from pipeline.edges import cluster, storage, tracking
 
 if TYPE_CHECKING:
-    import ray.data
-
     from pipeline.edges import registry
 
 log = logging.getLogger(__name__)
-
-MAX_PASSES = 100
-"""The training stream covers up to this many passes over the data; a longer run
-restarts it (a short wait) after each of them."""
 
 
 class TrainingStopped(RuntimeError):
@@ -83,6 +82,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     cluster.connect()
     cluster.warn_local_paths([("train.dataset", cfg.dataset), ("train.storage", cfg.storage)])
+    _warn_rereads(cfg, plan)
     resources = ray.cluster_resources()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else resources.get("GPU", 0) > 0
     spare = resources.get("CPU", 0) - cfg.workers * cfg.cpus_per_worker
@@ -97,9 +97,6 @@ def train(cfg: TrainConfig) -> TrainResult:
         )
 
     fs, path = storage.arrow_filesystem(cfg.storage)
-    with cluster.data_settings():
-        passes = min(MAX_PASSES, math.ceil(plan.images / plan.dataset.train_images))
-        data = training_data(cfg.dataset, manifest, plan.num_classes > 0, cfg.hflip, passes)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -123,11 +120,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             # types still describe V1's (ray.air.config.RunConfig).
             logging_config=cluster.train_logging(),  # type: ignore[call-arg]
         ),
-        datasets={"train": data},
     )
     storage.delete(stopped_marker(cfg))
     try:
-        with cluster.data_settings(), _progress(cfg, plan, run_id):
+        with _progress(cfg, plan, run_id):
             result = trainer.fit()
     except BaseException as e:
         interrupted = isinstance(e, KeyboardInterrupt)
@@ -211,6 +207,31 @@ def _init_model(cfg: TrainConfig, plan: TrainingPlan) -> registry.Model | None:
     return init
 
 
+READS_PER_PASS = 4
+"""More workers than this reading each shard per pass is worth a warning."""
+
+
+def _warn_rereads(cfg: TrainConfig, plan: TrainingPlan) -> None:
+    """Warn when the shuffle window is too small for the workers: each worker reads
+    the shards of its part of a window, M / W images, so a shard of S images is
+    read by about 1 + S W / M workers per pass (docs/architecture.md)."""
+    largest = max(s.samples for s in plan.stream.shards)
+    share = min(plan.stream.window, plan.stream.train_images) // cfg.workers
+    reads = 1 + math.ceil(largest / share)
+    if reads > READS_PER_PASS:
+        log.warning(
+            "train.shuffle_window: %d workers take %d images each of a window of %d, so "
+            "each shard (up to %d images) is read by up to %d of them per pass; a window "
+            "of %d or more reads each about once",
+            cfg.workers,
+            share,
+            plan.stream.window,
+            largest,
+            reads,
+            largest * cfg.workers,
+        )
+
+
 def _check_storage(cfg: TrainConfig) -> None:
     """A run's storage in a bucket that does not exist (or cannot be reached) is a
     config error, found before anything is written."""
@@ -238,6 +259,18 @@ def _plan(cfg: TrainConfig, manifest: dict, digest: str) -> TrainingPlan:
         resolution, num_classes, cfg.label_dropout, "train.model", source="the dataset's images of "
     )
     classes = manifest.get("classes")
+    stream = StreamPlan(
+        seed=cfg.seed,
+        dataset_digest=digest,
+        shards=tuple(
+            TrainShard(s["name"], s["samples"], s["sha256"])
+            for s in manifest["shards"]
+            if s["split"] == "train"
+        ),
+        batch_size=cfg.batch_size,
+        window=math.ceil(cfg.shuffle_window / cfg.batch_size) * cfg.batch_size,
+        hflip=cfg.hflip,
+    )
     return TrainingPlan(
         images=images,
         num_classes=num_classes,
@@ -245,41 +278,8 @@ def _plan(cfg: TrainConfig, manifest: dict, digest: str) -> TrainingPlan:
         resolution=resolution,
         dataset=DatasetRef(storage.join(cfg.dataset, shards.MANIFEST), digest, train_images),
         classes=None if classes is None else tuple(classes),
+        stream=stream,
     )
-
-
-def training_data(
-    dataset: str, manifest: dict, labelled: bool, hflip: bool, passes: int = 1
-) -> ray.data.Dataset:
-    """The dataset's train shards as a Ray Data stream of float images in [-1, 1]
-    (NCHW) and int64 labels, flipped left-right at random when `hflip`.
-
-    The stream goes `passes` times over the shards (each pass with new flips).
-    Each time a worker's stream ends, Ray Data starts the next one from scratch,
-    and training waits (about 0.4 s on 2 CPUs, 12% of the digits' training when
-    the stream was one pass): one stream that covers the whole run pays that once."""
-    import ray
-
-    fs, path = storage.arrow_filesystem(dataset)
-    paths = [
-        f"{path}/{s['name']}" for s in manifest["shards"] if s["split"] == "train" and s["samples"]
-    ] * passes
-    suffixes = ["png", "cls"] if labelled else ["png"]
-    ds = ray.data.read_webdataset(paths, filesystem=fs, suffixes=suffixes)
-    return ds.map_batches(functools.partial(to_training_batch, hflip=hflip), batch_format="numpy")
-
-
-def to_training_batch(batch: dict[str, np.ndarray], hflip: bool) -> dict[str, np.ndarray]:
-    """Decoded webdataset samples -> {"image": float32 [B, 3, H, W], "label": int64}."""
-    pixels = np.stack(list(batch["png"])) if batch["png"].dtype == object else batch["png"]
-    image = pixels.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
-    if hflip:
-        flip = np.random.default_rng().random(len(image)) < 0.5
-        image[flip] = image[flip, :, :, ::-1]
-    out = {"image": np.ascontiguousarray(image)}
-    if "cls" in batch:
-        out["label"] = batch["cls"].astype(np.int64)
-    return out
 
 
 RESUMABLE_CHANGES = (
@@ -297,6 +297,7 @@ RESUMABLE_CHANGES = (
     "log_every_images",
     "sample_every_images",
     "max_failures",
+    "deterministic",
     "tracking_uri",
     "plan.images",
 )

@@ -2,9 +2,12 @@
 `report()`.
 
 Every worker builds the same network (same seed), restores the latest
-checkpoint if there is one, and steps through its share of the Ray Data stream
-in lockstep with the others (DDP all-reduces the gradients). Progress is counted
-in images seen by all workers together. Rank 0 alone keeps the averages (the EMA
+checkpoint if there is one, and steps through its lanes of the training stream
+(`ingest.batches`: the plan of `data.order`, read by Ray Data from the
+checkpoint's images seen on) in lockstep with the others (DDP all-reduces the
+gradients). Progress is counted in images seen by all workers together; every
+image's flip, noise and label dropout come from its position in the stream, so
+a resumed run trains on what an uninterrupted one would. Rank 0 alone keeps the averages (the EMA
 that sampling uses, and EDM2's post-hoc EMA profiles), writes the checkpoints,
 stores the profiles' snapshots beside them and logs to MLflow; every rank calls
 `report()` at the same points.
@@ -15,10 +18,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import tempfile
 import time
 import typing
-from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +30,16 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
-from ray.data.util.torch_utils import convert_ndarray_batch_to_torch_tensor_batch
 from safetensors.torch import load as load_weights
 
 from pipeline.config import TrainConfig, from_dict
 from pipeline.config.records import CheckpointState, TrainingPlan, check_fields
+from pipeline.data import shards
+from pipeline.data.order import Order
+from pipeline.data.stream import Reading
 from pipeline.data.transforms import tile
 from pipeline.edges import checkpoint, snapshots, storage, tracking
+from pipeline.jobs.train import ingest
 from pipeline.maths.edm import Precond, karras_sigmas
 from pipeline.maths.ema import EMA
 from pipeline.maths.phema import PostHocEMA
@@ -45,7 +50,6 @@ from pipeline.maths.train_step import (
     Steps,
     fused_adam,
     keep_fused,
-    step_generator,
     train_step,
 )
 from pipeline.maths.unet import UNet
@@ -58,6 +62,8 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
+    if cfg.deterministic:
+        deterministic(device)
     # The same network on every worker, then the latest checkpoint over it.
     # A warm start begins from another model's weights, its average too.
     torch.manual_seed(cfg.seed)
@@ -94,13 +100,19 @@ def train_loop_per_worker(config: dict) -> None:
         model = typing.cast(torch.nn.Module, torch.compile(model))
     bf16 = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else None
 
-    batches = _batches(ray.train.get_dataset_shard("train"), cfg.per_worker_batch, device)
+    order = Order(plan.stream)
+    prefix = plan.dataset.uri.removesuffix("/" + shards.MANIFEST)
+    reading = Reading(
+        prefix, rank, world, images_seen, plan.images, plan.resolution, plan.num_classes > 0
+    )
+    batches = ingest.batches(plan.stream, reading, pin=device.type == "cuda")
     steps_taken = StepLog()
     with _Rank0Log(cfg, plan, images_seen) if rank == 0 else contextlib.nullcontext() as log:
         while images_seen < plan.images:
             # One optimizer step over this worker's part of the global batch. It
             # does not wait for the device: its results are read at log points.
-            micro = _micro_batches(next(batches), cfg.micro_batch or cfg.per_worker_batch, layout)
+            batch = next(batches)
+            micro = _micro_batches(batch, device, cfg.micro_batch or cfg.per_worker_batch, layout)
             result = train_step(
                 model,
                 optimizer,
@@ -110,12 +122,14 @@ def train_loop_per_worker(config: dict) -> None:
                 base_lr=cfg.lr,
                 lr_rampup_images=cfg.lr_rampup_images,
                 max_grad_norm=cfg.max_grad_norm,
-                generator=step_generator(cfg.seed, rank, images_seen, device),
+                seeds=order.noise_seeds(batch.position),
+                dropout_seed=order.dropout_seed(images_seen // cfg.batch_size, rank),
+                label_dropout=plan.model.label_dropout,
                 autocast_dtype=bf16,
                 ema_model=denoiser,
                 ema_images=cfg.batch_size,
             )
-            steps_taken.add(images_seen, result)
+            steps_taken.add(images_seen, result, checksum=int(batch.check.sum()))
             before, images_seen = images_seen, images_seen + cfg.batch_size
             done = images_seen >= plan.images
             at_log = _crossed(before, images_seen, cfg.log_every_images) or done
@@ -162,6 +176,16 @@ def train_loop_per_worker(config: dict) -> None:
                 )
                 metrics = {"loss": steps.mean_loss, "learning_rate": result.learning_rate}
                 _report_checkpoint(rank, state, net, averages, optimizer, metrics, done)
+
+
+def deterministic(device: torch.device) -> None:
+    """torch's deterministic algorithms (warning where an op has none) and, on
+    GPUs, cuDNN's deterministic kernels and the cuBLAS workspace they need."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def on_gpu(setting: bool | None, device: torch.device) -> bool:
@@ -247,46 +271,13 @@ def _report_checkpoint(
         )
 
 
-def _batches(
-    shard: ray.data.DataIterator, size: int, device: torch.device
-) -> Generator[dict[str, torch.Tensor]]:
-    """This worker's batches, epoch after epoch. Every worker's split has the same
-    number of rows and the last partial batch is dropped, so all workers run the
-    same number of steps per epoch and stay in lockstep.
-
-    The readers' `to_training_batch` already made the final arrays, so a batch
-    here is only wrapped as tensors, in one thread (Ray's default collate spreads
-    that over a pool of four), and prefetched one ahead: each thread more competes
-    with the training step for the GIL and the cores (bench/train_ingest.py). On
-    CUDA the batch is pinned there too, so its copy to the device does not block."""
-    while True:
-        empty = True
-        for batch in shard.iter_torch_batches(
-            batch_size=size,
-            drop_last=True,
-            device=device,
-            collate_fn=_AsTensors(),
-            prefetch_batches=1,
-            pin_memory=device.type == "cuda",
-        ):
-            empty = False
-            yield batch
-        if empty:
-            raise RuntimeError(f"this worker's share of the data holds fewer than {size} images")
-
-
-class _AsTensors(NumpyBatchCollateFn):
-    """Numpy arrays -> tensors sharing their memory (read-only ones from Ray's
-    object store too, as Ray's own collate does): the whole collate step."""
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
-        return convert_ndarray_batch_to_torch_tensor_batch(batch)
-
-
 def _micro_batches(
-    batch: dict[str, torch.Tensor], size: int, layout: torch.memory_format
+    batch: ingest.Batch, device: torch.device, size: int, layout: torch.memory_format
 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    x, label = batch["image"].contiguous(memory_format=layout), batch.get("label")
+    """The batch on the device as images in [-1, 1], cut into micro-batches."""
+    pixels = batch.image.to(device, non_blocking=True)
+    x = (pixels.float() / 127.5 - 1.0).contiguous(memory_format=layout)
+    label = None if batch.label is None else batch.label.to(device, non_blocking=True)
     return [
         (x[i : i + size], None if label is None else label[i : i + size])
         for i in range(0, len(x), size)
@@ -344,6 +335,9 @@ class _Rank0Log:
             "grad_norm": steps.grad_norm,
             "images_per_second": rate,
             "images_seen": images_seen,
+            # What the steps since the last log point trained on (`Steps.checksum`):
+            # a resumed run logs the values of an uninterrupted one.
+            "stream_checksum": steps.checksum,
         }
         self.queue.log_metrics(values, step=images_seen)
 
