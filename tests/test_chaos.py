@@ -356,10 +356,11 @@ def straight(two_nodes, digits, s3, mlflow_server) -> Straight:
 
 
 def final_weights(runs: str, name: str) -> dict[str, str]:
-    """The sha256 of the final checkpoint's model, EMA and optimizer state."""
+    """The sha256 of the final checkpoint's model, EMA, optimizer state and post-hoc EMA
+    profiles."""
     last = max(registered(runs, name))
     folder = f"{runs}/{name}/checkpoint-{last:012d}"
-    files = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
+    files = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "phema.safetensors")
     return {f: shards.sha256(storage.read_bytes(f"{folder}/{f}")) for f in files}
 
 

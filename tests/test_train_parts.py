@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -28,6 +30,7 @@ from pipeline.maths.phema import PostHocEMA
 from pipeline.maths.train_step import fused_adam, keep_fused, train_step
 from pipeline.maths.unet import build
 from tests.nets import checkpoint_state, randomised
+from tests.services import ROOT
 
 
 def test_the_workers_collate_wraps_the_readers_arrays_without_copies():
@@ -419,3 +422,22 @@ def test_sqlite_runs_keep_their_artifacts_beside_the_database(tmp_path, monkeypa
     assert not (tmp_path / "mlruns").exists()
     logged = list((tmp_path / "db" / "mlartifacts" / "local").rglob("*.png"))
     assert len(logged) == 1 and "samples" in logged[0].name
+
+
+def test_a_snapshot_has_the_same_bytes_in_every_process():
+    # safetensors writes metadata in a hash map's order, another in each process;
+    # a resumed run's checkpoint must still be the straight run's, byte for byte.
+    code = (
+        "import hashlib, torch\n"
+        "from pipeline.edges import snapshots\n"
+        "torch.manual_seed(0)\n"
+        "nets = {0.05: torch.nn.Linear(3, 2), 0.1: torch.nn.Linear(3, 2)}\n"
+        "print(hashlib.sha256(snapshots.encode(nets, 640)).hexdigest())\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        for _ in range(4)
+    ]
+    digests = {proc.communicate()[0] for proc in procs}
+    assert all(proc.returncode == 0 for proc in procs)
+    assert len(digests) == 1, digests  # 4 processes in one order by chance: p = 1/216

@@ -119,7 +119,8 @@ class WindowReader:
         """(member index, (png, label)) of the wanted samples of shard `s`."""
         ref = self.plan.shards[s]
         uri = storage.join(self.reading.prefix, ref.name)
-        data = storage.read_bytes(uri)
+        # Patient: an S3 endpoint down mid-training is waited out, not a failed run.
+        data = storage.read_bytes(uri, patient=True)
         if shards.sha256(data) != ref.sha256:
             raise StreamError(
                 f"{uri}: its sha256 is not the manifest's (the shard changed after the "

@@ -2,9 +2,11 @@
 
 `pipeline.edges.storage` makes every request through here. boto3 and pyarrow
 read the standard AWS variables; what they do not read (pyarrow's endpoint) is
-passed explicitly. Reads fail fast; whole-object writes and pyarrow's requests
-(Ray Train's checkpoints, Ray Data's reads) wait out an endpoint that is down
-for about a minute, because a failed write costs a job its shard or checkpoint.
+passed explicitly. Reads fail fast, but for the training stream's; those,
+whole-object writes and pyarrow's requests (Ray Train's checkpoints) wait out an
+endpoint that is down for about a minute, because a failed write costs a job its
+shard or checkpoint, and a failed read a training run its steps since the last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import functools
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import pyarrow.fs
+
+T = TypeVar("T")
 
 
 def s3_endpoint() -> str | None:
@@ -87,10 +91,12 @@ shard or checkpoint, so writes wait. Reads and listings do not: a job makes them
 first, and a wrong endpoint should be reported at once, not after a minute."""
 
 
-def patiently(put: Callable[[], None], patience: float = WRITE_PATIENCE_S) -> None:
+def patiently(put: Callable[[], T], patience: float = WRITE_PATIENCE_S) -> T:
     """Call `put()` again, with backoff, while the S3 endpoint is down, for up to
-    `patience` seconds; then raise its error. Only for whole-object PUTs, which
-    may be repeated: the same bytes land again."""
+    `patience` seconds; then raise its error. Only for requests that may be
+    repeated: whole-object PUTs (the same bytes land again), and the GETs of a job
+    already under way (the training stream's), whose failure costs more than a
+    wait."""
     deadline, delay = time.monotonic() + patience, 0.5
     while True:
         try:

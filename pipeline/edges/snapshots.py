@@ -52,8 +52,17 @@ def encode(nets: Mapping[float, nn.Module], images_seen: int) -> bytes:
         "images_seen": str(images_seen),
         "stds": json.dumps(sorted(nets)),
     }
-    data: bytes = save_tensors(snapshot_tensors(nets), metadata=metadata)
-    return data
+    return _canonical(save_tensors(snapshot_tensors(nets), metadata=metadata))
+
+
+def _canonical(data: bytes) -> bytes:
+    """safetensors bytes with the header's keys sorted. safetensors writes its
+    metadata in a hash map's order, which changes from process to process, so the
+    same snapshot would have other bytes after a resume; sorted, it has one."""
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":"))
+    header += " " * (-len(header) % 8)  # the format pads the header to 8 bytes
+    return struct.pack("<Q", len(header)) + header.encode() + data[8 + size :]
 
 
 def decode(data: bytes, what: str) -> tuple[int, dict[float, dict[str, torch.Tensor]]]:

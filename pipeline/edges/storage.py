@@ -175,8 +175,9 @@ def _errors(uri: str) -> Iterator[None]:
 # --- operations ---------------------------------------------------------------------
 
 
-def read_bytes(uri: str, start: int = 0, length: int | None = None) -> bytes:
-    """The object's bytes, or `length` bytes from offset `start`."""
+def read_bytes(uri: str, start: int = 0, length: int | None = None, patient: bool = False) -> bytes:
+    """The object's bytes, or `length` bytes from offset `start`. A `patient` read
+    of S3 waits out an endpoint that is down, as writes do (`s3.patiently`)."""
     if length == 0:
         return b""  # an HTTP range cannot say "nothing"
     with _errors(uri):
@@ -190,6 +191,8 @@ def read_bytes(uri: str, start: int = 0, length: int | None = None) -> bytes:
             def read() -> bytes:
                 return s3.client().get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
 
+            if patient:
+                return s3.patiently(lambda: s3.retry_body(read))
             return s3.retry_body(read)
         with open(local_path(uri), "rb") as f:
             f.seek(start)
