@@ -24,7 +24,7 @@ from pipeline.data.order import Order
 from pipeline.maths.counter import Permutation, hash64, mix64, permute, seed63, uniform
 from tests.services import ROOT
 
-PROPERTIES = settings(max_examples=60, derandomize=True, database=None, deadline=None)
+PROPERTIES = settings(max_examples=40, derandomize=True, database=None, deadline=None)
 
 
 def stream_plan(sizes, batch, window_batches, seed=0, digest="ab" * 32, hflip=True) -> StreamPlan:

@@ -7,6 +7,7 @@ flips it."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -173,3 +174,24 @@ def test_through_ray_data_a_worker_receives_the_plans_positions_and_pixels(
         mine = expected(prefix, plan, order.positions(rank, world, start, stop))
         assert len(got) == steps and all(len(step) == plan.batch_size // world for step in got)
         assert [tuple(row) for step in got for row in step] == mine
+
+
+@pytest.mark.slow
+def test_two_readers_at_once_still_deliver_in_order(dataset, ray_cluster):
+    # The Ray Train workers above hold a CPU of the session's two, so their readers
+    # run one at a time. Here nothing else holds one: two readers at once, on read
+    # units of 64, 64 and 32 images (a pass of 160 in windows of 64), finish out
+    # of order, and the stream must still come in order (preserve_order).
+    from pipeline.jobs.train import ingest
+
+    prefix, plan = dataset
+    plan = dataclasses.replace(plan, window=64)
+    start, stop = 64, 64 + 4 * 160
+    for rank in (0, 1):
+        reading = Reading(prefix, rank, 2, start, stop, 8, True)
+        got = [
+            (int(p), digest(image.numpy()), int(label))
+            for batch in ingest.batches(plan, reading, readers=2)
+            for p, image, label in zip(batch.position, batch.image, batch.label, strict=True)
+        ]
+        assert got == expected(prefix, plan, Order(plan).positions(rank, 2, start, stop))

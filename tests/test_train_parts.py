@@ -20,7 +20,7 @@ from pipeline.config.records import ModelCard
 from pipeline.config.train import resolve_tracking_uri
 from pipeline.edges import checkpoint, registry, snapshots, tracking
 from pipeline.jobs.train import ingest
-from pipeline.jobs.train.driver import _init_model, _plan
+from pipeline.jobs.train.driver import _init_model, _plan, _warn_rereads
 from pipeline.jobs.train.worker import _micro_batches, _restore_profiles, grid
 from pipeline.maths.architecture import architecture
 from pipeline.maths.counter import seed63
@@ -441,3 +441,18 @@ def test_a_snapshot_has_the_same_bytes_in_every_process():
     digests = {proc.communicate()[0] for proc in procs}
     assert all(proc.returncode == 0 for proc in procs)
     assert len(digests) == 1, digests  # 4 processes in one order by chance: p = 1/216
+
+
+def test_a_window_too_small_for_the_workers_is_warned_about(caplog):
+    big = {**MANIFEST, "shards": [dict(MANIFEST["shards"][0], samples=1000)] * 16}
+    big["counts"] = {"written_by_split": {"train": 16_000}}
+    for workers, window, warned in [(4, 4096, False), (16, 4096, True), (16, 16_000, False)]:
+        cfg = TrainConfig(dataset="/d", batch_size=64, workers=workers, shuffle_window=window)
+        caplog.clear()
+        _warn_rereads(cfg, _plan(cfg, big, "digest"))
+        assert bool(caplog.records) == warned, (workers, window, caplog.text)
+    # 16 workers take 256 images each of a window of 4,096: a shard of 1,000 meets 5.
+    assert caplog.records == [] and "a window of 16000 or more" not in caplog.text
+    cfg = TrainConfig(dataset="/d", batch_size=64, workers=16)
+    _warn_rereads(cfg, _plan(cfg, big, "digest"))
+    assert "read by up to 5 of them per pass; a window of 16000 or more" in caplog.text

@@ -115,22 +115,20 @@ def train_argv(dataset: str, runs: str, tracking: str, name: str, *extra: str) -
     )
 
 
+@pytest.fixture(scope="module")
+def two_nodes(cluster, digits, s3, mlflow_server):
+    """The run `two-nodes`: two workers, one on each node, 2,048 images; where its
+    checkpoints are, and how the task ended."""
+    runs = s3.prefix("two-nodes")
+    argv = train_argv(digits, runs, mlflow_server, "two-nodes", "--workers", "2")
+    argv += ["--placement", "STRICT_SPREAD", "--images", "2048"]
+    return runs, run(argv, cluster.env)
+
+
 def test_two_workers_on_two_nodes_from_the_bucket_tracked_in_mlflow(
-    cluster, digits, s3_prefix, mlflow_server
+    two_nodes, digits, mlflow_server
 ):
-    argv = train_argv(
-        digits,
-        s3_prefix,
-        mlflow_server,
-        "two-nodes",
-        "--workers",
-        "2",
-        "--placement",
-        "STRICT_SPREAD",
-        "--images",
-        "2048",
-    )
-    result = run(argv, cluster.env)
+    s3_prefix, result = two_nodes
     assert result.returncode == 0, result.stderr[-5000:]
     assert "train: 2048 images seen" in result.stdout
     logs = result.stdout + result.stderr
@@ -206,6 +204,30 @@ def test_two_workers_on_two_nodes_from_the_bucket_tracked_in_mlflow(
     # The whole network, as the workers built it (also in every checkpoint).
     assert card["model"] == architecture("tiny", 8, num_classes=10, label_dropout=0.1).to_dict()
     assert state["model"] == card["model"]
+
+
+def test_one_worker_trains_on_what_two_do(two_nodes, cluster, digits, s3_prefix, mlflow_server):
+    # The same command with one worker: every step holds the same images, flips,
+    # noise and label dropout (they follow the images' positions, not the worker
+    # that reads them), so the curves agree up to the order of the floating-point
+    # sums (the gradient's over two halves, and on CPUs convolutions over 16
+    # images, not 32). Noise drawn per worker would move the losses by percents.
+    assert two_nodes[1].returncode == 0
+    argv = train_argv(digits, s3_prefix, mlflow_server, "one-worker", "--images", "1024")
+    result = run(argv, cluster.env)
+    assert result.returncode == 0, result.stderr[-5000:]
+    client = MlflowClient(mlflow_server)
+    [two], [one] = runs_named(client, "two-nodes"), runs_named(client, "one-worker")
+    assert two.data.params["workers"] == "2" and one.data.params["workers"] == "1"
+    curves = {}
+    for key in ("stream_checksum", "loss"):
+        both = [history(client, r.info.run_id, key) for r in (one, two)]
+        curves[key] = [{s: v[-1] for s, v in h.items() if s <= 1024} for h in both]
+        assert sorted(curves[key][0]) == list(range(128, 1025, 128))
+    assert curves["stream_checksum"][0] == curves["stream_checksum"][1]
+    ones, twos = curves["loss"]
+    gaps = {s: abs(ones[s] - twos[s]) / twos[s] for s in ones}
+    assert max(gaps.values()) < 1e-4, gaps
 
 
 @pytest.mark.parametrize(

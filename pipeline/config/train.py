@@ -72,6 +72,10 @@ class TrainConfig(Checked):
     batch draws from one window. A worker holds its share of a window, about
     shuffle_window / workers encoded images, and each shard is read by about
     1 + samples_per_shard * workers / shuffle_window workers per pass."""
+    readers: int = 2
+    """Ray Data tasks reading and decoding at once for each worker (one CPU each).
+    Each holds its share of a window: raise it when the GPUs wait for data and the
+    nodes have CPUs to spare."""
     hflip: bool = False
     """Flip each training image left-right with probability 1/2. Off by default
     (as diffusers' --random_flip and EDM's --xflip): a mirrored digit or letter is
@@ -156,6 +160,8 @@ class TrainConfig(Checked):
         self.check(0 <= self.label_dropout < 1, "label_dropout", "must be in [0, 1)")
         self.check(0 <= self.seed <= MAX_SEED, "seed", "must be in 0..2**63-1")
         self.check(self.shuffle_window > 0, "shuffle_window", "must be a positive integer")
+        self.check(self.readers > 0, "readers", "must be a positive integer")
+        self.at_most(1024, "readers")
         self.at_most(MAX_SHUFFLE_WINDOW, "shuffle_window")
         for field in ("checkpoint_every_images", "log_every_images"):
             self.check(getattr(self, field) > 0, field, "must be a positive integer")

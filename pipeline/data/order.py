@@ -26,11 +26,11 @@ A worker r of W takes the lanes [r*B/W, (r+1)*B/W) of every step: the same
 global batch for any W that divides B, and per window one contiguous part of
 Q of M/W images, so each shard is read by about one worker per pass (by
 1 + S*W/M read units, for shards of S images). `positions(rank, world, ...)`
-lists what a worker trains on, `samples` and `flips` what sits there; the noise
-and label dropout of a position are `noise_seeds` and `label_draws`.
+lists what a worker trains on, `samples` and `flips` what sits there; a
+position's noise and label dropout come from its `noise_seeds`.
 
-Memory: a worker's read unit (one window) holds at most ceil(M/W) images, and
-its reader keeps only the encoded samples it needs (see `data.stream`).
+Memory: a worker's read unit (one window) holds at most M/W images, and its
+reader keeps only the encoded samples it needs (see `data.stream`).
 """
 
 from __future__ import annotations
@@ -50,11 +50,10 @@ from pipeline.maths.counter import (
     key_of,
     permute,
     seed63,
-    uniform,
 )
 
 # What each hash is of: the last word of its coordinates.
-_SHARDS, _SAMPLES, _LANE, _FLIP, _NOISE, _LABEL, _DROPOUT = range(7)
+_SHARDS, _SAMPLES, _LANE, _FLIP, _NOISE, _DROPOUT = range(6)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,13 +108,9 @@ class Order:
         return (hash64(self.key, p, _FLIP) & np.uint64(1)).astype(bool)
 
     def noise_seeds(self, positions: np.ndarray) -> np.ndarray:
-        """The seed of each position's noise (sigma and n): 63-bit, for a torch.Generator."""
+        """The seed of each position's noise (sigma and n) and label dropout
+        (`train_step`): 63-bit, for a torch.Generator."""
         return seed63(self.key, np.asarray(positions, dtype=np.int64), _NOISE)
-
-    def label_draws(self, positions: np.ndarray) -> np.ndarray:
-        """A uniform draw in [0, 1) per position: its label is dropped below the
-        label dropout rate."""
-        return uniform(self.key, np.asarray(positions, dtype=np.int64), _LABEL)
 
     def dropout_seed(self, step: int, rank: int) -> int:
         """The seed of a worker's activation dropout in a step (dropout draws per
@@ -157,6 +152,7 @@ class Order:
         return range(self.window_of(start), self.window_of(stop - 1) + 1)
 
     def unit(self, window: int, start: int, stop: int) -> Unit:
+        """The positions of `window` that a stream over [start, stop) reads."""
         lo, hi = self.window_bounds(window)
         return Unit(window, max(lo, start), min(hi, stop))
 

@@ -298,6 +298,7 @@ RESUMABLE_CHANGES = (
     "sample_every_images",
     "max_failures",
     "deterministic",
+    "readers",
     "tracking_uri",
     "plan.images",
 )

@@ -7,9 +7,10 @@ off the training process (decoding in it would compete for the GIL), keeping
 their outputs in order (`preserve_order`). Nothing of the stream needs saving:
 a resumed worker starts at the unit that holds its checkpoint's images seen.
 
-A Dataset plans all its read tasks up front (2,000 of them took Ray Data 10 s,
-30,000 took 107 s), so the units come in segments of `SEGMENT` windows, a new
-Dataset each; within a segment the stream runs on across passes.
+A Dataset plans all its read tasks before the first one runs (3,000 of them
+took Ray Data 10 s here, 30,000 took 107 s), so the units come in segments of
+`SEGMENT` windows, a new Dataset each; within a segment the stream runs on
+across passes.
 """
 
 from __future__ import annotations
@@ -32,9 +33,6 @@ from pipeline.edges import cluster
 
 SEGMENT = 256
 """Windows per Ray Data Dataset."""
-READERS = 2
-"""Reader tasks at once per worker: one reads the next window while the other's
-output is consumed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +48,13 @@ class Batch:
     """`Order.checks` of each sample (uint64)."""
 
 
-def batches(plan: StreamPlan, reading: Reading, pin: bool = False) -> Iterator[Batch]:
+def batches(
+    plan: StreamPlan, reading: Reading, readers: int = 2, pin: bool = False
+) -> Iterator[Batch]:
     """Worker `reading.rank`'s batches (B / W images each) of the positions
-    [reading.start, reading.stop), in order; each is checked against the plan."""
+    [reading.start, reading.stop), in order; each is checked against the plan.
+    `readers` reader tasks run at once (each reads one window's share, one CPU);
+    `pin` pins the batches for a copy to a GPU."""
     import ray
     from ray.data import TaskPoolStrategy
 
@@ -68,7 +70,7 @@ def batches(plan: StreamPlan, reading: Reading, pin: bool = False) -> Iterator[B
             ds = ray.data.range(count, override_num_blocks=count).map_batches(
                 WindowReader(plan, reading, first),
                 batch_size=None,
-                compute=TaskPoolStrategy(size=READERS),
+                compute=TaskPoolStrategy(size=readers),
             )
         for raw in ds.iter_torch_batches(
             batch_size=per_worker,

@@ -105,7 +105,7 @@ def train_loop_per_worker(config: dict) -> None:
     reading = Reading(
         prefix, rank, world, images_seen, plan.images, plan.resolution, plan.num_classes > 0
     )
-    batches = ingest.batches(plan.stream, reading, pin=device.type == "cuda")
+    batches = ingest.batches(plan.stream, reading, cfg.readers, pin=device.type == "cuda")
     steps_taken = StepLog()
     with _Rank0Log(cfg, plan, images_seen) if rank == 0 else contextlib.nullcontext() as log:
         while images_seen < plan.images:
