@@ -177,11 +177,12 @@ def test_through_ray_data_a_worker_receives_the_plans_positions_and_pixels(
 
 
 @pytest.mark.slow
-def test_two_readers_at_once_still_deliver_in_order(dataset, ray_cluster):
+def test_two_readers_at_once_and_several_datasets_still_deliver_in_order(dataset, ray_cluster):
     # The Ray Train workers above hold a CPU of the session's two, so their readers
     # run one at a time. Here nothing else holds one: two readers at once, on read
     # units of 64, 64 and 32 images (a pass of 160 in windows of 64), finish out
-    # of order, and the stream must still come in order (preserve_order).
+    # of order, and the stream must still come in order (preserve_order), across
+    # the Datasets that follow each other, two running at once at each hand-over.
     from pipeline.jobs.train import ingest
 
     prefix, plan = dataset
@@ -191,7 +192,8 @@ def test_two_readers_at_once_still_deliver_in_order(dataset, ray_cluster):
         reading = Reading(prefix, rank, 2, start, stop, 8, True)
         got = [
             (int(p), digest(image.numpy()), int(label))
-            for batch in ingest.batches(plan, reading, readers=2)
+            # Datasets of 4 windows: the next starts while the last 2 are read.
+            for batch in ingest.batches(plan, reading, readers=2, segment=4)
             for p, image, label in zip(batch.position, batch.image, batch.label, strict=True)
         ]
         assert got == expected(prefix, plan, Order(plan).positions(rank, 2, start, stop))
