@@ -135,14 +135,23 @@ def seeded_training_noise(
     per image (ln sigma first, then n), about 15 us per image on a CPU."""
     count, *image = shape
     assert len(seeds) == count, (len(seeds), count)
-    size = math.prod(image)
-    draws = torch.empty(count, 1 + size, device=device)
+    draws = seeded_normal(seeds, 1 + math.prod(image), device)
+    sigma = (draws[:, 0] * p_std + p_mean).exp()
+    return sigma, draws[:, 1:].reshape(count, *image)
+
+
+def seeded_normal(
+    seeds: Sequence[int] | np.ndarray, size: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Standard normal draws [len(seeds), size], row i from its own seed `seeds[i]`:
+    a row is the same in any batch, on any worker. One generator, re-seeded per
+    row."""
+    draws = torch.empty(len(seeds), size, device=device)
     generator = torch.Generator(device=device)
     for row, seed in zip(draws, np.asarray(seeds).tolist(), strict=True):
         generator.manual_seed(seed)
-        torch.randn(1 + size, generator=generator, device=device, out=row)
-    sigma = (draws[:, 0] * p_std + p_mean).exp()
-    return sigma, draws[:, 1:].reshape(count, *image)
+        torch.randn(size, generator=generator, device=device, out=row)
+    return draws
 
 
 def karras_sigmas(
