@@ -195,6 +195,22 @@ def test_the_seed_and_the_dataset_version_each_change_the_order_and_the_draws():
     assert not np.array_equal(wider.samples(p)[1], base.samples(p)[1])
 
 
+def test_a_latent_is_drawn_afresh_each_time_its_image_comes_back():
+    # 30 images, 4 passes: each image at 4 positions, each with its own latent seed,
+    # none equal to a noise seed; a position's seed is the same in every process.
+    order = Order(stream_plan([10, 20], 2, 4, seed=5))
+    p = np.arange(120)
+    shard, member = order.samples(p)
+    seeds = order.latent_seeds(p)
+    assert len(set(seeds.tolist())) == 120
+    assert not set(seeds.tolist()) & set(order.noise_seeds(p).tolist())
+    for image in set(zip(shard.tolist(), member.tolist(), strict=True)):
+        comes_back = (shard == image[0]) & (member == image[1])
+        assert comes_back.sum() == 4 and len(set(seeds[comes_back].tolist())) == 4
+    assert np.array_equal(Order(stream_plan([10, 20], 2, 4, seed=5)).latent_seeds(p), seeds)
+    assert (seeds < 2**63).all()
+
+
 def test_flips_are_a_fair_coin_per_position_and_none_without_hflip():
     flips = Order(stream_plan([5000], 8, 8)).flips(np.arange(20_000))
     assert abs(flips.mean() - 0.5) < 5 * 0.5 / math.sqrt(20_000)  # 5 standard errors

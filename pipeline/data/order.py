@@ -53,7 +53,7 @@ from pipeline.maths.counter import (
 )
 
 # What each hash is of: the last word of its coordinates.
-_SHARDS, _SAMPLES, _LANE, _FLIP, _NOISE, _DROPOUT = range(6)
+_SHARDS, _SAMPLES, _LANE, _FLIP, _NOISE, _DROPOUT, _LATENT = range(7)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +111,12 @@ class Order:
         """The seed of each position's noise (sigma and n) and label dropout
         (`train_step`): 63-bit, for a torch.Generator."""
         return seed63(self.key, np.asarray(positions, dtype=np.int64), _NOISE)
+
+    def latent_seeds(self, positions: np.ndarray) -> np.ndarray:
+        """The seed of each position's latent draw from its posterior (a latent
+        dataset stores N(mean, std^2) per image): a new draw each time the image
+        comes back, the same draw for a position on any worker and on a resume."""
+        return seed63(self.key, np.asarray(positions, dtype=np.int64), _LATENT)
 
     def dropout_seed(self, step: int, rank: int) -> int:
         """The seed of a worker's activation dropout in a step (dropout draws per
