@@ -30,3 +30,18 @@ def randomised(net: UNet, seed: int = 1) -> UNet:
         if not p.detach().abs().sum():
             torch.nn.init.normal_(p, std=0.02)
     return net
+
+
+def tiny_autoencoder(seed: int = 0, levels: int = 4, latent_channels: int = 4):
+    """An AutoencoderKL of SD's shape (f = 2^(levels-1)), 8 to 16 channels wide."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=(8, *(16,) * (levels - 1)),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+    )
