@@ -15,10 +15,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pipeline.edges import storage
 
@@ -42,7 +41,8 @@ class Identity:
     """What a latent dataset records of the autoencoder that made it."""
 
     digest: str
-    """sha256 of the folder: of each file's name and sha256, in name order."""
+    """sha256 of what is loaded (config.json and the weights): of each file's name
+    and sha256, in name order."""
     cls: str
     """The diffusers class (`_class_name` of its config)."""
     scaling_factor: float
@@ -64,9 +64,6 @@ class Identity:
         side = resolution // self.downsample
         return (self.latent_channels, side, side)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def folder_digest(files: dict[str, bytes]) -> str:
     """The digest of a folder's files (name to bytes), as `Identity.digest`."""
@@ -87,7 +84,8 @@ def read_folder(uri: str) -> dict[str, bytes]:
         raise AutoencoderError(
             f"{uri}: no {CONFIG}: not an autoencoder folder (make one with save_pretrained)"
         )
-    config = json.loads(storage.read_bytes(found[CONFIG]))
+    config_bytes = storage.read_bytes(found[CONFIG])
+    config = json.loads(config_bytes)
     if config.get("_class_name") != "AutoencoderKL":
         raise AutoencoderError(
             f"{uri}: {CONFIG} is of a {config.get('_class_name')!r}, not an AutoencoderKL"
@@ -98,7 +96,7 @@ def read_folder(uri: str) -> dict[str, bytes]:
         if pickled:
             why = f" ({', '.join(pickled)} is pickled: save it with safe_serialization=True)"
         raise AutoencoderError(f"{uri}: no {WEIGHTS}{why}")
-    return {name: storage.read_bytes(found[name]) for name in (CONFIG, WEIGHTS)}
+    return {CONFIG: config_bytes, WEIGHTS: storage.read_bytes(found[WEIGHTS])}
 
 
 def identity_of(files: dict[str, bytes]) -> Identity:
@@ -125,7 +123,6 @@ def load(
 
     files = read_folder(uri)
     found = identity_of(files)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="autoencoder-") as folder:
         for name, data in files.items():
             Path(folder, name).write_bytes(data)
