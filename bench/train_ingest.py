@@ -44,7 +44,13 @@ at half the speed of the 2026-12-02 run, 723 img/s from memory then):
     memory      332.8  1.000 1.000-1.000     0.0%       0  1.01   58%
     stream      329.9  0.988 0.946-1.047     0.8%       0  1.01   58%
 
-Both at or above the 0.97 goal in this run, the new one with the narrower range;
+    again, on the code as shipped (--readers, the Datasets handed over on a thread)
+    case     images/s  ratio       range  waiting  stalls  cpus  busy
+    memory      302.7  1.000 1.000-1.000     0.0%       0  1.01   60%
+    stream      294.5  0.981 0.932-1.047     0.8%       0  1.01   61%
+
+All three at or above the 0.97 goal (the third on a slower hour of the machine:
+memory 303 img/s against 333); the rewrite with the narrower range;
 the difference between them is within one round's noise (+-5%). The new stream
 waits for a batch 0.8% of the time (0.2% before): each of its segments starts a
 new Dataset at its position, as a resumed run does, whose first window is read
