@@ -11,7 +11,7 @@ from PIL import Image
 from pipeline.data.decode import Rejected, decode_image
 from pipeline.data.transforms import center_crop_resize, encode_png
 from tests import images
-from tests.fuzz import run
+from tests.fuzz import run, seeds
 
 RES = 32
 
@@ -224,28 +224,12 @@ def test_a_side_longer_than_max_side_is_rejected_before_decoding(size):
     assert err.value.reason == "too_many_pixels" and "a side exceeds" in err.value.detail
 
 
-def _transparent_gif_on_a_large_canvas() -> bytes:
-    """A 48x40 transparent GIF frame on an 8192x8192 logical screen: what the
-    fuzzer's dimension mutation made, a full-size palette image with alpha."""
-    frame = Image.new("P", (48, 40), 1)
-    frame.putpalette([255, 0, 0, 0, 0, 255])
-    frame.paste(0, (0, 0, 24, 40))  # the left half transparent
-    data = bytearray(images.encode(frame, "GIF", transparency=0))
-    data[6:10] = struct.pack("<HH", 8192, 8192)
-    return bytes(data)
-
-
-def _sixteen_bit_png_of_64_megapixels() -> bytes:
-    return images.encode(Image.fromarray(np.full((8192, 8192), 0x4000, np.uint16)), "PNG")
-
-
-@pytest.mark.parametrize(
-    "make", [_transparent_gif_on_a_large_canvas, _sixteen_bit_png_of_64_megapixels]
-)
-def test_the_largest_images_allowed_take_under_2_s_and_1_gib(make):
+@pytest.mark.parametrize("name", seeds.LARGEST)
+def test_the_largest_images_allowed_are_written_in_under_1_gib(name):
     # At max_pixels (64M pixels) these took 1.4 GB (alpha compositing's RGBA
-    # copies) and 1.7 GB in 5.7 s (16-bit samples scaled in float64); now about
-    # two full-size copies at most. Measured in a fresh process.
-    outcome = run.measure(make())
+    # copies) and 1.7 GB (16-bit samples scaled in float64); now about two
+    # full-size copies at most. Measured in a fresh process. Their time is
+    # bench/fuzz_decode.py's to measure: a timed test fails on a busy machine.
+    outcome = run.measure(seeds.LARGEST[name]())
     assert outcome.result == "written", outcome
-    assert outcome.peak_rss < 1 << 30 and outcome.cpu_seconds < 2.0, outcome
+    assert outcome.peak_rss < 1 << 30, outcome

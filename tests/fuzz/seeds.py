@@ -123,3 +123,26 @@ def _srgb() -> bytes:
     profile[24:36] = struct.pack(">6H", 2020, 1, 1, 0, 0, 0)
     profile[84:100] = bytes(16)  # profile ID: an MD5 over the header, 0 = not computed
     return bytes(profile)
+
+
+def transparent_gif_on_a_large_canvas() -> bytes:
+    """A 48x40 transparent GIF frame on an 8192x8192 logical screen: what the
+    fuzzer's dimension mutation made, a full-size palette image with alpha."""
+    frame = Image.new("P", (48, 40), 1)
+    frame.putpalette([255, 0, 0, 0, 0, 255])
+    frame.paste(0, (0, 0, 24, 40))  # the left half transparent
+    data = bytearray(images.encode(frame, "GIF", transparency=0))
+    data[6:10] = struct.pack("<HH", 8192, 8192)
+    return bytes(data)
+
+
+def sixteen_bit_png_of_64_megapixels() -> bytes:
+    return images.encode(Image.fromarray(np.full((8192, 8192), 0x4000, np.uint16)), "PNG")
+
+
+# The largest images the default max_pixels lets through, in the forms that once
+# cost most: tests/test_decode.py checks their memory, bench/fuzz_decode.py their time.
+LARGEST = {
+    "transparent_gif_on_a_large_canvas": transparent_gif_on_a_large_canvas,
+    "sixteen_bit_png_of_64_megapixels": sixteen_bit_png_of_64_megapixels,
+}
