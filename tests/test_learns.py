@@ -18,6 +18,7 @@ from pipeline.maths.unet import build
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.trial
 def test_tiny_unet_learns_the_digits():
     images, labels = load_digits()
     x = (torch.tensor(images, dtype=torch.float32) / 127.5 - 1)[:, None].repeat(1, 3, 1, 1)

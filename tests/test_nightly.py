@@ -137,6 +137,7 @@ def ema_candidate(uri: str, name: str, run_id: str) -> int:
     return candidate
 
 
+@pytest.mark.trial
 def test_three_nights(ray_cluster, mlflow_server, s3_prefix):
     uri, name = mlflow_server, f"digits-{uuid.uuid4().hex[:6]}"
     dataset = f"{s3_prefix}/dataset"

@@ -189,6 +189,7 @@ def test_quickstart_on_embedded_defaults(tmp_path):
     assert list((qs / "evaluations").glob("digits-8-v1-*.json"))
 
 
+@pytest.mark.trial
 def test_quickstart_at_64_px_on_a_narrower_deeper_network(tmp_path, ray_cluster):
     resolution = 64
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}

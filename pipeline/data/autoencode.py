@@ -76,7 +76,8 @@ class Encoder:
 
     def _posterior(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """mean and std (float32) of a chunk: pixels to [-1, 1], diffusers' input range."""
-        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        # A copy: the chunk may be a read-only view of a batch's buffer.
+        x = torch.tensor(images, device=self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
         with (
             torch.no_grad(),
             torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"),

@@ -105,6 +105,17 @@ class ChannelMoments:
         self.first += m.sum(dim=(0, 2, 3)).cpu().numpy()
         self.second += (m.square() + s.square()).sum(dim=(0, 2, 3)).cpu().numpy()
 
+    def to_dict(self) -> dict:
+        """Plain data for JSON (floats round-trip exactly)."""
+        return {"values": self.values, "first": self.first.tolist(), "second": self.second.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ChannelMoments:
+        moments = cls(len(data["first"]), int(data["values"]))
+        moments.first = np.array(data["first"], dtype=np.float64)
+        moments.second = np.array(data["second"], dtype=np.float64)
+        return moments
+
     def merge(self, other: ChannelMoments) -> ChannelMoments:
         """The moments of what `self` and `other` saw together."""
         assert other.channels == self.channels, (other.channels, self.channels)
