@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.autoencode import Encoder, NonFiniteLatents
+from pipeline.data.autoencode import Decoder, Encoder, NonFiniteLatents
 from pipeline.edges import autoencoders
+from pipeline.maths.latents import LatentStats
 from tests.nets import tiny_autoencoder
 
 
@@ -81,3 +82,23 @@ def test_an_autoencoder_that_is_not_the_datasets_is_refused(folder):
         Encoder(str(folder), digest="0" * 64)
     with pytest.raises(ValueError, match="precision: must be one of fp32, bf16, got 'fp16'"):
         Encoder(str(folder), precision="fp16")
+
+
+def test_the_decoder_denormalises_then_decodes_each_latent_whatever_its_company(folder):
+    vae, identity = autoencoders.load(str(folder))
+    stats = LatentStats((0.5, -1.0, 0.0, 2.0), (1.5, 0.5, 1.0, 3.0))
+    decode = Decoder(str(folder), identity.digest, stats, chunk=4)
+    x = torch.randn(5, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.5
+    images = decode(x)
+    assert images.shape == (5, 3, 32, 32) and images.abs().max() <= 1
+    with torch.no_grad():  # a bare loop: one latent at a time, by hand
+        for i in range(5):
+            z = x[i] * torch.tensor(stats.raw_std).reshape(4, 1, 1) / 0.5
+            z = z + torch.tensor(stats.raw_mean).reshape(4, 1, 1)
+            want = vae.decode(z[None]).sample[0].clamp(-1, 1)
+            torch.testing.assert_close(images[i], want, atol=1e-5, rtol=1e-4)
+    # Calls of exactly `chunk` latents: the first three decode to the same bits
+    # alone as beside two others.
+    assert torch.equal(decode(x[:3]), images[:3])
+    with pytest.raises(autoencoders.AutoencoderError, match="the model's latents are of"):
+        Decoder(str(folder), "0" * 64, stats)

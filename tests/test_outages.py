@@ -463,7 +463,7 @@ def test_pyarrow_s3_filesystem_keeps_its_retries_when_pickled(monkeypatch):
 
 
 def test_a_failed_training_is_reported_in_one_line():
-    from pipeline.jobs.train.driver import _brief
+    from pipeline.jobs.train.driver import brief
 
     # Ray Train's errors: what failed, then a traceback or a message that ends
     # with the cause.
@@ -472,10 +472,10 @@ def test_a_failed_training_is_reported_in_one_line():
         'Traceback (most recent call last):\n  File "x.py", line 1, in f\n'
         "OSError: When uploading part: Could not connect to server\n"
     )
-    assert _brief(workers) == (
+    assert brief(workers) == (
         "Training failed due to worker errors: OSError: When uploading part: "
         "Could not connect to server"
     )
     controller = RuntimeError("Training failed due to controller error:\nOSError: down")
-    assert _brief(controller) == "Training failed due to controller error: OSError: down"
-    assert _brief(RuntimeError("one line")) == "one line"
+    assert brief(controller) == "Training failed due to controller error: OSError: down"
+    assert brief(RuntimeError("one line")) == "one line"

@@ -12,6 +12,7 @@ from pipeline.config.records import (
     CheckpointState,
     DatasetRef,
     GenerationJob,
+    LatentSpace,
     Lineage,
     ModelCard,
     RecordError,
@@ -107,6 +108,35 @@ PLAN_DICT = {
     "run_id": "run1",
 }
 
+SPACE = LatentSpace(
+    "s3://b/vae", "ab" * 32, 8, 4, 64, (0.5, -1.0, 0.0, 2.0), (1.0, 2.0, 3.0, 4.0), 0.5, True
+)
+SPACE_DICT = {
+    "autoencoder": "s3://b/vae",
+    "digest": "ab" * 32,
+    "downsample": 8,
+    "channels": 4,
+    "resolution": 64,
+    "raw_mean": [0.5, -1.0, 0.0, 2.0],
+    "raw_std": [1.0, 2.0, 3.0, 4.0],
+    "final_std": 0.5,
+    "flips": True,
+}
+LATENT_NET = architecture("tiny", 8, in_channels=4, out_channels=4)
+LATENT_CARD = ModelCard("tiny", LATENT_NET, 8, latents=SPACE)
+LATENT_CARD_DICT = {
+    "template": "tiny",
+    "model": LATENT_NET.to_dict(),
+    "resolution": 8,
+    "classes": None,
+    "sigma_data": None,
+    "images_seen": None,
+    "dataset": None,
+    "run_id": None,
+    "augmentation": None,
+    "latents": SPACE_DICT,
+}
+
 REGISTERED = Lineage("digits", 3, "run1", "cd" * 32)
 FROM_CHECKPOINT = Lineage(None, None, "run1", "cd" * 32, checkpoint="s3://b/runs/checkpoint-1")
 JOB = GenerationJob(
@@ -136,6 +166,8 @@ JOB_DICT = {
 
 RECORDS = [
     (CARD, CARD_DICT),
+    (SPACE, SPACE_DICT),
+    (LATENT_CARD, LATENT_CARD_DICT),
     (STATE, STATE_DICT),
     (PLAN, PLAN_DICT),
     (STREAM, STREAM_DICT),
@@ -181,6 +213,7 @@ def test_a_record_names_an_unknown_or_missing_key(record, data):
         GenerationJob: "generation job",
         ShardRecord: "shard record",
         Stop: "stop marker",
+        LatentSpace: "latent space",
     }[type(record)]
     key = next(iter(data))
     with pytest.raises(RecordError) as e:
@@ -261,3 +294,11 @@ def test_a_checkpoint_state_from_before_templates_resolves_its_preset():
     state = CheckpointState.from_dict(old)
     assert state.model == NET and state.template == "tiny"
     assert CheckpointState.from_dict(STATE_DICT).template == "tiny"
+
+
+def test_a_latent_card_must_be_of_the_networks_side():
+    with pytest.raises(RecordError, match="latents: 8 per side, where the network's resolution"):
+        ModelCard(
+            "tiny", architecture("tiny", 16, in_channels=4, out_channels=4), 16, latents=SPACE
+        )
+    assert LATENT_CARD.image_side == 64 and CARD.image_side == CARD.resolution

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pipeline.config.records import StreamPlan, TrainShard
-from pipeline.data import shards
+from pipeline.data import latent_samples, shards
 from pipeline.data.order import Order
 from pipeline.data.stream import Reading, StreamError, WindowReader
 from tests import images
@@ -197,3 +197,55 @@ def test_two_readers_at_once_and_several_datasets_still_deliver_in_order(dataset
             for p, image, label in zip(batch.position, batch.image, batch.label, strict=True)
         ]
         assert got == expected(prefix, plan, Order(plan).positions(rank, 2, start, stop))
+
+
+@pytest.fixture(scope="module")
+def latent_dataset(tmp_path_factory) -> tuple[str, StreamPlan, dict]:
+    """Latent shards as tasks.encode writes them (mean, std and the mirrored image's
+    of 4x2x2 latents, .json, .cls), and the plan over them (flips on); the stored
+    arrays by (shard, member)."""
+    root = tmp_path_factory.mktemp("stream-latents")
+    rng = np.random.default_rng(1)
+    refs, stored = [], {}
+    for i, size in enumerate(SIZES):
+        members = []
+        for j in range(size):
+            arrays = rng.standard_normal((4, 4, 2, 2)).astype(np.float32)
+            arrays[1] = np.abs(arrays[1]) + 0.1
+            arrays[3] = np.abs(arrays[3]) + 0.1
+            stored[i, j] = arrays
+            members += latent_samples.members(
+                f"s{i}x{j:03d}",
+                arrays[0],
+                arrays[1],
+                b"{}",
+                b"%d" % (j % 7),
+                (arrays[2], arrays[3]),
+            )
+        data = shards.write_tar(members)
+        name = shards.shard_name("train", i)
+        (root / name).write_bytes(data)
+        refs.append(TrainShard(name, size, shards.sha256(data)))
+    return str(root), StreamPlan(3, "ef" * 32, tuple(refs), 8, 32, True), stored
+
+
+def test_a_reader_gives_each_position_its_posterior_the_mirrored_one_where_it_flips(
+    latent_dataset,
+):
+    prefix, plan, stored = latent_dataset
+    order = Order(plan)
+    start, stop = 16, 16 + 2 * 160
+    reader = WindowReader(plan, Reading(prefix, 0, 1, start, stop, 2, True, latent_channels=4))
+    blocks = list(reader({"id": np.array(list(order.units(start, stop)))}))
+    assert all("image" not in b and b["posterior"].dtype == np.float32 for b in blocks)
+    posterior = np.concatenate([b["posterior"] for b in blocks])
+    positions = np.concatenate([b["position"] for b in blocks])
+    assert np.array_equal(positions, np.arange(start, stop))
+    shard, member = order.samples(positions)
+    flips = order.flips(positions)
+    assert 0 < flips.sum() < len(flips)
+    for got, s, m, flip in zip(posterior, shard, member, flips, strict=True):
+        want = stored[s, m][2:] if flip else stored[s, m][:2]
+        np.testing.assert_array_equal(got, want)
+    labels = np.concatenate([b["label"] for b in blocks])
+    assert np.array_equal(labels, member % 7)

@@ -16,15 +16,16 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline.config import ConfigError, ModelConfig, TrainConfig
-from pipeline.config.records import ModelCard
+from pipeline.config.records import LatentSpace, ModelCard
 from pipeline.config.train import resolve_tracking_uri
+from pipeline.data.order import Order
 from pipeline.edges import checkpoint, registry, snapshots, tracking
 from pipeline.jobs.train import ingest
 from pipeline.jobs.train.driver import _init_model, _plan, _warn_rereads
-from pipeline.jobs.train.worker import _micro_batches, _restore_profiles, grid
+from pipeline.jobs.train.worker import _inputs, _micro_batches, _restore_profiles, grid
 from pipeline.maths.architecture import architecture
 from pipeline.maths.counter import seed63
-from pipeline.maths.edm import Precond
+from pipeline.maths.edm import Precond, seeded_normal
 from pipeline.maths.ema import EMA
 from pipeline.maths.phema import PostHocEMA
 from pipeline.maths.train_step import fused_adam, keep_fused, train_step
@@ -55,8 +56,10 @@ def test_the_workers_collate_wraps_the_readers_arrays_without_copies():
 def test_the_worker_maps_pixels_to_minus_one_one_on_the_device():
     pixels = np.random.default_rng(0).integers(0, 256, size=(4, 3, 2, 2), dtype=np.uint8)
     pixels[0, :, 0, 0] = [0, 255, 128]
-    batch = ingest.Batch(torch.from_numpy(pixels), torch.arange(4), np.arange(4), np.zeros(4))
-    micro = _micro_batches(batch, torch.device("cpu"), 2, torch.contiguous_format)
+    batch = ingest.Batch(torch.from_numpy(pixels), None, torch.arange(4), np.arange(4), np.zeros(4))
+    plan = _plan(TrainConfig(dataset="/d"), MANIFEST, "digest")
+    x = _inputs(batch, plan, Order(plan.stream), torch.device("cpu"))
+    micro = _micro_batches(x, batch.label, torch.device("cpu"), 2)
     assert [len(x) for x, _ in micro] == [2, 2] and [y.tolist() for _, y in micro] == [
         [0, 1],
         [2, 3],
@@ -277,6 +280,84 @@ MANIFEST = {
         {"name": "train-000002.tar", "split": "train", "samples": 610, "sha256": "d" * 64},
     ],
 }
+
+
+@pytest.fixture(scope="module")
+def latent_manifest(tmp_path_factory) -> dict:
+    """A latent dataset's manifest (as tasks.encode writes it) over MANIFEST's
+    shards, of a tiny autoencoder (f = 4) saved beside: 32 px images, 8x8x4 latents."""
+    from pipeline.edges import autoencoders
+    from tests.nets import tiny_autoencoder
+
+    folder = tmp_path_factory.mktemp("vae")
+    tiny_autoencoder(levels=3).save_pretrained(folder)
+    digest = autoencoders.identity_of(autoencoders.read_folder(str(folder))).digest
+    return {
+        **MANIFEST,
+        "kind": "latents",
+        "resolution": 32,
+        "flips": False,
+        "autoencoder": {
+            "uri": str(folder),
+            "digest": digest,
+            "downsample": 4,
+            "latent_channels": 4,
+        },
+        "stats": {
+            "raw_mean": [1.0, -2.0, 0.5, 0.0],
+            "raw_std": [2.0, 4.0, 1.0, 0.5],
+            "final_std": 0.5,
+        },
+    }
+
+
+def test_on_latents_the_plans_network_takes_the_datasets_channels_and_side(
+    latent_manifest, tmp_path
+):
+    plan = _plan(TrainConfig(dataset="/d"), latent_manifest, "digest")
+    assert (plan.model.in_channels, plan.model.out_channels, plan.resolution) == (4, 4, 8)
+    assert plan.latents == LatentSpace.of_dataset(latent_manifest)
+    assert plan.latents is not None and plan.latents.side == 8
+    with pytest.raises(ConfigError, match=r"^train.hflip: /d holds latents encoded without"):
+        _plan(TrainConfig(dataset="/d", hflip=True), latent_manifest, "digest")
+    flipped = _plan(TrainConfig(dataset="/d", hflip=True), {**latent_manifest, "flips": True}, "d")
+    assert flipped.stream.hflip
+    # The autoencoder must be where the dataset says, and the same one.
+    moved = {**latent_manifest["autoencoder"], "uri": str(tmp_path / "gone")}
+    with pytest.raises(ConfigError, match=r"^train.dataset: its autoencoder: .*gone: not found"):
+        _plan(TrainConfig(dataset="/d"), {**latent_manifest, "autoencoder": moved}, "d")
+    other = {**latent_manifest["autoencoder"], "digest": "0" * 64}
+    with pytest.raises(ConfigError, match=r"changed since the latents were encoded"):
+        _plan(TrainConfig(dataset="/d"), {**latent_manifest, "autoencoder": other}, "d")
+    # A warm start from a pixel model is refused: it makes other things.
+    net = build("tiny", 8, num_classes=10, label_dropout=0.1)
+    checkpoint.save(tmp_path, net, net, torch.optim.Adam(net.parameters()), checkpoint_state(net))
+    warm = TrainConfig(dataset="/d", init_from=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"makes pixels, this run the latents of [0-9a-f]{12}"):
+        _init_model(warm, _plan(warm, latent_manifest, "digest"))
+
+
+def test_each_latent_is_drawn_with_its_positions_seed_and_normalised(latent_manifest):
+    plan = _plan(TrainConfig(dataset="/d", batch_size=8), latent_manifest, "digest")
+    order = Order(plan.stream)
+    rng = np.random.default_rng(0)
+    mean = rng.standard_normal((8, 4, 8, 8)).astype(np.float32)
+    std = (np.abs(rng.standard_normal((8, 4, 8, 8))) + 0.1).astype(np.float32)
+    position = np.arange(16, 24)
+    posterior = torch.from_numpy(np.stack([mean, std], axis=1))
+    batch = ingest.Batch(None, posterior, None, position, np.zeros(8))
+    x = _inputs(batch, plan, order, torch.device("cpu"))
+    e = seeded_normal(order.latent_seeds(position), 4 * 8 * 8, "cpu").reshape(8, 4, 8, 8)
+    z = torch.from_numpy(mean) + torch.from_numpy(std) * e
+    raw_mean = torch.tensor([1.0, -2.0, 0.5, 0.0]).reshape(4, 1, 1)
+    raw_std = torch.tensor([2.0, 4.0, 1.0, 0.5]).reshape(4, 1, 1)
+    torch.testing.assert_close(x, (z - raw_mean) * 0.5 / raw_std)
+    # A position's draw is its own: the same in a batch of other company.
+    alone = ingest.Batch(None, posterior[3:4], None, position[3:4], np.zeros(1))
+    torch.testing.assert_close(_inputs(alone, plan, order, torch.device("cpu"))[0], x[3])
+    # ... and another position draws another latent from the same posterior.
+    moved = ingest.Batch(None, posterior[3:4], None, position[3:4] + 8, np.zeros(1))
+    assert not torch.allclose(_inputs(moved, plan, order, torch.device("cpu"))[0], x[3])
 
 
 def test_plan_rounds_the_length_up_to_whole_batches():

@@ -110,15 +110,19 @@ class ModelConfig(Checked):
         label_dropout: float = 0.0,
         field: str = "model",
         source: str = "",
+        image_channels: int = 3,
     ) -> UNetConfig:
-        """The complete architecture for images of `resolution` px; a ConfigError
-        naming `field` (and the `source` of the resolution) and what is allowed when
-        the network cannot take them."""
+        """The complete architecture for images of `resolution` px and
+        `image_channels` channels (a latent dataset's latent channels); a
+        ConfigError naming `field` (and the `source` of the resolution) and what is
+        allowed when the network cannot take them."""
         try:
             return architecture(
                 self.template,
                 resolution,
                 **self.overrides(),
+                in_channels=image_channels,
+                out_channels=image_channels,
                 num_classes=num_classes,
                 label_dropout=label_dropout if num_classes else 0.0,
             )

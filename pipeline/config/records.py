@@ -19,37 +19,14 @@ a record is read, not later on a worker.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from typing import Any
 
+from pipeline.config.latent_space import LatentSpace
+from pipeline.config.record_keys import RecordError, check_fields, check_keys
 from pipeline.maths.architecture import UNetConfig, architecture
 
-
-class RecordError(ValueError):
-    """A record read back is not in its format; the message names the record and
-    the key."""
-
-
-def check_keys(
-    what: str, data: Any, required: Collection[str], optional: Collection[str] = ()
-) -> None:
-    """Raise a RecordError naming every unknown and every missing key."""
-    if not isinstance(data, Mapping):
-        raise RecordError(f"{what}: must be a JSON object, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(required) - set(optional))
-    missing = [k for k in required if k not in data]
-    problems = [
-        f"{kind} key{'s' if len(keys) > 1 else ''} {', '.join(map(repr, keys))}"
-        for kind, keys in (("unknown", unknown), ("missing", missing))
-        if keys
-    ]
-    if problems:
-        raise RecordError(f"{what}: {'; '.join(problems)}")
-
-
-def check_fields(what: str, data: Any, cls: type) -> None:
-    """`check_keys` with every field of dataclass `cls` required and no other key."""
-    check_keys(what, data, [f.name for f in dataclasses.fields(cls)])
+__all__ = ["LatentSpace", "RecordError", "check_fields", "check_keys"]
 
 
 def _network(
@@ -67,6 +44,10 @@ def _network(
         return UNetConfig.from_dict(model)
     except ValueError as e:
         raise RecordError(f"{what}: model: {e}") from None
+
+
+def _latents(value: Any, what: str) -> LatentSpace | None:
+    return None if value is None else LatentSpace.from_dict(value, what)
 
 
 def _classes(value: Any) -> tuple[str, ...] | None:
@@ -159,6 +140,9 @@ class TrainingPlan:
     """What each step trains on."""
     run_id: str | None = None
     """The MLflow run, once the driver has found or created it."""
+    latents: LatentSpace | None = None
+    """For a latent dataset: its autoencoder and statistics (the network's images
+    are then latents of `resolution` per side)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -170,12 +154,14 @@ class TrainingPlan:
             "classes": None if self.classes is None else list(self.classes),
             "stream": self.stream.to_dict(),
             "run_id": self.run_id,
+            **({"latents": self.latents.to_dict()} if self.latents else {}),
         }
 
     @classmethod
     def from_dict(cls, data: Any) -> TrainingPlan:
         what = "training plan"
-        check_fields(what, data, cls)
+        fields = [f.name for f in dataclasses.fields(cls)]
+        check_keys(what, data, [f for f in fields if f != "latents"], ["latents"])
         return cls(
             **{
                 **data,
@@ -183,6 +169,7 @@ class TrainingPlan:
                 "dataset": DatasetRef.from_dict(data["dataset"], f"{what}: dataset"),
                 "classes": _classes(data["classes"]),
                 "stream": StreamPlan.from_dict(data["stream"], f"{what}: stream"),
+                "latents": _latents(data.get("latents"), f"{what}: latents"),
             }
         )
 
@@ -208,6 +195,8 @@ class CheckpointState:
     snapshots: str = ""
     """Where the run stores its post-hoc EMA snapshots (`edges.snapshots`); empty
     in checkpoints written before they were kept."""
+    latents: LatentSpace | None = None
+    """A latent model's autoencoder and statistics (None: pixels)."""
 
     @property
     def template(self) -> str:
@@ -224,13 +213,15 @@ class CheckpointState:
             "dataset": self.dataset.to_dict(),
             "seed": self.seed,
             **({"snapshots": self.snapshots} if self.snapshots else {}),
+            **({"latents": self.latents.to_dict()} if self.latents else {}),
         }
 
     @classmethod
     def from_dict(cls, data: Any) -> CheckpointState:
         what = "checkpoint state"
+        optional = ("snapshots", "latents")
         fields = [f.name for f in dataclasses.fields(cls)]
-        check_keys(what, data, [f for f in fields if f != "snapshots"], ["snapshots"])
+        check_keys(what, data, [f for f in fields if f not in optional], optional)
         config = data["config"]
         if not isinstance(config, Mapping):
             raise RecordError(f"{what}: config: must be a JSON object, got {type(config).__name__}")
@@ -240,6 +231,7 @@ class CheckpointState:
                 "model": _network(what, data["model"], config.get("preset")),
                 "config": dict(config),
                 "dataset": DatasetRef.from_dict(data["dataset"], f"{what}: dataset"),
+                "latents": _latents(data.get("latents"), f"{what}: latents"),
             }
         )
 
@@ -271,8 +263,17 @@ class ModelCard:
     snapshots: str = ""
     """Where its training run stored the post-hoc EMA snapshots (`edges.snapshots`),
     from which another averaging length can be reconstructed; empty: none known."""
+    latents: LatentSpace | None = None
+    """A latent model's autoencoder and statistics: its network makes latents of
+    `resolution` per side, which the autoencoder decodes to `latents.resolution`
+    px. None: a pixel model."""
 
     def __post_init__(self) -> None:
+        if self.latents is not None and self.latents.side != self.resolution:
+            raise RecordError(
+                f"model card: latents: {self.latents.side} per side, where the network's "
+                f"resolution is {self.resolution}"
+            )
         if self.resolution != self.model.resolution:
             raise RecordError(
                 f"model card: resolution: {self.resolution} is not the network's "
@@ -291,7 +292,13 @@ class ModelCard:
             "run_id": self.run_id,
             "augmentation": self.augmentation,
             **({"snapshots": self.snapshots} if self.snapshots else {}),
+            **({"latents": self.latents.to_dict()} if self.latents else {}),
         }
+
+    @property
+    def image_side(self) -> int:
+        """Side of the images it makes, in pixels (decoded, for a latent model)."""
+        return self.resolution if self.latents is None else self.latents.resolution
 
     @classmethod
     def from_dict(cls, data: Any) -> ModelCard:
@@ -308,6 +315,7 @@ class ModelCard:
             "run_id",
             "augmentation",
             "snapshots",
+            "latents",
         ]
         check_keys(what, data, ["template", "model", "resolution"], optional)
         dataset = data.get("dataset")
@@ -319,6 +327,7 @@ class ModelCard:
                 "dataset": None
                 if dataset is None
                 else DatasetRef.from_dict(dataset, f"{what}: dataset"),
+                "latents": _latents(data.get("latents"), f"{what}: latents"),
             }
         )
 

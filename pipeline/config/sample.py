@@ -82,6 +82,10 @@ class SampleConfig(Checked):
     """Sampling actors (one GPU each when GPUs are used)."""
     use_gpu: bool | None = None
     """Sample on GPUs; default: when the Ray cluster has any."""
+    autoencoder: str = ""
+    """A latent model's autoencoder (folder or `s3://`), to decode its latents;
+    default: where its model card says. It must be the one the model's dataset was
+    encoded with (the same digest)."""
     tracking_uri: str = ""
     """MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
     experiment: str = "sampling"
@@ -92,6 +96,8 @@ class SampleConfig(Checked):
         if not is_registry_ref(self.model):
             self.locate("model")
         self.locate("output")
+        if self.autoencoder:
+            self.locate("autoencoder")
         self.check(self.images > 0, "images", "must be a positive integer")
         self.check(self.samples_per_shard > 0, "samples_per_shard", "must be a positive integer")
         self.check(

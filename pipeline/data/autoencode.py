@@ -1,10 +1,13 @@
-"""Images to the posteriors of their latents: `Encoder` is the callable a Ray Data
-actor pool runs (`map_batches(Encoder, fn_constructor_kwargs=...,
-compute=ActorPoolStrategy(...))`), one autoencoder loaded per actor.
+"""Images to the posteriors of their latents and latents back to images.
+
+`Encoder` is the callable a Ray Data actor pool runs (`map_batches(Encoder,
+fn_constructor_kwargs=..., compute=ActorPoolStrategy(...))`), one autoencoder
+loaded per actor.
 
 A batch is encoded in chunks of `chunk` images from its start: CPU convolutions
 give other last bits over another number of images, so a job that hands it one
 shard per batch gets the same bytes on every run, whatever the pool's size.
+`Decoder` turns what a latent model makes into pixels, likewise in fixed calls.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.edges import autoencoders
+from pipeline.maths.latents import LatentStats
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -33,7 +37,7 @@ class Encoder:
         precision: str = "fp32",
         chunk: int = 16,
         digest: str | None = None,
-        device: str | None = None,
+        device: torch.device | str | None = None,
     ):
         if precision not in PRECISIONS:
             raise ValueError(
@@ -87,3 +91,40 @@ class Encoder:
             posterior.mean.float().cpu().numpy(),
             posterior.std.float().cpu().numpy(),
         )
+
+
+class Decoder:
+    """What a latent model makes (latents normalised by `stats`, [N, C, h, w]) to
+    images in [-1, 1], [N, 3, H, W]: denormalised, then decoded by the autoencoder
+    in calls of exactly `chunk` latents (the last one padded), so that an image
+    does not depend on the others decoded with it."""
+
+    def __init__(
+        self,
+        autoencoder: str,
+        digest: str,
+        stats: LatentStats,
+        chunk: int = 16,
+        device: torch.device | str | None = None,
+    ):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        vae, identity = autoencoders.load(autoencoder, self.device)
+        if identity.digest != digest:
+            raise autoencoders.AutoencoderError(
+                f"{autoencoder}: digest {identity.digest[:12]}..., where the model's latents "
+                f"are of the autoencoder {digest[:12]}..."
+            )
+        self.vae: Any = vae
+        self.stats, self.chunk = stats, chunk
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.stats.denormalise(x.to(self.device, torch.float32))
+        out = []
+        for lo in range(0, len(z), self.chunk):
+            part = z[lo : lo + self.chunk]
+            n = len(part)
+            if n < self.chunk:
+                part = torch.cat([part, part.new_zeros((self.chunk - n, *part.shape[1:]))])
+            with torch.no_grad():
+                out.append(self.vae.decode(part).sample[:n])
+        return torch.cat(out).clamp(-1, 1)

@@ -7,7 +7,9 @@ reads the shards that hold the worker's positions of each window (each once,
 checking its sha256 against the manifest's), keeps only the encoded samples it
 needs, and yields them decoded and flipped, a block of rows at a time:
 
-    image     uint8 [n, 3, H, W]
+    image     uint8 [n, 3, H, W] (pixel datasets)
+    posterior float32 [n, 2, C, H, W] (latent datasets): each latent's mean and
+              std, the mirrored image's where the position flips
     label     int64 [n] (labelled datasets only)
     position  int64 [n], ascending: the global positions
     check     uint64 [n]: `Order.checks`, the fingerprint of what sits there
@@ -22,12 +24,13 @@ from __future__ import annotations
 import dataclasses
 import io
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from pipeline.config.records import StreamPlan
-from pipeline.data import shards
+from pipeline.data import latent_samples, shards
 from pipeline.data.order import Order
 from pipeline.edges import storage
 
@@ -50,7 +53,10 @@ class Reading:
     start: int
     stop: int
     resolution: int
+    """Side of the dataset's images (of its latents, for a latent dataset)."""
     labelled: bool
+    latent_channels: int = 0
+    """A latent dataset's channels (0: a pixel dataset)."""
 
 
 class WindowReader:
@@ -89,23 +95,34 @@ class WindowReader:
         flips = order.flips(position)
         checks = order.checks(position, shard, member)
         side = r.resolution
-        rows = max(1, BLOCK_BYTES // (3 * side * side))
+        sample_bytes = 2 * 4 * r.latent_channels * side * side if r.latent_channels else 3 * side**2
+        rows = max(1, BLOCK_BYTES // sample_bytes)
         for lo in range(0, len(position), rows):
             part = slice(lo, lo + rows)
             keys = list(zip(shard[part].tolist(), member[part].tolist(), strict=True))
-            image = np.stack([self._decode(encoded[k], k) for k in keys])
             flip = flips[part]
-            image[flip] = image[flip, :, :, ::-1]
-            out = {"image": image, "position": position[part], "check": checks[part]}
+            out = {"position": position[part], "check": checks[part]}
+            if r.latent_channels:
+                out["posterior"] = np.stack(
+                    [
+                        self._posterior(encoded[k], bool(f), k)
+                        for k, f in zip(keys, flip, strict=True)
+                    ]
+                )
+            else:
+                image = np.stack([self._decode(encoded[k], k) for k in keys])
+                image[flip] = image[flip, :, :, ::-1]
+                out["image"] = image
             if r.labelled:
                 out["label"] = np.array([labels[k] for k in keys], dtype=np.int64)
             yield out
 
     def _encoded(
         self, shard: np.ndarray, member: np.ndarray
-    ) -> tuple[dict[tuple[int, int], bytes], dict[tuple[int, int], int]]:
-        """The PNG bytes (and labels) of the (shard, member) pairs, each shard read once."""
-        encoded: dict[tuple[int, int], bytes] = {}
+    ) -> tuple[dict[tuple[int, int], Any], dict[tuple[int, int], int]]:
+        """The PNG bytes (the latent members, by extension) and labels of the (shard,
+        member) pairs, each shard read once."""
+        encoded: dict[tuple[int, int], Any] = {}
         labels: dict[tuple[int, int], int] = {}
         for s in np.unique(shard).tolist():
             wanted = set(member[shard == s].tolist())
@@ -115,8 +132,9 @@ class WindowReader:
                     labels[s, index] = label
         return encoded, labels
 
-    def _members(self, s: int, wanted: set[int]) -> Iterator[tuple[int, tuple[bytes, int | None]]]:
-        """(member index, (png, label)) of the wanted samples of shard `s`."""
+    def _members(self, s: int, wanted: set[int]) -> Iterator[tuple[int, tuple[Any, int | None]]]:
+        """(member index, (png or latent members, label)) of the wanted samples of
+        shard `s`."""
         ref = self.plan.shards[s]
         uri = storage.join(self.reading.prefix, ref.name)
         # Patient: an S3 endpoint down mid-training is waited out, not a failed run.
@@ -138,12 +156,44 @@ class WindowReader:
         for index, parts in enumerate(samples.values()):
             if index not in wanted:
                 continue
-            if "png" not in parts or (self.reading.labelled and "cls" not in parts):
-                raise StreamError(f"{uri}: sample {index} lacks its .png or .cls")
-            png = bytes(view[parts["png"].offset : parts["png"].offset + parts["png"].size])
+            need = self._latent_members if self.reading.latent_channels else ("png",)
+            if any(e not in parts for e in need) or (self.reading.labelled and "cls" not in parts):
+                raise StreamError(f"{uri}: sample {index} lacks its {', .'.join(need)} or .cls")
+            payload = {
+                e: bytes(view[parts[e].offset : parts[e].offset + parts[e].size]) for e in need
+            }
             cls = parts.get("cls")
             label = None if cls is None else int(bytes(view[cls.offset : cls.offset + cls.size]))
-            yield index, (png, label if self.reading.labelled else None)
+            png = payload.get("png")
+            yield index, (payload if png is None else png, label if self.reading.labelled else None)
+
+    @property
+    def _latent_members(self) -> tuple[str, ...]:
+        """The members a latent sample must hold: flipped ones when the plan flips."""
+        plain = (latent_samples.MEAN, latent_samples.STD)
+        return plain + (
+            (latent_samples.FLIPPED_MEAN, latent_samples.FLIPPED_STD) if self.plan.hflip else ()
+        )
+
+    def _posterior(
+        self, members: dict[str, bytes], flip: bool, where: tuple[int, int]
+    ) -> np.ndarray:
+        """A latent sample's mean and std (of its mirrored image where `flip`):
+        float32 [2, C, h, w]."""
+        names = (
+            (latent_samples.FLIPPED_MEAN, latent_samples.FLIPPED_STD)
+            if flip
+            else (latent_samples.MEAN, latent_samples.STD)
+        )
+        out = np.stack([latent_samples.npy_array(members[n]) for n in names])
+        side, channels = self.reading.resolution, self.reading.latent_channels
+        if out.shape != (2, channels, side, side) or out.dtype != np.float32:
+            name = self.plan.shards[where[0]].name
+            raise StreamError(
+                f"{name}: sample {where[1]}'s latents are {out.dtype} {list(out.shape[1:])}, "
+                f"the dataset's are float32 {[channels, side, side]}"
+            )
+        return out
 
     def _decode(self, png: bytes, where: tuple[int, int]) -> np.ndarray:
         """A shard's PNG -> uint8 [3, H, W]."""

@@ -130,6 +130,7 @@ def _checkpoint_model(state: CheckpointState, weights: bytes, folder: str) -> Mo
         dataset=state.dataset,
         augmentation={"hflip": state.config.get("hflip")},
         snapshots=state.snapshots,
+        latents=state.latents,
     )
     digest = hashlib.sha256(weights).hexdigest()
     return Model(card, weights, Lineage(None, None, state.run_id, digest, checkpoint=folder))

@@ -44,15 +44,18 @@ def generate(
     guidance: float,
     resolution: int,
     num_classes: int,
+    channels: int = 3,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, list[int | None]]:
     """The uint8 images [N, H, W, 3] and labels of image `indices` of the job
     (seed, labels, sampler, steps, guidance) with a network of `resolution` px and
-    `num_classes` classes."""
+    `num_classes` classes. A latent model's network makes `channels` channels,
+    which `decode` turns into images in [-1, 1]."""
     per_image = image_labels(labels, seed, indices, num_classes)
     generators = sample_generators(seed, indices, device)
     sigmas = karras_sigmas(steps).to(device)
     x = initial_noise(
-        (len(indices), 3, resolution, resolution), float(sigmas[0]), generators, device
+        (len(indices), channels, resolution, resolution), float(sigmas[0]), generators, device
     )
     label = None if per_image[0] is None else torch.tensor(per_image, device=device)
     stochastic = sampler in ("euler_ancestral", "edm_stochastic", "dpmpp_2m_sde", "restart")
@@ -65,6 +68,8 @@ def generate(
             guidance=guidance,
             generator=generators if stochastic else None,
         )
+        if decode is not None:
+            out = decode(out)
     pixels = ((out.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu().numpy(), per_image
 

@@ -36,6 +36,7 @@ import numpy as np
 
 from pipeline.config import ConfigError, to_dict
 from pipeline.config.evaluate import EvaluateConfig, parse_sampler
+from pipeline.data import latent_samples
 from pipeline.data.reference import (
     REFERENCE,
     Split,
@@ -45,7 +46,7 @@ from pipeline.data.reference import (
     reference_features,
 )
 from pipeline.data.shards import load_dataset
-from pipeline.edges import cluster, registry, storage, tracking
+from pipeline.edges import autoencoders, cluster, registry, storage, tracking
 from pipeline.jobs.evaluate import outputs
 from pipeline.maths import metrics
 
@@ -107,12 +108,18 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     `cfg.ema_length` (`EvaluateResult.lengths`); see the module doc."""
     model = registry.load_model(cfg.model, cfg.tracking_uri, "evaluate.model")
     manifest, digest = load_dataset(cfg.dataset, "evaluate.dataset")
-    if manifest["resolution"] != model.card.resolution:
+    if latent_samples.kind(manifest) == latent_samples.KIND:
+        raise ConfigError(
+            f"evaluate.dataset: {cfg.dataset} holds latents; models are scored on pixels: "
+            f"give the dataset they were encoded from ({manifest['source']['dataset']})"
+        )
+    if manifest["resolution"] != model.card.image_side:
         raise ConfigError(
             f"evaluate.dataset: its images are {manifest['resolution']} px, the model's "
-            f"{model.card.resolution} px, got {cfg.dataset!r}"
+            f"{model.card.image_side} px, got {cfg.dataset!r}"
         )
     check_fits(cfg, model, manifest)
+    _check_autoencoder(model)
     if cfg.ema_length:
         registry.require_snapshots(model, "evaluate.ema_length", cfg.ema_length)
     own = _evaluate_weights(cfg, model, manifest, digest, None)
@@ -217,6 +224,24 @@ def check_fits(cfg: EvaluateConfig, model: registry.Model, manifest: dict) -> No
     if cfg.neighbours >= min(cfg.images, cfg.reference_images):
         raise ConfigError(
             f"evaluate.neighbours: must be below images and reference_images, got {cfg.neighbours}"
+        )
+
+
+def _check_autoencoder(model: registry.Model) -> None:
+    """A latent model's autoencoder is where its card says, and is its own: found
+    now, in one line, not in the Ray task that decodes."""
+    space = model.card.latents
+    if space is None:
+        return
+    try:
+        found = autoencoders.identity_of(autoencoders.read_folder(space.autoencoder))
+    except autoencoders.AutoencoderError as e:
+        raise ConfigError(f"evaluate.model: {model.describe()}'s autoencoder: {e}") from None
+    if found.digest != space.digest:
+        raise ConfigError(
+            f"evaluate.model: {model.describe()}'s autoencoder at {space.autoencoder} is "
+            f"not the one its latents are of (digest {found.digest[:12]}..., the card's "
+            f"{space.digest[:12]}...)"
         )
 
 

@@ -18,6 +18,12 @@ if TYPE_CHECKING:
     import torch
 
 
+AUTOENCODER_CHUNK = 16
+"""Images per autoencoder call of a latent model's evaluation: fixed (the bits
+depend on it), and small (an SD-sized autoencoder's activations at 512 px take
+gigabytes an image)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class EvaluationJob:
     """What the model's Ray task computes besides the samplers: the same seeds,
@@ -62,6 +68,12 @@ def model_outputs(
     net = UNet(card.model)
     net.load_state_dict(load(weights))
     denoiser = Precond(net).to(device).eval()
+    decoder = None
+    if card.latents is not None:
+        from pipeline.data.autoencode import Decoder
+
+        space = card.latents
+        decoder = Decoder(space.autoencoder, space.digest, space.stats, AUTOENCODER_CHUNK, device)
     samples: dict[str, np.ndarray] = {}
     sample_labels: list[int | None] = []
     for text in samplers:
@@ -80,6 +92,8 @@ def model_outputs(
                 guidance=job.guidance,
                 resolution=card.resolution,
                 num_classes=card.model.num_classes,
+                channels=card.model.in_channels,
+                decode=decoder,
             )
             chunks.append(images)
             sample_labels += chunk_labels
@@ -89,11 +103,29 @@ def model_outputs(
     if heldout is None:
         return {"samples": samples, "labels": labels_out, "heldout": None}
 
-    # Copies: arrays from Ray's object store are read-only.
-    x = torch.tensor(heldout).permute(0, 3, 1, 2) / 127.5 - 1
+    x = _network_images(card, heldout, device)
     label = None if labels is None else torch.tensor(labels)
     losses = heldout_losses(denoiser, x, label, job.sigmas, job.seed, job.batch_size, device)
     return {"samples": samples, "labels": labels_out, "heldout": losses}
+
+
+def _network_images(card: ModelCard, images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Images (uint8 [N, H, W, 3]) as the network sees them: in [-1, 1], or for a
+    latent model their latents' posterior means, normalised. (Training draws from
+    the posterior; the held-out loss uses its mean, so that it has no draw.)"""
+    import torch
+
+    if card.latents is None:
+        # A copy: arrays from Ray's object store are read-only.
+        return torch.tensor(images).permute(0, 3, 1, 2) / 127.5 - 1
+    from pipeline.data.autoencode import Encoder
+
+    space = card.latents
+    encoder = Encoder(
+        space.autoencoder, chunk=AUTOENCODER_CHUNK, digest=space.digest, device=device
+    )
+    mean = encoder({"image": images})["mean"]
+    return space.stats.normalise(torch.from_numpy(mean))
 
 
 def heldout_losses(

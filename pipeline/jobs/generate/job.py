@@ -32,7 +32,7 @@ import numpy as np
 from pipeline.config import ConfigError, SampleConfig, to_dict
 from pipeline.config.records import GenerationJob
 from pipeline.data import shards
-from pipeline.edges import cluster, registry, storage, tracking
+from pipeline.edges import autoencoders, cluster, registry, storage, tracking
 from pipeline.jobs.generate.sampler import ShardRecord, ShardSampler, shard_seeds
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def sample(cfg: SampleConfig) -> SampleResult:
     """Generate the images `cfg` describes; see the module doc. A finished job run
     again writes nothing, to the output or to MLflow."""
     model = registry.load_model(cfg.model, cfg.tracking_uri, "sample.model")
+    autoencoder = _autoencoder(cfg, model)
     job = _job(cfg, model)
     names = [shards.shard_name("train", i) for i in range(_shard_count(cfg))]
     manifest_uri = storage.join(cfg.output, shards.MANIFEST)
@@ -79,7 +80,7 @@ def sample(cfg: SampleConfig) -> SampleResult:
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as mlflow_thread:
         run = mlflow_thread.submit(_open_run, cfg, model)
         if missing:
-            done.update(_generate(cfg, model, job, missing, run))
+            done.update(_generate(cfg, model, job, missing, run, autoencoder))
         run_id = run.result()
     data = _manifest(cfg, model, job, names, done)
     if _read_or_none(manifest_uri) != data:
@@ -89,6 +90,27 @@ def sample(cfg: SampleConfig) -> SampleResult:
     )
     tracking.end_run(cfg.tracking_uri, run_id)
     return SampleResult(len(missing), len(names), cfg.images, manifest_uri, run_id)
+
+
+def _autoencoder(cfg: SampleConfig, model: registry.Model) -> str | None:
+    """Where a latent model's autoencoder is (None for a pixel model); a config
+    error when it is not the one its latents are of."""
+    space = model.card.latents
+    if space is None:
+        if cfg.autoencoder:
+            raise ConfigError("sample.autoencoder: the model makes pixels; it takes none")
+        return None
+    uri = cfg.autoencoder or space.autoencoder
+    try:
+        found = autoencoders.identity_of(autoencoders.read_folder(uri))
+    except autoencoders.AutoencoderError as e:
+        raise ConfigError(f"sample.autoencoder: {e}") from None
+    if found.digest != space.digest:
+        raise ConfigError(
+            f"sample.autoencoder: {uri} is not the autoencoder the model's latents are of "
+            f"(digest {found.digest[:12]}..., the model card's {space.digest[:12]}...)"
+        )
+    return uri
 
 
 def _open_run(cfg: SampleConfig, model: registry.Model) -> str:
@@ -123,7 +145,7 @@ def _manifest(
             "format_version": 1,
             "job": job.to_dict(),
             "output": cfg.output,
-            "resolution": model.card.resolution,
+            "resolution": model.card.image_side,
             "classes": None if model.card.classes is None else list(model.card.classes),
             "counts": {
                 "images": cfg.images,
@@ -217,6 +239,7 @@ def _generate(
     job: GenerationJob,
     missing: list[int],
     run: concurrent.futures.Future[str],
+    autoencoder: str | None,
 ) -> dict[str, ShardRecord]:
     """Generate the `missing` shards over an actor pool; their records by name.
     `run` is the MLflow run being opened meanwhile: its error stops the job at the
@@ -248,6 +271,7 @@ def _generate(
                 "job": job,
                 "output": cfg.output,
                 "batch_size": cfg.batch_size,
+                "autoencoder": autoencoder,
             },
         )
         with tqdm(total=total, unit="img", desc="sample", dynamic_ncols=True) as bar:

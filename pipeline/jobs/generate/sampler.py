@@ -66,9 +66,11 @@ class ShardSampler:
         job: GenerationJob,
         output: str,
         batch_size: int,
+        autoencoder: str | None = None,
     ):
         """`weights`: the safetensors bytes, or a reference to them in Ray's object
-        store (one copy for all actors)."""
+        store (one copy for all actors). `autoencoder`: where a latent model's
+        autoencoder is, which decodes its latents in calls of `job.network_batch`."""
         import torch
         from safetensors.torch import load
 
@@ -86,6 +88,15 @@ class ShardSampler:
         net = UNet(card.model)
         net.load_state_dict(load(weights))
         self.denoiser = FixedBatch(Precond(net).to(self.device).eval(), job.network_batch)
+        self.decode = None
+        if card.latents is not None:
+            from pipeline.data.autoencode import Decoder
+
+            assert autoencoder is not None, "the driver finds a latent model's autoencoder"
+            space = card.latents
+            self.decode = Decoder(
+                autoencoder, space.digest, space.stats, job.network_batch, self.device
+            )
         self.card, self.job, self.output, self.batch_size = card, job, output, batch_size
         self.encoder = concurrent.futures.ThreadPoolExecutor(max_workers=2)
         self.sampling = threading.Lock()
@@ -120,6 +131,8 @@ class ShardSampler:
                     guidance=job.guidance,
                     resolution=self.card.resolution,
                     num_classes=self.card.model.num_classes,
+                    channels=self.card.model.in_channels,
+                    decode=self.decode,
                 )
                 pending.append(self.encoder.submit(self._members, indices, images, labels))
         # From here on the next call may sample.

@@ -20,19 +20,20 @@ import logging
 import math
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import ConfigError, TrainConfig, to_dict
 from pipeline.config.records import (
     CheckpointState,
     DatasetRef,
+    LatentSpace,
     ModelCard,
     StreamPlan,
     TrainingPlan,
     TrainShard,
 )
-from pipeline.data import shards
-from pipeline.edges import cluster, storage, tracking
+from pipeline.data import latent_samples, shards
+from pipeline.edges import autoencoders, cluster, storage, tracking
 
 if TYPE_CHECKING:
     from pipeline.edges import registry
@@ -66,7 +67,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     init = _init_model(cfg, plan)
     _check_storage(cfg)
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.jobs.train.worker import Stop, stopped_marker, train_loop_per_worker
@@ -96,7 +97,6 @@ def train(cfg: TrainConfig) -> TrainResult:
             max(spare, 0),
         )
 
-    fs, path = storage.arrow_filesystem(cfg.storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -110,16 +110,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             placement_strategy=cfg.placement,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
         ),
-        run_config=RunConfig(
-            name=cfg.run_name,
-            storage_path=path,
-            storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            # Train V2's RunConfig (ray.train.v2) takes logging_config; ray's static
-            # types still describe V1's (ray.air.config.RunConfig).
-            logging_config=cluster.train_logging(),  # type: ignore[call-arg]
-        ),
+        run_config=run_config(cfg.storage, cfg.run_name, cfg.max_failures, cfg.keep_checkpoints),
     )
     storage.delete(stopped_marker(cfg))
     try:
@@ -130,7 +121,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         tracking.end_run(cfg.tracking_uri, run_id, "KILLED" if interrupted else "FAILED")
         if interrupted or not isinstance(e, Exception):
             raise
-        raise TrainingFailed(f"training failed (the last checkpoint is kept): {_brief(e)}") from e
+        raise TrainingFailed(f"training failed (the last checkpoint is kept): {brief(e)}") from e
     metrics = result.metrics or {}
     final = result.checkpoint.path if result.checkpoint else None
     try:
@@ -155,7 +146,25 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
 
 
-def _brief(e: BaseException) -> str:
+def run_config(storage_uri: str, run_name: str, max_failures: int, keep: int) -> Any:
+    """Ray Train's RunConfig of a run kept under `storage_uri/run_name`: restarted
+    from its last checkpoint up to `max_failures` times, keeping `keep` of them."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    fs, path = storage.arrow_filesystem(storage_uri)
+    return RunConfig(
+        name=run_name,
+        storage_path=path,
+        storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=keep),
+        # Train V2's RunConfig (ray.train.v2) takes logging_config; ray's static
+        # types still describe V1's (ray.air.config.RunConfig).
+        logging_config=cluster.train_logging(),  # type: ignore[call-arg]
+    )
+
+
+def brief(e: BaseException) -> str:
     """Ray Train's error in one line, for the task's verdict: its first line (what
     failed) and its last (the cause); the tracebacks between stay in the log."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -198,6 +207,12 @@ def _init_model(cfg: TrainConfig, plan: TrainingPlan) -> registry.Model | None:
     from pipeline.edges import registry
 
     init = registry.load_model(cfg.init_from, cfg.tracking_uri, "train.init_from")
+    theirs, ours = init.card.latents, plan.latents
+    if (theirs and theirs.digest) != (ours and ours.digest):
+        raise ConfigError(
+            f"train.init_from: {init.describe()} makes {_space(theirs)}, this run "
+            f"{_space(ours)}, got {cfg.init_from!r}"
+        )
     differences = init.architecture().differences(plan.model, ignore=("dropout", "label_dropout"))
     if differences:
         raise ConfigError(
@@ -205,6 +220,10 @@ def _init_model(cfg: TrainConfig, plan: TrainingPlan) -> registry.Model | None:
             f"(its vs this run's: {', '.join(differences)}), got {cfg.init_from!r}"
         )
     return init
+
+
+def _space(latents: LatentSpace | None) -> str:
+    return "pixels" if latents is None else f"the latents of {latents.digest[:12]}..."
 
 
 READS_PER_PASS = 4
@@ -245,7 +264,8 @@ def _check_storage(cfg: TrainConfig) -> None:
 
 def _plan(cfg: TrainConfig, manifest: dict, digest: str) -> TrainingPlan:
     """What the workers need beyond the config: derived sizes, the whole network."""
-    resolution = manifest["resolution"]
+    latents = _latent_space(cfg, manifest)
+    resolution = manifest["resolution"] if latents is None else latents.side
     train_images = manifest["counts"]["written_by_split"]["train"]
     if train_images < cfg.batch_size:
         raise ConfigError(
@@ -255,8 +275,10 @@ def _plan(cfg: TrainConfig, manifest: dict, digest: str) -> TrainingPlan:
     images = cfg.images if cfg.epochs is None else math.ceil(cfg.epochs * train_images)
     images = math.ceil(images / cfg.batch_size) * cfg.batch_size  # whole global batches
     num_classes = len(manifest.get("classes") or [])
+    source = "the dataset's images of " if latents is None else "the dataset's latents of "
+    channels = 3 if latents is None else latents.channels
     network = cfg.model.resolve(
-        resolution, num_classes, cfg.label_dropout, "train.model", source="the dataset's images of "
+        resolution, num_classes, cfg.label_dropout, "train.model", source, channels
     )
     classes = manifest.get("classes")
     stream = StreamPlan(
@@ -279,7 +301,33 @@ def _plan(cfg: TrainConfig, manifest: dict, digest: str) -> TrainingPlan:
         dataset=DatasetRef(storage.join(cfg.dataset, shards.MANIFEST), digest, train_images),
         classes=None if classes is None else tuple(classes),
         stream=stream,
+        latents=latents,
     )
+
+
+def _latent_space(cfg: TrainConfig, manifest: dict) -> LatentSpace | None:
+    """A latent dataset's autoencoder and statistics (None for pixels); hflip is
+    refused unless each image's mirrored latent was encoded."""
+    if latent_samples.kind(manifest) != latent_samples.KIND:
+        return None
+    latents = LatentSpace.of_dataset(manifest)
+    try:  # found now, not at the first sample grid hours in
+        found = autoencoders.identity_of(autoencoders.read_folder(latents.autoencoder))
+    except autoencoders.AutoencoderError as e:
+        raise ConfigError(f"train.dataset: its autoencoder: {e}") from None
+    if found.digest != latents.digest:
+        raise ConfigError(
+            f"train.dataset: its autoencoder at {latents.autoencoder} changed since the "
+            f"latents were encoded (digest {found.digest[:12]}..., the dataset's "
+            f"{latents.digest[:12]}...)"
+        )
+    if cfg.hflip and not latents.flips:
+        raise ConfigError(
+            f"train.hflip: {cfg.dataset} holds latents encoded without flips (a flipped "
+            "image's latent is not its latent flipped); encode with --flips true, or "
+            "train with --hflip false"
+        )
+    return latents
 
 
 RESUMABLE_CHANGES = (
@@ -364,6 +412,7 @@ def _register(cfg: TrainConfig, plan: TrainingPlan, run_id: str, final: str | No
         run_id=run_id,
         augmentation={"hflip": cfg.hflip},
         snapshots=state.snapshots,
+        latents=plan.latents,
     )
     files = {
         "model.safetensors": storage.read_bytes(storage.join(folder, checkpoint.EMA_WEIGHTS)),
@@ -377,6 +426,7 @@ def _register(cfg: TrainConfig, plan: TrainingPlan, run_id: str, final: str | No
         "checkpoint": folder,
         "template": cfg.model.template,
         "hflip": str(cfg.hflip),
+        **({"autoencoder_digest": plan.latents.digest} if plan.latents else {}),
     }
     return tracking.register_model(
         cfg.tracking_uri, run_id, cfg.model_name or cfg.run_name, files, tags

@@ -42,8 +42,10 @@ SEGMENT = 256
 class Batch:
     """One worker's share of one step, as the stream delivers it."""
 
-    image: torch.Tensor
-    """uint8 [b, 3, H, W] on the host (pinned for CUDA)."""
+    image: torch.Tensor | None
+    """uint8 [b, 3, H, W] on the host (pinned for CUDA); None for latents."""
+    posterior: torch.Tensor | None
+    """A latent dataset's posteriors, float32 [b, 2, C, H, W]: mean and std."""
     label: torch.Tensor | None
     position: np.ndarray
     """The global positions, ascending."""
@@ -139,9 +141,15 @@ class _Collate(NumpyBatchCollateFn):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         tensors = convert_ndarray_batch_to_torch_tensor_batch(
-            {k: v for k, v in batch.items() if k in ("image", "label")}
+            {k: v for k, v in batch.items() if k in ("image", "posterior", "label")}
         )
         assert isinstance(tensors, dict)
         if self.pin:
             tensors = {k: v.pin_memory() for k, v in tensors.items()}
-        return Batch(tensors["image"], tensors.get("label"), batch["position"], batch["check"])
+        return Batch(
+            tensors.get("image"),
+            tensors.get("posterior"),
+            tensors.get("label"),
+            batch["position"],
+            batch["check"],
+        )

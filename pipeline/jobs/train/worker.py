@@ -35,6 +35,7 @@ from safetensors.torch import load as load_weights
 from pipeline.config import TrainConfig, from_dict
 from pipeline.config.records import CheckpointState, TrainingPlan, check_fields
 from pipeline.data import shards
+from pipeline.data.autoencode import Decoder
 from pipeline.data.order import Order
 from pipeline.data.stream import Reading
 from pipeline.data.transforms import tile
@@ -42,6 +43,7 @@ from pipeline.edges import checkpoint, snapshots, storage, tracking
 from pipeline.jobs.train import ingest
 from pipeline.maths.edm import Precond, karras_sigmas
 from pipeline.maths.ema import EMA
+from pipeline.maths.latents import draw_latents
 from pipeline.maths.phema import PostHocEMA
 from pipeline.maths.solvers import initial_noise, sample_generators, sample_heun
 from pipeline.maths.train_step import (
@@ -102,8 +104,16 @@ def train_loop_per_worker(config: dict) -> None:
 
     order = Order(plan.stream)
     prefix = plan.dataset.uri.removesuffix("/" + shards.MANIFEST)
+    latent_channels = 0 if plan.latents is None else plan.latents.channels
     reading = Reading(
-        prefix, rank, world, images_seen, plan.images, plan.resolution, plan.num_classes > 0
+        prefix,
+        rank,
+        world,
+        images_seen,
+        plan.images,
+        plan.resolution,
+        plan.num_classes > 0,
+        latent_channels,
     )
     batches = ingest.batches(plan.stream, reading, cfg.readers, pin=device.type == "cuda")
     steps_taken = StepLog()
@@ -112,7 +122,8 @@ def train_loop_per_worker(config: dict) -> None:
             # One optimizer step over this worker's part of the global batch. It
             # does not wait for the device: its results are read at log points.
             batch = next(batches)
-            micro = _micro_batches(batch, device, cfg.micro_batch or cfg.per_worker_batch, layout)
+            x = _inputs(batch, plan, order, device).contiguous(memory_format=layout)
+            micro = _micro_batches(x, batch.label, device, cfg.micro_batch or cfg.per_worker_batch)
             result = train_step(
                 model,
                 optimizer,
@@ -173,6 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
                     dataset=plan.dataset,
                     seed=cfg.seed,
                     snapshots=snapshots.location(cfg.storage, cfg.run_name),
+                    latents=plan.latents,
                 )
                 metrics = {"loss": steps.mean_loss, "learning_rate": result.learning_rate}
                 _report_checkpoint(rank, state, net, averages, optimizer, metrics, done)
@@ -271,13 +283,26 @@ def _report_checkpoint(
         )
 
 
+def _inputs(
+    batch: ingest.Batch, plan: TrainingPlan, order: Order, device: torch.device
+) -> torch.Tensor:
+    """What the network learns to make, on the device: images in [-1, 1], or for a
+    latent dataset a latent drawn from each posterior with the seed of its
+    position (`Order.latent_seeds`), normalised by the dataset's statistics."""
+    if plan.latents is None:
+        assert batch.image is not None
+        return batch.image.to(device, non_blocking=True).float() / 127.5 - 1.0
+    assert batch.posterior is not None
+    posterior = batch.posterior.to(device, non_blocking=True)
+    z = draw_latents(posterior[:, 0], posterior[:, 1], order.latent_seeds(batch.position))
+    return plan.latents.stats.normalise(z)
+
+
 def _micro_batches(
-    batch: ingest.Batch, device: torch.device, size: int, layout: torch.memory_format
+    x: torch.Tensor, label: torch.Tensor | None, device: torch.device, size: int
 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """The batch on the device as images in [-1, 1], cut into micro-batches."""
-    pixels = batch.image.to(device, non_blocking=True)
-    x = (pixels.float() / 127.5 - 1.0).contiguous(memory_format=layout)
-    label = None if batch.label is None else batch.label.to(device, non_blocking=True)
+    """The batch cut into micro-batches, labels beside."""
+    label = None if label is None else label.to(device, non_blocking=True)
     return [
         (x[i : i + size], None if label is None else label[i : i + size])
         for i in range(0, len(x), size)
@@ -311,6 +336,7 @@ class _Rank0Log:
         self.system = tracking.SystemMetrics(cfg.tracking_uri, plan.run_id).__enter__()
         self.queue = tracking.BackgroundLog(cfg.tracking_uri, plan.run_id)
         self.clock, self.images = time.perf_counter(), images_seen
+        self.decoder: Decoder | None = None
 
     def __enter__(self) -> _Rank0Log:
         return self
@@ -345,17 +371,29 @@ class _Rank0Log:
         """Wait until every queued call is made."""
         self.queue.flush()
 
+    def _decoder(self, device: torch.device) -> Decoder:
+        """The latent dataset's autoencoder, loaded at the first grid."""
+        if self.decoder is None:
+            latents = self.plan.latents
+            assert latents is not None
+            self.decoder = Decoder(
+                latents.autoencoder, latents.digest, latents.stats, device=device
+            )
+        return self.decoder
+
     def samples(
         self, images_seen: int, ema_denoiser: Precond, device: torch.device, count: int = 64
     ) -> None:
         """A grid of EMA samples from fixed seeds (and labels cycling through the
         classes), so the grids of a run show the same noise becoming images."""
         classes = self.plan.model.num_classes
-        resolution = self.plan.resolution
+        shape = (self.plan.model.in_channels, self.plan.resolution, self.plan.resolution)
         generators = sample_generators(self.seed, range(count), device)
-        x = initial_noise((count, 3, resolution, resolution), 80.0, generators, device)
+        x = initial_noise((count, *shape), 80.0, generators, device)
         label = torch.arange(count, device=device) % classes if classes else None
         images = sample_heun(ema_denoiser, x, karras_sigmas(18), label=label)
+        if self.plan.latents is not None:
+            images = self._decoder(device)(images)
         self.queue.log_image(grid(images), key="samples", step=images_seen)
         self.clock = time.perf_counter()  # sampling time is not training time
 
