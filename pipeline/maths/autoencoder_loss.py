@@ -49,3 +49,32 @@ def psnr(x: torch.Tensor, reconstruction: torch.Tensor, peak_to_peak: float = 2.
     `peak_to_peak` (2 for [-1, 1]): 10 log10(peak^2 / MSE)."""
     mse = (x - reconstruction).square().flatten(1).mean(dim=1)
     return 10 * torch.log10(peak_to_peak**2 / mse)
+
+
+class PatchDiscriminator(torch.nn.Module):
+    """pix2pix's PatchGAN, as Stable Diffusion's autoencoders train against: strided
+    4x4 convolutions to one logit per patch ([N, 1, h, w]), each seeing about
+    (2^layers * 6) pixels across. GroupNorm, not BatchNorm: the same with any
+    number of workers."""
+
+    def __init__(self, channels: int = 32, layers: int = 3):
+        super().__init__()
+        blocks: list[torch.nn.Module] = [
+            torch.nn.Conv2d(3, channels, 4, 2, 1),
+            torch.nn.LeakyReLU(0.2),
+        ]
+        width = channels
+        for i in range(1, layers + 1):
+            wider = channels * min(2**i, 8)
+            stride = 2 if i < layers else 1
+            blocks += [
+                torch.nn.Conv2d(width, wider, 4, stride, 1, bias=False),
+                torch.nn.GroupNorm(min(32, wider // 4), wider),
+                torch.nn.LeakyReLU(0.2),
+            ]
+            width = wider
+        blocks.append(torch.nn.Conv2d(width, 1, 4, 1, 1))
+        self.net = torch.nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
