@@ -2,9 +2,10 @@
 folder as the object store, an sqlite MLflow. It writes the example digits as the
 night's raw images, then runs `tasks.nightly`: preprocess, train, evaluate (pixel
 Frechet distance, label fidelity, CAS), promote, generate 1,000 digits, and
-draws a grid of them.
+draws a grid of them. With --latent it trains an autoencoder first, and the
+night encodes the digits and trains on their latents.
 
-    python -m tasks.quickstart [--workdir quickstart] [--resolution 32]
+    python -m tasks.quickstart [--workdir quickstart] [--resolution 32] [--latent]
 
 Running it again changes nothing (another `--night` without new digits trains
 nothing either: the champion was trained on this very dataset).
@@ -31,6 +32,10 @@ def main(cfg: QuickstartConfig) -> None:
     cluster.quiet()
     say(f"{write_digits(cfg.raw)} example digits under {cfg.raw}")
     night = cfg.nightly_config()
+    if cfg.latent:
+        from pipeline.workflows.autoencoder import autoencoder_for
+
+        autoencoder_for(cfg, say)
     result = nightly(night, say=say)
     say(
         f"the dataset (version {result.dataset_version}) is in {night.dataset}/, "

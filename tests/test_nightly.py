@@ -15,7 +15,7 @@ import pytest
 from pipeline.config.nightly import today as tracking_today
 from pipeline.data import shards
 from pipeline.data.digits import write_digits
-from pipeline.edges import storage, tracking
+from pipeline.edges import registry, storage, tracking
 from tests import tasks
 
 pytestmark = pytest.mark.slow
@@ -295,3 +295,58 @@ def test_guidance_without_class_labels_is_refused_before_training(
     )
     assert not storage.exists(f"{s3_prefix}/runs/flat-{tracking_today()}")
     assert tracking.model_version(mlflow_server, "flat") is None
+
+
+@pytest.mark.trial
+def test_two_latent_nights_encode_only_the_new_shards_and_generate_pixels(
+    ray_cluster, mlflow_server, s3_prefix, tmp_path
+):
+    # Digits at 32 px through a tiny random autoencoder (f = 4: 8x8x4 latents) kept
+    # in the bucket; everything else in the bucket too, tracked by the MLflow server.
+    from tests.nets import tiny_autoencoder
+
+    uri, name = mlflow_server, f"latent-{uuid.uuid4().hex[:6]}"
+    tiny_autoencoder(levels=3).save_pretrained(tmp_path / "vae")
+    vae = f"{s3_prefix}/autoencoders/tiny"
+    for path in (tmp_path / "vae").iterdir():
+        storage.write_bytes(f"{vae}/{path.name}", path.read_bytes())
+    latents = f"{s3_prefix}/latents"
+    extra = ("--resolution", "32", "--autoencoder", vae, "--latents", latents, "--ema_lengths", "")
+    write_digits(f"{s3_prefix}/raw", 0, 400)
+
+    first = nightly_task(s3_prefix, name, "2026-11-24", uri, *extra)
+    assert first.returncode == 0, first.stderr[-3000:]
+    z1_bytes = storage.read_bytes(f"{latents}/{shards.MANIFEST}")
+    z1 = json.loads(z1_bytes)
+    pixels1 = json.loads(storage.read_bytes(f"{s3_prefix}/dataset/{shards.MANIFEST}"))
+    assert z1["kind"] == "latents" and z1["version"] == 1 and z1["latent_shape"] == [4, 8, 8]
+    assert (
+        z1["source"]["sha256"]
+        == hashlib.sha256(storage.read_bytes(f"{s3_prefix}/dataset/{shards.MANIFEST}")).hexdigest()
+    )
+    assert [s["name"] for s in z1["shards"]] == [s["name"] for s in pixels1["shards"]]
+    champion = tracking.model_version(uri, name, alias="champion")
+    assert champion is not None
+    card = registry.load_model(f"{name}/{champion['version']}", uri, "model").card
+    assert card.latents is not None and card.latents.digest == z1["autoencoder"]["digest"]
+    assert champion["tags"]["autoencoder_digest"] == z1["autoencoder"]["digest"]
+    key = champion["tags"]["eval.key"]
+    assert float(champion["tags"][f"eval.{key}.fd_pixel"]) > 0  # scored on pixels
+    samples = json.loads(storage.read_bytes(f"{s3_prefix}/samples/2026-11-24/manifest.json"))
+    assert samples["resolution"] == 32 and samples["counts"]["images"] == 64
+    old = shard_digests(latents, z1)
+
+    write_digits(f"{s3_prefix}/raw", 400, 200)
+    second = nightly_task(s3_prefix, name, "2026-11-25", uri, *extra)
+    assert second.returncode == 0, second.stderr[-3000:]
+    z2 = json.loads(storage.read_bytes(f"{latents}/{shards.MANIFEST}"))
+    assert z2["version"] == 2 and z2["previous"]["sha256"] == hashlib.sha256(z1_bytes).hexdigest()
+    assert len(z2["shards"]) > len(z1["shards"])
+    assert {n: d for n, d in shard_digests(latents, z2).items() if n in old} == old
+    assert f"encode: appended {len(z2['shards']) - len(z1['shards'])} shards" in second.stdout
+    [run2] = tracking.client(uri).search_runs(
+        [tracking.client(uri).get_experiment_by_name("nightly").experiment_id],
+        filter_string=f"tags.`mlflow.runName` = '{name}-2026-11-25'",
+    )
+    assert run2.data.params["init_from"] == f"{name}/{champion['version']}"
+    assert run2.data.params["dataset"] == latents

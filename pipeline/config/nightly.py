@@ -10,6 +10,7 @@ from typing import ClassVar
 from pipeline.config import locations
 from pipeline.config.core import Checked, ConfigError, blame
 from pipeline.config.data import PreprocessConfig
+from pipeline.config.encode import EncodeConfig
 from pipeline.config.evaluate import (
     METRICS,
     EvaluateConfig,
@@ -24,6 +25,9 @@ from pipeline.config.train import TrainConfig, resolve_tracking_uri
 _RENAMED = {
     "preprocess.input": "raw",
     "preprocess.output": "dataset",
+    "encode.dataset": "dataset",
+    "encode.output": "latents",
+    "encode.autoencoder": "autoencoder",
     "train.run_name": "model_name",
     "train.checkpoint_every_images": "images",
     "train.log_every_images": "images",
@@ -75,7 +79,14 @@ class NightlyConfig(Checked):
     so running the same night again resumes or skips it."""
     resolution: int = 8
     """Side of the preprocessed images, and so of the network: the template must be
-    able to halve it (tiny: any even side from 8 to 512)."""
+    able to halve it (tiny: any even side from 8 to 512); with an autoencoder, the
+    network's side is this over its downsampling factor."""
+    autoencoder: str = ""
+    """Train on latents: the AutoencoderKL folder (`save_pretrained`, local or
+    `s3://`) that encodes each night's new images into `latents` (tasks.encode,
+    appending); empty: train on pixels. Models are scored on pixels either way."""
+    latents: str = ""
+    """Where the latent dataset goes; default: `dataset` with `-latents` appended."""
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     """The network: `--model.template` and overrides of its width and depth (see
     tasks.train --help). A warm start needs the champion's very architecture."""
@@ -151,7 +162,13 @@ class NightlyConfig(Checked):
             "model_name",
             "must be letters, digits, '_', '.' or '-'",
         )
-        self.model.resolve(self.resolution, field=f"{self.SECTION}.resolution")
+        if self.autoencoder:
+            self.locate("autoencoder")
+            if not self.latents:
+                object.__setattr__(self, "latents", self.dataset.rstrip("/") + "-latents")
+            self.locate("latents")
+        else:  # with an autoencoder the network's side is known once it is read
+            self.model.resolve(self.resolution, field=f"{self.SECTION}.resolution")
         self.check(self.sample_images >= 0, "sample_images", "must be >= 0")
         check_ema_lengths(self, "ema_lengths")
         for field in ("eval_guidance", "sample_guidance"):
@@ -172,6 +189,8 @@ class NightlyConfig(Checked):
         # before anything is written; its errors name the field here it came from.
         try:
             self.preprocess_config(), self.train_config(""), self.promote_config(1)
+            if self.autoencoder:
+                self.encode_config()
             self.evaluate_config(1, self.ema_lengths), self.sample_config(1)
         except ConfigError as e:
             fields = [f.name for f in dataclasses.fields(self)]
@@ -186,10 +205,19 @@ class NightlyConfig(Checked):
             validation_fraction=self.validation_fraction,
         )
 
+    def encode_config(self) -> EncodeConfig:
+        """Tonight's encoding of the dataset's new shards (with an autoencoder)."""
+        return EncodeConfig(
+            dataset=self.dataset,
+            output=self.latents,
+            autoencoder=self.autoencoder,
+            flips=self.hflip,
+        )
+
     def train_config(self, init_from: str) -> TrainConfig:
         """Tonight's training run, warm-started from `init_from` (or from scratch)."""
         return TrainConfig(
-            dataset=self.dataset,
+            dataset=self.latents if self.autoencoder else self.dataset,
             run_name=f"{self.model_name}-{self.night}",
             storage=self.storage,
             model=self.model,

@@ -6,9 +6,14 @@ import dataclasses
 from typing import ClassVar
 
 from pipeline.config import locations
+from pipeline.config.autoencoder import AutoencoderConfig
 from pipeline.config.core import Checked, ConfigError, blame
 from pipeline.config.model import ModelConfig
 from pipeline.config.nightly import NightlyConfig
+
+AUTOENCODER_CHANNELS = (16, 32, 32, 32)
+"""--latent's autoencoder: four levels (f = 8), narrow enough for 2 CPU cores."""
+AUTOENCODER_DOWNSAMPLE = 2 ** (len(AUTOENCODER_CHANNELS) - 1)
 
 _RENAMED = {
     **{f"nightly.{f}": "workdir" for f in ("raw", "dataset", "storage", "evaluations", "samples")},
@@ -30,9 +35,17 @@ class QuickstartConfig(Checked):
     """Folder (or `s3://` prefix) that receives the raw digits, the dataset, the
     checkpoints, the evaluations, the generated digits and (locally) the MLflow
     database."""
-    resolution: int = 8
-    """Side of the preprocessed images: 8 is the digits' own; larger sides (16, 32,
-    64...) upscale them, and the network runs at that size (slower)."""
+    resolution: int = 0
+    """Side of the preprocessed images; default 8, the digits' own (64 with
+    --latent). Larger sides (16, 32, 64...) upscale them, and a pixel network runs
+    at that size (slower)."""
+    latent: bool = False
+    """Latent diffusion: train a small autoencoder on the digits (tasks.
+    train_autoencoder; f = 8, so 8x8x4 latents at 64 px), encode the dataset with
+    it (tasks.encode), train the network on the latents, and decode what it
+    generates back to pixels. Scored on pixels, as a pixel model is."""
+    autoencoder_images: int = 24_000
+    """With --latent: images the autoencoder trains on."""
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     """The network (see tasks.train --help): the tiny template by default."""
     images: int = 128_000
@@ -64,6 +77,16 @@ class QuickstartConfig(Checked):
 
     def __post_init__(self) -> None:
         self.locate("workdir")
+        if not self.resolution:
+            object.__setattr__(self, "resolution", 64 if self.latent else 8)
+        if self.latent:
+            self.check(
+                self.resolution % AUTOENCODER_DOWNSAMPLE == 0 and self.resolution >= 64,
+                "resolution",
+                f"must be a multiple of {AUTOENCODER_DOWNSAMPLE} from 64 on with --latent "
+                "(the latents must be 8 or more a side)",
+            )
+        self.check(self.autoencoder_images > 0, "autoencoder_images", "must be a positive integer")
         self.check(self.images > 0, "images", "must be a positive integer")
         self.check(self.workers > 0, "workers", "must be a positive integer")
         self.check(self.eval_images > 1, "eval_images", "must be an integer above 1")
@@ -79,6 +102,24 @@ class QuickstartConfig(Checked):
             raise blame(e, self.SECTION, fields, _RENAMED) from None
 
     @property
+    def autoencoder(self) -> str:
+        """Where --latent keeps the autoencoder it trained (a save_pretrained folder)."""
+        return locations.join(self.workdir, "autoencoders", f"digits-{self.resolution}")
+
+    def autoencoder_config(self) -> AutoencoderConfig:
+        night = self.nightly_config()
+        return AutoencoderConfig(
+            dataset=night.dataset,
+            run_name=f"{night.model_name}-autoencoder",
+            storage=night.storage,
+            channels=AUTOENCODER_CHANNELS,
+            images=self.autoencoder_images,
+            checkpoint_every_images=self.autoencoder_images,
+            log_every_images=max(32, self.autoencoder_images // 10),
+            tracking_uri=night.tracking_uri,
+        )
+
+    @property
     def raw(self) -> str:
         return locations.join(self.workdir, "raw", "digits")
 
@@ -86,7 +127,7 @@ class QuickstartConfig(Checked):
         tracking_uri = self.tracking_uri
         if not tracking_uri and not locations.is_s3(self.workdir):
             tracking_uri = f"sqlite:///{locations.join(self.workdir, 'mlflow.db')}"
-        name = f"digits-{self.resolution}"
+        name = f"digits-{self.resolution}{'-latent' if self.latent else ''}"
         return NightlyConfig(
             raw=self.raw,
             dataset=locations.join(self.workdir, "datasets", name),
@@ -96,6 +137,7 @@ class QuickstartConfig(Checked):
             model_name=name,
             night=self.night,
             resolution=self.resolution,
+            autoencoder=self.autoencoder if self.latent else "",
             model=self.model,
             images=self.images,
             workers=self.workers,

@@ -1,10 +1,13 @@
-"""The nightly pipeline: new raw images -> a new dataset version -> a model
-retrained from the champion -> evaluated -> promoted if better -> generation.
+"""The nightly pipeline: new raw images -> a new dataset version (and its new
+shards encoded, when training on latents) -> a model retrained from the champion
+-> evaluated -> promoted if better -> generation.
 
 Each step is the library call of its task, and each one skips what is already
 done, so running the same night again changes nothing:
 - preprocessing appends only the raw inputs that no version of the dataset holds
   yet, as new shards, and commits a new manifest version listing old and new;
+- with an autoencoder, encoding appends the latents of the new shards only
+  (`pipeline.jobs.encode`), and training runs on the latents;
 - training is the run `<model_name>-<night>`: skipped when it finished, resumed
   when it was interrupted, and skipped when a version was already trained on
   this dataset version (a night without new data);
@@ -73,6 +76,12 @@ def nightly(cfg: NightlyConfig, say: Callable[[str], None] = print) -> NightResu
             f"none (its inputs are not in class folders), got {cfg.sample_guidance}"
         )
 
+    if cfg.autoencoder:
+        from pipeline.jobs.encode import encode
+
+        encoded = encode(cfg.encode_config())
+        say(f"nightly {cfg.night}: encode: {encoded.summary()}")
+        digest = load_dataset(cfg.latents, "nightly.latents")[1]
     trained = _train(cfg, digest, say)
     promoted, scores, candidate = False, None, None
     if trained is not None:
