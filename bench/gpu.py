@@ -26,6 +26,10 @@ run cut short keeps what it measured:
 Cases run in order of priority, each timed for a few seconds; one that no
 longer fits in `--budget-s` is skipped, and the reason recorded.
 
+Latent diffusion's GPU cases (the training step on 8x8x4 latents against 64 px
+pixels, and the share of generation spent decoding) are bench/latent.py's:
+`python3 bench/latent.py --parts train decode --out "$OUT"` in the same call.
+
 diffusers' UNet2DModel (DDPM's CIFAR-10 layout, mapped from each template) runs
 in the same Precond and the same step as ours, when it imports: from the
 environment, else from `bench/vendor`, which takes wheels (`pip download

@@ -1,6 +1,7 @@
 """tasks.train_autoencoder as users run it: the digits at 32 px, a small
 AutoencoderKL (f = 4) trained briefly on the real Ray cluster, tracked by the
-real MLflow server, registered, and loaded back with `from_pretrained`."""
+real MLflow server, registered, and loaded back with `from_pretrained`. A trial
+(`pytest -m trial`, about 3 minutes): its result is in bench/results/trials-cpu2.xml."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def digits(tmp_path_factory, ray_cluster) -> str:
     return cfg.output
 
 
+@pytest.mark.trial
 def test_a_brief_run_reconstructs_the_validation_digits_and_registers_a_loadable_folder(
     digits, s3, mlflow_server, tmp_path
 ):

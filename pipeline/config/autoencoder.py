@@ -60,6 +60,10 @@ class AutoencoderConfig(Checked):
     """Train on GPUs; default: when the Ray cluster has any."""
     cpus_per_worker: float = 1.0
     """CPUs reserved by each worker."""
+    torch_threads: int = 0
+    """torch's CPU threads in each worker; 0: as many as the CPUs it reserves
+    (Ray's OMP_NUM_THREADS). More lets a CPU worker use the cores its readers
+    leave idle between reads."""
     checkpoint_every_images: int = 5_000
     """Checkpoint interval in images seen (and at the end)."""
     log_every_images: int = 1_000
@@ -112,6 +116,7 @@ class AutoencoderConfig(Checked):
             self.check(getattr(self, name) > 0, name, "must be a positive integer")
         self.check(0 <= self.seed <= MAX_SEED, "seed", "must be in 0..2**63-1")
         self.check(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+        self.check(0 <= self.torch_threads <= 1024, "torch_threads", "must be in 0..1024")
         self.check(self.max_failures >= 0, "max_failures", "must be >= 0")
         self.check(bool(self.experiment), "experiment", "must be a non-empty name")
         object.__setattr__(self, "tracking_uri", resolve_tracking_uri(self.tracking_uri))

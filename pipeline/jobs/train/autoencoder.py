@@ -26,7 +26,7 @@ from pipeline.config.records import StreamPlan, TrainShard
 from pipeline.data import latent_samples, shards
 from pipeline.data.reference import pixel_features, read_split
 from pipeline.edges import autoencoders, cluster, storage, tracking
-from pipeline.jobs.train.driver import brief, run_config
+from pipeline.jobs.train.driver import brief, progress, run_config
 from pipeline.maths import metrics
 
 
@@ -85,7 +85,8 @@ def train_autoencoder(cfg: AutoencoderConfig) -> AutoencoderResult:
         run_config=run_config(cfg.storage, cfg.run_name, cfg.max_failures, keep=2),
     )
     try:
-        result = trainer.fit()
+        with progress(cfg.tracking_uri, run_id, images, "train_autoencoder"):
+            result = trainer.fit()
     except BaseException as e:
         tracking.end_run(cfg.tracking_uri, run_id, "FAILED")
         if not isinstance(e, Exception):

@@ -79,6 +79,8 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
 
     vae = new_autoencoder(cfg).to(device)
     discriminator = PatchDiscriminator().to(device) if cfg.discriminator_start_images else None

@@ -114,7 +114,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     storage.delete(stopped_marker(cfg))
     try:
-        with _progress(cfg, plan, run_id):
+        with progress(cfg.tracking_uri, run_id, plan.images, "train"):
             result = trainer.fit()
     except BaseException as e:
         interrupted = isinstance(e, KeyboardInterrupt)
@@ -172,14 +172,13 @@ def brief(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _progress(cfg: TrainConfig, plan: TrainingPlan, run_id: str) -> Iterator[None]:
+def progress(uri: str, run_id: str, images: int, what: str) -> Iterator[None]:
     """A progress bar of images seen while training runs, from the `images_seen`
-    that rank 0 logs to MLflow every `log_every_images` (polled)."""
+    that rank 0 logs to MLflow at each log point (polled)."""
     from tqdm import tqdm
 
-    uri = cfg.tracking_uri
     start = int(tracking.latest_metric(uri, run_id, "images_seen") or 0)
-    bar = tqdm(total=plan.images, initial=start, unit="img", desc="train", dynamic_ncols=True)
+    bar = tqdm(total=images, initial=start, unit="img", desc=what, dynamic_ncols=True)
     stop = threading.Event()
 
     def poll() -> None:
@@ -189,7 +188,7 @@ def _progress(cfg: TrainConfig, plan: TrainingPlan, run_id: str) -> Iterator[Non
                 seen = int(tracking.latest_metric(uri, run_id, "images_seen") or 0)
                 bar.update(max(0, seen - bar.n))
 
-    thread = threading.Thread(target=poll, name="train-progress", daemon=True)
+    thread = threading.Thread(target=poll, name=f"{what}-progress", daemon=True)
     thread.start()
     try:
         yield

@@ -1,0 +1,277 @@
+"""Benchmark: latent diffusion's costs, each against its baseline in the same run.
+
+1. encode: tasks.encode's pipeline (Ray Data: decode tasks, an actor pool of
+   encoders, one a core, shards written) against a bare loop of the same
+   autoencoder over the same images already in memory (one process, all cores),
+   images/s; the goal is a ratio of 0.9 or more. Needs Ray (CPU machines).
+2. train: the training step's cost per image at 64 px, the same UNet template
+   (tiny) on pixels [3, 64, 64] and on latents [4, 8, 8] (f = 8), the latents'
+   draw and normalisation included: what training on latents saves.
+3. decode: the share of a latent model's generation time spent decoding: the
+   sampler (DPM-Solver++(2M) SDE, 35 steps, the default) on 8x8x4 latents, then
+   the autoencoder's decode to 64 px.
+
+The autoencoder is the quickstart's (`--latent`: channels 16,32,32,32, f = 8,
+random weights: cost does not depend on them). Parts 2 and 3 import torch (and
+diffusers for 3) only, so they run on a GPU machine too; part 1 is skipped
+where Ray is missing. On a GPU machine (diffusers from `bench/vendor`, as
+bench/gpu.py takes it): `python3 bench/latent.py --parts train decode --out "$OUT"`.
+
+    infra/local/offline .venv/bin/python bench/latent.py [--images 1024]
+        [--parts encode train decode]
+
+Prints a table per part and writes bench/results/latent-<device>.json.
+
+The recorded run (2 cores, 2026-12-05, medians of 3):
+- encode, 1,024 digits at 64 px in 8 shards, 2 actors: 59.7 images/s through the
+  pipeline, 230.3 in the bare loop: a ratio of 0.26, far from the 0.9 goal. A
+  run is 16-18 s against 4-5 s, and most of the difference is fixed (the
+  Dataset's start, each actor loading the autoencoder, the manifest's reads and
+  writes), which this size does not amortise; the steady-state rate of larger
+  runs is not measured yet.
+- train, the tiny template, batch 32: 147.5 ms an image on 64 px pixels, 3.6 ms
+  on 8x8x4 latents (draw and normalisation included): 41x.
+- decode, 64 images: sampling 35 steps on latents 1.98 s, decoding 0.52 s: 21%
+  of generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+VENDOR = ROOT / "bench" / "vendor"
+sys.path[:0] = [str(ROOT)]
+sys.path += [str(VENDOR), *map(str, sorted(VENDOR.glob("*.whl")))]  # after the environment's
+
+from pipeline.maths.edm import Precond  # noqa: E402
+from pipeline.maths.latents import LatentStats, draw_latents  # noqa: E402
+from pipeline.maths.reproducible import generate  # noqa: E402
+from pipeline.maths.train_step import fused_adam, train_step  # noqa: E402
+from pipeline.maths.unet import build  # noqa: E402
+
+CHANNELS = (16, 32, 32, 32)
+SIDE = 64
+
+
+def autoencoder(folder: Path) -> str:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=CHANNELS,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+    ).save_pretrained(folder)
+    return str(folder)
+
+
+def bench_encode(images: int, repeats: int, work: Path) -> dict:
+    """tasks.encode against a bare loop of Encoder over the decoded images."""
+    import ray
+
+    from pipeline.config import PreprocessConfig
+    from pipeline.config.encode import EncodeConfig
+    from pipeline.data import shards
+    from pipeline.data.autoencode import Encoder
+    from pipeline.data.digits import write_digits
+    from pipeline.data.reference import read_split
+    from pipeline.edges import cluster
+    from pipeline.jobs.encode import encode
+    from pipeline.jobs.preprocess import preprocess
+
+    cluster.quiet()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    write_digits(str(work / "raw"), 0, images)
+    pixels = str(work / "pixels")
+    preprocess(
+        PreprocessConfig(
+            input=str(work / "raw"),
+            output=pixels,
+            resolution=SIDE,
+            small_images="upscale",
+            validation_fraction=0.0,
+            samples_per_shard=128,
+        ),
+        progress=False,
+    )
+    manifest, _ = shards.load_dataset(pixels, "pixels")
+    data, _ = read_split(pixels, manifest, "train", images)
+    assert data is not None
+    vae = autoencoder(work / "vae")
+    # One encoder a core (each runs torch on one thread), against the bare loop's
+    # one process on every core.
+    actors = os.cpu_count() or 1
+    pipeline_s, loop_s = [], []
+    for r in range(repeats):  # in turns, so that a busy moment weighs on both
+        start = time.perf_counter()
+        cfg = EncodeConfig(
+            dataset=pixels, output=str(work / f"z{r}"), autoencoder=vae, actors=actors
+        )
+        encode(cfg, progress=False)
+        pipeline_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        Encoder(vae, device="cpu")({"image": data})
+        loop_s.append(time.perf_counter() - start)
+    ray.shutdown()
+    n = len(data)
+    pipe, loop = n / statistics.median(pipeline_s), n / statistics.median(loop_s)
+    return {
+        "images": n,
+        "shards": len(manifest["shards"]),
+        "actors": actors,
+        "pipeline_images_per_s": round(pipe, 1),
+        "bare_loop_images_per_s": round(loop, 1),
+        "ratio": round(pipe / loop, 3),
+        "goal": 0.9,
+        "pipeline_seconds": [round(s, 2) for s in pipeline_s],
+        "bare_loop_seconds": [round(s, 2) for s in loop_s],
+    }
+
+
+def bench_train(device: torch.device, batch: int, iters: int) -> dict:
+    """Seconds per training image, the tiny template on 64 px pixels and on
+    8x8x4 latents (drawn and normalised each step, as the worker does)."""
+    stats = LatentStats((0.1, -0.2, 0.3, 0.0), (1.1, 0.9, 1.0, 1.2))
+    cases = {"pixels 3x64x64": (3, SIDE), "latents 4x8x8": (4, SIDE // 8)}
+    nets = {}
+    for name, (channels, side) in cases.items():
+        torch.manual_seed(0)
+        net = build("tiny", side, in_channels=channels, out_channels=channels).to(device)
+        denoiser = Precond(net)
+        nets[name] = (denoiser, fused_adam(denoiser.parameters(), 1e-3), channels, side)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    rng = np.random.default_rng(0)
+    for i in range(iters + 1):
+        for name, (denoiser, optimizer, channels, side) in nets.items():
+            seeds = rng.integers(0, 2**62, batch)
+            start = time.perf_counter()
+            if channels == 3:
+                x = torch.rand(batch, 3, side, side, device=device) * 2 - 1
+            else:
+                mean = torch.randn(batch, channels, side, side, device=device)
+                std = torch.rand(batch, channels, side, side, device=device) + 0.1
+                x = stats.normalise(draw_latents(mean, std, seeds))
+            train_step(denoiser, optimizer, None, [(x, None)], images_seen=i * batch,
+                       base_lr=1e-3, seeds=seeds)  # fmt: skip
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:  # the first is warm-up
+                times[name].append((time.perf_counter() - start) / batch)
+    per_image = {name: statistics.median(t) for name, t in times.items()}
+    pixels, latents = per_image.values()
+    return {
+        "template": "tiny",
+        "batch": batch,
+        "steps": iters,
+        "seconds_per_image": {k: round(v, 6) for k, v in per_image.items()},
+        "pixels_over_latents": round(pixels / latents, 2),
+    }
+
+
+def bench_decode(device: torch.device, images: int, repeats: int, work: Path) -> dict:
+    """The share of a latent model's generation spent in the autoencoder's decode:
+    denormalised, then decoded in calls of 16 (as `data.autoencode.Decoder` does;
+    here without the storage layer, so that it runs where only torch is)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(autoencoder(work / "vae-decode")).to(device).eval()
+    stats = LatentStats((0.1, -0.2, 0.3, 0.0), (1.1, 0.9, 1.0, 1.2))
+    torch.manual_seed(0)
+    net = build("tiny", 8, in_channels=4, out_channels=4).to(device).eval()
+    denoiser = Precond(net)
+
+    def decode(x: torch.Tensor) -> torch.Tensor:
+        z = stats.denormalise(x)
+        with torch.no_grad():
+            return torch.cat([vae.decode(z[i : i + 16]).sample for i in range(0, len(z), 16)])
+
+    sampling_s, decoding_s = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        generate(denoiser, list(range(images)), device, seed=0, labels="none",
+                 sampler="dpmpp_2m_sde", steps=35, guidance=1.0, resolution=8,
+                 num_classes=0, channels=4)  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        sampled = time.perf_counter()
+        decode(torch.randn(images, 4, 8, 8, device=device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        sampling_s.append(sampled - start)
+        decoding_s.append(time.perf_counter() - sampled)
+    sample, decoded = statistics.median(sampling_s), statistics.median(decoding_s)
+    return {
+        "images": images,
+        "sampler": "dpmpp_2m_sde:35",
+        "sampling_seconds": round(sample, 3),
+        "decoding_seconds": round(decoded, 3),
+        "decode_share": round(decoded / (sample + decoded), 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=1024, help="images encoded (part 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each case (medians)")
+    parser.add_argument("--parts", nargs="+", default=["encode", "train", "decode"])
+    parser.add_argument(
+        "--out", default=None, help="folder for the JSON (default: $OUT or bench/results)"
+    )
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    name = torch.cuda.get_device_name().replace(" ", "-") if cuda else f"cpu{os.cpu_count()}"
+    report: dict = {
+        "benchmark": "latent",
+        "device": name,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "processor": platform.processor(),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if "encode" in args.parts:
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                report["encode"] = {"skipped": "no Ray on this machine"}
+            else:
+                report["encode"] = bench_encode(args.images, args.repeats, work)
+            print_part("encode", report["encode"])
+        if "train" in args.parts:
+            report["train"] = bench_train(device, 32 if not cuda else 256, 5 if not cuda else 30)
+            print_part("train", report["train"])
+        if "decode" in args.parts:
+            report["decode"] = bench_decode(device, 64 if not cuda else 1024, args.repeats, work)
+            print_part("decode", report["decode"])
+    folder = Path(args.out or os.environ.get("OUT") or ROOT / "bench" / "results")
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"latent-{name}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def print_part(title: str, values: dict) -> None:
+    print(f"\n{title}")
+    for key, value in values.items():
+        print(f"  {key:<28}{value}")
+
+
+if __name__ == "__main__":
+    main()
