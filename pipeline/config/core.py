@@ -318,17 +318,13 @@ def _add_flags(
         else:
             default = "required"
         # argparse formats help with %: a literal one must be doubled.
-        kind = _describe(tp) + (" (the flag alone: true)" if tp is bool else "")
-        text = f"{docs.get(f.name, '')} [{kind}; {default}]".replace("%", "%%")
-        # A boolean flag alone means true (`--latent`), as well as `--latent true`.
-        alone: dict[str, Any] = {"nargs": "?", "const": "true"} if tp is bool else {}
+        text = f"{docs.get(f.name, '')} [{_describe(tp)}; {default}]".replace("%", "%%")
         group.add_argument(
             f"--{prefix}{f.name}",
             dest=f"field:{prefix}{f.name}",
             metavar="VALUE",
             default=argparse.SUPPRESS,
             help=text,
-            **alone,
         )
 
 
