@@ -5,7 +5,7 @@ Frechet distance, label fidelity, CAS), promote, generate 1,000 digits, and
 draws a grid of them. With --latent it trains an autoencoder first, and the
 night encodes the digits and trains on their latents.
 
-    python -m tasks.quickstart [--workdir quickstart] [--resolution 32] [--latent]
+    python -m tasks.quickstart [--workdir quickstart] [--resolution 32] [--latent true]
 
 Running it again changes nothing (another `--night` without new digits trains
 nothing either: the champion was trained on this very dataset).

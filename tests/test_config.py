@@ -8,6 +8,8 @@ import pytest
 
 from pipeline import config as C
 from pipeline.config import ConfigError, PreprocessConfig
+from pipeline.config.autoencoder import AutoencoderConfig
+from pipeline.config.encode import EncodeConfig
 from tests import tasks
 from tests.services import ROOT
 
@@ -172,6 +174,8 @@ CONFIGS = [
     C.PromoteConfig,
     C.NightlyConfig,
     C.ModelConfig,
+    EncodeConfig,
+    AutoencoderConfig,
 ]
 
 
@@ -404,3 +408,34 @@ def test_locations_are_normalized_so_equal_places_compare_equal(tmp_path):
     assert a == b and a.input == f"{tmp_path}/raw" and a.output == "s3://bucket/out"
     # siblings that share a name prefix are not inside each other
     PreprocessConfig(input="s3://bucket/data", output="s3://bucket/data2")
+
+
+def test_a_latent_night_encodes_into_latents_and_trains_on_them(tmp_path):
+    night = C.NightlyConfig(dataset=str(tmp_path / "px"), autoencoder=str(tmp_path / "vae"))
+    assert night.latents == str(tmp_path / "px-latents")
+    assert night.train_config("").dataset == night.latents
+    assert night.evaluate_config(1).dataset == night.dataset  # scored on pixels
+    encode = night.encode_config()
+    assert (encode.dataset, encode.output, encode.autoencoder) == (
+        night.dataset,
+        night.latents,
+        night.autoencoder,
+    )
+    assert C.NightlyConfig(dataset=str(tmp_path / "px")).train_config("").dataset == night.dataset
+    with pytest.raises(ConfigError, match=r"^nightly.latents: must lie apart from dataset"):
+        C.NightlyConfig(
+            dataset=str(tmp_path / "px"),
+            autoencoder=str(tmp_path / "vae"),
+            latents=str(tmp_path / "px" / "z"),
+        )
+
+
+def test_the_latent_quickstart_is_64_px_through_an_autoencoder_of_f_8(tmp_path):
+    cfg = C.QuickstartConfig(workdir=str(tmp_path), latent=True)
+    assert cfg.resolution == 64 and C.QuickstartConfig(workdir=str(tmp_path)).resolution == 8
+    night = cfg.nightly_config()
+    assert night.autoencoder == cfg.autoencoder and night.resolution == 64
+    assert cfg.autoencoder_config().downsample == 8
+    assert cfg.autoencoder_config().dataset == night.dataset
+    with pytest.raises(ConfigError, match=r"^quickstart.resolution: must be a multiple of 8"):
+        C.QuickstartConfig(workdir=str(tmp_path), latent=True, resolution=32)

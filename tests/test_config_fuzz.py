@@ -78,6 +78,14 @@ ZERO_OK = {
     "nightly.sample_guidance",
     "quickstart.guidance",
     "quickstart.sample_images",
+    "quickstart.resolution",  # 0: the default, 8 or 64 with --latent
+    "train_autoencoder.kl_weight",  # no KL
+    "train_autoencoder.discriminator_start_images",  # no discriminator
+    "train_autoencoder.discriminator_weight",
+    "train_autoencoder.validation_images",  # no validation scores
+    "train_autoencoder.torch_threads",  # 0: Ray's
+    "train_autoencoder.seed",
+    "train_autoencoder.max_failures",
 }
 """Fields (by the section that declares them) where zero means something. Every
 other number field refuses zero, and every number field refuses negative ones."""
@@ -297,7 +305,7 @@ def _refused(field: Field, bad: Bad) -> bool:
         return field.rule not in ZERO_OK
     if bad.why == "empty" and field.kind.startswith("list of"):
         return field.default != () and field.rule not in EMPTY_OK
-    if bad.why == "empty" and field.kind == "str":
+    if bad.why == "empty" and field.kind in ("str", "location"):
         return field.default != ""  # empty text means "the default"
     return True
 

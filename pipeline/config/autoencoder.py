@@ -6,7 +6,7 @@ import dataclasses
 from typing import ClassVar
 
 from pipeline.config.core import MAX_BATCH, MAX_IMAGES, MAX_SEED, MAX_WORKERS, Checked
-from pipeline.config.train import resolve_tracking_uri
+from pipeline.config.train import MAX_SHUFFLE_WINDOW, resolve_tracking_uri
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,16 +108,29 @@ class AutoencoderConfig(Checked):
             f"must be a multiple of workers ({self.workers})",
         )
         self.check(self.lr > 0, "lr", "must be > 0")
+        self.at_most(1, "lr")
         self.check(self.kl_weight >= 0, "kl_weight", "must be >= 0")
         self.check(self.discriminator_weight >= 0, "discriminator_weight", "must be >= 0")
+        self.at_most(1_000_000, "kl_weight", "discriminator_weight")
         for name in ("discriminator_start_images", "validation_images"):
             self.check(getattr(self, name) >= 0, name, "must be >= 0")
         for name in ("checkpoint_every_images", "log_every_images", "shuffle_window"):
             self.check(getattr(self, name) > 0, name, "must be a positive integer")
+        self.at_most(
+            MAX_IMAGES,
+            "discriminator_start_images",
+            "validation_images",
+            "checkpoint_every_images",
+            "log_every_images",
+        )
+        self.at_most(MAX_SHUFFLE_WINDOW, "shuffle_window")
         self.check(0 <= self.seed <= MAX_SEED, "seed", "must be in 0..2**63-1")
         self.check(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
-        self.check(0 <= self.torch_threads <= 1024, "torch_threads", "must be in 0..1024")
+        self.at_most(1024, "cpus_per_worker")
+        self.check(self.torch_threads >= 0, "torch_threads", "must be >= 0")
+        self.at_most(1024, "torch_threads")
         self.check(self.max_failures >= 0, "max_failures", "must be >= 0")
+        self.at_most(1000, "max_failures")
         self.check(bool(self.experiment), "experiment", "must be a non-empty name")
         object.__setattr__(self, "tracking_uri", resolve_tracking_uri(self.tracking_uri))
 

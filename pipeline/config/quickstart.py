@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from pipeline.config import locations
 from pipeline.config.autoencoder import AutoencoderConfig
-from pipeline.config.core import Checked, ConfigError, blame
+from pipeline.config.core import MAX_IMAGES, Checked, ConfigError, blame
 from pipeline.config.model import ModelConfig
 from pipeline.config.nightly import NightlyConfig
 
@@ -89,6 +89,7 @@ class QuickstartConfig(Checked):
                 "(the latents must be 8 or more a side)",
             )
         self.check(self.autoencoder_images > 0, "autoencoder_images", "must be a positive integer")
+        self.at_most(MAX_IMAGES, "autoencoder_images")
         self.check(self.images > 0, "images", "must be a positive integer")
         self.check(self.workers > 0, "workers", "must be a positive integer")
         self.check(self.eval_images > 1, "eval_images", "must be an integer above 1")
