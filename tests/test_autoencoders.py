@@ -39,6 +39,19 @@ def test_another_autoencoder_has_another_digest(folder, tmp_path):
     assert autoencoders.load(str(tmp_path))[1].digest != autoencoders.load(str(folder))[1].digest
 
 
+def test_check_accepts_only_the_autoencoder_of_the_digest(folder, tmp_path):
+    identity = autoencoders.check(str(folder), autoencoders.load(str(folder))[1].digest)
+    assert identity == autoencoders.load(str(folder))[1]
+    tiny_autoencoder(seed=1).save_pretrained(tmp_path)
+    with pytest.raises(AutoencoderError) as e:
+        autoencoders.check(str(tmp_path), identity.digest)
+    other = autoencoders.load(str(tmp_path))[1].digest
+    assert str(e.value) == (
+        f"{tmp_path} is not the autoencoder the latents were encoded with (digest "
+        f"{other[:12]}..., the latents' {identity.digest[:12]}...)"
+    )
+
+
 @pytest.mark.parametrize("resolution", [32, 64, 256, 512])
 def test_latents_are_an_eighth_of_the_side_and_decode_to_the_images_shape(folder, resolution):
     vae, identity = autoencoders.load(str(folder))

@@ -327,7 +327,10 @@ def test_on_latents_the_plans_network_takes_the_datasets_channels_and_side(
     with pytest.raises(ConfigError, match=r"^train.dataset: its autoencoder: .*gone: not found"):
         _plan(TrainConfig(dataset="/d"), {**latent_manifest, "autoencoder": moved}, "d")
     other = {**latent_manifest["autoencoder"], "digest": "0" * 64}
-    with pytest.raises(ConfigError, match=r"changed since the latents were encoded"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^train.dataset: its autoencoder: .* is not the autoencoder the latents were",
+    ):
         _plan(TrainConfig(dataset="/d"), {**latent_manifest, "autoencoder": other}, "d")
     # A warm start from a pixel model is refused: it makes other things.
     net = build("tiny", 8, num_classes=10, label_dropout=0.1)

@@ -112,6 +112,19 @@ def identity_of(files: dict[str, bytes]) -> Identity:
     )
 
 
+def check(uri: str, digest: str) -> Identity:
+    """The identity of the autoencoder folder at `uri`, which must be the one of
+    digest `digest` (the one a latent dataset or model was made with): an
+    AutoencoderError naming both digests when it is another, or was changed."""
+    found = identity_of(read_folder(uri))
+    if found.digest != digest:
+        raise AutoencoderError(
+            f"{uri} is not the autoencoder the latents were encoded with (digest "
+            f"{found.digest[:12]}..., the latents' {digest[:12]}...)"
+        )
+    return found
+
+
 def load(
     uri: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[AutoencoderKL, Identity]:

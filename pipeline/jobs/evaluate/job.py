@@ -234,15 +234,9 @@ def _check_autoencoder(model: registry.Model) -> None:
     if space is None:
         return
     try:
-        found = autoencoders.identity_of(autoencoders.read_folder(space.autoencoder))
+        autoencoders.check(space.autoencoder, space.digest)
     except autoencoders.AutoencoderError as e:
         raise ConfigError(f"evaluate.model: {model.describe()}'s autoencoder: {e}") from None
-    if found.digest != space.digest:
-        raise ConfigError(
-            f"evaluate.model: {model.describe()}'s autoencoder at {space.autoencoder} is "
-            f"not the one its latents are of (digest {found.digest[:12]}..., the card's "
-            f"{space.digest[:12]}...)"
-        )
 
 
 def evaluation_settings(cfg: EvaluateConfig, dataset_digest: str) -> dict[str, Any]:

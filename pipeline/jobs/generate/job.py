@@ -102,14 +102,9 @@ def _autoencoder(cfg: SampleConfig, model: registry.Model) -> str | None:
         return None
     uri = cfg.autoencoder or space.autoencoder
     try:
-        found = autoencoders.identity_of(autoencoders.read_folder(uri))
+        autoencoders.check(uri, space.digest)
     except autoencoders.AutoencoderError as e:
         raise ConfigError(f"sample.autoencoder: {e}") from None
-    if found.digest != space.digest:
-        raise ConfigError(
-            f"sample.autoencoder: {uri} is not the autoencoder the model's latents are of "
-            f"(digest {found.digest[:12]}..., the model card's {space.digest[:12]}...)"
-        )
     return uri
 
 

@@ -311,15 +311,9 @@ def _latent_space(cfg: TrainConfig, manifest: dict) -> LatentSpace | None:
         return None
     latents = LatentSpace.of_dataset(manifest)
     try:  # found now, not at the first sample grid hours in
-        found = autoencoders.identity_of(autoencoders.read_folder(latents.autoencoder))
+        autoencoders.check(latents.autoencoder, latents.digest)
     except autoencoders.AutoencoderError as e:
         raise ConfigError(f"train.dataset: its autoencoder: {e}") from None
-    if found.digest != latents.digest:
-        raise ConfigError(
-            f"train.dataset: its autoencoder at {latents.autoencoder} changed since the "
-            f"latents were encoded (digest {found.digest[:12]}..., the dataset's "
-            f"{latents.digest[:12]}...)"
-        )
     if cfg.hflip and not latents.flips:
         raise ConfigError(
             f"train.hflip: {cfg.dataset} holds latents encoded without flips (a flipped "
