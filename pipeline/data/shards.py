@@ -157,3 +157,17 @@ def load_dataset(prefix: str, field: str) -> tuple[dict, str]:
     if manifest.get("format") != FORMAT:
         raise ConfigError(f"{field}: {uri} is not a manifest written by tasks.preprocess")
     return manifest, hashlib.sha256(data).hexdigest()
+
+
+def list_output(prefix: str, field: str) -> list[storage.ObjectInfo]:
+    """What a job's output prefix holds now (nothing for a local folder not made
+    yet); a config error naming `field` (say `encode.output`) for a missing bucket
+    or a listing that fails."""
+    try:
+        return storage.list_objects(prefix)
+    except storage.NotFound as e:
+        if storage.is_s3(prefix):
+            raise ConfigError(f"{field}: {e}") from None
+        return []
+    except storage.StorageError as e:
+        raise ConfigError(f"{field}: cannot list {e}") from None

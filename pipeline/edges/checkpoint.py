@@ -55,8 +55,7 @@ def save(
     save_file(_tensors(ema_net), folder / EMA_WEIGHTS)
     if profiles is not None:
         (folder / PHEMA).write_bytes(snapshots.encode(profiles, state.images_seen))
-    tensors, settings = optimizer_to_safetensors(optimizer.state_dict())
-    save_file(tensors, folder / OPTIMIZER, metadata={"optimizer": json.dumps(settings)})
+    save_optimizer(folder / OPTIMIZER, optimizer)
     (folder / STATE).write_text(json.dumps(state.to_dict(), indent=1, sort_keys=True))
 
 
@@ -74,11 +73,23 @@ def load(
     net.load_state_dict(load_file(folder / MODEL, device=device))
     if ema_net is not None:
         ema_net.load_state_dict(load_file(folder / EMA_WEIGHTS, device=device))
-    with safe_open(folder / OPTIMIZER, framework="pt", device=device) as f:
+    load_optimizer(folder / OPTIMIZER, optimizer, device)
+    return read_state(folder)
+
+
+def save_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
+    """Write `optimizer`'s state to one safetensors file: its tensors, and its
+    settings as JSON in the file's metadata (no pickle)."""
+    tensors, settings = optimizer_to_safetensors(optimizer.state_dict())
+    save_file(tensors, path, metadata={"optimizer": json.dumps(settings)})
+
+
+def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, device: str = "cpu") -> None:
+    """Restore `optimizer` from a file written by `save_optimizer`, its tensors on `device`."""
+    with safe_open(path, framework="pt", device=device) as f:
         settings = json.loads((f.metadata() or {})["optimizer"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     optimizer.load_state_dict(optimizer_from_safetensors(tensors, settings))
-    return read_state(folder)
 
 
 def load_profiles(folder: Path, profiles: Mapping[float, nn.Module]) -> bool:

@@ -94,7 +94,7 @@ def encode(cfg: EncodeConfig, *, progress: bool = True) -> EncodeResult:
     kept = {e["name"]: e for e in (base or {}).get("shards", [])}
 
     plans = [_plan(e, config) for e in source.manifest["shards"] if e["name"] not in kept]
-    previous = _list_output(cfg.output)
+    previous = shards.list_output(cfg.output, "encode.output")
     storage.remove_partial_writes(cfg.output)
     records = _finished_records(cfg.output, previous, plans)
     reused = len(records)
@@ -178,17 +178,6 @@ def _plan(entry: dict, config: dict) -> dict[str, Any]:
     }
     digest = shards.sha256(shards.dumps({**plan, "config": config}))
     return {**plan, "plan_sha256": digest}
-
-
-def _list_output(output: str) -> list[storage.ObjectInfo]:
-    try:
-        return storage.list_objects(output)
-    except storage.NotFound as e:
-        if storage.is_s3(output):
-            raise ConfigError(f"encode.output: {e}") from None
-        return []
-    except storage.StorageError as e:
-        raise ConfigError(f"encode.output: cannot list {e}") from None
 
 
 def _finished_records(

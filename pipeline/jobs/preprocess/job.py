@@ -98,7 +98,7 @@ def preprocess(
     base = versions.EMPTY if committed is None else versions.read_base(cfg.output, committed)
 
     objects, unreadable = _list_inputs(cfg)
-    previous = _list_output(cfg.output)
+    previous = shards.list_output(cfg.output, "preprocess.output")
     with _ray_data(cfg):
         planned = _plan_inputs(cfg, objects, base)
         planned = dataclasses.replace(planned, rejects=unreadable + planned.rejects)
@@ -253,18 +253,6 @@ def _load_input_manifest(prefix: str) -> dict | None:
         return shards.load_manifest(prefix)
     except (storage.StorageError, ValueError) as e:
         raise ConfigError(f"preprocess.input: cannot read its manifest: {e}") from None
-
-
-def _list_output(output: str) -> list[storage.ObjectInfo]:
-    """What the output prefix holds now; a missing bucket is a config error."""
-    try:
-        return storage.list_objects(output)
-    except storage.NotFound as e:
-        if storage.is_s3(output):
-            raise ConfigError(f"preprocess.output: {e}") from None
-        return []
-    except storage.StorageError as e:
-        raise ConfigError(f"preprocess.output: cannot list {e}") from None
 
 
 @contextlib.contextmanager

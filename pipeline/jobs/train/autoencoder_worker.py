@@ -41,6 +41,7 @@ from pipeline.maths.edm import seeded_normal
 AUTOENCODER = "autoencoder"
 """The checkpoint's folder holding the autoencoder, as `save_pretrained` writes it."""
 STATE = "state.json"
+D_OPTIMIZER = "discriminator_optimizer.safetensors"
 
 
 def new_autoencoder(cfg: AutoencoderConfig) -> Any:
@@ -181,10 +182,10 @@ def _report(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         vae.save_pretrained(folder / AUTOENCODER)
-        _save_optimizer(folder / "optimizer", optimizer)
+        checkpoint.save_optimizer(folder / checkpoint.OPTIMIZER, optimizer)
         if discriminator is not None and d_optimizer is not None:
             save_file(_tensors(discriminator), folder / "discriminator.safetensors")
-            _save_optimizer(folder / "discriminator_optimizer", d_optimizer)
+            checkpoint.save_optimizer(folder / D_OPTIMIZER, d_optimizer)
         (folder / STATE).write_text(json.dumps({"images_seen": images_seen}))
         ray.train.report(
             report, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name
@@ -201,25 +202,13 @@ def _load(
     """Restore a checkpoint's weights and optimizers; its images seen."""
     weights = load_file(folder / AUTOENCODER / "diffusion_pytorch_model.safetensors")
     vae.load_state_dict(weights)
-    _load_optimizer(folder / "optimizer", optimizer)
+    checkpoint.load_optimizer(folder / checkpoint.OPTIMIZER, optimizer)
     if discriminator is not None and d_optimizer is not None:
         if (folder / "discriminator.safetensors").exists():  # it may have joined since
             discriminator.load_state_dict(load_file(folder / "discriminator.safetensors"))
-            _load_optimizer(folder / "discriminator_optimizer", d_optimizer)
+            checkpoint.load_optimizer(folder / D_OPTIMIZER, d_optimizer)
     return int(json.loads((folder / STATE).read_text())["images_seen"])
 
 
 def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-
-
-def _save_optimizer(stem: Path, optimizer: torch.optim.Optimizer) -> None:
-    tensors, settings = checkpoint.optimizer_to_safetensors(optimizer.state_dict())
-    save_file(tensors, f"{stem}.safetensors")
-    Path(f"{stem}.json").write_text(json.dumps(settings))
-
-
-def _load_optimizer(stem: Path, optimizer: torch.optim.Optimizer) -> None:
-    tensors = load_file(f"{stem}.safetensors")
-    settings = json.loads(Path(f"{stem}.json").read_text())
-    optimizer.load_state_dict(checkpoint.optimizer_from_safetensors(tensors, settings))
