@@ -1,6 +1,7 @@
-"""What the chaos trials (tests/test_chaos.py) share: the kill moment drawn from
-a trial's seed, the trial's record and its named checks, and the checks of the
-output of a task that writes shards (a dataset, generated images)."""
+"""What the chaos trials (tests/test_chaos.py, and the training ones in
+tests/test_training.py) share: the seeds, the kill moment drawn from a trial's
+seed, the trial's record and its named checks, and the checks of the output of
+a task that writes shards (a dataset, generated images)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,23 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from pipeline.data import shards
 from pipeline.edges import storage
 from tests import tasks
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "chaos-cpu2.json"
+"""Where a `-m chaos` run writes every trial's record (`write_results`)."""
+TRIALS = range(1, 11)
+"""The seeds of `-m chaos`; seed 0 is the default suite's or `-m trial`'s."""
+
+
+def seeds(zero_in_default_suite: bool = False) -> list[Any]:
+    """The seeds of a kind of trial: 0 (in the default suite, or a `-m trial`
+    trial, minutes long), then `-m chaos`'s."""
+    zero = pytest.param(0) if zero_in_default_suite else pytest.param(0, marks=pytest.mark.trial)
+    return [zero, *(pytest.param(s, marks=pytest.mark.chaos) for s in TRIALS)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +145,7 @@ def write_results(path: Path, done: list[Trial]) -> None:
         "machine": "cpu2",
         "platform": platform.platform(),
         "date": time.strftime("%Y-%m-%d"),
-        "command": "pytest -m chaos tests/test_chaos.py",
+        "command": "pytest -m chaos tests/test_chaos.py tests/test_training.py",
         "summary": kinds,
         "trials": [dataclasses.asdict(t) for t in done],
     }

@@ -10,11 +10,12 @@ import os
 import re
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests import services
+from tests import chaos, services
 
 # Settings every test process (and every process it starts) runs with. Set at
 # import, before Ray, MLflow or boto3 are imported by any test module.
@@ -113,3 +114,13 @@ def ray_cluster(s3, session_dir) -> str:
 def ray_dashboard(ray_cluster) -> str:
     """The session cluster's dashboard, where `ray job submit` sends jobs."""
     return _DASHBOARD["url"]
+
+
+@pytest.fixture(scope="session")
+def trial() -> Iterator[chaos.Trials]:
+    """`with trial(kind, seed) as t:` runs and records a chaos trial; after a run
+    with `-m chaos` seeds, the session's records go to chaos.RESULTS."""
+    trials = chaos.Trials()
+    yield trials
+    if any(t.seed in chaos.TRIALS for t in trials.done):
+        chaos.write_results(chaos.RESULTS, trials.done)

@@ -430,6 +430,18 @@ def test_a_latent_night_encodes_into_latents_and_trains_on_them(tmp_path):
         )
 
 
+def test_a_registered_autoencoder_is_a_reference_not_a_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a folder would be made absolute here
+    px, uri = str(tmp_path / "px"), "http://127.0.0.1:5000"
+    cfg = EncodeConfig(dataset=px, output=str(tmp_path / "z"), autoencoder="scans-vae/3")
+    assert cfg.autoencoder == "scans-vae/3" and cfg.tracking_uri.startswith("sqlite:////")
+    folder = EncodeConfig(dataset=px, output=str(tmp_path / "z"), autoencoder="vae")
+    assert folder.autoencoder == str(tmp_path / "vae")
+    night = C.NightlyConfig(dataset=px, autoencoder="scans-vae@champion", tracking_uri=uri)
+    encode = night.encode_config()
+    assert (encode.autoencoder, encode.tracking_uri) == ("scans-vae@champion", uri)
+
+
 def test_the_latent_quickstart_is_64_px_through_an_autoencoder_of_f_8(tmp_path):
     cfg = C.QuickstartConfig(workdir=str(tmp_path), latent=True)
     assert cfg.resolution == 64 and C.QuickstartConfig(workdir=str(tmp_path)).resolution == 8

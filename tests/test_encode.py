@@ -19,7 +19,7 @@ from pipeline.config.encode import EncodeConfig
 from pipeline.data import latent_samples, shards
 from pipeline.data.autoencode import Encoder
 from pipeline.data.digits import write_digits
-from pipeline.edges import autoencoders, storage
+from pipeline.edges import autoencoders, storage, tracking
 from pipeline.jobs.encode import encode
 from pipeline.jobs.preprocess import preprocess
 from tests import tasks
@@ -183,6 +183,45 @@ def test_killed_then_run_again_is_byte_identical_and_a_third_run_writes_nothing(
     assert _files(output) == {**got, shards.MANIFEST: _files(output)[shards.MANIFEST]}
 
 
+def test_a_registered_autoencoder_is_copied_into_the_output_and_encodes_as_its_folder(
+    pixels, vae, encoded, mlflow_server, tmp_path
+):
+    # Registered as tasks.train_autoencoder registers one: its folder's files.
+    run_id = tracking.find_or_create_run(mlflow_server, "tests", "encode-registered")
+    files = autoencoders.read_folder(vae)
+    version = tracking.register_model(mlflow_server, run_id, "encode-vae", files, {"k": "v"})
+    output = str(tmp_path / "z")
+
+    def cfg(ref: str) -> EncodeConfig:
+        return EncodeConfig(
+            dataset=pixels, output=output, autoencoder=ref, chunk=8, tracking_uri=mlflow_server
+        )
+
+    for ref, why in [
+        ("encode-vae/99", "model 'encode-vae' has no version 99"),
+        ("no-such-vae@best", "no registered model 'no-such-vae' at "),
+    ]:
+        with pytest.raises(ConfigError, match=f"^encode.autoencoder: {why}"):
+            encode(cfg(ref), progress=False)
+        assert not (tmp_path / "z").exists()  # refused before anything is written
+
+    result = encode(cfg(f"encode-vae/{version}"), progress=False)
+    got, want = _files(output), _files(encoded)
+    manifest, expected = json.loads(got.pop(shards.MANIFEST)), json.loads(want.pop(shards.MANIFEST))
+    ae = manifest.pop("autoencoder")
+    assert ae["uri"] == f"{output}/autoencoder" and ae["registered"] == f"encode-vae/{version}"
+    assert autoencoders.read_folder(ae["uri"]) == files  # where training and sampling read it
+    assert {k: v for k, v in ae.items() if k not in ("uri", "registered")} == {
+        k: v for k, v in expected.pop("autoencoder").items() if k not in ("uri", "registered")
+    }
+    assert manifest == expected
+    copied = {f"autoencoder/{name}": data for name, data in files.items()}
+    assert got == {**want, **copied}  # every shard and record, byte for byte, and the copy
+    assert result.manifest["autoencoder"]["uri"] == ae["uri"]
+    assert encode(cfg(f"encode-vae/{version}"), progress=False).already_complete
+
+
+@pytest.mark.trial
 def test_a_grown_dataset_is_appended_as_its_next_version(vae, tmp_path, ray_cluster):
     raw, dataset, output = str(tmp_path / "raw"), str(tmp_path / "px"), str(tmp_path / "z")
     write_digits(raw, 0, 200)

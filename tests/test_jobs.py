@@ -12,7 +12,7 @@ from pipeline.edges import storage
 from tests import tasks
 from tests.services import BIN
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.trial]
 
 
 def test_tasks_submitted_as_ray_jobs_write_to_the_bucket(ray_dashboard, s3_prefix):

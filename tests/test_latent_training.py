@@ -21,7 +21,7 @@ from pipeline.jobs.preprocess import preprocess
 from tests import tasks
 from tests.nets import tiny_autoencoder
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.trial]
 
 TRAINING = [
     "--model.template", "tiny", "--batch_size", "32", "--images", "256",

@@ -83,6 +83,7 @@ def read_shards(prefix: str) -> dict[str, dict[str, bytes]]:
     return out
 
 
+@pytest.mark.trial
 def test_two_thousand_images_with_lineage_into_the_bucket(registered, ray_cluster, s3_prefix):
     argv = sample_argv(
         "tiny-digits@champion",

@@ -109,6 +109,7 @@ def test_digits_are_written_by_class_with_their_pixels(tmp_path):
     assert pixels.max() == 255 and pixels.min() == 0
 
 
+@pytest.mark.trial
 def test_quickstart_on_embedded_defaults(tmp_path):
     env = {k: v for k, v in tasks.private_ray_env().items() if not k.startswith("AWS_")}
     small = [

@@ -7,6 +7,8 @@ from typing import ClassVar, Literal
 
 from pipeline.config import locations
 from pipeline.config.core import MAX_BATCH, MAX_WORKERS, Checked
+from pipeline.config.sample import is_registry_ref
+from pipeline.config.train import resolve_tracking_uri
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +27,10 @@ class EncodeConfig(Checked):
     of the dataset, and manifest.json, written last as the commit point."""
     autoencoder: str
     """diffusers AutoencoderKL: a folder written by `save_pretrained` (config.json
-    and diffusion_pytorch_model.safetensors), local or `s3://`. Loaded offline:
-    nothing is fetched from a hub."""
+    and diffusion_pytorch_model.safetensors), local or `s3://`; or a version in the
+    MLflow registry (`name/version` or `name@alias`, as tasks.train_autoencoder
+    registers them), which is copied into the output's `autoencoder/` folder, where
+    training and sampling read it. Loaded offline: nothing is fetched from a hub."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Encoder arithmetic: fp32, or bf16 autocast (every latent is checked finite
     either way; some autoencoders give NaNs in half precision)."""
@@ -41,12 +45,17 @@ class EncodeConfig(Checked):
     """Encoder actors, each holding the autoencoder (one GPU each when GPUs are used)."""
     use_gpu: bool | None = None
     """Encode on GPUs; default: when the Ray cluster has any."""
+    tracking_uri: str = ""
+    """MLflow tracking URI of a registered autoencoder; default: $MLFLOW_TRACKING_URI,
+    else sqlite:///mlflow.db."""
 
     def __post_init__(self) -> None:
         self.locate("dataset")
         self.locate("output")
-        self.locate("autoencoder")
-        for other in ("dataset", "autoencoder"):
+        registered = is_registry_ref(self.autoencoder)
+        if not registered:
+            self.locate("autoencoder")
+        for other in ("dataset",) if registered else ("dataset", "autoencoder"):
             self.check(
                 not locations.contains(getattr(self, other), self.output)
                 and not locations.contains(self.output, getattr(self, other)),
@@ -57,3 +66,4 @@ class EncodeConfig(Checked):
         self.at_most(MAX_BATCH, "chunk")
         self.check(self.actors > 0, "actors", "must be a positive integer")
         self.at_most(MAX_WORKERS, "actors")
+        object.__setattr__(self, "tracking_uri", resolve_tracking_uri(self.tracking_uri))

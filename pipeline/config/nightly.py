@@ -19,7 +19,7 @@ from pipeline.config.evaluate import (
     parse_sampler,
 )
 from pipeline.config.model import ModelConfig
-from pipeline.config.sample import DEFAULT, SampleConfig
+from pipeline.config.sample import DEFAULT, SampleConfig, is_registry_ref
 from pipeline.config.train import TrainConfig, resolve_tracking_uri
 
 _RENAMED = {
@@ -82,9 +82,10 @@ class NightlyConfig(Checked):
     able to halve it (tiny: any even side from 8 to 512); with an autoencoder, the
     network's side is this over its downsampling factor."""
     autoencoder: str = ""
-    """Train on latents: the AutoencoderKL folder (`save_pretrained`, local or
-    `s3://`) that encodes each night's new images into `latents` (tasks.encode,
-    appending); empty: train on pixels. Models are scored on pixels either way."""
+    """Train on latents: the AutoencoderKL (a `save_pretrained` folder, local or
+    `s3://`, or a registered `name/version`) that encodes each night's new images
+    into `latents` (tasks.encode, appending); empty: train on pixels. Models are
+    scored on pixels either way."""
     latents: str = ""
     """Where the latent dataset goes; default: `dataset` with `-latents` appended."""
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -163,7 +164,8 @@ class NightlyConfig(Checked):
             "must be letters, digits, '_', '.' or '-'",
         )
         if self.autoencoder:
-            self.locate("autoencoder")
+            if not is_registry_ref(self.autoencoder):
+                self.locate("autoencoder")
             if not self.latents:
                 object.__setattr__(self, "latents", self.dataset.rstrip("/") + "-latents")
             self.locate("latents")
@@ -212,6 +214,7 @@ class NightlyConfig(Checked):
             output=self.latents,
             autoencoder=self.autoencoder,
             flips=self.hflip,
+            tracking_uri=self.tracking_uri,
         )
 
     def train_config(self, init_from: str) -> TrainConfig:

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import tempfile
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,23 +81,35 @@ def read_folder(uri: str) -> dict[str, bytes]:
         found = {o.relpath: o.uri for o in storage.list_objects(uri)}
     except storage.NotFound:
         raise AutoencoderError(f"{uri}: not found") from None
-    if CONFIG not in found:
+    config = storage.read_bytes(found[CONFIG]) if CONFIG in found else None
+    _check(uri, config, found)  # before reading weights that may be gigabytes
+    return {CONFIG: config or b"", WEIGHTS: storage.read_bytes(found[WEIGHTS])}
+
+
+def checked_files(where: str, files: Mapping[str, bytes]) -> dict[str, bytes]:
+    """An autoencoder folder's files given in memory (a registered version's
+    artifacts), checked as `read_folder` checks a folder; `where` names them."""
+    _check(where, files.get(CONFIG), files)
+    return {CONFIG: files[CONFIG], WEIGHTS: files[WEIGHTS]}
+
+
+def _check(where: str, config_bytes: bytes | None, names: Collection[str]) -> None:
+    if config_bytes is None:
         raise AutoencoderError(
-            f"{uri}: no {CONFIG}: not an autoencoder folder (make one with save_pretrained)"
+            f"{where}: no {CONFIG}: not an autoencoder folder (make one with save_pretrained)"
         )
-    config_bytes = storage.read_bytes(found[CONFIG])
-    config = json.loads(config_bytes)
-    if config.get("_class_name") != "AutoencoderKL":
-        raise AutoencoderError(
-            f"{uri}: {CONFIG} is of a {config.get('_class_name')!r}, not an AutoencoderKL"
-        )
-    if WEIGHTS not in found:
-        pickled = sorted(n for n in found if n.endswith(".bin"))
+    try:
+        cls = json.loads(config_bytes).get("_class_name")
+    except (ValueError, AttributeError):
+        raise AutoencoderError(f"{where}: {CONFIG} is not a JSON object") from None
+    if cls != "AutoencoderKL":
+        raise AutoencoderError(f"{where}: {CONFIG} is of a {cls!r}, not an AutoencoderKL")
+    if WEIGHTS not in names:
+        pickled = sorted(n for n in names if n.endswith(".bin"))
         why = ""
         if pickled:
             why = f" ({', '.join(pickled)} is pickled: save it with safe_serialization=True)"
-        raise AutoencoderError(f"{uri}: no {WEIGHTS}{why}")
-    return {CONFIG: config_bytes, WEIGHTS: storage.read_bytes(found[WEIGHTS])}
+        raise AutoencoderError(f"{where}: no {WEIGHTS}{why}")
 
 
 def identity_of(files: dict[str, bytes]) -> Identity:

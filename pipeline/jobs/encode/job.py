@@ -34,8 +34,9 @@ from typing import Any
 
 from pipeline.config import ConfigError
 from pipeline.config.encode import EncodeConfig
+from pipeline.config.sample import is_registry_ref
 from pipeline.data import latent_samples, shards
-from pipeline.edges import autoencoders, cluster, storage
+from pipeline.edges import autoencoders, cluster, registry, storage, tracking
 from pipeline.jobs.encode import shard
 from pipeline.maths.latents import ChannelMoments
 
@@ -77,10 +78,41 @@ class _Source:
         return int(self.manifest["resolution"])
 
 
+REGISTERED = "autoencoder"
+"""The output's folder holding its copy of a registered autoencoder."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Autoencoder:
+    """The autoencoder being encoded with."""
+
+    uri: str
+    """Where the actors, and later training and sampling, read it."""
+    identity: autoencoders.Identity
+    registered: str | None = None
+    """`name/version` of a registered autoencoder (copied to `uri`)."""
+    files: dict[str, bytes] | None = None
+    """A registered autoencoder's files, to copy to `uri` (`keep`)."""
+
+    def keep(self) -> None:
+        """Copy a registered autoencoder's files into the output, unless they are
+        there already; called once the output is known to be this encoding's."""
+        if self.files is None:
+            return
+        try:
+            if autoencoders.read_folder(self.uri) == self.files:
+                return
+        except autoencoders.AutoencoderError:
+            pass
+        for name, data in self.files.items():
+            storage.write_bytes(storage.join(self.uri, name), data)
+
+
 def encode(cfg: EncodeConfig, *, progress: bool = True) -> EncodeResult:
     """Encode (or finish encoding, or append to) the latent dataset `cfg` describes."""
     source = _load_source(cfg)
-    identity = _identity(cfg, source.resolution)
+    autoencoder = _autoencoder(cfg, source.resolution)
+    identity = autoencoder.identity
     config = {
         "autoencoder": identity.digest,
         "precision": cfg.precision,
@@ -92,6 +124,7 @@ def encode(cfg: EncodeConfig, *, progress: bool = True) -> EncodeResult:
     if base is not None and base["source"]["sha256"] == source.digest:
         return EncodeResult(manifest_uri, base, already_complete=True)
     kept = {e["name"]: e for e in (base or {}).get("shards", [])}
+    autoencoder.keep()
 
     plans = [_plan(e, config) for e in source.manifest["shards"] if e["name"] not in kept]
     previous = shards.list_output(cfg.output, "encode.output")
@@ -101,12 +134,12 @@ def encode(cfg: EncodeConfig, *, progress: bool = True) -> EncodeResult:
     todo = [p for p in plans if p["name"] not in records]
     total = sum(e["samples"] for e in source.manifest["shards"])
     done = total - sum(p["samples"] for p in todo)
-    for record in _encode_shards(cfg, identity, source, todo, done, total, progress):
+    for record in _encode_shards(cfg, autoencoder, source, todo, done, total, progress):
         records[record["name"]] = record
     _remove_orphans(cfg.output, previous, set(kept) | {p["name"] for p in plans})
 
     entries = [kept.get(e["name"]) or _entry(records[e["name"]]) for e in source.manifest["shards"]]
-    manifest = _manifest(cfg, config, identity, source, entries, base, base_bytes)
+    manifest = _manifest(cfg, config, autoencoder, source, entries, base, base_bytes)
     _check_shards(cfg.output, entries)
     if base is not None:  # keep the base's manifest before it is replaced
         stem = storage.join(cfg.output, shards.MANIFESTS, f"{base['version']:06d}")
@@ -128,13 +161,23 @@ def _load_source(cfg: EncodeConfig) -> _Source:
     return _Source(manifest, digest)
 
 
-def _identity(cfg: EncodeConfig, resolution: int) -> autoencoders.Identity:
+def _autoencoder(cfg: EncodeConfig, resolution: int) -> _Autoencoder:
+    """The autoencoder `cfg` names: a folder, or a registered version (read from
+    the registry now, copied into the output once the output is known to be ours)."""
     try:
-        identity = autoencoders.identity_of(autoencoders.read_folder(cfg.autoencoder))
-        identity.latent_shape(resolution)
-    except autoencoders.AutoencoderError as e:
+        if not is_registry_ref(cfg.autoencoder):
+            found = autoencoders.identity_of(autoencoders.read_folder(cfg.autoencoder))
+            found.latent_shape(resolution)
+            return _Autoencoder(cfg.autoencoder, found)
+        name, version, alias = registry.split_ref(cfg.autoencoder)
+        version, _, files = tracking.load_registered(cfg.tracking_uri, name, version, alias)
+        files = autoencoders.checked_files(cfg.autoencoder, files)
+        found = autoencoders.identity_of(files)
+        found.latent_shape(resolution)
+    except (autoencoders.AutoencoderError, tracking.NotRegistered) as e:
         raise ConfigError(f"encode.autoencoder: {e}") from None
-    return identity
+    uri = storage.join(cfg.output, REGISTERED)
+    return _Autoencoder(uri, found, f"{name}/{version}", files)
 
 
 def _committed(
@@ -220,12 +263,13 @@ def _entry(record: dict) -> dict[str, Any]:
 def _manifest(
     cfg: EncodeConfig,
     config: dict,
-    identity: autoencoders.Identity,
+    autoencoder: _Autoencoder,
     source: _Source,
     entries: list[dict],
     base: dict | None,
     base_bytes: bytes,
 ) -> dict[str, Any]:
+    identity = autoencoder.identity
     moments = ChannelMoments(identity.latent_channels)
     for e in entries:
         if e["split"] == "train":
@@ -254,7 +298,8 @@ def _manifest(
             "version": source.manifest.get("version", 1),
         },
         "autoencoder": {
-            "uri": cfg.autoencoder,
+            "uri": autoencoder.uri,
+            "registered": autoencoder.registered,
             "digest": identity.digest,
             "class": identity.cls,
             "scaling_factor": identity.scaling_factor,
@@ -301,7 +346,7 @@ def _check_shards(output: str, entries: list[dict]) -> None:
 
 def _encode_shards(
     cfg: EncodeConfig,
-    identity: autoencoders.Identity,
+    autoencoder: _Autoencoder,
     source: _Source,
     todo: list[dict],
     done: int,
@@ -318,7 +363,7 @@ def _encode_shards(
     cluster.connect()
     cluster.warn_local_paths(
         [("encode.dataset", cfg.dataset), ("encode.output", cfg.output)]
-        + [("encode.autoencoder", cfg.autoencoder)]
+        + [("encode.autoencoder", autoencoder.uri)]
     )
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     rows = [{"plan": json.dumps(p)} for p in todo]
@@ -338,8 +383,8 @@ def _encode_shards(
                 compute=ActorPoolStrategy(size=cfg.actors),
                 num_gpus=1 if use_gpu else 0,
                 fn_constructor_kwargs={
-                    "autoencoder": cfg.autoencoder,
-                    "digest": identity.digest,
+                    "autoencoder": autoencoder.uri,
+                    "digest": autoencoder.identity.digest,
                     "output": cfg.output,
                     "resolution": source.resolution,
                     "precision": cfg.precision,
