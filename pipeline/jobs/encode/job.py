@@ -34,10 +34,10 @@ from typing import Any
 
 from pipeline.config import ConfigError
 from pipeline.config.encode import EncodeConfig
-from pipeline.config.sample import is_registry_ref
 from pipeline.data import latent_samples, shards
-from pipeline.edges import autoencoders, cluster, registry, storage, tracking
+from pipeline.edges import cluster, storage
 from pipeline.jobs.encode import shard
+from pipeline.jobs.encode.autoencoder import Autoencoder, resolve
 from pipeline.maths.latents import ChannelMoments
 
 
@@ -78,40 +78,10 @@ class _Source:
         return int(self.manifest["resolution"])
 
 
-REGISTERED = "autoencoder"
-"""The output's folder holding its copy of a registered autoencoder."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Autoencoder:
-    """The autoencoder being encoded with."""
-
-    uri: str
-    """Where the actors, and later training and sampling, read it."""
-    identity: autoencoders.Identity
-    registered: str | None = None
-    """`name/version` of a registered autoencoder (copied to `uri`)."""
-    files: dict[str, bytes] | None = None
-    """A registered autoencoder's files, to copy to `uri` (`keep`)."""
-
-    def keep(self) -> None:
-        """Copy a registered autoencoder's files into the output, unless they are
-        there already; called once the output is known to be this encoding's."""
-        if self.files is None:
-            return
-        try:
-            if autoencoders.read_folder(self.uri) == self.files:
-                return
-        except autoencoders.AutoencoderError:
-            pass
-        for name, data in self.files.items():
-            storage.write_bytes(storage.join(self.uri, name), data)
-
-
 def encode(cfg: EncodeConfig, *, progress: bool = True) -> EncodeResult:
     """Encode (or finish encoding, or append to) the latent dataset `cfg` describes."""
     source = _load_source(cfg)
-    autoencoder = _autoencoder(cfg, source.resolution)
+    autoencoder = resolve(cfg, source.resolution)
     identity = autoencoder.identity
     config = {
         "autoencoder": identity.digest,
@@ -159,25 +129,6 @@ def _load_source(cfg: EncodeConfig) -> _Source:
             f"they were encoded from ({manifest['source']['dataset']})"
         )
     return _Source(manifest, digest)
-
-
-def _autoencoder(cfg: EncodeConfig, resolution: int) -> _Autoencoder:
-    """The autoencoder `cfg` names: a folder, or a registered version (read from
-    the registry now, copied into the output once the output is known to be ours)."""
-    try:
-        if not is_registry_ref(cfg.autoencoder):
-            found = autoencoders.identity_of(autoencoders.read_folder(cfg.autoencoder))
-            found.latent_shape(resolution)
-            return _Autoencoder(cfg.autoencoder, found)
-        name, version, alias = registry.split_ref(cfg.autoencoder)
-        version, _, files = tracking.load_registered(cfg.tracking_uri, name, version, alias)
-        files = autoencoders.checked_files(cfg.autoencoder, files)
-        found = autoencoders.identity_of(files)
-        found.latent_shape(resolution)
-    except (autoencoders.AutoencoderError, tracking.NotRegistered) as e:
-        raise ConfigError(f"encode.autoencoder: {e}") from None
-    uri = storage.join(cfg.output, REGISTERED)
-    return _Autoencoder(uri, found, f"{name}/{version}", files)
 
 
 def _committed(
@@ -263,7 +214,7 @@ def _entry(record: dict) -> dict[str, Any]:
 def _manifest(
     cfg: EncodeConfig,
     config: dict,
-    autoencoder: _Autoencoder,
+    autoencoder: Autoencoder,
     source: _Source,
     entries: list[dict],
     base: dict | None,
@@ -346,7 +297,7 @@ def _check_shards(output: str, entries: list[dict]) -> None:
 
 def _encode_shards(
     cfg: EncodeConfig,
-    autoencoder: _Autoencoder,
+    autoencoder: Autoencoder,
     source: _Source,
     todo: list[dict],
     done: int,
