@@ -62,83 +62,124 @@ from pipeline.maths.reproducible import generate  # noqa: E402
 from pipeline.maths.train_step import fused_adam, train_step  # noqa: E402
 from pipeline.maths.unet import build  # noqa: E402
 
-CHANNELS = (16, 32, 32, 32)
 SIDE = 64
+AUTOENCODERS = {
+    # name: (block_out_channels, layers_per_block, norm_num_groups)
+    "small": ((16, 32, 32, 32), 1, 16),
+    "sd": ((128, 256, 512, 512), 2, 32),
+}
+"""The encode part's autoencoders, f = 8 and 4 latent channels both: `small`, the
+size of the quickstart's, and `sd`, Stable Diffusion's VAE architecture (34 M
+encoder parameters). Their per-image cost differs by about 100x, and so does the
+share of the pipeline's own work (decoding PNGs, writing shards) in a run."""
 
 
-def autoencoder(folder: Path) -> str:
+def autoencoder(folder: Path, size: str = "small") -> str:
     from diffusers import AutoencoderKL
 
+    channels, layers, groups = AUTOENCODERS[size]
     torch.manual_seed(0)
     AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=CHANNELS,
-        layers_per_block=1,
+        block_out_channels=channels,
+        layers_per_block=layers,
         latent_channels=4,
-        norm_num_groups=16,
+        norm_num_groups=groups,
     ).save_pretrained(folder)
     return str(folder)
 
 
-def bench_encode(images: int, repeats: int, work: Path) -> dict:
-    """tasks.encode against a bare loop of Encoder over the decoded images."""
+def write_images(root: Path, count: int) -> None:
+    """`count` random 64 px RGB PNGs in ten class folders (the encoder's cost does
+    not depend on what the images show, and the digits are only 1,797)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        folder = root / f"c{i % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:06d}.png")
+
+
+def bench_encode(sizes: dict[str, list[int]], repeats: int, work: Path) -> dict:
+    """tasks.encode against a bare loop of Encoder over the decoded images, for each
+    autoencoder of `sizes` at each of its numbers of images; from its two largest,
+    the pipeline's marginal rate (its steady state) and the fixed seconds a run
+    pays on top of it."""
     import ray
 
+    from pipeline.edges import cluster
+
+    cluster.quiet()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    # One encoder a core (each runs torch on one thread), against the bare loop's
+    # one process on every core.
+    actors = os.cpu_count() or 1
+    result: dict = {"actors": actors, "goal": 0.9}
+    for size, counts in sizes.items():
+        vae = autoencoder(work / f"vae-{size}", size)
+        cases = [_encode_case(n, vae, actors, repeats, work) for n in sorted(counts)]
+        result[size] = {"sizes": cases}
+        if len(cases) >= 2:
+            small, large = cases[-2], cases[-1]
+            t_small = statistics.median(small["pipeline_seconds"])
+            t_large = statistics.median(large["pipeline_seconds"])
+            marginal = (large["images"] - small["images"]) / (t_large - t_small)
+            result[size]["steady_state"] = {
+                "pipeline_images_per_s": round(marginal, 1),
+                "ratio": round(marginal / large["bare_loop_images_per_s"], 3),
+                "fixed_seconds": round(t_large - large["images"] / marginal, 1),
+            }
+    ray.shutdown()
+    return result
+
+
+def _encode_case(n: int, vae: str, actors: int, repeats: int, work: Path) -> dict:
+    """One autoencoder on a pixel dataset of `n` random images: `repeats` runs of
+    tasks.encode and of the bare loop, in turns."""
     from pipeline.config import PreprocessConfig
     from pipeline.config.encode import EncodeConfig
     from pipeline.data import shards
     from pipeline.data.autoencode import Encoder
-    from pipeline.data.digits import write_digits
     from pipeline.data.reference import read_split
-    from pipeline.edges import cluster
     from pipeline.jobs.encode import encode
     from pipeline.jobs.preprocess import preprocess
 
-    cluster.quiet()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
-    write_digits(str(work / "raw"), 0, images)
-    pixels = str(work / "pixels")
-    preprocess(
-        PreprocessConfig(
-            input=str(work / "raw"),
-            output=pixels,
-            resolution=SIDE,
-            small_images="upscale",
-            validation_fraction=0.0,
-            samples_per_shard=128,
-        ),
-        progress=False,
-    )
-    manifest, _ = shards.load_dataset(pixels, "pixels")
-    data, _ = read_split(pixels, manifest, "train", images)
-    assert data is not None
-    vae = autoencoder(work / "vae")
-    # One encoder a core (each runs torch on one thread), against the bare loop's
-    # one process on every core.
-    actors = os.cpu_count() or 1
-    pipeline_s, loop_s = [], []
-    for r in range(repeats):  # in turns, so that a busy moment weighs on both
-        start = time.perf_counter()
-        cfg = EncodeConfig(
-            dataset=pixels, output=str(work / f"z{r}"), autoencoder=vae, actors=actors
+    pixels = str(work / f"pixels{n}")
+    if not (work / f"raw{n}").exists():
+        write_images(work / f"raw{n}", n)
+        preprocess(
+            PreprocessConfig(
+                input=str(work / f"raw{n}"),
+                output=pixels,
+                resolution=SIDE,
+                validation_fraction=0.0,
+                samples_per_shard=128,
+            ),
+            progress=False,
         )
+    manifest, _ = shards.load_dataset(pixels, "pixels")
+    data, _ = read_split(pixels, manifest, "train", n)
+    assert data is not None and len(data) == n
+    pipeline_s, loop_s = [], []
+    for _ in range(repeats):  # in turns, so that a busy moment weighs on both
+        start = time.perf_counter()
+        out = tempfile.mkdtemp(dir=work)
+        cfg = EncodeConfig(dataset=pixels, output=out, autoencoder=vae, actors=actors)
         encode(cfg, progress=False)
         pipeline_s.append(time.perf_counter() - start)
         start = time.perf_counter()
         Encoder(vae, device="cpu")({"image": data})
         loop_s.append(time.perf_counter() - start)
-    ray.shutdown()
-    n = len(data)
     pipe, loop = n / statistics.median(pipeline_s), n / statistics.median(loop_s)
     return {
         "images": n,
         "shards": len(manifest["shards"]),
-        "actors": actors,
-        "pipeline_images_per_s": round(pipe, 1),
-        "bare_loop_images_per_s": round(loop, 1),
+        "pipeline_images_per_s": round(pipe, 2),
+        "bare_loop_images_per_s": round(loop, 2),
         "ratio": round(pipe / loop, 3),
-        "goal": 0.9,
         "pipeline_seconds": [round(s, 2) for s in pipeline_s],
         "bare_loop_seconds": [round(s, 2) for s in loop_s],
     }
@@ -227,7 +268,22 @@ def bench_decode(device: torch.device, images: int, repeats: int, work: Path) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=1024, help="images encoded (part 1)")
+    parser.add_argument(
+        "--images",
+        type=int,
+        nargs="+",
+        default=[1024, 4096],
+        help="images of the encode runs with the small autoencoder (part 1); the two "
+        "largest give the steady state",
+    )
+    parser.add_argument(
+        "--sd_images",
+        type=int,
+        nargs="*",
+        default=[128],
+        help="images of the encode runs with Stable Diffusion's VAE architecture (none: "
+        "skipped; about 3 images/s on 2 cores)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs of each case (medians)")
     parser.add_argument("--parts", nargs="+", default=["encode", "train", "decode"])
     parser.add_argument(
@@ -252,7 +308,9 @@ def main() -> None:
             except ImportError:
                 report["encode"] = {"skipped": "no Ray on this machine"}
             else:
-                report["encode"] = bench_encode(args.images, args.repeats, work)
+                sizes = {"small": args.images, "sd": args.sd_images}
+                sizes = {k: v for k, v in sizes.items() if v}
+                report["encode"] = bench_encode(sizes, args.repeats, work)
             print_part("encode", report["encode"])
         if "train" in args.parts:
             report["train"] = bench_train(device, 32 if not cuda else 256, 5 if not cuda else 30)
@@ -267,10 +325,16 @@ def main() -> None:
     print(f"wrote {out}")
 
 
-def print_part(title: str, values: dict) -> None:
-    print(f"\n{title}")
+def print_part(title: str, values: dict, indent: str = "") -> None:
+    print(f"\n{indent}{title}")
     for key, value in values.items():
-        print(f"  {key:<28}{value}")
+        if isinstance(value, dict):
+            print_part(key, value, indent + "  ")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            for case in value:
+                print(f"{indent}  {key}: " + ", ".join(f"{k} {v}" for k, v in case.items()))
+        else:
+            print(f"{indent}  {key:<28}{value}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,27 @@ def command(name: str, *args: str) -> list[str]:
     return [sys.executable, "-m", f"tasks.{name}", *args]
 
 
+def refusal(argv: list[str]) -> str | None:
+    """The error line a task's command `argv` (as `command` makes it) ends with when
+    its input is refused, got in this process: the task's `main` on the config its
+    arguments parse to, a ConfigError printed as tasks/cli.py prints it (exit 2).
+    None if nothing was refused (then the task has run). For refusals that come
+    after the task's heavy imports (MLflow, torch), which a subprocess pays again."""
+    import importlib
+    import typing
+
+    from pipeline.config import ConfigError, make_parser, parse_args
+
+    name = argv[2]
+    module = importlib.import_module(name)
+    config_cls = typing.get_type_hints(module.main)["cfg"]
+    try:
+        module.main(parse_args(config_cls, make_parser(config_cls, name, ""), argv[3:]))
+    except ConfigError as e:
+        return f"{name}: error: {e}"
+    return None
+
+
 def private_ray_env() -> dict[str, str]:
     """The environment of a task that starts its own local Ray, as on a laptop."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

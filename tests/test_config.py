@@ -449,5 +449,11 @@ def test_the_latent_quickstart_is_64_px_through_an_autoencoder_of_f_8(tmp_path):
     assert night.autoencoder == cfg.autoencoder and night.resolution == 64
     assert cfg.autoencoder_config().downsample == 8
     assert cfg.autoencoder_config().dataset == night.dataset
+    # Fewer images, and no post-hoc EMA search (each length is an evaluation, decoded).
+    pixels = C.QuickstartConfig(workdir=str(tmp_path)).nightly_config()
+    assert (night.images, night.ema_lengths) == (48_000, ())
+    assert (pixels.images, pixels.ema_lengths) == (128_000, C.NightlyConfig.ema_lengths)
+    given = C.QuickstartConfig(workdir=str(tmp_path), latent=True, images=5, ema_lengths=(0.1,))
+    assert (given.nightly_config().images, given.nightly_config().ema_lengths) == (5, (0.1,))
     with pytest.raises(ConfigError, match=r"^quickstart.resolution: must be a multiple of 8"):
         C.QuickstartConfig(workdir=str(tmp_path), latent=True, resolution=32)
