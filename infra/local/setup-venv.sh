@@ -17,7 +17,12 @@ fi
 FIND_LINKS=${PIP_FIND_LINKS:-$(.venv/bin/python -m pip config get global.find-links 2>/dev/null || true)}
 if [ "$INSTALLER" = uv ]; then
   .venv/bin/python -m pip install --quiet "$(grep '^uv==' constraints.txt)"
-  install() { .venv/bin/uv pip install --quiet --python .venv/bin/python ${FIND_LINKS:+--find-links "$FIND_LINKS"} "$@"; }
+  # --compile-bytecode, as pip does: else each package is compiled at its first
+  # import, by every process that imports it before its .pyc is written.
+  install() {
+    .venv/bin/uv pip install --quiet --compile-bytecode --python .venv/bin/python \
+      ${FIND_LINKS:+--find-links "$FIND_LINKS"} "$@"
+  }
 else
   .venv/bin/python -m pip install --quiet --upgrade pip
   install() { .venv/bin/python -m pip install --quiet "$@"; }
