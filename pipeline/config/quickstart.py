@@ -56,7 +56,7 @@ class QuickstartConfig(Checked):
     """The network (see tasks.train --help): the tiny template by default."""
     images: int = 0
     """Images training sees; default 128,000 (about 80 passes over the digits; about
-    2.5 minutes on 2 CPU cores at 8x8), 48,000 with --latent (about 3 minutes)."""
+    2.5 minutes on 2 CPU cores at 8x8), 48,000 with --latent (3 to 5 minutes there)."""
     workers: int = 1
     """Ray Train workers."""
     hflip: bool = False
