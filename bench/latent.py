@@ -3,7 +3,10 @@
 1. encode: tasks.encode's pipeline (Ray Data: decode tasks, an actor pool of
    encoders, one a core, shards written) against a bare loop of the same
    autoencoder over the same images already in memory (one process, all cores),
-   images/s; the goal is a ratio of 0.9 or more. Needs Ray (CPU machines).
+   images/s; the goal is a ratio of 0.9 or more. Random 64 px images at two
+   sizes with the small autoencoder (the two give the pipeline's marginal rate
+   and its fixed seconds a run), and at one with SD's VAE architecture
+   (AUTOENCODERS). Needs Ray (CPU machines).
 2. train: the training step's cost per image at 64 px, the same UNet template
    (tiny) on pixels [3, 64, 64] and on latents [4, 8, 8] (f = 8), the latents'
    draw and normalisation included: what training on latents saves.
@@ -11,27 +14,30 @@
    sampler (DPM-Solver++(2M) SDE, 35 steps, the default) on 8x8x4 latents, then
    the autoencoder's decode to 64 px.
 
-The autoencoder is the quickstart's (`--latent`: channels 16,32,32,32, f = 8,
-random weights: cost does not depend on them). Parts 2 and 3 import torch (and
+Parts 2 and 3 use the small autoencoder (channels 16,32,32,32, f = 8; random
+weights everywhere: cost does not depend on them). Parts 2 and 3 import torch (and
 diffusers for 3) only, so they run on a GPU machine too; part 1 is skipped
 where Ray is missing. On a GPU machine (diffusers from `bench/vendor`, as
 bench/gpu.py takes it): `python3 bench/latent.py --parts train decode --out "$OUT"`.
 
-    infra/local/offline .venv/bin/python bench/latent.py [--images 1024]
-        [--parts encode train decode]
+    infra/local/offline .venv/bin/python bench/latent.py [--images 1024 4096]
+        [--sd_images 128] [--parts encode train decode]
 
 Prints a table per part and writes bench/results/latent-<device>.json.
 
 The recorded run (2 cores, 2026-12-05, medians of 3):
-- encode, 1,024 digits at 64 px in 8 shards, 2 actors: 59.7 images/s through the
-  pipeline, 230.3 in the bare loop: a ratio of 0.26, far from the 0.9 goal. A
-  run is 16-18 s against 4-5 s, and most of the difference is fixed (the
-  Dataset's start, each actor loading the autoencoder, the manifest's reads and
-  writes), which this size does not amortise; the steady-state rate of larger
-  runs is not measured yet.
-- train, the tiny template, batch 32: 147.5 ms an image on 64 px pixels, 3.6 ms
-  on 8x8x4 latents (draw and normalisation included): 41x.
-- decode, 64 images: sampling 35 steps on latents 1.98 s, decoding 0.52 s: 21%
+- encode, random 64 px images, 2 actors, the small autoencoder: 1,024 images (8
+  shards) 47.0 images/s through the pipeline against 154.4 in the bare loop
+  (0.30); 4,096 (32 shards) 131.3 against 263.4 (0.50). Between the two the
+  pipeline's marginal rate is 326.5 images/s, 1.24x the bare loop: once
+  started, its actors (one thread each, decoding beside encoding) outrun one
+  process on two threads, and the gap is a fixed 18.7 s a run (Ray Data's
+  start, two actors importing diffusers and loading the autoencoder, the
+  manifest). With SD's VAE architecture, 128 images (8 shards): 2.37 against
+  3.36 images/s (0.71), the same fixed cost on 38 s of encoding.
+- train, the tiny template, batch 32: 148.5 ms an image on 64 px pixels, 3.2 ms
+  on 8x8x4 latents (draw and normalisation included): 46x.
+- decode, 64 images: sampling 35 steps on latents 1.79 s, decoding 0.48 s: 21%
   of generation.
 """
 
@@ -156,7 +162,8 @@ def _encode_case(n: int, vae: str, actors: int, repeats: int, work: Path) -> dic
                 output=pixels,
                 resolution=SIDE,
                 validation_fraction=0.0,
-                samples_per_shard=128,
+                # An actor encodes a shard whole: 8 or more, so every actor has work.
+                samples_per_shard=min(128, max(1, n // 8)),
             ),
             progress=False,
         )
