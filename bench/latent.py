@@ -74,9 +74,9 @@ AUTOENCODERS = {
     "small": ((16, 32, 32, 32), 1, 16),
     "sd": ((128, 256, 512, 512), 2, 32),
 }
-"""The encode part's autoencoders, f = 8 and 4 latent channels both: `small`, the
-size of the quickstart's, and `sd`, Stable Diffusion's VAE architecture (34 M
-encoder parameters). Their per-image cost differs by about 100x, and so does the
+"""The encode part's autoencoders, f = 8 and 4 latent channels both: `small`, twice
+the width of the quickstart's (8,16,16,16), and `sd`, Stable Diffusion's VAE
+architecture (34 M encoder parameters). Their per-image cost differs by about 100x, and so does the
 share of the pipeline's own work (decoding PNGs, writing shards) in a run."""
 
 
