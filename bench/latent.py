@@ -15,7 +15,7 @@
    the autoencoder's decode to 64 px.
 
 Parts 2 and 3 use the small autoencoder (channels 16,32,32,32, f = 8; random
-weights everywhere: cost does not depend on them). Parts 2 and 3 import torch (and
+weights everywhere: cost does not depend on them) and import torch (and
 diffusers for 3) only, so they run on a GPU machine too; part 1 is skipped
 where Ray is missing. On a GPU machine (diffusers from `bench/vendor`, as
 bench/gpu.py takes it): `python3 bench/latent.py --parts train decode --out "$OUT"`.
@@ -76,8 +76,9 @@ AUTOENCODERS = {
 }
 """The encode part's autoencoders, f = 8 and 4 latent channels both: `small`, twice
 the width of the quickstart's (8,16,16,16), and `sd`, Stable Diffusion's VAE
-architecture (34 M encoder parameters). Their per-image cost differs by about 100x, and so does the
-share of the pipeline's own work (decoding PNGs, writing shards) in a run."""
+architecture (34 M encoder parameters). Their per-image cost differs by about
+100x, and so does the share of the pipeline's own work (decoding PNGs, writing
+shards) in a run."""
 
 
 def autoencoder(folder: Path, size: str = "small") -> str:

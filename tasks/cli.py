@@ -25,7 +25,7 @@ def run_task(
         config = parse_args(config_cls, parser, argv)
         main(config)
     except ConfigError as e:
-        _say_last(f"{prog}: error: {e}")
+        _say_last(refused_line(prog, e))
         return 2
     except (storage.StorageError, RuntimeError) as e:
         _say_last(f"{prog}: failed: {e}")
@@ -42,6 +42,11 @@ def run_task(
         _say_last(f"{prog}: failed: MLflow: {detail}")
         return 1
     return 0
+
+
+def refused_line(prog: str, e: ConfigError) -> str:
+    """The one line a task ends with when its input is refused (exit 2)."""
+    return f"{prog}: error: {e}"
 
 
 def _say_last(line: str) -> None:

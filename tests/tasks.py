@@ -24,16 +24,23 @@ def command(name: str, *args: str) -> list[str]:
     return [sys.executable, "-m", f"tasks.{name}", *args]
 
 
-def refusal(argv: list[str]) -> str | None:
-    """The error line a task's command `argv` (as `command` makes it) ends with when
-    its input is refused, got in this process: the task's `main` on the config its
-    arguments parse to, a ConfigError printed as tasks/cli.py prints it (exit 2).
-    None if nothing was refused (then the task has run). For refusals that come
-    after the task's heavy imports (MLflow, torch), which a subprocess pays again."""
+def refused(argv: list[str], env: dict | None = None, *, in_process: bool = False) -> str:
+    """The error line a task's command `argv` (as `command` makes it) ends with
+    when its input is refused: from the task's own process, whose exit code must
+    be 2 and whose stderr must be that one line; or, `in_process`, from the task's
+    `main` called here on the config its arguments parse to (for refusals that
+    come after the task's heavy imports, MLflow and torch, which a subprocess pays
+    again). "not refused" if the task ran instead."""
+    if not in_process:
+        result = run(argv, env)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert result.stderr.count("\n") == 1, result.stderr[-3000:]
+        return result.stderr
     import importlib
     import typing
 
     from pipeline.config import ConfigError, make_parser, parse_args
+    from tasks.cli import refused_line
 
     name = argv[2]
     module = importlib.import_module(name)
@@ -41,8 +48,8 @@ def refusal(argv: list[str]) -> str | None:
     try:
         module.main(parse_args(config_cls, make_parser(config_cls, name, ""), argv[3:]))
     except ConfigError as e:
-        return f"{name}: error: {e}"
-    return None
+        return refused_line(name, e)
+    return "not refused"
 
 
 def private_ray_env() -> dict[str, str]:

@@ -285,13 +285,10 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
         runs = "s3://no-such-bucket/runs"
     before = {o.relpath for o in storage.list_objects(s3_prefix)}
     argv = train_argv(dataset, runs, mlflow_server, name, *extra)
-    if case in ("unknown-template", "indivisible-batch"):  # refused as the command is read
-        result = tasks.run(argv, on(cluster))
-        assert result.returncode == 2, result.stderr[-3000:]
-        assert result.stderr.count("\n") == 1
-        line = result.stderr
-    else:  # found once the dataset and storage are read, after the imports: in this process
-        line = tasks.refusal(argv) or "not refused"
+    # Refused as the command is read: in the task's process; once the dataset and
+    # storage are read, after the task's imports: in this one.
+    as_read = case in ("unknown-template", "indivisible-batch")
+    line = tasks.refused(argv, on(cluster), in_process=not as_read)
     assert line.startswith(f"tasks.train: error: {expected}"), line
     assert {o.relpath for o in storage.list_objects(s3_prefix)} == before
     assert runs_named(MlflowClient(mlflow_server), name) == []
@@ -437,7 +434,7 @@ def test_train_killed_then_run_again_continues_the_straight_run(
             return  # the rest does not depend on the kill
         # Resuming with a setting that must not change is refused, naming it (in
         # this process: the refusal comes once MLflow is read, before Ray is used).
-        refused = tasks.refusal([*argv, "--lr", "1e-3"])
+        refused = tasks.refused([*argv, "--lr", "1e-3"], in_process=True)
         t.check(
             "a resume with another learning rate is refused, naming it",
             refused

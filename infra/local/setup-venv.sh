@@ -4,8 +4,8 @@
 # ranges). Safe to run again: what is installed at the pinned version stays.
 #
 # The installer is uv (from PyPI, into the venv): it resolves and unpacks in
-# parallel, and sets the venv up in about half a minute where pip takes about
-# five (on 2 cores, same pins, same packages). Set INSTALLER=pip to use pip.
+# parallel, and sets the venv up in about a minute, bytecode compiled, where pip
+# takes about five (on 2 cores, same pins, same packages). INSTALLER=pip uses pip.
 set -eu
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
