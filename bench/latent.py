@@ -20,7 +20,7 @@ diffusers for 3) only, so they run on a GPU machine too; part 1 is skipped
 where Ray is missing. On a GPU machine (diffusers from `bench/vendor`, as
 bench/gpu.py takes it): `python3 bench/latent.py --parts train decode --out "$OUT"`.
 
-    infra/local/offline .venv/bin/python bench/latent.py [--images 1024 4096]
+    infra/local/offline .venv/bin/python bench/latent.py [--images 1024 4096 32768]
         [--sd_images 128] [--parts encode train decode]
 
 Prints a table per part and writes bench/results/latent-<device>.json.
@@ -280,9 +280,9 @@ def main() -> None:
         "--images",
         type=int,
         nargs="+",
-        default=[1024, 4096],
+        default=[1024, 4096, 32768],
         help="images of the encode runs with the small autoencoder (part 1); the two "
-        "largest give the steady state",
+        "largest give the steady state (32,768: about 2 minutes a run on 2 cores)",
     )
     parser.add_argument(
         "--sd_images",

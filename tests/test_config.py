@@ -451,7 +451,7 @@ def test_the_latent_quickstart_is_64_px_through_an_autoencoder_of_f_8(tmp_path):
     assert cfg.autoencoder_config().dataset == night.dataset
     # Fewer images, and no post-hoc EMA search (each length is an evaluation, decoded).
     pixels = C.QuickstartConfig(workdir=str(tmp_path)).nightly_config()
-    assert (night.images, night.ema_lengths) == (48_000, ())
+    assert (night.images, night.ema_lengths) == (36_000, ())
     assert (pixels.images, pixels.ema_lengths) == (128_000, C.NightlyConfig.ema_lengths)
     given = C.QuickstartConfig(workdir=str(tmp_path), latent=True, images=5, ema_lengths=(0.1,))
     assert (given.nightly_config().images, given.nightly_config().ema_lengths) == (5, (0.1,))

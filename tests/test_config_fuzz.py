@@ -66,6 +66,7 @@ ZERO_OK = {
     "train.max_failures",
     "sample.guidance",  # the unconditional model
     "sample.seed",
+    "sample.actors",  # 0: one per GPU, or per CPU
     "evaluate.guidance",
     "evaluate.seed",
     "promote.version",  # 0: the latest
@@ -80,6 +81,7 @@ ZERO_OK = {
     "quickstart.sample_images",
     "quickstart.resolution",  # 0: the default, 8 or 64 with --latent
     "quickstart.images",  # 0: the default, 128,000 or 48,000 with --latent
+    "encode.actors",  # 0: one per GPU, or per CPU
     "train_autoencoder.kl_weight",  # no KL
     "train_autoencoder.discriminator_start_images",  # no discriminator
     "train_autoencoder.discriminator_weight",

@@ -13,6 +13,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import ray
 import torch
 from mlflow import MlflowClient
 from PIL import Image
@@ -190,6 +191,18 @@ def test_other_batch_size_and_actor_count_give_identical_pngs(registered, refere
     ref = {n: d for shard in reference.values() for n, d in shard.items() if n.endswith(".png")}
     assert len(pngs) == 640 and pngs == ref
     assert found == reference  # labels and lineage too
+
+
+def test_the_default_pool_is_one_actor_a_cpu_and_never_more_than_the_shards(ray_cluster):
+    from pipeline.edges import cluster
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    assert cpus == 2  # the session's cluster; what the default gives depends on it
+    assert cluster.actor_count(0, False, 10) == cpus
+    assert cluster.actor_count(0, False, 1) == 1  # one shard: one actor
+    assert cluster.actor_count(0, True, 10) == 1  # no GPUs: still one, on a CPU
+    assert cluster.actor_count(3, False, 10) == 3  # asked for: given, beyond the CPUs
+    assert cluster.actor_count(3, False, 2) == 2
 
 
 SUBPROCESS = {"unknown-sampler", "zero-steps", "negative-images"}

@@ -41,8 +41,10 @@ class EncodeConfig(Checked):
     chunk: int = 16
     """Images per autoencoder call: fixed, because the same images in calls of
     another size differ in the last bits."""
-    actors: int = 1
-    """Encoder actors, each holding the autoencoder (one GPU each when GPUs are used)."""
+    actors: int = 0
+    """Encoder actors, each holding the autoencoder, one GPU each when GPUs are used;
+    default: one per GPU of the cluster, or one per CPU (one thread each) without
+    GPUs, and never more than the shards to encode."""
     use_gpu: bool | None = None
     """Encode on GPUs; default: when the Ray cluster has any."""
     tracking_uri: str = ""
@@ -64,6 +66,6 @@ class EncodeConfig(Checked):
             )
         self.check(self.chunk > 0, "chunk", "must be a positive integer")
         self.at_most(MAX_BATCH, "chunk")
-        self.check(self.actors > 0, "actors", "must be a positive integer")
+        self.check(self.actors >= 0, "actors", "must be >= 0 (0: one per GPU, or per CPU)")
         self.at_most(MAX_WORKERS, "actors")
         object.__setattr__(self, "tracking_uri", resolve_tracking_uri(self.tracking_uri))

@@ -51,8 +51,10 @@ class SampleConfig(Checked):
     """Folder or `s3://` prefix that receives the shards and the manifest."""
     images: int = 10_000
     """Images to generate."""
-    samples_per_shard: int = 1000
-    """Images per shard: shard i holds seeds [i*S, (i+1)*S)."""
+    samples_per_shard: int = 250
+    """Images per shard: shard i holds seeds [i*S, (i+1)*S). A shard is what an
+    actor samples at a time and what a re-run skips once written: 1,000 images make
+    4, enough for the actors of a small machine."""
     sampler: SamplerName = DEFAULT_SAMPLER
     """The sampler (pipeline.maths.solvers). Default: dpmpp_2m_sde,
     DPM-Solver++(2M) SDE with eta 0.5, 35 steps = 35 network evaluations: the
@@ -78,8 +80,10 @@ class SampleConfig(Checked):
     network_batch: int = 16
     """Images per network call, padded when fewer: fixed for the job, because the
     same images in calls of another size differ in the last bits."""
-    actors: int = 1
-    """Sampling actors (one GPU each when GPUs are used)."""
+    actors: int = 0
+    """Sampling actors, one GPU each when GPUs are used; default: one per GPU of the
+    cluster, or one per CPU (one thread each) without GPUs, and never more than the
+    shards to write. The pixels do not depend on it."""
     use_gpu: bool | None = None
     """Sample on GPUs; default: when the Ray cluster has any."""
     autoencoder: str = ""
@@ -114,7 +118,7 @@ class SampleConfig(Checked):
             "batch_size",
             f"must be a multiple of network_batch ({self.network_batch})",
         )
-        self.check(self.actors > 0, "actors", "must be a positive integer")
+        self.check(self.actors >= 0, "actors", "must be >= 0 (0: one per GPU, or per CPU)")
         self.check(bool(self.experiment), "experiment", "must be a non-empty name")
         self.at_most(MAX_IMAGES, "images")
         self.at_most(MAX_SHARD, "samples_per_shard")

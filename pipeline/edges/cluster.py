@@ -91,3 +91,15 @@ def data_settings(**settings: object) -> Iterator[None]:
     finally:
         for name, value in saved.items():
             setattr(ctx, name, value)
+
+
+def actor_count(requested: int, use_gpu: bool, work: int) -> int:
+    """How many actors a pool gets: `requested`, or when 0 one per GPU of the
+    cluster (`use_gpu`) or one per CPU; never more than its `work` items (shards),
+    nor fewer than one. Call after `connect()`."""
+    import ray
+
+    if requested:
+        return max(1, min(requested, work))
+    resources = ray.cluster_resources()
+    return max(1, min(int(resources.get("GPU" if use_gpu else "CPU", 1)), work))

@@ -57,7 +57,22 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     (rows): |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), the
     formula of FID (Heusel et al. 2017), here on any features, e.g. pixels."""
     a, b = _pair(a, b, at_least=2)
+    if min(len(a), len(b)) < a.shape[1]:
+        return _frechet_distance_of_rows(a, b)
     return frechet_distance_from_stats(*feature_stats(a), *feature_stats(b))
+
+
+def _frechet_distance_of_rows(a: np.ndarray, b: np.ndarray) -> float:
+    """`frechet_distance` from the rows themselves, for fewer rows than features
+    (1,000 images of 32x32x3 pixels): with centred rows X and S = X^T X / (n - 1),
+    the nonzero eigenvalues of S_a^1/2 S_b S_a^1/2 are those of S_a S_b, the squares
+    of the singular values of X_a X_b^T / sqrt((n_a - 1)(n_b - 1)); the trace of its
+    root is their sum. No D x D matrix is formed: an n_a x n_b one instead."""
+    xa, xb = a - a.mean(0), b - b.mean(0)
+    na, nb = len(a) - 1, len(b) - 1
+    trace_root = np.linalg.svd(xa @ xb.T, compute_uv=False).sum() / np.sqrt(na * nb)
+    means = ((a.mean(0) - b.mean(0)) ** 2).sum()
+    return float(means + (xa * xa).sum() / na + (xb * xb).sum() / nb - 2 * trace_root)
 
 
 def unit_directions(dim: int, projections: int, seed: int = 0) -> np.ndarray:

@@ -331,7 +331,7 @@ def _encode_shards(
             .map_batches(
                 shard.ShardEncoder,
                 batch_size=1,
-                compute=ActorPoolStrategy(size=cfg.actors),
+                compute=ActorPoolStrategy(size=cluster.actor_count(cfg.actors, use_gpu, len(rows))),
                 num_gpus=1 if use_gpu else 0,
                 fn_constructor_kwargs={
                     "autoencoder": autoencoder.uri,

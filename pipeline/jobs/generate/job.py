@@ -256,7 +256,9 @@ def _generate(
             # Two calls at once per actor: one writes the shard it sampled while the
             # other samples the next (ShardSampler runs the network for one at a time).
             compute=ActorPoolStrategy(
-                size=cfg.actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True
+                size=cluster.actor_count(cfg.actors, use_gpu, len(items)),
+                max_concurrent_calls_per_actor=2,
+                enable_true_multi_threading=True,
             ),
             num_gpus=1 if use_gpu else 0,
             fn_constructor_kwargs={
