@@ -331,7 +331,12 @@ def _encode_shards(
             .map_batches(
                 shard.ShardEncoder,
                 batch_size=1,
-                compute=ActorPoolStrategy(size=cluster.actor_count(cfg.actors, use_gpu, len(rows))),
+                # A shard at a time per actor, and the next one queued: no more, or the
+                # first actor started takes every shard of a small dataset.
+                compute=ActorPoolStrategy(
+                    size=cluster.actor_count(cfg.actors, use_gpu, len(rows)),
+                    max_tasks_in_flight_per_actor=2,
+                ),
                 num_gpus=1 if use_gpu else 0,
                 fn_constructor_kwargs={
                     "autoencoder": autoencoder.uri,

@@ -255,9 +255,12 @@ def _generate(
             batch_size=1,
             # Two calls at once per actor: one writes the shard it sampled while the
             # other samples the next (ShardSampler runs the network for one at a time).
+            # No more are sent to an actor, or the first one started takes them all
+            # (Ray Data's default sends it twice its calls).
             compute=ActorPoolStrategy(
                 size=cluster.actor_count(cfg.actors, use_gpu, len(items)),
                 max_concurrent_calls_per_actor=2,
+                max_tasks_in_flight_per_actor=2,
                 enable_true_multi_threading=True,
             ),
             num_gpus=1 if use_gpu else 0,
