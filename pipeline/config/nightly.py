@@ -45,6 +45,7 @@ _RENAMED = {
     "sample.sampler": "sample_sampler",
     "sample.steps": "sample_sampler",
     "sample.guidance": "sample_guidance",
+    "sample.samples_per_shard": "sample_samples_per_shard",
 }
 """The fields of the steps' configs that come from a field of another name here."""
 
@@ -138,6 +139,9 @@ class NightlyConfig(Checked):
     """How much better (a fraction) the candidate must be to become champion."""
     sample_images: int = 1000
     """Images the champion generates into `samples/<night>/`; 0: none."""
+    sample_samples_per_shard: int = 250
+    """Images per shard of the generated images: 1,000 make 4, which keep the
+    actors of a small CPU cluster busy (tasks.sample's default is 1,000)."""
     sample_sampler: str = DEFAULT
     """Sampler and steps of the generated images (default: dpmpp_2m_sde:35, as
     eval_sampler)."""
@@ -275,6 +279,7 @@ class NightlyConfig(Checked):
             model=f"{self.model_name}/{version}",
             output=locations.join(self.samples, self.night),
             images=max(1, self.sample_images),
+            samples_per_shard=self.sample_samples_per_shard,
             sampler=sampler,
             steps=steps,
             guidance=self.sample_guidance,

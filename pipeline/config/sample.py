@@ -51,10 +51,11 @@ class SampleConfig(Checked):
     """Folder or `s3://` prefix that receives the shards and the manifest."""
     images: int = 10_000
     """Images to generate."""
-    samples_per_shard: int = 250
+    samples_per_shard: int = 1000
     """Images per shard: shard i holds seeds [i*S, (i+1)*S). A shard is what an
-    actor samples at a time and what a re-run skips once written: 1,000 images make
-    4, enough for the actors of a small machine."""
+    actor samples at a time and what a re-run skips once written: a job of fewer
+    shards than actors leaves actors idle; one of smaller shards makes more
+    requests to the object store (docs/scaling.md)."""
     sampler: SamplerName = DEFAULT_SAMPLER
     """The sampler (pipeline.maths.solvers). Default: dpmpp_2m_sde,
     DPM-Solver++(2M) SDE with eta 0.5, 35 steps = 35 network evaluations: the
