@@ -25,19 +25,20 @@ bench/gpu.py takes it): `python3 bench/latent.py --parts train decode --out "$OU
 
 Prints a table per part and writes bench/results/latent-<device>.json.
 
-The recorded run (2 cores, 2026-12-05, medians of 3):
+The recorded run (2 cores, 2026-12-05, medians of 3, a slow hour of this machine):
 - encode, random 64 px images, 2 actors, the small autoencoder: 1,024 images (8
-  shards) 47.0 images/s through the pipeline against 154.4 in the bare loop
-  (0.30); 4,096 (32 shards) 131.3 against 263.4 (0.50). Between the two the
-  pipeline's marginal rate is 326.5 images/s, 1.24x the bare loop: once
-  started, its actors (one thread each, decoding beside encoding) outrun one
-  process on two threads, and the gap is a fixed 18.7 s a run (Ray Data's
+  shards) 48.4 images/s through the pipeline against 242.4 in the bare loop
+  (0.20); 4,096 (32 shards) 117.9 against 235.0 (0.50); 32,768 (256 shards)
+  201.1 against 236.1 (0.85). Between the two largest the pipeline's marginal
+  rate is 223.6 images/s, 0.947 of the bare loop: once started, its actors (one
+  thread each, decoding PNGs and writing shards beside encoding) keep up with
+  one process on two threads; the gap is a fixed 16.4 s a run (Ray Data's
   start, two actors importing diffusers and loading the autoencoder, the
-  manifest). With SD's VAE architecture, 128 images (8 shards): 2.37 against
-  3.36 images/s (0.71), the same fixed cost on 38 s of encoding.
-- train, the tiny template, batch 32: 148.5 ms an image on 64 px pixels, 3.2 ms
+  manifest). With SD's VAE architecture, 128 images (8 shards): 2.49 against
+  3.58 images/s (0.70), the same fixed cost on 35 s of encoding.
+- train, the tiny template, batch 32: 145.6 ms an image on 64 px pixels, 3.1 ms
   on 8x8x4 latents (draw and normalisation included): 46x.
-- decode, 64 images: sampling 35 steps on latents 1.79 s, decoding 0.48 s: 21%
+- decode, 64 images: sampling 35 steps on latents 2.06 s, decoding 0.49 s: 19%
   of generation.
 """
 
