@@ -80,7 +80,7 @@ ZERO_OK = {
     "quickstart.guidance",
     "quickstart.sample_images",
     "quickstart.resolution",  # 0: the default, 8 or 64 with --latent
-    "quickstart.images",  # 0: the default, 128,000 or 48,000 with --latent
+    "quickstart.images",  # 0: the default, 128,000 or 36,000 with --latent
     "encode.actors",  # 0: one per GPU, or per CPU
     "train_autoencoder.kl_weight",  # no KL
     "train_autoencoder.discriminator_start_images",  # no discriminator

@@ -51,7 +51,8 @@ class QuickstartConfig(Checked):
     generates back to pixels. Scored on pixels, as a pixel model is."""
     autoencoder_images: int = 6_000
     """With --latent: images the autoencoder trains on (about 2 minutes on 2 CPU
-    cores; validation PSNR 26.7 dB on the digits, 28.1 after 10,000)."""
+    cores; validation PSNR 24.6 to 26.7 dB on the digits over four runs, 28.1
+    after 10,000)."""
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     """The network (see tasks.train --help): the tiny template by default."""
     images: int = 0

@@ -68,10 +68,11 @@ def _frechet_distance_of_rows(a: np.ndarray, b: np.ndarray) -> float:
     the nonzero eigenvalues of S_a^1/2 S_b S_a^1/2 are those of S_a S_b, the squares
     of the singular values of X_a X_b^T / sqrt((n_a - 1)(n_b - 1)); the trace of its
     root is their sum. No D x D matrix is formed: an n_a x n_b one instead."""
-    xa, xb = a - a.mean(0), b - b.mean(0)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    xa, xb = a - mu_a, b - mu_b
     na, nb = len(a) - 1, len(b) - 1
     trace_root = np.linalg.svd(xa @ xb.T, compute_uv=False).sum() / np.sqrt(na * nb)
-    means = ((a.mean(0) - b.mean(0)) ** 2).sum()
+    means = ((mu_a - mu_b) ** 2).sum()
     return float(means + (xa * xa).sum() / na + (xb * xb).sum() / nb - 2 * trace_root)
 
 
