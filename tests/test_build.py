@@ -96,3 +96,78 @@ def test_shard_tars_are_the_bytes_tarfile_writes():
             members = [(f"{i or ''}{name}", rng.bytes(int(s))) for i, s in enumerate(sizes)]
             assert shards.write_tar(members) == tarfile_reference(members), (name, sizes)
     assert shards.write_tar([]) == tarfile_reference([])
+
+
+def tarfile_members(data: bytes) -> list[shards.TarMember] | str:
+    """What tarfile alone reads of `data`: its regular files, or its error's type."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            return [shards.TarMember(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+    except tarfile.TarError as e:
+        return type(e).__name__
+
+
+def indexed(data: bytes) -> list[shards.TarMember] | str:
+    try:
+        return shards.tar_members(data)
+    except tarfile.TarError as e:
+        return type(e).__name__
+
+
+def other_tars(rng: np.random.Generator) -> list[bytes]:
+    """Tars that are not (only) plain ustar: GNU and PAX formats, directories,
+    links, a long name's prefix, and tarfile's own ustar headers (uname, mtime)."""
+    out = []
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            for name, kind in [
+                ("d", tarfile.DIRTYPE),
+                ("d/" + "p" * 120 + "/a.png", tarfile.REGTYPE),
+                ("l", tarfile.SYMTYPE),
+                ("b.json", tarfile.REGTYPE),
+            ]:
+                info = tarfile.TarInfo(name)
+                info.type, info.uname, info.mtime = kind, "someone", 1_700_000_000
+                payload = rng.bytes(700) if kind == tarfile.REGTYPE else b""
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+        out.append(buf.getvalue())
+    return out
+
+
+def test_the_fast_tar_index_reads_what_tarfile_reads_or_leaves_the_tar_to_it():
+    # Plain shards take the fast path; every other tar, and every mutation of a
+    # header byte, a truncation or an extension, must read as tarfile reads it
+    # (the same members, or the same error).
+    rng = np.random.default_rng(1)
+    members = [
+        (f"k{i}.{ext}", rng.bytes(int(rng.integers(0, 1500))))
+        for i in range(6)
+        for ext in ("png", "json")
+    ]
+    plain = shards.write_tar(members)
+    assert shards._plain_members(plain) == tarfile_members(plain) != []
+    tars = [plain, shards.write_tar([("é.png", b"x" * 600), ("a.cls", b"1")]), *other_tars(rng)]
+    tars += [b"", bytes(10_240), plain[:512], plain[:700], plain + b"\0" * 3]
+    folder = bytearray(shards.write_tar([("d/", b""), ("a.png", b"x")]))
+    folder[156], folder[148:156] = 0, b" " * 8  # an old-style folder: tarfile's AREGTYPE
+    folder[148:155] = b"%06o\0" % sum(folder[:512])
+    tars.append(bytes(folder))
+    headers = [m.offset - 512 for m in shards.tar_members(plain)]  # the header blocks
+    for _ in range(1500):
+        data = bytearray(plain)
+        at = int(rng.choice(headers)) + int(rng.integers(0, 512))
+        data[at] = int(rng.integers(0, 256))
+        tars.append(bytes(data))
+    for _ in range(1500):  # the same, the checksum then made right again
+        data = bytearray(plain)
+        header = int(rng.choice(headers))
+        data[header + int(rng.integers(0, 512))] = int(rng.choice([0, 32, 48, 55, 56, 120, 255]))
+        data[header + 148 : header + 156] = b" " * 8
+        data[header + 148 : header + 155] = b"%06o\0" % sum(data[header : header + 512])
+        tars.append(bytes(data))
+    for _ in range(100):
+        tars.append(plain[: int(rng.integers(0, len(plain)))])
+    for data in tars:
+        assert indexed(data) == tarfile_members(data), data[:600]

@@ -10,6 +10,7 @@ its bytes are the same on every run.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from importlib import metadata
@@ -27,12 +28,18 @@ from pipeline.maths.latents import ChannelMoments
 def software() -> dict[str, str]:
     """What a latent shard's bytes depend on besides the pixels, the autoencoder
     and the config."""
-    return {
-        "format_version": str(latent_samples.FORMAT_VERSION),
-        "torch": metadata.version("torch"),
-        "diffusers": metadata.version("diffusers"),
-        "numpy": np.__version__,
-    }
+    return dict(_software())
+
+
+@functools.cache
+def _software() -> tuple[tuple[str, str], ...]:
+    # Looked up once a process: a package's metadata costs milliseconds a shard.
+    return (
+        ("format_version", str(latent_samples.FORMAT_VERSION)),
+        ("torch", metadata.version("torch")),
+        ("diffusers", metadata.version("diffusers")),
+        ("numpy", np.__version__),
+    )
 
 
 def read_shards(batch: dict[str, np.ndarray], dataset: str, resolution: int) -> dict[str, Any]:
