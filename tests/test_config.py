@@ -457,3 +457,14 @@ def test_the_latent_quickstart_is_64_px_through_an_autoencoder_of_f_8(tmp_path):
     assert (given.nightly_config().images, given.nightly_config().ema_lengths) == (5, (0.1,))
     with pytest.raises(ConfigError, match=r"^quickstart.resolution: must be a multiple of 8"):
         C.QuickstartConfig(workdir=str(tmp_path), latent=True, resolution=32)
+
+
+def test_snapshots_default_to_a_32nd_of_the_run_and_at_most_edm2_s_8_mi():
+    cfg = C.TrainConfig(dataset="d", storage="s", run_name="r")
+    # The nightly's 128,000 images: one every 4,000, so at each of its checkpoints.
+    assert cfg.snapshot_interval(128_000) == 4_000
+    assert cfg.snapshot_interval(100_000_000) == 3_125_000  # 32 snapshots
+    assert cfg.snapshot_interval(2_000_000_000) == 8 * 2**20  # 239: EDM2's interval
+    assert cfg.snapshot_interval(10) == 1  # a tiny run: at every checkpoint
+    chosen = dataclasses.replace(cfg, snapshot_every_images=5_000)
+    assert chosen.snapshot_interval(100_000_000) == 5_000

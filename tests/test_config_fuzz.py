@@ -63,6 +63,7 @@ ZERO_OK = {
     "train.label_dropout",
     "train.seed",
     "train.sample_every_images",  # only at the end
+    "train.snapshot_every_images",  # 0: a 32nd of the run, at most 8 Mi
     "train.max_failures",
     "sample.guidance",  # the unconditional model
     "sample.seed",

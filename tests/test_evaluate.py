@@ -111,6 +111,8 @@ def test_ema_lengths_are_reconstructed_at_the_card_s_images_and_need_snapshots(t
     stored = {images: {std: UNet(network) for std in (0.05, 0.1)} for images in (128, 256)}
     for images, nets in stored.items():
         snapshots.write(str(tmp_path), images, snapshots.encode(nets, images))
+    # A later snapshot is never read: this one would fail the reconstruction.
+    (tmp_path / f"{384:012d}.safetensors").write_bytes(b"not a snapshot")
     for images_seen in (128, 256):  # the registered weights' images, not the latest
         card = ModelCard("tiny", network, 8, images_seen=images_seen, snapshots=str(tmp_path))
         model = registry.at_ema_length(Model(card, b"", Lineage("m", 1, "r", "0" * 64)), 0.1, "f")
@@ -121,6 +123,11 @@ def test_ema_lengths_are_reconstructed_at_the_card_s_images_and_need_snapshots(t
         for key, value in expected.items():
             torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6)
         assert model.lineage.version == 1 and model.lineage.digest != "0" * 64
+
+    # Weights taken where the run stored no snapshot cannot be reconstructed.
+    card = ModelCard("tiny", network, 8, images_seen=200, snapshots=str(tmp_path))
+    with pytest.raises(ConfigError, match="no snapshot at its 200 images seen"):
+        registry.at_ema_length(Model(card, b"", Lineage("m", 1, "r", "0" * 64)), 0.1, "f")
 
     with pytest.raises(ConfigError) as err:
         registry.require_snapshots(_model(None, 0), "evaluate.ema_length", (0.05, 0.1))

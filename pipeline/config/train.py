@@ -11,6 +11,11 @@ from pipeline.config.model import ModelConfig
 
 MAX_SHUFFLE_WINDOW = 1 << 24
 """The largest shuffle window: 16M images (what one worker's reader would hold)."""
+SNAPSHOTS_A_RUN = 32
+"""Post-hoc EMA snapshots a run keeps by default, up to `MAX_SNAPSHOT_INTERVAL`."""
+MAX_SNAPSHOT_INTERVAL = 8 << 20
+"""The longest default interval between snapshots: 8 Mi images, EDM2's
+(NVlabs/edm2 train_edm2.py, snapshot_nimg)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +106,12 @@ class TrainConfig(Checked):
     """A checkpoint every this many images, and one at the end."""
     keep_checkpoints: int = 3
     """Newest checkpoints kept in storage."""
+    snapshot_every_images: int = 0
+    """A post-hoc EMA snapshot at the first checkpoint from each multiple of this
+    many images on, and one at the end. Snapshots outlive the checkpoints: an EMA
+    length is reconstructed from them (tasks.evaluate --ema_length). 0: a 32nd of
+    the images the run trains, at most 8,388,608 (8 Mi, EDM2's interval), so a
+    run keeps about 32 snapshots up to 268 M images and one per 8 Mi beyond."""
     log_every_images: int = 1_000
     """Loss, learning rate and images/s go to MLflow this often."""
     sample_every_images: int = 50_000
@@ -165,6 +176,7 @@ class TrainConfig(Checked):
         self.at_most(MAX_SHUFFLE_WINDOW, "shuffle_window")
         for field in ("checkpoint_every_images", "log_every_images"):
             self.check(getattr(self, field) > 0, field, "must be a positive integer")
+        self.check(self.snapshot_every_images >= 0, "snapshot_every_images", "must be >= 0")
         self.check(self.sample_every_images >= 0, "sample_every_images", "must be >= 0")
         self.at_most(
             MAX_IMAGES,
@@ -172,6 +184,7 @@ class TrainConfig(Checked):
             "lr_rampup_images",
             "ema_halflife_images",
             "checkpoint_every_images",
+            "snapshot_every_images",
             "log_every_images",
             "sample_every_images",
         )
@@ -179,6 +192,12 @@ class TrainConfig(Checked):
         self.check(self.max_failures >= 0, "max_failures", "must be >= 0")
         self.at_most(1000, "keep_checkpoints", "max_failures")
         object.__setattr__(self, "tracking_uri", resolve_tracking_uri(self.tracking_uri))
+
+    def snapshot_interval(self, images: int) -> int:
+        """`snapshot_every_images` of a run that trains `images` images, 0 resolved."""
+        if self.snapshot_every_images:
+            return self.snapshot_every_images
+        return max(1, min(MAX_SNAPSHOT_INTERVAL, images // SNAPSHOTS_A_RUN))
 
     @property
     def per_worker_batch(self) -> int:

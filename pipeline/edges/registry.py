@@ -104,11 +104,16 @@ def at_ema_length(model: Model, length: float, field: str) -> Model:
 
     folder = require_snapshots(model, field, length)
     try:
-        stored = snapshots.read_snapshots(folder)
         # The card's images seen are those of the registered weights: the length
         # is reconstructed at the same point of training (a card without them:
-        # the latest snapshot's).
-        state = reconstruct(stored, length, out_images=model.card.images_seen)
+        # the latest snapshot's), from the snapshots up to there.
+        out_images = model.card.images_seen
+        stored = snapshots.read_snapshots(folder, up_to=out_images)
+        if out_images is not None and all(images != out_images for images, _, _ in stored):
+            raise ValueError(
+                f"no snapshot at its {out_images} images seen (train.snapshot_every_images)"
+            )
+        state = reconstruct(stored, length, out_images=out_images)
     except (storage.StorageError, ValueError) as e:
         raise ConfigError(
             f"{field}: {model.describe()}: cannot reconstruct from {folder} ({e}), got {length}"
@@ -131,6 +136,7 @@ def _checkpoint_model(state: CheckpointState, weights: bytes, folder: str) -> Mo
         augmentation={"hflip": state.config.get("hflip")},
         snapshots=state.snapshots,
         latents=state.latents,
+        images_seen=state.images_seen,
     )
     digest = hashlib.sha256(weights).hexdigest()
     return Model(card, weights, Lineage(None, None, state.run_id, digest, checkpoint=folder))

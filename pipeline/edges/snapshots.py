@@ -1,10 +1,11 @@
 """Post-hoc EMA snapshots: the power-function averages a training run stored.
 
-Training keeps EDM2's power-function averages (`pipeline.maths.phema`) and at
-every checkpoint stores them twice: in the checkpoint folder, to resume
-(`checkpoint.PHEMA`), and as `{storage}/{run_name}/phema/{images_seen:012d}.safetensors`,
-which outlives the checkpoints that Ray Train prunes: a reconstruction
-(`phema.reconstruct`) combines the whole history.
+Training keeps EDM2's power-function averages (`pipeline.maths.phema`) and
+stores them in every checkpoint folder, to resume (`checkpoint.PHEMA`), and at
+the first checkpoint from each multiple of `train.snapshot_every_images` on, and
+at the end, as `{storage}/{run_name}/phema/{images_seen:012d}.safetensors`, which
+outlives the checkpoints that Ray Train prunes: a reconstruction
+(`phema.reconstruct`) combines the history up to the weights it stands for.
 
 A snapshot is safetensors (reading one unpickles nothing): `{std:.3f}/{name}`
 for each width's raw network (`phema.snapshot_tensors`), with `format`,
@@ -92,13 +93,14 @@ def write(snapshots: str, images_seen: int, data: bytes) -> None:
     storage.write_bytes(storage.join(snapshots, f"{images_seen:012d}.safetensors"), data)
 
 
-def read_snapshots(snapshots: str) -> list[Snapshot]:
-    """Every average stored in the folder `snapshots`, ordered by images seen and
-    width: what `phema.reconstruct` takes. Other files there are ignored."""
+def read_snapshots(snapshots: str, up_to: int | None = None) -> list[Snapshot]:
+    """Every average stored in the folder `snapshots` (those taken after `up_to`
+    images are not read), ordered by images seen and width: what
+    `phema.reconstruct` takes. Other files there are ignored."""
     out: list[Snapshot] = []
     for obj in storage.list_objects(snapshots):
         match = _NAME.match(obj.relpath)
-        if match is None:
+        if match is None or (up_to is not None and int(match.group(1)) > up_to):
             continue
         images_seen, profiles = decode(storage.read_bytes(obj.uri), obj.uri)
         if images_seen != int(match.group(1)):

@@ -334,6 +334,7 @@ RESUMABLE_CHANGES = (
     "compile",
     "channels_last",
     "checkpoint_every_images",
+    "snapshot_every_images",
     "keep_checkpoints",
     "log_every_images",
     "sample_every_images",

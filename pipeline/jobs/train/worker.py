@@ -117,6 +117,8 @@ def train_loop_per_worker(config: dict) -> None:
     )
     batches = ingest.batches(plan.stream, reading, cfg.readers, pin=device.type == "cuda")
     steps_taken = StepLog()
+    snapshot_every = cfg.snapshot_interval(plan.images)
+    last_checkpoint = images_seen
     with _Rank0Log(cfg, plan, images_seen) if rank == 0 else contextlib.nullcontext() as log:
         while images_seen < plan.images:
             # One optimizer step over this worker's part of the global batch. It
@@ -187,7 +189,9 @@ def train_loop_per_worker(config: dict) -> None:
                     latents=plan.latents,
                 )
                 metrics = {"loss": steps.mean_loss, "learning_rate": result.learning_rate}
-                _report_checkpoint(rank, state, net, averages, optimizer, metrics, done)
+                snapshot = done or _crossed(last_checkpoint, images_seen, snapshot_every)
+                _report_checkpoint(rank, state, net, averages, optimizer, metrics, done, snapshot)
+                last_checkpoint = images_seen
 
 
 def deterministic(device: torch.device) -> None:
@@ -256,10 +260,12 @@ def _report_checkpoint(
     optimizer: torch.optim.Optimizer,
     measured: dict[str, float],
     done: bool,
+    snapshot: bool,
 ) -> None:
     """Every rank reports; rank 0 attaches the checkpoint it just wrote, after
-    storing its post-hoc EMA snapshot, which outlives the checkpoint (Ray Train
-    keeps the newest few): a recorded checkpoint always has its snapshot."""
+    storing its post-hoc EMA snapshot when `snapshot` (`train.snapshot_every_images`;
+    always at the end), which outlives the checkpoint (Ray Train keeps the
+    newest few)."""
     metrics = {
         "status": "done" if done else "running",
         "images_seen": state.images_seen,
@@ -274,8 +280,9 @@ def _report_checkpoint(
     ema, phema = averages
     with tempfile.TemporaryDirectory() as folder:
         checkpoint.save(Path(folder), net, ema.module.net, optimizer, state, _profile_nets(phema))
-        data = (Path(folder) / checkpoint.PHEMA).read_bytes()
-        snapshots.write(state.snapshots, state.images_seen, data)
+        if snapshot:
+            data = (Path(folder) / checkpoint.PHEMA).read_bytes()
+            snapshots.write(state.snapshots, state.images_seen, data)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(folder),
