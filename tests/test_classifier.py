@@ -9,10 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.data import shards
 from pipeline.data.digits import load_digits
-from pipeline.data.reference import REFERENCE, Split, label_scores
+from pipeline.data.reference import REFERENCE, Split, label_scores, read_split
 from pipeline.data.transforms import encode_png
 from pipeline.edges import storage
 from pipeline.maths import classifier
@@ -35,7 +36,9 @@ def write_dataset(folder: str, splits: dict[str, tuple[np.ndarray, np.ndarray]])
         data = shards.write_tar(members)
         name = shards.shard_name(split, 0)
         storage.write_bytes(storage.join(folder, name), data)
-        entries.append({"name": name, "split": split, "samples": len(images)})
+        entries.append(
+            {"name": name, "split": split, "samples": len(images), "sha256": shards.sha256(data)}
+        )
     manifest = {
         "resolution": images.shape[1],
         "classes": [str(c) for c in range(10)],
@@ -86,7 +89,7 @@ def test_shuffled_labels_score_about_one_in_ten(digits):
 
 def test_the_cas_of_real_training_images_is_about_one(digits):
     _, _, (images, labels), _ = digits
-    # Other real images than the baseline's (its first 600), as many of them.
+    # Real train images, as many as the baseline learns from (600 of the sample).
     found, _ = scores(digits, images[600:1200], labels[600:1200])
     assert 0.95 < found["cas"] < 1.05
     assert found["cas_real_accuracy"] > 0.9
@@ -149,3 +152,42 @@ def test_large_images_are_averaged_down_in_blocks():
         classifier.to_inputs(blocks.repeat(2, 1).repeat(2, 2)),
         atol=1e-6,
     )
+
+
+def test_the_reference_is_a_sample_by_sha256_that_reads_only_the_shards_it_takes(tmp_path):
+    # Eight train shards of five images; three images are one shard and a part of
+    # another: the shards of the two smallest sha256, whatever the manifest's order,
+    # each read in the order of its keys' sha256, and no other shard is read.
+    import hashlib
+
+    images, labels = load_digits()
+    rgb = np.repeat(images[:40, ..., None], 3, axis=-1)
+    folder, entries = str(tmp_path), []
+    for index in range(8):
+        members = []
+        for i in range(index * 5, index * 5 + 5):
+            members += [(f"k{i:03d}.png", encode_png(Image.fromarray(rgb[i])))]
+            members += [(f"k{i:03d}.cls", str(int(labels[i])).encode())]
+        data = shards.write_tar(members)
+        name = shards.shard_name("train", index)
+        storage.write_bytes(storage.join(folder, name), data)
+        entries.append(
+            {"name": name, "split": "train", "samples": 5, "sha256": shards.sha256(data)}
+        )
+    manifest = {"resolution": 8, "classes": [str(c) for c in range(10)], "shards": entries}
+
+    def sha(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    first, second = sorted(range(8), key=lambda i: sha(entries[i]["sha256"]))[:2]
+    keys = [
+        sorted((f"k{i:03d}" for i in range(s * 5, s * 5 + 5)), key=sha) for s in (first, second)
+    ]
+    expected = [int(k[1:]) for k in keys[0] + keys[1][:2]]
+    for index in set(range(8)) - {first, second}:
+        (tmp_path / entries[index]["name"]).unlink()  # never read
+    for order in (entries, entries[::-1]):
+        found, found_labels = read_split(folder, {**manifest, "shards": order}, "train", 7, True)
+        assert found is not None and found_labels is not None
+        assert (found == rgb[expected]).all() and (found_labels == labels[expected]).all()
+    assert {first, second} != {0, 1}  # not the manifest's first shards (seeded: holds)

@@ -4,6 +4,8 @@ exact denoiser, the pixel features, and promotion decisions in a real MLflow."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import uuid
 
@@ -13,10 +15,12 @@ import torch
 
 from pipeline.config import ConfigError, EvaluateConfig, PromoteConfig
 from pipeline.config.records import Lineage, ModelCard
+from pipeline.data import shards
 from pipeline.data.reference import pixel_features
 from pipeline.edges import registry, snapshots, tracking
 from pipeline.edges.registry import Model
-from pipeline.jobs.evaluate import check_fits
+from pipeline.jobs.evaluate import EvaluateResult, carry, check_fits
+from pipeline.jobs.evaluate.job import evaluation_settings
 from pipeline.jobs.evaluate.outputs import heldout_losses
 from pipeline.jobs.promote import EXPERIMENT, promote
 from pipeline.maths.analytic import GaussianDenoiser
@@ -251,3 +255,60 @@ def test_a_missing_score_is_an_error_not_a_promotion(mlflow_server):
     with pytest.raises(ConfigError, match=rf"version {unscored} has no evaluation"):
         promote(PromoteConfig(**cfg, version=unscored))
     assert _champion(uri, name) == v1
+
+
+@pytest.mark.slow
+def test_a_winning_ema_length_s_scores_are_carried_to_its_version(mlflow_server, tmp_path):
+    # The nightly registers a winning post-hoc EMA length as a version of its own;
+    # that version's evaluation is the length's, carried, not generated again.
+    uri, name = mlflow_server, f"carry-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "dataset").mkdir()
+    manifest = json.dumps({"format": shards.FORMAT, "shards": []}).encode()
+    (tmp_path / "dataset" / shards.MANIFEST).write_bytes(manifest)
+    card = ModelCard("tiny", architecture("tiny", 8), 8)
+    weights = uuid.uuid4().bytes
+    run_id = tracking.find_or_create_run(uri, "carry-test", name)
+    files = {"model.safetensors": weights, "model.json": json.dumps(card.to_dict()).encode()}
+    version = tracking.register_model(uri, run_id, name, files, {"run_id": run_id})
+    cfg = EvaluateConfig(
+        model=f"{name}/{version}",
+        dataset=str(tmp_path / "dataset"),
+        output=str(tmp_path / "evaluations"),
+        tracking_uri=uri,
+    )
+    settings = evaluation_settings(cfg, hashlib.sha256(manifest).hexdigest())
+    digest = hashlib.sha256(weights).hexdigest()
+    source = {
+        "model_ref": f"{name}/1 at EMA length 0.1",
+        "model": {"name": name, "version": 1, "run_id": run_id, "digest": digest},
+        "key": "lengthkey",
+        "dataset": {"uri": cfg.dataset, "digest": settings["dataset"], "version": 1},
+        "settings": {**settings, "ema_length": 0.1},
+        "metrics": {"fd_pixel": 1.25, "label_fidelity": 0.875},
+        "not_computed": {"fid": "no Inception weights file given"},
+        "evaluated_at": "2026-12-05T00:00:00+00:00",
+    }
+    scored = EvaluateResult(str(tmp_path / "length.json"), source, already_complete=False)
+
+    carried = carry(cfg, scored)
+    results = carried.results
+    assert results["metrics"] == source["metrics"] and results["carried_from"] == scored.uri
+    assert results["model"]["version"] == version and results["model"]["digest"] == digest
+    assert "ema_length" not in results["settings"] and results["key"] != "lengthkey"
+    assert json.loads((tmp_path / "evaluations" / carried.uri.rsplit("/", 1)[1]).read_text()) == (
+        results
+    )
+    # Tagged as an evaluation would tag it: promotion reads these.
+    tags = tracking.model_version(uri, name, version)["tags"]
+    assert tags["eval.key"] == results["key"]
+    assert float(tags[f"eval.{results['key']}.fd_pixel"]) == 1.25
+    assert carry(cfg, scored).already_complete
+
+    other = EvaluateResult(
+        scored.uri, {**source, "model": {**source["model"], "digest": "0"}}, False
+    )
+    with pytest.raises(ValueError, match="scored other weights"):
+        carry(cfg, other)
+    changed = {**source, "settings": {**source["settings"], "guidance": 3.0}}
+    with pytest.raises(ValueError, match="other settings"):
+        carry(cfg, EvaluateResult(scored.uri, changed, False))

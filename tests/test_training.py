@@ -88,8 +88,10 @@ def cluster(s3, session_dir) -> Iterator[services.RayCluster]:
 
 
 def on(cluster: services.RayCluster) -> dict[str, str]:
-    """The environment of a task run on `cluster` (its nodes change in node trials)."""
-    return dict(cluster.env, RAY_ADDRESS=cluster.address)
+    """The environment of a task run on `cluster` (its nodes change in node trials).
+    Ray's log deduplication is off: it masks numbers, so the second worker's
+    "train worker 1 of 2 on node ..." line could be folded into the first's."""
+    return dict(cluster.env, RAY_ADDRESS=cluster.address, RAY_DEDUP_LOGS="0")
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,21 @@
 """What a dataset version is scored against, read back from its shards and kept
 beside it under `reference/`, so that it is computed once per manifest version:
 
-- pixel features of the first `reference_images` train images (`pixels-*.npz`);
+- pixel features of `reference_images` train images (`pixels-*.npz`);
 - the label-fidelity judge: a classifier trained on those images and labels, with
   its accuracy on the validation split, the ceiling (`classifier-*.safetensors`);
-- the CAS baseline: the same classifier trained on the first n train images.
+- the CAS baseline: the same classifier trained on the first n of them.
+
+The images are a sample of the split that does not grow with it: its shards in
+the order of their sha256 (`SAMPLING`), each shard's samples in the order of
+their keys' sha256, up to the number needed. So a dataset grown by many nights
+is represented by shards of all of them, not by its first, and reading the
+sample costs the shards it takes, whatever the dataset's size. `prepare` computes
+them in a Ray task of the evaluation (`pipeline.jobs.evaluate`), not on the driver.
 
 The classifiers are `pipeline.maths.classifier.SmallCNN`s; their file names hold the
-manifest digest, the number of images and a hash of the training recipe.
+manifest digest, the number of images, the sampling and a hash of the training
+recipe.
 """
 
 from __future__ import annotations
@@ -30,29 +38,38 @@ if TYPE_CHECKING:
     from pipeline.maths.classifier import SmallCNN
 
 REFERENCE = "reference"
+SAMPLING = "sha256"
+"""How a split's images are chosen (see the module doc); in the kept files' names
+and the evaluation's settings, so results from another sampling are not reused."""
 PIXEL_SIDE = 32
 """Pixel-space metrics see images of at most about this side (larger ones are
 averaged down in blocks): the covariance of 64x64x3 pixels would not fit in memory."""
 
 
 def read_split(
-    dataset: str, manifest: dict, split: str, limit: int
+    dataset: str, manifest: dict, split: str, limit: int, sampled: bool = False
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The first `limit` images of a split in shard order, uint8 [N, H, W, 3], and
-    their labels (None for an unlabelled dataset); (None, None) if the split is empty."""
+    """The first `limit` images of a split in shard order (`sampled`: in the
+    order of `SAMPLING`, see the module doc), uint8 [N, H, W, 3], and their labels
+    (None for an unlabelled dataset); (None, None) if the split is empty."""
     from PIL import Image
 
+    entries = [e for e in manifest["shards"] if e["split"] == split and e["samples"]]
+    if sampled:
+        entries.sort(key=lambda e: _hash(e["sha256"]))
     images: list[np.ndarray] = []
     labels: list[int | None] = []
-    for entry in manifest["shards"]:
-        if entry["split"] != split or not entry["samples"] or len(images) >= limit:
-            continue
+    for entry in entries:
+        if len(images) >= limit:
+            break
         data = storage.read_bytes(storage.join(dataset, entry["name"]))
         members: dict[str, dict[str, bytes]] = {}
         for m in shards.tar_members(data):
             key, ext = shards.split_member_name(m.name)
             members.setdefault(key, {})[ext] = data[m.offset : m.offset + m.size]
-        for sample in members.values():
+        keys = sorted(members, key=_hash) if sampled else list(members)
+        for key in keys:
+            sample = members[key]
             if "png" not in sample or len(images) >= limit:
                 continue
             images.append(np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB")))
@@ -60,6 +77,10 @@ def read_split(
     if not images:
         return None, None
     return np.stack(images), None if labels[0] is None else np.array(labels, dtype=np.int64)
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def pixel_features(images: np.ndarray) -> np.ndarray:
@@ -97,8 +118,8 @@ def kept_array(uri: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
 
 
 class Split:
-    """A split of a dataset version (its first `limit` images), read from its
-    shards at most once, and only when needed."""
+    """`limit` images of a split of a dataset version, sampled as the module doc
+    says, read from its shards at most once, and only when needed."""
 
     def __init__(self, dataset: str, manifest: dict, split: str, limit: int):
         self.dataset, self.manifest, self.split, self.limit = dataset, manifest, split, limit
@@ -112,13 +133,13 @@ class Split:
     def read(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(uint8 images [N, H, W, 3], labels or None), see `read_split`."""
         if self._read is None:
-            self._read = read_split(self.dataset, self.manifest, self.split, self.limit)
+            self._read = read_split(self.dataset, self.manifest, self.split, self.limit, True)
         return self._read
 
 
 def reference_features(train: Split, digest: str) -> np.ndarray:
-    """Pixel features of the train split's first `limit` images, computed once per
-    manifest version: `reference/pixels-<digest>-<n>.npz`."""
+    """Pixel features of the train split's sample, computed once per manifest
+    version: `reference/pixels-<digest>-<n>-<sampling>.npz`."""
 
     def compute() -> np.ndarray:
         images, _ = train.read()
@@ -128,8 +149,13 @@ def reference_features(train: Split, digest: str) -> np.ndarray:
             )
         return pixel_features(images).astype(np.float32)
 
-    uri = storage.join(train.dataset, REFERENCE, f"pixels-{digest[:16]}-{train.limit}.npz")
-    return kept_array(uri, compute)
+    return kept_array(_pixels_uri(train, digest), compute)
+
+
+def _pixels_uri(train: Split, digest: str) -> str:
+    return storage.join(
+        train.dataset, REFERENCE, f"pixels-{digest[:16]}-{train.limit}-{SAMPLING}.npz"
+    )
 
 
 # --- label fidelity and the Classification Accuracy Score ---------------------------
@@ -186,15 +212,14 @@ def label_scores(
 
 
 def _kept_classifier(train: Split, digest: str, classes: int, n: int) -> SmallCNN:
-    """The classifier of the first `n` train images, trained once per manifest
-    version, recipe and n: `reference/classifier-<digest>-<n>-<recipe>.safetensors`."""
+    """The classifier of the first `n` images of the train split's sample, trained
+    once per manifest version, recipe and n:
+    `reference/classifier-<digest>-<n>-<sampling>-<recipe>.safetensors`."""
     from safetensors.torch import load, save
 
     from pipeline.maths import classifier
 
     recipe = classifier.Recipe()
-    key = json.dumps(dataclasses.asdict(recipe), sort_keys=True).encode()
-    name = f"classifier-{digest[:16]}-{n}-{hashlib.sha256(key).hexdigest()[:8]}.safetensors"
 
     def compute() -> bytes:
         images, labels = train.read()
@@ -202,8 +227,49 @@ def _kept_classifier(train: Split, digest: str, classes: int, n: int) -> SmallCN
         net = classifier.train_classifier(images[:n], labels[:n], classes, recipe)
         return save({k: v.contiguous() for k, v in net.state_dict().items()})
 
-    data = kept(storage.join(train.dataset, REFERENCE, name), compute)
+    data = kept(_classifier_uri(train, digest, n), compute)
     side = classifier.input_side(train.manifest["resolution"])
     net = classifier.SmallCNN(classes, side, recipe.channels)
     net.load_state_dict(load(data))
     return net.eval()
+
+
+def _classifier_uri(train: Split, digest: str, n: int) -> str:
+    from pipeline.maths import classifier
+
+    key = json.dumps(dataclasses.asdict(classifier.Recipe()), sort_keys=True).encode()
+    recipe = hashlib.sha256(key).hexdigest()[:8]
+    name = f"classifier-{digest[:16]}-{n}-{SAMPLING}-{recipe}.safetensors"
+    return storage.join(train.dataset, REFERENCE, name)
+
+
+def missing(train: Split, digest: str, cas_images: int | None) -> bool:
+    """Whether `prepare` has anything to compute: the pixel features, or with
+    `cas_images` (a conditional model of a labelled dataset: the images its CAS
+    classifier learns from) the judge and the CAS baseline."""
+    uris = [_pixels_uri(train, digest)]
+    if cas_images is not None and train.count():
+        uris += [_classifier_uri(train, digest, n) for n in _classifier_sizes(train, cas_images)]
+    return not all(storage.exists(uri) for uri in uris)
+
+
+def prepare(
+    dataset: str, manifest: dict, digest: str, limit: int, cas_images: int | None, threads: int
+) -> None:
+    """Compute and keep what `missing` says is missing: the work of a Ray task, on
+    the cluster rather than the driver (the judge trains on `limit` images)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    train = Split(dataset, manifest, "train", limit)
+    reference_features(train, digest)
+    classes = len(manifest.get("classes") or [])
+    if cas_images is not None and classes and train.count():
+        for n in _classifier_sizes(train, cas_images):
+            _kept_classifier(train, digest, classes, n)
+
+
+def _classifier_sizes(train: Split, cas_images: int) -> list[int]:
+    """The images of the judge and of the CAS baseline (as many as the CAS
+    classifier learns from, or all of the sample)."""
+    return sorted({train.count(), min(cas_images, train.count())})

@@ -137,7 +137,8 @@ def _plain_members(data: bytes) -> list[TarMember] | None:
     each whole, its checksum right and its data inside `data`, ended by a zero
     block; None for any other tar, so that tarfile reads it (and says what is
     wrong with it)."""
-    members, offset, block = [], 0, tarfile.BLOCKSIZE
+    members: list[TarMember] = []
+    offset, block = 0, tarfile.BLOCKSIZE
     while True:
         header = data[offset : offset + block]
         if len(header) < block:

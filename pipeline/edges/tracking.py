@@ -363,8 +363,17 @@ class SystemMetrics:
         return self
 
     def __exit__(self, *exc):
-        if self.monitor is not None:
-            self.monitor.finish()
+        monitor = self.monitor
+        if monitor is None:
+            return
+        monitor.finish()
+        # MLflow's thread logs once a sampling interval has passed: a run shorter
+        # than that would have no system metrics at all. Log what it sampled, and
+        # one sample now.
+        if getattr(monitor, "_logging_step", 1) == 0:
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
 
 
 class NotRegistered(LookupError):

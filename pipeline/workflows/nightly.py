@@ -172,7 +172,8 @@ def _candidate(
     if not cfg.ema_lengths:
         return trained, {trained: result.results}
     scored = {"fixed": result.results}
-    scored.update({f"{length:g}": r.results for length, r in result.lengths.items()})
+    lengths = {f"{length:g}": length for length in result.lengths}
+    scored.update({label: result.lengths[length].results for label, length in lengths.items()})
     values = {length: _metric(cfg, results) for length, results in scored.items()}
     pick = max if cfg.metric in HIGHER_IS_BETTER else min
     best = pick(values, key=values.__getitem__)
@@ -182,10 +183,14 @@ def _candidate(
         tracking.set_version_tags(cfg.tracking_uri, cfg.model_name, trained, {EMA_LENGTH: "fixed"})
     if best == "fixed":
         return trained, {trained: result.results}
-    candidate = _register_length(cfg, trained, float(best), say)
-    # Scored again as a version of its own, for promotion, which reads a version's
-    # tags: the same weights and seeds give the length's very scores.
-    return candidate, {trained: result.results, candidate: _evaluate(cfg, candidate, say).results}
+    candidate = _register_length(cfg, trained, lengths[best], say)
+    # Promotion reads a version's tags: the length's scores become the new
+    # version's own (the same weights and seeds would give the very same scores).
+    from pipeline.jobs.evaluate import carry
+
+    carried = carry(cfg.evaluate_config(candidate, ()), result.lengths[lengths[best]])
+    say(f"nightly {cfg.night}: evaluate: {cfg.model_name}/{candidate}: {carried.summary()}")
+    return candidate, {trained: result.results, candidate: carried.results}
 
 
 def _metric(cfg: NightlyConfig, results: dict) -> float:

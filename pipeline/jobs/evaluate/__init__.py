@@ -2,6 +2,6 @@
 result (`job`), and the model's samples and held-out losses, computed in one Ray
 task (`outputs`)."""
 
-from pipeline.jobs.evaluate.job import EvaluateResult, check_fits, evaluate
+from pipeline.jobs.evaluate.job import EvaluateResult, carry, check_fits, evaluate
 
-__all__ = ["EvaluateResult", "check_fits", "evaluate"]
+__all__ = ["EvaluateResult", "carry", "check_fits", "evaluate"]

@@ -10,8 +10,10 @@ training data (`pipeline.maths.classifier`). The held-out denoising loss is EDM'
 loss on the validation split at fixed noise levels with fixed noise, so two
 models see exactly the same noisy images.
 
-The reference depends only on the dataset's manifest, so it is computed once and
-kept beside the dataset (`reference/`, see `pipeline.data.reference`). The results go
+The reference (pixel features of a sample of the train split that does not grow
+with it, the label judge and the CAS baseline) depends only on the dataset's
+manifest, so it is computed once, by a Ray task beside the model's, and kept
+beside the dataset (`reference/`, see `pipeline.data.reference`). The results go
 to one JSON file per (model weights, dataset version, settings): its presence
 means done, so a re-run writes nothing. They also go to MLflow: metrics on the
 training run of the model version, and tags on the version (`eval.key`,
@@ -36,9 +38,10 @@ import numpy as np
 
 from pipeline.config import ConfigError, to_dict
 from pipeline.config.evaluate import EvaluateConfig, parse_sampler
-from pipeline.data import latent_samples
+from pipeline.data import latent_samples, reference
 from pipeline.data.reference import (
     REFERENCE,
+    SAMPLING,
     Split,
     kept_array,
     label_scores,
@@ -143,8 +146,7 @@ def _evaluate_weights(
     settings = evaluation_settings(cfg, digest)
     if ema_length is not None:
         settings["ema_length"] = ema_length
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    uri = storage.join(cfg.output, f"{_slug(model)}-{model.lineage.digest[:12]}-{key}.json")
+    key, uri = _results_location(cfg, model, settings)
     try:
         return EvaluateResult(uri, json.loads(storage.read_bytes(uri)), already_complete=True)
     except storage.NotFound:
@@ -157,11 +159,13 @@ def _evaluate_weights(
 
     train = Split(cfg.dataset, manifest, "train", cfg.reference_images)
     validation = Split(cfg.dataset, manifest, "validation", cfg.heldout_images)
-    reference = reference_features(train, digest)
     heldout, labels = validation.read()
     if not model.card.model.num_classes:
         labels = None  # an unconditional model of a labelled dataset
-    outputs = _model_outputs(cfg, model, heldout, labels)
+    # The judge and the CAS baseline when the model's samples have labels.
+    cas_images = cfg.images if model.card.model.num_classes else None
+    outputs = _model_outputs(cfg, model, heldout, labels, (train, digest, cas_images))
+    real = reference_features(train, digest)  # kept by the cluster's task
     samplers = [cfg.sampler, *cfg.compare]
     prefixes = {name: metric_prefix(i, name) for i, name in enumerate(samplers)}
     scores, not_computed = {}, {}
@@ -170,7 +174,7 @@ def _evaluate_weights(
         real_inception = _reference_inception(cfg, train, settings, inception)
     for name, prefix in prefixes.items():
         fake = pixel_features(outputs["samples"][name])
-        scores.update({prefix + k: v for k, v in _pixel_scores(reference, fake, cfg).items()})
+        scores.update({prefix + k: v for k, v in _pixel_scores(real, fake, cfg).items()})
         if inception is None or real_inception is None:
             not_computed[prefix + "fid"] = not_computed[prefix + "kid"] = (
                 "no Inception weights file given (evaluate.inception)"
@@ -205,6 +209,47 @@ def _evaluate_weights(
     _track(cfg, model, results)
     storage.write_bytes(uri, json.dumps(results, indent=1, sort_keys=True).encode())
     return EvaluateResult(uri, results, already_complete=False)
+
+
+def carry(cfg: EvaluateConfig, scored: EvaluateResult) -> EvaluateResult:
+    """The results of the model `cfg` names, taken from `scored`: the evaluation of
+    another version's weights at a post-hoc EMA length, which `cfg.model` was
+    registered with. Same weights (their sha256 is checked), same settings, same
+    seeds: the same scores, so nothing is generated again. Written and tracked as
+    `evaluate` would (`carried_from` names the source). A ValueError when the
+    weights or the settings differ."""
+    model = registry.load_model(cfg.model, cfg.tracking_uri, "evaluate.model")
+    _, digest = load_dataset(cfg.dataset, "evaluate.dataset")
+    settings = evaluation_settings(cfg, digest)
+    source = scored.results
+    if source["model"]["digest"] != model.lineage.digest:
+        raise ValueError(f"{scored.uri}: scored other weights than {model.describe()}'s")
+    if {k: v for k, v in source["settings"].items() if k != "ema_length"} != settings:
+        raise ValueError(f"{scored.uri}: scored with other settings than {cfg}")
+    key, uri = _results_location(cfg, model, settings)
+    try:
+        return EvaluateResult(uri, json.loads(storage.read_bytes(uri)), already_complete=True)
+    except storage.NotFound:
+        pass
+    results = {
+        **source,
+        "model_ref": model.describe(),
+        "model": model.lineage.to_dict(),
+        "key": key,
+        "settings": settings,
+        "carried_from": scored.uri,
+    }
+    _track(cfg, model, results)
+    storage.write_bytes(uri, json.dumps(results, indent=1, sort_keys=True).encode())
+    return EvaluateResult(uri, results, already_complete=False)
+
+
+def _results_location(
+    cfg: EvaluateConfig, model: registry.Model, settings: dict[str, Any]
+) -> tuple[str, str]:
+    """The evaluation key of `settings` and where `model`'s results under it go."""
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return key, storage.join(cfg.output, f"{_slug(model)}-{model.lineage.digest[:12]}-{key}.json")
 
 
 def check_fits(cfg: EvaluateConfig, model: registry.Model, manifest: dict) -> None:
@@ -257,6 +302,7 @@ def evaluation_settings(cfg: EvaluateConfig, dataset_digest: str) -> dict[str, A
     for field in skipped:
         settings.pop(field)
     settings["dataset"] = dataset_digest
+    settings["reference_sampling"] = SAMPLING  # not comparable with another sample
     settings["inception"] = _file_digest(cfg.inception) if cfg.inception else None
     return settings
 
@@ -320,9 +366,13 @@ def _model_outputs(
     model: registry.Model,
     heldout: np.ndarray | None,
     labels: np.ndarray | None,
+    references: tuple[Split, str, int | None],
 ) -> dict:
     """Samples of every sampler and the held-out losses, computed by one Ray task
-    (on a GPU when the cluster has one)."""
+    (on a GPU when the cluster has one); before it, when the dataset version has
+    none kept yet, its references (`reference.prepare`: the pixel features, the
+    judge and the CAS baseline of `references`, (train split, manifest digest,
+    CAS images)) by another, so that the driver only reads them."""
     import ray
 
     cluster.connect()
@@ -333,6 +383,15 @@ def _model_outputs(
     # On CPUs, all of the largest node's (the task runs on one node).
     largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
     cpus = 1 if use_gpu else max(1, int(largest))
+    train, digest, cas_images = references
+    prepared = None
+    if reference.missing(train, digest, cas_images):
+        # On CPUs: the classifiers are small, a GPU would wait on the PNG decoding.
+        largest_cpus = max(1, int(largest))
+        prepare = ray.remote(reference.prepare).options(num_cpus=largest_cpus)
+        prepared = prepare.remote(
+            cfg.dataset, train.manifest, digest, train.limit, cas_images, largest_cpus
+        )
     task = ray.remote(outputs.model_outputs).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0)
     samplers = [cfg.sampler, *cfg.compare]
     job = outputs.EvaluationJob(
@@ -344,7 +403,10 @@ def _model_outputs(
         batch_size=cfg.batch_size,
         threads=cpus,
     )
-    return ray.get(task.remote(model.card, model.weights, samplers, job, heldout, labels))
+    found = ray.get(task.remote(model.card, model.weights, samplers, job, heldout, labels))
+    if prepared is not None:
+        ray.get(prepared)
+    return dict(found)
 
 
 # --- MLflow -----------------------------------------------------------------------------
