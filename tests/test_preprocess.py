@@ -23,7 +23,7 @@ from pipeline.config import PreprocessConfig
 from pipeline.data import shards
 from pipeline.data.sources import InputItem
 from pipeline.edges import storage
-from pipeline.jobs.preprocess import preprocess
+from pipeline.jobs.preprocess import preprocess, versions
 from tests import dataset, images
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
@@ -372,7 +372,11 @@ def test_append_adds_only_new_inputs_in_new_shards_and_leaves_the_old_untouched(
     first = preprocess(cfg, progress=False)
     assert first.manifest["version"] == 1 and "previous" not in first.manifest
     old_inputs = {str(p) for p in raw.rglob("*") if p.is_file()}
-    # A shard recorded before records listed their sources: read from the shard.
+    # A version committed before versions listed their inputs, with a shard
+    # recorded before records listed their sources: read from the shard.
+    [listed] = (out / versions.INPUTS).iterdir()
+    assert versions._read_inputs(str(out), (out / "manifest.json").read_bytes()) == old_inputs
+    listed.unlink()
     legacy = out / "_records" / "train-000000.tar.json"
     record = json.loads(legacy.read_text())
     assert len(record.pop("sources")) == 6
@@ -455,6 +459,18 @@ def test_append_adds_only_new_inputs_in_new_shards_and_leaves_the_old_untouched(
     assert second.summary().startswith(
         f"appended 18 new inputs in {len(added)} shards to version 2"
     )
+
+    # Version 2 lists what it holds, and the next append reads that list, not
+    # the shards or their records (moved away here).
+    manifest_bytes = (out / "manifest.json").read_bytes()
+    assert versions._read_inputs(str(out), manifest_bytes) == old_inputs | new_inputs
+    hidden = tmp_path / "hidden"
+    (out / "_records").rename(hidden)
+    (out / "train-000000.tar").rename(tmp_path / "shard")
+    base = versions.read_base(str(out), manifest_bytes)
+    assert base.inputs == old_inputs | new_inputs
+    hidden.rename(out / "_records")
+    (tmp_path / "shard").rename(out / "train-000000.tar")
 
     # Nothing new: nothing written, replaced or deleted.
     state = _files(out)

@@ -134,9 +134,11 @@ def preprocess(
     )
     _check_shards(cfg.output, manifest["shards"], ordered)
 
+    manifest_bytes = shards.dumps(manifest)
+    versions.write_inputs(cfg.output, manifest_bytes, base, ordered, found.rejects + duplicates)
     versions.keep(cfg.output, base)  # before anything of the base is replaced
     storage.write_bytes(storage.join(cfg.output, shards.REJECTS), rejects_bytes)
-    storage.write_bytes(manifest_uri, shards.dumps(manifest))
+    storage.write_bytes(manifest_uri, manifest_bytes)
     return PreprocessResult(
         manifest_uri,
         manifest,

@@ -7,6 +7,10 @@ last version as new shards. Its base is the committed dataset:
   a whole (`rejects.jsonl`: duplicates, files outside class folders, ...);
 - where each split's shards end, so the new ones continue the numbering;
 - its manifest's bytes, whose sha256 the next version names as `previous`.
+Each version lists the inputs it holds in one object, `_inputs/<its manifest's
+sha256>.json.gz`, written before its manifest: an append reads that, one
+request, not a record per shard (a request more every night). A version
+committed before these lists existed is read shard by shard.
 Old shards and their records are never rewritten. Before `manifest.json` (the
 commit point) is replaced, the base's manifest and rejects are kept as
 `manifests/{version:06d}.json` and `manifests/{version:06d}.rejects.jsonl`, so
@@ -19,12 +23,16 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import gzip
 import json
 from typing import Any
 
 from pipeline.data import shards
 from pipeline.edges import storage
 from pipeline.jobs.preprocess import build
+
+INPUTS = "_inputs"
+"""Folder of each version's list of the inputs it holds (`write_inputs`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +74,46 @@ def read_base(output: str, manifest_bytes: bytes) -> Base:
     manifest = json.loads(manifest_bytes)
     rejects_bytes, in_place = _committed_rejects(output, manifest)
     rejects = [json.loads(line) for line in rejects_bytes.decode().splitlines()]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
-        per_shard = pool.map(lambda e: _shard_sources(output, e), manifest["shards"])
-        inputs = {uri for uris in per_shard for uri in uris}
-    inputs |= {r["uri"] for r in rejects}
+    inputs = _read_inputs(output, manifest_bytes)
+    if inputs is None:  # a version committed before versions kept their inputs
+        with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+            per_shard = pool.map(lambda e: _shard_sources(output, e), manifest["shards"])
+            inputs = {uri for uris in per_shard for uri in uris}
+        inputs |= {r["uri"] for r in rejects}
     return Base(manifest, manifest_bytes, rejects, rejects_bytes, in_place, frozenset(inputs))
+
+
+def inputs_uri(output: str, manifest_bytes: bytes) -> str:
+    """Where the version committed by `manifest_bytes` lists the inputs it holds."""
+    return storage.join(output, INPUTS, f"{shards.sha256(manifest_bytes)[:32]}.json.gz")
+
+
+def write_inputs(
+    output: str, manifest_bytes: bytes, base: Base, records: list[dict], rejects: list[dict]
+) -> None:
+    """List the inputs the next version holds (the base's, those planned into the
+    new `records`' shards, and the new `rejects` as a whole), before its manifest
+    is committed: the next append reads this one object, not a record per shard."""
+    inputs = set(base.inputs) | {r["uri"] for r in rejects}
+    for record in records:
+        inputs.update(record["sources"])
+    body = {"manifest_sha256": shards.sha256(manifest_bytes), "inputs": sorted(inputs)}
+    data = gzip.compress(json.dumps(body).encode(), compresslevel=6, mtime=0)
+    storage.write_bytes(inputs_uri(output, manifest_bytes), data)
+
+
+def _read_inputs(output: str, manifest_bytes: bytes) -> set[str] | None:
+    """The inputs `write_inputs` listed for this very version; None if it did not."""
+    try:
+        body = json.loads(gzip.decompress(storage.read_bytes(inputs_uri(output, manifest_bytes))))
+    except storage.NotFound:
+        return None
+    if body.get("manifest_sha256") != shards.sha256(manifest_bytes):
+        raise RuntimeError(
+            f"{inputs_uri(output, manifest_bytes)}: lists the inputs of another version; "
+            "the dataset was changed by something else"
+        )
+    return set(body["inputs"])
 
 
 def keep(output: str, base: Base) -> None:
