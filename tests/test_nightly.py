@@ -186,6 +186,8 @@ def test_three_nights(ray_cluster, mlflow_server, s3_prefix):
         if r["model"]["version"] == candidate1 and "ema_length" not in r["settings"]
     ]
     assert results["dataset"]["version"] == 1
+    # A winning length's scores are carried to its version, not generated again.
+    assert ("carried_from" in results) == (candidate1 != 1)
     assert set(results["not_computed"]) == {"fid", "kid"}  # no Inception weights given
     samples = json.loads(storage.read_bytes(f"{s3_prefix}/samples/2026-11-24/manifest.json"))
     assert samples["counts"]["images"] == 64
