@@ -9,13 +9,19 @@ per-unit cost at 100x within 1.5x of the cost at 1x.
   ten class folders) on a local Ray; seconds per image.
 - nightly: the nightly's preprocess append (its real code: list the raw input,
   read what the dataset holds, write the new shards, commit a version) on a
-  dataset grown night by night with a fixed number of new images; seconds per
-  night and the driver's storage requests per night, at night 1, 10 and 100.
-  Training, evaluation and generation on a night's new data cost the same every
-  night; this is the part that sees the history.
+  dataset grown night by night with a fixed number of new images; seconds and
+  requests per night at nights 2, 10 and 100 (medians of the night and the two
+  after it), with each version's inputs list and without (the code before it:
+  a record read per shard). And the whole night (`tasks.nightly`: append, train,
+  evaluate, promote, generate) at night 2 and at night 100 of a history of
+  appends.
 - reference: what an evaluation is scored against (`reference.prepare`: pixel
   features, the judge and the CAS baseline, of 1,000 train images each), on the
   preprocessed datasets of 1k, 10k and 100k images; seconds per evaluation.
+- generation: `tasks.sample` of 1k, 10k and 100k images in shards of 100 (4
+  sampler steps: the network's cost per image does not grow with the job, the
+  job's own work is what is weighed); then a complete job of 10,000 one-image
+  shards run again: what resuming costs (it reads every shard's record).
 - training storage: bytes written and kept per 1 M training images for runs of
   1 M, 10 M and 100 M images, with the nightly's tiny network at 8 px, from the
   sizes of a real checkpoint and snapshot and the worker's schedule (a
@@ -32,7 +38,8 @@ more; the median is reported), on this machine, whose speed moves between runs:
 compare rows of one run.
 
     infra/local/offline .venv/bin/python bench/scale.py [--s3] [--preprocess 1000 10000 100000]
-        [--nights 100] [--new_per_night 20] [--parts preprocess nightly reference storage]
+        [--nights 100] [--new_per_night 20] [--generate 1000 10000 100000]
+        [--resume_shards 10000] [--parts preprocess nightly reference generation storage]
 
 Prints a line per case and writes bench/results/scale-<device>-<local|s3>.json.
 """
@@ -186,42 +193,106 @@ def bench_preprocess(sizes: list[int], repeats: int, place: Place) -> dict:
 
 
 def bench_nightly(nights: int, new: int, place: Place) -> dict:
-    """The nightly's preprocess append, night after night on one dataset."""
-    from pipeline.config import PreprocessConfig
-    from pipeline.jobs.preprocess import preprocess
+    """The nightly's preprocess append, night after night on one dataset; and the
+    same on another whose versions have no inputs list (the code before the
+    lists: an append read a record per shard)."""
+    rows = {
+        "after": _nights(nights, new, place, "nightly", lists=True),
+        "before": _nights(nights, new, place, "nightly-before", lists=False),
+    }
+    out: dict = {"new_images_per_night": new, "whole_night": _whole_nights(nights, place)}
+    for when, found in rows.items():
+        second, last = found[0], found[-1]
+        out[when] = {
+            "nights": found,
+            "last_over_second_seconds": round(last["seconds"] / second["seconds"], 2),
+            "last_over_second_requests": round(
+                sum(last["requests"].values()) / sum(second["requests"].values()), 2
+            ),
+        }
+    return out
 
-    raw, out = place.join("nightly-raw"), place.join("nightly-dataset")
-    cfg = PreprocessConfig(input=raw, output=out, resolution=RESOLUTION)
-    marks = sorted({1, *(n for n in (10, 100, 1000) if n <= nights), nights})
+
+def _whole_nights(nights: int, place: Place, new: int = 100) -> list[dict]:
+    """`tasks.nightly`'s whole night (append `new` images, train 2,048 images,
+    evaluate 100, promote, generate 100) on night 2 and on night `nights` of a
+    dataset whose earlier nights were appends alone: what the history adds."""
+    from pipeline.config import NightlyConfig
+    from pipeline.jobs.preprocess import preprocess
+    from pipeline.workflows.nightly import nightly
+
     rows = []
-    for night in range(1, nights + 1):
+    for night in sorted({2, nights}):
+        name = f"whole-{night}"
+        cfg = NightlyConfig(
+            raw=place.join(name, "raw"),
+            dataset=place.join(name, "dataset"),
+            storage=place.join(name, "runs"),
+            evaluations=place.join(name, "evaluations"),
+            samples=place.join(name, "samples"),
+            model_name=name,
+            night="2026-12-05",
+            images=2048,
+            eval_images=100,
+            ema_lengths=(),
+            sample_images=100,
+            tracking_uri=f"sqlite:///{tempfile.mkdtemp()}/mlflow.db",
+        )
+        for earlier in range(night - 1):  # the history: appends alone
+            write_digits(cfg.raw, earlier * new, new)
+            preprocess(cfg.preprocess_config(), progress=False, append=True)
+        write_digits(cfg.raw, (night - 1) * new, new)
+        with place.counting() as counts:
+            start = time.perf_counter()
+            nightly(cfg, say=lambda line: None)
+            seconds = time.perf_counter() - start
+        rows.append({"night": night, "seconds": seconds, "requests": dict(counts)})
+        print(f"  the whole night {night:>4}: {seconds:.1f} s, requests {dict(counts)}")
+    return rows
+
+
+def _nights(nights: int, new: int, place: Place, name: str, lists: bool) -> list[dict]:
+    from pipeline.config import PreprocessConfig
+    from pipeline.edges import storage
+    from pipeline.jobs.preprocess import preprocess, versions
+
+    raw, out = place.join(f"{name}-raw"), place.join(f"{name}-dataset")
+    cfg = PreprocessConfig(input=raw, output=out, resolution=RESOLUTION)
+    # Night 1 builds the dataset; from night 2 on, each appends to the last. A
+    # mark's figures are the medians of it and the two nights after it.
+    marks = sorted({2, *(n for n in (10, 100, 1000) if n <= nights), nights})
+    rows, seen = [], []
+    for night in range(1, nights + 3):
         write_digits(raw, (night - 1) * new, new)
+        if not lists:
+            for obj in storage.list_objects(out) if night > 1 else []:
+                if obj.relpath.startswith(versions.INPUTS + "/"):
+                    storage.delete(obj.uri)
         with place.counting() as counts:
             start = time.perf_counter()
             result = preprocess(cfg, progress=False, append=True)
             seconds = time.perf_counter() - start
         assert result.added_inputs == new or night == 1, (night, result.summary())
-        if night in marks:
-            rows.append({"night": night, "seconds": seconds, "requests": dict(counts)})
+        seen.append((seconds, counts))
+        mark = night - 2
+        if mark in marks:
+            window = seen[mark - 1 : mark + 2]
+            median = statistics.median(t for t, _ in window)
+            requests = dict(sorted(window, key=lambda w: sum(w[1].values()))[1][1])
+            rows.append({"night": mark, "seconds": median, "requests": requests})
             print(
-                f"  night {night:>4}: {seconds:.2f} s, requests "
-                f"{sum(counts.values())} ({dict(counts)})"
+                f"  {'with' if lists else 'without'} inputs lists, night {mark:>4}: "
+                f"{median:.3f} s, requests {sum(requests.values())} ({requests})"
             )
-    first, last = rows[0], rows[-1]
-    return {
-        "new_images_per_night": new,
-        "nights": rows,
-        "last_over_first_seconds": round(last["seconds"] / first["seconds"], 2),
-        "last_over_first_requests": round(
-            sum(last["requests"].values()) / sum(first["requests"].values()), 2
-        ),
-    }
+    return rows
 
 
 def bench_reference(sizes: list[int], repeats: int, place: Place) -> dict:
     from pipeline.data import reference, shards
     from pipeline.edges import storage
 
+    warm = place.join("warm")  # torch's first classifier pays its start-up
+    reference.prepare(warm, *shards.load_dataset(warm, "warm"), 50, 50, os.cpu_count() or 1)
     rows = []
     for n in sizes:
         dataset = place.join(f"pixels{n}")
@@ -260,12 +331,76 @@ def bench_reference(sizes: list[int], repeats: int, place: Place) -> dict:
     return _summary(rows, "images", "per_evaluation_s", unit_grows=False)
 
 
-def bench_storage(runs: list[int]) -> dict:
-    """Bytes written and kept per 1 M training images, before and after
-    `train.snapshot_every_images`."""
+def bench_generation(sizes: list[int], resume_shards: int, place: Place) -> dict:
+    """`tasks.sample` of `sizes` images in shards of 100 (the network's cost does
+    not grow with the job: 4 steps of the default sampler, to weigh the job's own
+    work), then a job of `resume_shards` one-image shards run again when complete:
+    what resuming costs at that many shards."""
+    from pipeline.config import SampleConfig
+    from pipeline.jobs.generate.job import sample
+
+    model = _checkpoint(Path(tempfile.mkdtemp()))
+    tracking = f"sqlite:///{tempfile.mkdtemp()}/mlflow.db"
+
+    def config(name: str, images: int, per_shard: int) -> SampleConfig:
+        return SampleConfig(
+            model=model,
+            output=place.join(name),
+            images=images,
+            samples_per_shard=per_shard,
+            steps=4,
+            tracking_uri=tracking,
+        )
+
+    sample(config("warm-samples", 100, 100))
+    rows = []
+    for n in sizes:
+        with place.counting() as counts:
+            start = time.perf_counter()
+            sample(config(f"samples{n}", n, 100))
+            seconds = time.perf_counter() - start
+        rows.append(
+            {
+                "images": n,
+                "seconds": seconds,
+                "per_image_s": seconds / n,
+                "requests": dict(counts),
+                "requests_per_image": round(sum(counts.values()) / n, 4),
+            }
+        )
+        print(
+            f"  generate {n:>7} images: {seconds / n * 1e3:.3f} ms an image, "
+            f"{rows[-1]['requests_per_image']} requests an image {dict(counts)}"
+        )
+    out = _summary(rows, "images", "per_image_s")
+    cfg = config("resume", resume_shards, 1)
+    start = time.perf_counter()
+    sample(cfg)
+    first = time.perf_counter() - start
+    with place.counting() as counts:
+        start = time.perf_counter()
+        again = sample(cfg)
+        seconds = time.perf_counter() - start
+    assert again.written == 0 and again.shards == resume_shards, again.summary()
+    out["resume"] = {
+        "shards": resume_shards,
+        "generate_seconds": first,
+        "resume_seconds": seconds,
+        "resume_per_shard_s": seconds / resume_shards,
+        "requests": dict(counts),
+    }
+    print(
+        f"  a complete job of {resume_shards} shards ({first:.1f} s to generate) run again: "
+        f"{seconds:.2f} s, {seconds / resume_shards * 1e3:.3f} ms a shard, requests {dict(counts)}"
+    )
+    return out
+
+
+def _checkpoint(folder: Path) -> str:
+    """A checkpoint of the tiny template (random weights) at 8 px with 10 classes,
+    as training writes one: a model `tasks.sample` takes."""
     import torch
 
-    from pipeline.config import TrainConfig
     from pipeline.config.records import CheckpointState, DatasetRef
     from pipeline.edges import checkpoint
     from pipeline.maths.architecture import architecture
@@ -274,6 +409,7 @@ def bench_storage(runs: list[int]) -> dict:
     from pipeline.maths.unet import UNet
 
     network = architecture("tiny", RESOLUTION, num_classes=10)
+    torch.manual_seed(0)
     net = UNet(network)
     optimizer = torch.optim.Adam(net.parameters())
     x = torch.zeros(1, 3, RESOLUTION, RESOLUTION)
@@ -281,12 +417,22 @@ def bench_storage(runs: list[int]) -> dict:
     optimizer.step()
     phema = PostHocEMA(Precond(UNet(network)))
     dataset = DatasetRef("/d/manifest.json", "0" * 64, 1)
-    state = CheckpointState(0, 0, "r", network, {}, dataset, 0)
+    config = {"model": {"template": "tiny"}, "hflip": False}
+    state = CheckpointState(0, 0, "r", network, config, dataset, 0)
+    profiles = {p.std: p.module.net for p in phema.profiles}
+    checkpoint.save(folder, net, net, optimizer, state, profiles)
+    return str(folder)
+
+
+def bench_storage(runs: list[int]) -> dict:
+    """Bytes written and kept per 1 M training images, before and after
+    `train.snapshot_every_images`."""
+
+    from pipeline.config import TrainConfig
+    from pipeline.edges import checkpoint
+
     with tempfile.TemporaryDirectory() as folder:
-        checkpoint.save(
-            Path(folder), net, net, optimizer, state, {p.std: p.module.net for p in phema.profiles}
-        )
-        sizes = {f.name: f.stat().st_size for f in Path(folder).iterdir()}
+        sizes = {f.name: f.stat().st_size for f in Path(_checkpoint(Path(folder))).iterdir()}
     snapshot_bytes = sizes[checkpoint.PHEMA]
     checkpoint_bytes = sum(sizes.values())
     defaults = TrainConfig(dataset="d", storage="s", run_name="r")
@@ -363,10 +509,14 @@ def main() -> None:
     parser.add_argument("--nights", type=int, default=100)
     parser.add_argument("--new_per_night", type=int, default=20)
     parser.add_argument("--runs", type=int, nargs="+", default=[1_000_000, 10_000_000, 100_000_000])
+    parser.add_argument("--generate", type=int, nargs="+", default=[1000, 10_000, 100_000])
+    parser.add_argument("--resume_shards", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--s3", action="store_true", help="on a SeaweedFS bucket, not locally")
     parser.add_argument(
-        "--parts", nargs="+", default=["preprocess", "nightly", "reference", "storage"]
+        "--parts",
+        nargs="+",
+        default=["preprocess", "nightly", "reference", "generation", "storage"],
     )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
@@ -384,6 +534,7 @@ def main() -> None:
         if args.s3:
             from tests.services import s3_server
 
+            (work / "s3").mkdir()
             os.environ.update(stack.enter_context(s3_server(work / "s3")))
             requests = work / "requests"
             requests.mkdir()
@@ -416,6 +567,9 @@ def main() -> None:
         if "reference" in args.parts:
             print("reference")
             result["reference"] = bench_reference(args.preprocess, args.repeats, place)
+        if "generation" in args.parts:
+            print("generation")
+            result["generation"] = bench_generation(args.generate, args.resume_shards, place)
         ray.shutdown()
     if "storage" in args.parts:
         print("training storage")

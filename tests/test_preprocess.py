@@ -500,6 +500,9 @@ def test_interrupted_append_resumes_to_the_same_manifest(tmp_path):
     (raw / "zebra").mkdir()
     (raw / "zebra" / "z.png").write_bytes(images.encode(images.noise(32, 32, 1), "PNG"))
     uninterrupted = preprocess(cfg, progress=False, append=True)
+    # The inputs list of version 2 only: version 1's went once 2 was committed.
+    listed = versions.inputs_uri(str(out), (out / "manifest.json").read_bytes())
+    assert [str(p) for p in (out / versions.INPUTS).iterdir()] == [listed]
     done = {p: v[1] for p, v in _files(out).items()}
     new = [e["name"] for e in uninterrupted.manifest["shards"][len(first.manifest["shards"]) :]]
     assert len(new) >= 4
@@ -559,8 +562,11 @@ def test_append_to_a_webdataset_dataset_in_s3_keeps_its_label_space(tmp_path, s3
     (reject,) = dataset.rejects(out)
     assert reject["uri"] == f"{tars}/b.tar#s1" and "label 2" in reject["detail"]
     after = _listing(out)
-    replaced = [k for k, v in before.items() if after[k] != v]  # ETag, time and size
+    replaced = [k for k, v in before.items() if k in after and after[k] != v]  # ETag, time, size
     assert sorted(k.rpartition("/")[2] for k in replaced) == ["manifest.json", "rejects.jsonl"]
+    # Gone: version 1's inputs list only, once version 2 (listing its own) committed.
+    [gone] = set(before) - set(after)
+    assert gone.endswith(versions.inputs_uri("", old_manifest).rpartition("/")[2])
     assert storage.read_bytes(storage.join(out, "manifests", "000001.json")) == old_manifest
     written = dataset.read_with_webdataset(out)
     new_shards = {e["name"] for e in m["shards"][len(first.manifest["shards"]) :]}

@@ -93,7 +93,9 @@ class EvaluateConfig(Checked):
     seed: int = 0
     """Seed of the samples and of the held-out noise."""
     reference_images: int = 10_000
-    """At most this many train images make the reference (the first in shard order)."""
+    """At most this many train images make the reference: a sample by sha256 (the
+    shards in the order of theirs, each shard's keys in the order of theirs), so
+    the reference does not grow with the dataset, nor cost more to read."""
     heldout_images: int = 1000
     """At most this many validation images give the held-out loss."""
     heldout_sigmas: tuple[float, ...] = (0.01, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0)

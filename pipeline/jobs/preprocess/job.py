@@ -139,6 +139,7 @@ def preprocess(
     versions.keep(cfg.output, base)  # before anything of the base is replaced
     storage.write_bytes(storage.join(cfg.output, shards.REJECTS), rejects_bytes)
     storage.write_bytes(manifest_uri, manifest_bytes)
+    versions.drop_old_inputs(cfg.output, manifest_bytes)
     return PreprocessResult(
         manifest_uri,
         manifest,

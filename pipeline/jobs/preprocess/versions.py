@@ -7,8 +7,9 @@ last version as new shards. Its base is the committed dataset:
   a whole (`rejects.jsonl`: duplicates, files outside class folders, ...);
 - where each split's shards end, so the new ones continue the numbering;
 - its manifest's bytes, whose sha256 the next version names as `previous`.
-Each version lists the inputs it holds in one object, `_inputs/<its manifest's
-sha256>.json.gz`, written before its manifest: an append reads that, one
+The newest version lists the inputs it holds in one object, `_inputs/<its
+manifest's sha256>.json.gz`, written before its manifest (the list of the
+version before is deleted once it is committed): an append reads that, one
 request, not a record per shard (a request more every night). A version
 committed before these lists existed is read shard by shard.
 Old shards and their records are never rewritten. Before `manifest.json` (the
@@ -100,6 +101,16 @@ def write_inputs(
     body = {"manifest_sha256": shards.sha256(manifest_bytes), "inputs": sorted(inputs)}
     data = gzip.compress(json.dumps(body).encode(), compresslevel=6, mtime=0)
     storage.write_bytes(inputs_uri(output, manifest_bytes), data)
+
+
+def drop_old_inputs(output: str, manifest_bytes: bytes) -> None:
+    """Delete the inputs lists of earlier versions, once `manifest_bytes` is
+    committed: an append reads only the newest version's, so they would add
+    up to a list per night of every input so far."""
+    keep = inputs_uri(output, manifest_bytes)
+    for obj in storage.list_objects(storage.join(output, INPUTS)):
+        if obj.uri != keep:
+            storage.delete(obj.uri)
 
 
 def _read_inputs(output: str, manifest_bytes: bytes) -> set[str] | None:
