@@ -492,6 +492,8 @@ def test_interrupted_append_resumes_to_the_same_manifest(tmp_path):
     )
     first = preprocess(cfg, progress=False)
     v1 = {p: (out / p).read_bytes() for p in ("manifest.json", "rejects.jsonl")}
+    [v1_list] = (out / versions.INPUTS).iterdir()
+    v1_list_bytes = v1_list.read_bytes()
     for i in range(16):
         (raw / f"class{i % 2}" / f"new{i:02d}.png").write_bytes(
             images.encode(images.noise(32, 32, 200 + i), "PNG")
@@ -527,6 +529,15 @@ def test_interrupted_append_resumes_to_the_same_manifest(tmp_path):
     assert again.reused_shards == len(new) and not again.already_complete
     assert {p: v[1] for p, v in _files(out).items()} == done
     assert again.manifest == uninterrupted.manifest
+
+    # Killed after committing version 2, before deleting version 1's inputs
+    # list: the next run finds nothing new, and deletes it.
+    v1_list.write_bytes(v1_list_bytes)
+    assert preprocess(cfg, progress=False, append=True).already_complete
+    assert {p: v[1] for p, v in _files(out).items()} == done
+    v1_list.write_bytes(v1_list_bytes)
+    assert preprocess(cfg, progress=False).already_complete  # and so does a plain run
+    assert {p: v[1] for p, v in _files(out).items()} == done
 
 
 def test_append_to_a_webdataset_dataset_in_s3_keeps_its_label_space(tmp_path, s3):

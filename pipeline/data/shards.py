@@ -144,7 +144,7 @@ def _plain_members(data: bytes) -> list[TarMember] | None:
         if len(header) < block:
             return None  # truncated, or no end-of-archive block: tarfile's case
         if header == _ZERO_BLOCK:
-            return members if offset else None  # tarfile refuses an empty archive
+            return members if offset else None  # an empty archive: tarfile's case
         fields = _USTAR_FIELDS.unpack(header)
         name, kind, magic, prefix = fields[0], fields[7], fields[9], fields[14]
         if kind not in (tarfile.REGTYPE, tarfile.AREGTYPE) or magic != tarfile.POSIX_MAGIC:

@@ -15,6 +15,7 @@ import queue
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -369,11 +370,14 @@ class SystemMetrics:
         monitor.finish()
         # MLflow's thread logs once a sampling interval has passed: a run shorter
         # than that would have no system metrics at all. Log what it sampled, and
-        # one sample now.
+        # one sample now; like MLflow's own, a failure here is a warning only.
         if getattr(monitor, "_logging_step", 1) == 0:
-            monitor.collect_metrics()
-            monitor.publish_metrics(monitor.aggregate_metrics())
-            monitor.mlflow_logger.flush()
+            try:
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+            except Exception as e:
+                warnings.warn(f"system metrics of run {self.run_id} not logged: {e}", stacklevel=2)
 
 
 class NotRegistered(LookupError):

@@ -188,8 +188,13 @@ def _candidate(
     # version's own (the same weights and seeds would give the very same scores).
     from pipeline.jobs.evaluate import carry
 
-    carried = carry(cfg.evaluate_config(candidate, ()), result.lengths[lengths[best]])
-    say(f"nightly {cfg.night}: evaluate: {cfg.model_name}/{candidate}: {carried.summary()}")
+    try:
+        carried = carry(cfg.evaluate_config(candidate, ()), result.lengths[lengths[best]])
+    except ValueError as e:  # not the weights that were scored (a version found by tag)
+        say(f"nightly {cfg.night}: evaluate: {e}: scoring {cfg.model_name}/{candidate} itself")
+        carried = _evaluate(cfg, candidate, say)
+    else:
+        say(f"nightly {cfg.night}: evaluate: {cfg.model_name}/{candidate}: {carried.summary()}")
     return candidate, {trained: result.results, candidate: carried.results}
 
 

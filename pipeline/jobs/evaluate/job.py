@@ -342,7 +342,7 @@ def _reference_inception(
         return inception.features(images)
 
     name = (
-        f"inception-{settings['dataset'][:16]}-{cfg.reference_images}-"
+        f"inception-{settings['dataset'][:16]}-{cfg.reference_images}-{SAMPLING}-"
         f"{settings['inception'][:12]}.npz"
     )
     return kept_array(storage.join(cfg.dataset, REFERENCE, name), compute)
@@ -403,9 +403,13 @@ def _model_outputs(
         batch_size=cfg.batch_size,
         threads=cpus,
     )
-    found = ray.get(task.remote(model.card, model.weights, samplers, job, heldout, labels))
-    if prepared is not None:
-        ray.get(prepared)
+    try:
+        found = ray.get(task.remote(model.card, model.weights, samplers, job, heldout, labels))
+        if prepared is not None:
+            ray.get(prepared)
+    finally:
+        if prepared is not None:
+            ray.cancel(prepared)  # a no-op once it finished; frees its CPUs if not
     return dict(found)
 
 

@@ -93,6 +93,7 @@ def preprocess(
     manifest_uri = storage.join(cfg.output, shards.MANIFEST)
     committed = _committed_manifest(cfg, config)
     if committed is not None and not append:
+        versions.drop_old_inputs(cfg.output, committed)  # a run killed after its commit
         return PreprocessResult(manifest_uri, json.loads(committed), already_complete=True)
     # Without a committed dataset, an append is the first build: it adds to nothing.
     base = versions.EMPTY if committed is None else versions.read_base(cfg.output, committed)
@@ -105,6 +106,7 @@ def preprocess(
         found, taken = _new_inputs(planned, base)
         if base.version and not found.items and not found.rejects:
             versions.restore_rejects(cfg.output, base)
+            versions.drop_old_inputs(cfg.output, base.manifest_bytes)
             return PreprocessResult(manifest_uri, base.manifest, already_complete=True)
         storage.remove_partial_writes(cfg.output)
         items, duplicates = sources.unique_keys(found.items, taken)

@@ -108,7 +108,11 @@ def drop_old_inputs(output: str, manifest_bytes: bytes) -> None:
     committed: an append reads only the newest version's, so they would add
     up to a list per night of every input so far."""
     keep = inputs_uri(output, manifest_bytes)
-    for obj in storage.list_objects(storage.join(output, INPUTS)):
+    try:
+        listed = storage.list_objects(storage.join(output, INPUTS))
+    except storage.NotFound:  # a dataset from before the lists
+        return
+    for obj in listed:
         if obj.uri != keep:
             storage.delete(obj.uri)
 
