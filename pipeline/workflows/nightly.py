@@ -194,7 +194,10 @@ def _candidate(
         say(f"nightly {cfg.night}: evaluate: {e}: scoring {cfg.model_name}/{candidate} itself")
         carried = _evaluate(cfg, candidate, say)
     else:
-        say(f"nightly {cfg.night}: evaluate: {cfg.model_name}/{candidate}: {carried.summary()}")
+        say(
+            f"nightly {cfg.night}: evaluate: {cfg.model_name}/{candidate}: the scores of "
+            f"{cfg.model_name}/{trained} at EMA length {best}, carried; results at {carried.uri}"
+        )
     return candidate, {trained: result.results, candidate: carried.results}
 
 
