@@ -156,15 +156,18 @@ def test_killed_then_run_again_is_byte_identical_and_a_third_run_writes_nothing(
         "--chunk", "8", "--actors", "1",
     )  # fmt: skip
     log = tmp_path / "killed.log"
-    proc = tasks.start(argv, log=log)
+    # On its own local Ray, which the kill takes down with it: on the session's
+    # cluster the actors went on encoding until Ray saw the driver gone, and on a
+    # fast machine finished every shard first.
+    proc = tasks.start(argv, env=tasks.private_ray_env(), log=log)
     try:
         records = storage.join(output, shards.RECORDS)
-        tasks.wait_for(proc, lambda: tasks.count(records) >= 2, "two shard records", log=log)
+        tasks.wait_for(proc, lambda: tasks.count(records) >= 1, "a shard record", log=log)
     finally:
         assert tasks.kill(proc)
     assert shards.MANIFEST not in _files(output)
     shard_count = len(shards.load_dataset(encoded, "latents")[0]["shards"])
-    assert 2 <= tasks.count(storage.join(output, shards.RECORDS)) < shard_count  # part-way
+    assert 1 <= tasks.count(storage.join(output, shards.RECORDS)) < shard_count  # part-way
 
     again = tasks.run(argv)
     assert again.returncode == 0, again.stderr[-3000:]
