@@ -505,20 +505,48 @@ def _summary(rows: list[dict], size_key: str, cost_key: str, unit_grows: bool = 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preprocess", type=int, nargs="+", default=[1000, 10_000, 100_000])
-    parser.add_argument("--nights", type=int, default=100)
-    parser.add_argument("--new_per_night", type=int, default=20)
-    parser.add_argument("--runs", type=int, nargs="+", default=[1_000_000, 10_000_000, 100_000_000])
-    parser.add_argument("--generate", type=int, nargs="+", default=[1000, 10_000, 100_000])
-    parser.add_argument("--resume_shards", type=int, default=10_000)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--preprocess",
+        type=int,
+        nargs="+",
+        default=[1000, 10_000, 100_000],
+        help="images of the preprocess cases; their datasets are the reference's",
+    )
+    parser.add_argument("--nights", type=int, default=100, help="nights of the nightly cases")
+    parser.add_argument(
+        "--new_per_night", type=int, default=20, help="new images a night of the append cases"
+    )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        nargs="+",
+        default=[1_000_000, 10_000_000, 100_000_000],
+        help="training run lengths of the storage case, in images",
+    )
+    parser.add_argument(
+        "--generate",
+        type=int,
+        nargs="+",
+        default=[1000, 10_000, 100_000],
+        help="images of the generation cases",
+    )
+    parser.add_argument(
+        "--resume_shards",
+        type=int,
+        default=10_000,
+        help="one-image shards of the complete job that is run again",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs of each preprocess and reference case"
+    )
     parser.add_argument("--s3", action="store_true", help="on a SeaweedFS bucket, not locally")
     parser.add_argument(
         "--parts",
         nargs="+",
         default=["preprocess", "nightly", "reference", "generation", "storage"],
+        help="which stages (reference needs preprocess's datasets, and runs it)",
     )
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="JSON folder")
     args = parser.parse_args()
 
     storage_kind = "s3" if args.s3 else "local"

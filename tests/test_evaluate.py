@@ -20,8 +20,8 @@ from pipeline.data.reference import pixel_features
 from pipeline.edges import registry, snapshots, tracking
 from pipeline.edges.registry import Model
 from pipeline.jobs.evaluate import EvaluateResult, carry, check_fits
-from pipeline.jobs.evaluate.job import evaluation_settings
 from pipeline.jobs.evaluate.outputs import heldout_losses
+from pipeline.jobs.evaluate.results import evaluation_settings
 from pipeline.jobs.promote import EXPERIMENT, promote
 from pipeline.maths.analytic import GaussianDenoiser
 from pipeline.maths.architecture import architecture

@@ -56,7 +56,7 @@ def read_split(
 
     entries = [e for e in manifest["shards"] if e["split"] == split and e["samples"]]
     if sampled:
-        entries.sort(key=lambda e: _hash(e["sha256"]))
+        entries.sort(key=lambda e: shards.sha256(e["sha256"].encode()))
     images: list[np.ndarray] = []
     labels: list[int | None] = []
     for entry in entries:
@@ -67,7 +67,9 @@ def read_split(
         for m in shards.tar_members(data):
             key, ext = shards.split_member_name(m.name)
             members.setdefault(key, {})[ext] = data[m.offset : m.offset + m.size]
-        keys = sorted(members, key=_hash) if sampled else list(members)
+        keys = (
+            sorted(members, key=lambda k: shards.sha256(k.encode())) if sampled else list(members)
+        )
         for key in keys:
             sample = members[key]
             if "png" not in sample or len(images) >= limit:
@@ -77,10 +79,6 @@ def read_split(
     if not images:
         return None, None
     return np.stack(images), None if labels[0] is None else np.array(labels, dtype=np.int64)
-
-
-def _hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def pixel_features(images: np.ndarray) -> np.ndarray:

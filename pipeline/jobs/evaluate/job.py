@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
-import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.config import ConfigError, to_dict
-from pipeline.config.evaluate import EvaluateConfig, parse_sampler
+from pipeline.config import ConfigError
+from pipeline.config.evaluate import EvaluateConfig
 from pipeline.data import latent_samples, reference
 from pipeline.data.reference import (
     REFERENCE,
@@ -49,61 +47,20 @@ from pipeline.data.reference import (
     reference_features,
 )
 from pipeline.data.shards import load_dataset
-from pipeline.edges import autoencoders, cluster, registry, storage, tracking
+from pipeline.edges import autoencoders, cluster, registry, storage
 from pipeline.jobs.evaluate import outputs
+from pipeline.jobs.evaluate.results import (
+    EvaluateResult,
+    evaluation_settings,
+    metric_prefix,
+    record,
+    recorded,
+    results_location,
+)
 from pipeline.maths import metrics
 
 if TYPE_CHECKING:
     from pipeline.maths.inception import InceptionFeatures
-
-
-def metric_prefix(position: int, sampler: str) -> str:
-    """Metrics of the first sampler have plain names (`fd_pixel`), the compared
-    ones the sampler's (`euler_ancestral_1000.fd_pixel`)."""
-    name, steps = parse_sampler(sampler)
-    return "" if position == 0 else f"{name}_{steps}."
-
-
-@dataclasses.dataclass(frozen=True)
-class EvaluateResult:
-    uri: str
-    """The JSON file of the results."""
-    results: dict[str, Any]
-    already_complete: bool
-    lengths: dict[float, EvaluateResult] = dataclasses.field(default_factory=dict)
-    """The scores of the weights at each post-hoc EMA length (`evaluate.ema_length`)."""
-
-    def sampler_lines(self) -> list[str]:
-        """Per sampler: its network evaluations, the pixel Frechet distance, and the
-        label fidelity and CAS where computed."""
-        from pipeline.maths.solvers import network_evaluations
-
-        settings, m, lines = self.results["settings"], self.results["metrics"], []
-        guidance = "" if settings["guidance"] == 1 else f", guidance {settings['guidance']:g}"
-        length = settings.get("ema_length")
-        weights = "" if length is None else f"EMA length {length:g}: "
-        for i, text in enumerate([settings["sampler"], *settings["compare"]]):
-            sampler, steps = parse_sampler(text)
-            prefix = metric_prefix(i, text)
-            found = [f"pixel Frechet distance {m[prefix + 'fd_pixel']:.4f}"]
-            if prefix + "label_fidelity" in m:
-                ceiling = m.get("label_fidelity_ceiling")
-                real = "" if ceiling is None else f" (real images {ceiling:.3f})"
-                found.append(f"label fidelity {m[prefix + 'label_fidelity']:.3f}{real}")
-            if prefix + "cas" in m:
-                found.append(f"CAS {m[prefix + 'cas']:.3f}")
-            lines.append(
-                f"{weights}{sampler} {steps} steps ({network_evaluations(sampler, steps)} network "
-                f"evaluations{guidance}): {', '.join(found)} over "
-                f"{settings['images']} images"
-            )
-        return lines
-
-    def summary(self) -> str:
-        m = self.results["metrics"]
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in m.items() if "sigma" not in k)
-        head = "already evaluated: " if self.already_complete else ""
-        return f"{head}{self.results['model_ref']}: {shown}; results at {self.uri}"
 
 
 def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
@@ -146,11 +103,10 @@ def _evaluate_weights(
     settings = evaluation_settings(cfg, digest)
     if ema_length is not None:
         settings["ema_length"] = ema_length
-    key, uri = _results_location(cfg, model, settings)
-    try:
-        return EvaluateResult(uri, json.loads(storage.read_bytes(uri)), already_complete=True)
-    except storage.NotFound:
-        pass
+    key, uri = results_location(cfg, model, settings)
+    done = recorded(uri)
+    if done is not None:
+        return done
     model_ref = model.describe()
     if ema_length is not None:
         model_ref += f" at EMA length {ema_length:g}"
@@ -206,50 +162,7 @@ def _evaluate_weights(
         "not_computed": not_computed,
         "evaluated_at": datetime.datetime.now(datetime.UTC).isoformat(),
     }
-    _track(cfg, model, results)
-    storage.write_bytes(uri, json.dumps(results, indent=1, sort_keys=True).encode())
-    return EvaluateResult(uri, results, already_complete=False)
-
-
-def carry(cfg: EvaluateConfig, scored: EvaluateResult) -> EvaluateResult:
-    """The results of the model `cfg` names, taken from `scored`: the evaluation of
-    another version's weights at a post-hoc EMA length, which `cfg.model` was
-    registered with. Same weights (their sha256 is checked), same settings, same
-    seeds: the same scores, so nothing is generated again. Written and tracked as
-    `evaluate` would (`carried_from` names the source). A ValueError when the
-    weights or the settings differ."""
-    model = registry.load_model(cfg.model, cfg.tracking_uri, "evaluate.model")
-    _, digest = load_dataset(cfg.dataset, "evaluate.dataset")
-    settings = evaluation_settings(cfg, digest)
-    source = scored.results
-    if source["model"]["digest"] != model.lineage.digest:
-        raise ValueError(f"{scored.uri}: scored other weights than {model.describe()}'s")
-    if {k: v for k, v in source["settings"].items() if k != "ema_length"} != settings:
-        raise ValueError(f"{scored.uri}: scored with other settings than {cfg}")
-    key, uri = _results_location(cfg, model, settings)
-    try:
-        return EvaluateResult(uri, json.loads(storage.read_bytes(uri)), already_complete=True)
-    except storage.NotFound:
-        pass
-    results = {
-        **source,
-        "model_ref": model.describe(),
-        "model": model.lineage.to_dict(),
-        "key": key,
-        "settings": settings,
-        "carried_from": scored.uri,
-    }
-    _track(cfg, model, results)
-    storage.write_bytes(uri, json.dumps(results, indent=1, sort_keys=True).encode())
-    return EvaluateResult(uri, results, already_complete=False)
-
-
-def _results_location(
-    cfg: EvaluateConfig, model: registry.Model, settings: dict[str, Any]
-) -> tuple[str, str]:
-    """The evaluation key of `settings` and where `model`'s results under it go."""
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    return key, storage.join(cfg.output, f"{_slug(model)}-{model.lineage.digest[:12]}-{key}.json")
+    return record(cfg, model, uri, results)
 
 
 def check_fits(cfg: EvaluateConfig, model: registry.Model, manifest: dict) -> None:
@@ -282,42 +195,6 @@ def _check_autoencoder(model: registry.Model) -> None:
         autoencoders.check(space.autoencoder, space.digest)
     except autoencoders.AutoencoderError as e:
         raise ConfigError(f"evaluate.model: {model.describe()}'s autoencoder: {e}") from None
-
-
-def evaluation_settings(cfg: EvaluateConfig, dataset_digest: str) -> dict[str, Any]:
-    """What decides the scores besides the model: two models are comparable when
-    these are equal (their hash is the evaluation key)."""
-    settings = to_dict(cfg)
-    # The lengths are not settings of the model's own scores: each length's
-    # evaluation adds its own (`_evaluate_weights`).
-    skipped = (
-        "model",
-        "output",
-        "batch_size",
-        "use_gpu",
-        "tracking_uri",
-        "inception",
-        "ema_length",
-    )
-    for field in skipped:
-        settings.pop(field)
-    settings["dataset"] = dataset_digest
-    settings["reference_sampling"] = SAMPLING  # not comparable with another sample
-    settings["inception"] = _file_digest(cfg.inception) if cfg.inception else None
-    return settings
-
-
-def _slug(model: registry.Model) -> str:
-    if model.lineage.name is not None:
-        return f"{model.lineage.name}-v{model.lineage.version}"
-    return "checkpoint"
-
-
-def _file_digest(path: str) -> str:
-    try:
-        return hashlib.sha256(storage.read_bytes(path)).hexdigest()
-    except storage.StorageError as e:
-        raise ConfigError(f"evaluate.inception: cannot read {path} ({e})") from None
 
 
 def _inception(cfg: EvaluateConfig) -> InceptionFeatures | None:
@@ -382,15 +259,15 @@ def _model_outputs(
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     # On CPUs, all of the largest node's (the task runs on one node).
     largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
-    cpus = 1 if use_gpu else max(1, int(largest))
+    node_cpus = max(1, int(largest))
+    cpus = 1 if use_gpu else node_cpus
     train, digest, cas_images = references
     prepared = None
     if reference.missing(train, digest, cas_images):
         # On CPUs: the classifiers are small, a GPU would wait on the PNG decoding.
-        largest_cpus = max(1, int(largest))
-        prepare = ray.remote(reference.prepare).options(num_cpus=largest_cpus)
+        prepare = ray.remote(reference.prepare).options(num_cpus=node_cpus)
         prepared = prepare.remote(
-            cfg.dataset, train.manifest, digest, train.limit, cas_images, largest_cpus
+            cfg.dataset, train.manifest, digest, train.limit, cas_images, node_cpus
         )
     task = ray.remote(outputs.model_outputs).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0)
     samplers = [cfg.sampler, *cfg.compare]
@@ -411,41 +288,3 @@ def _model_outputs(
         if prepared is not None:
             ray.cancel(prepared)  # a no-op once it finished; frees its CPUs if not
     return dict(found)
-
-
-# --- MLflow -----------------------------------------------------------------------------
-
-
-def _track(cfg: EvaluateConfig, model: registry.Model, results: dict) -> None:
-    """Metrics on the model's training run (step: the dataset's version), and for a
-    registered model, tags on its version for `tasks.promote`. The scores of a
-    post-hoc EMA length are metrics `eval.ema_length_<length>.*` and tags
-    `eval.<key>.*`, but never the version's `eval.key`: promotion compares the
-    version's own weights."""
-    scores, key = results["metrics"], results["key"]
-    length = results["settings"].get("ema_length")
-    run_id, name, version = model.lineage.run_id, model.lineage.name, model.lineage.version
-    if name is not None and version is not None:
-        # The version's tags are written last: present, they say a run that crashed
-        # before writing the JSON logged the metrics already.
-        found = tracking.model_version(cfg.tracking_uri, name, version)
-        assert found is not None, f"{name}/{version} was loaded, so it is registered"
-        tags = found["tags"]
-        if f"eval.{key}.dataset" in tags:
-            run_id = None
-    if run_id:
-        prefix = "eval." if length is None else f"eval.ema_length_{length:g}."
-        tracking.log_metrics(
-            cfg.tracking_uri,
-            run_id,
-            {prefix + k: v for k, v in scores.items()},
-            step=results["dataset"]["version"],
-        )
-    if name is not None and version is not None:
-        tags = {f"eval.{key}.{k}": f"{v:.8g}" for k, v in scores.items()}
-        if length is None:
-            tags["eval.key"] = key
-        else:
-            tags[f"eval.{key}.ema_length"] = f"{length:g}"
-        tags[f"eval.{key}.dataset"] = results["dataset"]["digest"]
-        tracking.set_version_tags(cfg.tracking_uri, name, version, tags)
