@@ -3,9 +3,11 @@
 1. encode: tasks.encode's pipeline (Ray Data: decode tasks, an actor pool of
    encoders, one a core, shards written) against a bare loop of the same
    autoencoder over the same images already in memory (one process, all cores),
-   images/s; the goal is a ratio of 0.9 or more. Random 64 px images at two
+   images/s; the goal is a ratio of 0.9 or more. Beside it, the same-work loop:
+   the actors' own calls (read and decode a shard, encode it, write it) in one
+   process, which says what Ray Data itself costs. Random 64 px images at two
    sizes with the small autoencoder (the two give the pipeline's marginal rate
-   and its fixed seconds a run), and at one with SD's VAE architecture
+   and its fixed seconds a run), and likewise with SD's VAE architecture
    (AUTOENCODERS). Needs Ray (CPU machines).
 2. train: the training step's cost per image at 64 px, the same UNet template
    (tiny) on pixels [3, 64, 64] and on latents [4, 8, 8] (f = 8), the latents'
@@ -21,24 +23,24 @@ where Ray is missing. On a GPU machine (diffusers from `bench/vendor`, as
 bench/gpu.py takes it): `python3 bench/latent.py --parts train decode --out "$OUT"`.
 
     infra/local/offline .venv/bin/python bench/latent.py [--images 1024 4096 32768]
-        [--sd_images 128] [--parts encode train decode]
+        [--sd_images 128 512] [--parts encode train decode]
 
 Prints a table per part and writes bench/results/latent-<device>.json.
 
-The recorded run (2 cores, 2026-12-05, medians of 3, a slow hour of this machine):
-- encode, random 64 px images, 2 actors, the small autoencoder: 1,024 images (8
-  shards) 48.4 images/s through the pipeline against 242.4 in the bare loop
-  (0.20); 4,096 (32 shards) 117.9 against 235.0 (0.50); 32,768 (256 shards)
-  201.1 against 236.1 (0.85). Between the two largest the pipeline's marginal
-  rate is 223.6 images/s, 0.947 of the bare loop: once started, its actors (one
-  thread each, decoding PNGs and writing shards beside encoding) keep up with
-  one process on two threads; the gap is a fixed 16.4 s a run (Ray Data's
-  start, two actors importing diffusers and loading the autoencoder, the
-  manifest). With SD's VAE architecture, 128 images (8 shards): 2.49 against
-  3.58 images/s (0.70), the same fixed cost on 35 s of encoding.
-- train, the tiny template, batch 32: 145.6 ms an image on 64 px pixels, 3.1 ms
-  on 8x8x4 latents (draw and normalisation included): 46x.
-- decode, 64 images: sampling 35 steps on latents 2.06 s, decoding 0.49 s: 19%
+The recorded run (bench/results/latent-cpu2.json: 2 cores, 2026-12-06, medians
+of 3, 9.5 minutes). The pipeline's marginal rate between its two largest runs
+against the bare loop (the autoencoder alone over decoded images in memory, one
+process on both cores) and against the same-work loop (the actors' calls, shard
+by shard, in one process):
+- SD's VAE architecture, 128 and 512 images: 25.5 images/s, 1.02 of the bare
+  loop (24.99) and 1.00 of the same-work loop; fixed 5.0 s a run.
+- the small autoencoder, 4,096 and 32,768 images: 1,480 images/s, 0.815 of the
+  bare loop (1,815) and 0.98 of the same-work loop (1,510): decoding PNGs and
+  writing shards cost 17% of an encoder this cheap. Whole runs at 1,024, 4,096
+  and 32,768 images: 0.16, 0.33, 0.68 of the bare loop (fixed 4.3 s).
+- train, the tiny template, batch 32: 34.3 ms an image on 64 px pixels, 0.61 ms
+  on 8x8x4 latents (draw and normalisation included): 56x.
+- decode, 64 images: sampling 35 steps on latents 0.33 s, decoding 0.07 s: 18%
   of generation.
 """
 
@@ -138,6 +140,7 @@ def bench_encode(sizes: dict[str, list[int]], repeats: int, work: Path) -> dict:
             result[size]["steady_state"] = {
                 "pipeline_images_per_s": round(marginal, 1),
                 "ratio": round(marginal / large["bare_loop_images_per_s"], 3),
+                "ratio_to_same_work": round(marginal / large["same_work_loop_images_per_s"], 3),
                 "fixed_seconds": round(t_large - large["images"] / marginal, 1),
             }
     ray.shutdown()
@@ -152,7 +155,10 @@ def _encode_case(n: int, vae: str, actors: int, repeats: int, work: Path) -> dic
     from pipeline.data import shards
     from pipeline.data.autoencode import Encoder
     from pipeline.data.reference import read_split
+    from pipeline.edges import autoencoders
     from pipeline.jobs.encode import encode
+    from pipeline.jobs.encode.job import _plan
+    from pipeline.jobs.encode.shard import ShardEncoder, read_shards
     from pipeline.jobs.preprocess import preprocess
 
     pixels = str(work / f"pixels{n}")
@@ -172,7 +178,10 @@ def _encode_case(n: int, vae: str, actors: int, repeats: int, work: Path) -> dic
     manifest, _ = shards.load_dataset(pixels, "pixels")
     data, _ = read_split(pixels, manifest, "train", n)
     assert data is not None and len(data) == n
-    pipeline_s, loop_s = [], []
+    digest = autoencoders.identity_of(autoencoders.read_folder(vae)).digest
+    config = {"autoencoder": digest, "precision": "fp32", "flips": False, "chunk": 16}
+    plans = [json.dumps(_plan(e, config)) for e in manifest["shards"]]
+    pipeline_s, loop_s, same_s = [], [], []
     for _ in range(repeats):  # in turns, so that a busy moment weighs on both
         start = time.perf_counter()
         out = tempfile.mkdtemp(dir=work)
@@ -182,15 +191,24 @@ def _encode_case(n: int, vae: str, actors: int, repeats: int, work: Path) -> dic
         start = time.perf_counter()
         Encoder(vae, device="cpu")({"image": data})
         loop_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        encoder = ShardEncoder(vae, digest, tempfile.mkdtemp(dir=work), SIDE, "fp32", 16, False)
+        for plan in plans:  # the actors' work, shard by shard, in this one process
+            encoder(read_shards({"plan": np.array([plan], dtype=object)}, pixels, SIDE))
+        same_s.append(time.perf_counter() - start)
     pipe, loop = n / statistics.median(pipeline_s), n / statistics.median(loop_s)
+    same = n / statistics.median(same_s)
     return {
         "images": n,
         "shards": len(manifest["shards"]),
         "pipeline_images_per_s": round(pipe, 2),
         "bare_loop_images_per_s": round(loop, 2),
         "ratio": round(pipe / loop, 3),
+        "same_work_loop_images_per_s": round(same, 2),
+        "ratio_to_same_work": round(pipe / same, 3),
         "pipeline_seconds": [round(s, 2) for s in pipeline_s],
         "bare_loop_seconds": [round(s, 2) for s in loop_s],
+        "same_work_loop_seconds": [round(s, 2) for s in same_s],
     }
 
 
@@ -289,9 +307,9 @@ def main() -> None:
         "--sd_images",
         type=int,
         nargs="*",
-        default=[128],
+        default=[128, 512],
         help="images of the encode runs with Stable Diffusion's VAE architecture (none: "
-        "skipped; about 3 images/s on 2 cores)",
+        "skipped; 3 to 25 images/s on 2 cores); two or more give its steady state",
     )
     parser.add_argument("--repeats", type=int, default=3, help="runs of each case (medians)")
     parser.add_argument("--parts", nargs="+", default=["encode", "train", "decode"])
