@@ -150,7 +150,9 @@ JOB = GenerationJob(
     seed=7,
     network_batch=16,
     template="tiny",
+    checks=None,
 )
+TALLY = {"drawn": 70, "rejected": {"label": 6}, "per_class": {"0": 30, "1": 34}}
 JOB_DICT = {
     "model": {"name": "digits", "version": 3, "run_id": "run1", "digest": "cd" * 32},
     "images": 640,
@@ -162,6 +164,7 @@ JOB_DICT = {
     "seed": 7,
     "network_batch": 16,
     "template": "tiny",
+    "checks": None,
 }
 
 RECORDS = [
@@ -175,7 +178,7 @@ RECORDS = [
     (REGISTERED, JOB_DICT["model"]),
     (JOB, JOB_DICT),
     (
-        ShardRecord("train-000001.tar", "train", 64, (64, 128), 10240, "ef" * 32),
+        ShardRecord("train-000001.tar", "train", 64, (64, 128), 10240, "ef" * 32, TALLY),
         {
             "name": "train-000001.tar",
             "split": "train",
@@ -183,6 +186,7 @@ RECORDS = [
             "seeds": [64, 128],
             "bytes": 10240,
             "sha256": "ef" * 32,
+            "tally": TALLY,
         },
     ),
     (
@@ -241,7 +245,7 @@ def test_the_generation_job_writes_the_bytes_of_its_job_file():
     assert (
         shards.dumps(JOB.to_dict())
         == (
-            '{\n "guidance": 2.0,\n "images": 640,\n "labels": "uniform",\n "model": {\n'
+            '{\n "checks": null,\n "guidance": 2.0,\n "images": 640,\n "labels": "uniform",\n "model": {\n'
             f'  "digest": "{digest}",\n  "name": "digits",\n  "run_id": "run1",\n'
             '  "version": 3\n },\n "network_batch": 16,\n "sampler": "heun",\n'
             ' "samples_per_shard": 64,\n "seed": 7,\n "steps": 6,\n "template": "tiny"\n}\n'

@@ -301,6 +301,7 @@ def test_a_failed_write_fails_its_shard_only_while_other_calls_sample(tmp_path):
         seed=7,
         network_batch=4,
         template="tiny",
+        checks=None,
     )
     one_by_one = ShardSampler(card, weights, job, str(tmp_path / "one-by-one"), batch_size=4)
     expected = [one_by_one.shard(i) for i in range(3)]

@@ -51,6 +51,12 @@ def check_ema_lengths(cfg: Checked, field: str) -> None:
     cfg.check(len(set(lengths)) == len(lengths), field, "must not repeat a length")
 
 
+REFERENCE_IMAGES = 10_000
+"""The default reference sample: also what generation's judge is trained on."""
+HELDOUT_IMAGES = 1000
+"""The default validation images: also what generation's CAS is tested on."""
+
+
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig(Checked):
     """Score a model against its dataset: samples from fixed seeds against the
@@ -92,11 +98,11 @@ class EvaluateConfig(Checked):
     registers)."""
     seed: int = 0
     """Seed of the samples and of the held-out noise."""
-    reference_images: int = 10_000
+    reference_images: int = REFERENCE_IMAGES
     """At most this many train images make the reference: a sample by sha256 (the
     shards in the order of theirs, each shard's keys in the order of theirs), so
     the reference does not grow with the dataset, nor cost more to read."""
-    heldout_images: int = 1000
+    heldout_images: int = HELDOUT_IMAGES
     """At most this many validation images give the held-out loss."""
     heldout_sigmas: tuple[float, ...] = (0.01, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0)
     """Noise levels of the held-out loss; each image gets fixed noise at each."""

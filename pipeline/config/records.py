@@ -387,6 +387,9 @@ class GenerationJob:
     """Images per network call, which the pixels depend on."""
     template: str
     """The model's architecture template."""
+    checks: dict[str, Any] | None
+    """What each image was checked against and what was rejected
+    (`pipeline.jobs.generate.gate.Gate.settings`); None: nothing."""
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "model": self.model.to_dict()}

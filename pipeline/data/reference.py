@@ -209,6 +209,22 @@ def label_scores(
     return scores, not_computed
 
 
+def judge(dataset: str, manifest: dict, digest: str, limit: int) -> str:
+    """Where the judge of a labelled dataset version is kept (trained on the
+    `limit` images of its train sample first, if it is not there yet)."""
+    train = Split(dataset, manifest, "train", limit)
+    classes = len(manifest.get("classes") or [])
+    assert classes and train.count(), "a judge needs a labelled train split"
+    _kept_classifier(train, digest, classes, train.count())
+    return _classifier_uri(train, digest, train.count())
+
+
+def judge_uri(dataset: str, manifest: dict, digest: str, limit: int) -> str:
+    """Where `judge` keeps it, without training it."""
+    train = Split(dataset, manifest, "train", limit)
+    return _classifier_uri(train, digest, train.count())
+
+
 def _kept_classifier(train: Split, digest: str, classes: int, n: int) -> SmallCNN:
     """The classifier of the first `n` images of the train split's sample, trained
     once per manifest version, recipe and n:

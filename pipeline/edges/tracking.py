@@ -259,6 +259,16 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(tracking_uri).set_terminated(run_id, status=status)
 
 
+def log_files(
+    tracking_uri: str, run_id: str, files: Mapping[str, bytes], artifact_path: str
+) -> None:
+    """Log `files` ({name: bytes}) as the run's artifacts under `artifact_path`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for filename, data in files.items():
+            (Path(tmp) / filename).write_bytes(data)
+        client(tracking_uri).log_artifacts(run_id, tmp, artifact_path=artifact_path)
+
+
 def register_model(
     tracking_uri: str,
     run_id: str,
@@ -276,10 +286,7 @@ def register_model(
     for existing in c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
         if all(existing.tags.get(k) == str(v) for k, v in tags.items()):
             return int(existing.version)
-    with tempfile.TemporaryDirectory() as tmp:
-        for filename, data in files.items():
-            (Path(tmp) / filename).write_bytes(data)
-        c.log_artifacts(run_id, tmp, artifact_path=artifact_path)
+    log_files(tracking_uri, run_id, files, artifact_path)
     try:
         c.get_registered_model(name)
     except mlflow.exceptions.MlflowException as e:

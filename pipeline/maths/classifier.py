@@ -150,6 +150,25 @@ def predict(net: SmallCNN, images: np.ndarray, batch_size: int = 1024) -> np.nda
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
 
+@torch.no_grad()
+def probabilities(net: SmallCNN, images: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """The classifier's softmax, float32 [N, classes], for uint8 images [N, H, W, C],
+    in calls of exactly `chunk` images (the last one padded): an image's
+    probabilities then do not depend on the others classified with it, so a
+    threshold on them decides the same in every batch (generation's label filter)."""
+    net.eval()
+    out = []
+    for lo in range(0, len(images), chunk):
+        x = to_inputs(images[lo : lo + chunk])
+        n = len(x)
+        if n < chunk:
+            x = torch.cat([x, x.new_zeros((chunk - n, *x.shape[1:]))])
+        out.append(net(x).softmax(1)[:n])
+    if not out:
+        return np.zeros((0, net.head.out_features), dtype=np.float32)
+    return torch.cat(out).numpy()
+
+
 def accuracy(net: SmallCNN, images: np.ndarray, labels: np.ndarray) -> float:
     """Share of `images` the classifier labels as `labels`."""
     if len(images) == 0:

@@ -46,13 +46,15 @@ def generate(
     num_classes: int,
     channels: int = 3,
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    draws: list[int] | None = None,
 ) -> tuple[np.ndarray, list[int | None]]:
     """The uint8 images [N, H, W, 3] and labels of image `indices` of the job
     (seed, labels, sampler, steps, guidance) with a network of `resolution` px and
     `num_classes` classes. A latent model's network makes `channels` channels,
-    which `decode` turns into images in [-1, 1]."""
+    which `decode` turns into images in [-1, 1]. `draws`: each index's draw (see
+    `solvers.sample_generators`; its label does not change with it)."""
     per_image = image_labels(labels, seed, indices, num_classes)
-    generators = sample_generators(seed, indices, device)
+    generators = sample_generators(seed, indices, device, draws)
     sigmas = karras_sigmas(steps).to(device)
     x = initial_noise(
         (len(indices), channels, resolution, resolution), float(sigmas[0]), generators, device

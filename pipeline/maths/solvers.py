@@ -43,14 +43,25 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Ten
 # --- noise, one generator per sample --------------------------------------------------
 
 
+REDRAW = 3
+"""Tags the entropy of a sample's further draws: (seed, index, REDRAW, draw). The
+tags 1 and 2 seed labels and held-out noise, (seed, index) the first draw."""
+
+
 def sample_generators(
-    seed: int, indices: Sequence[int], device: torch.device | str = "cpu"
+    seed: int,
+    indices: Sequence[int],
+    device: torch.device | str = "cpu",
+    draws: Sequence[int] | None = None,
 ) -> list[torch.Generator]:
     """One generator per sample index, seeded from (job seed, index) through numpy's
-    SeedSequence, so neighbouring indices get unrelated streams."""
+    SeedSequence, so neighbouring indices get unrelated streams. `draws`: which
+    draw of each index (0, the default, is the first; draw d > 0, which replaces a
+    rejected image, is seeded from (seed, index, REDRAW, d))."""
     out = []
-    for index in indices:
-        state = np.random.SeedSequence([seed, int(index)]).generate_state(1, np.uint64)[0]
+    for index, draw in zip(indices, draws or [0] * len(indices), strict=True):
+        entropy = [seed, int(index)] + ([REDRAW, int(draw)] if draw else [])
+        state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
         out.append(torch.Generator(device=device).manual_seed(int(state) & (2**63 - 1)))
     return out
 

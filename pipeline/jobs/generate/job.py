@@ -30,9 +30,12 @@ import math
 import numpy as np
 
 from pipeline.config import ConfigError, SampleConfig, to_dict
+from pipeline.config.evaluate import HELDOUT_IMAGES, REFERENCE_IMAGES
 from pipeline.config.records import GenerationJob
 from pipeline.data import shards
 from pipeline.edges import autoencoders, cluster, registry, storage, tracking
+from pipeline.jobs.generate import card as cards
+from pipeline.jobs.generate import gate as gates
 from pipeline.jobs.generate.sampler import ShardRecord, ShardSampler, shard_seeds
 
 log = logging.getLogger(__name__)
@@ -64,7 +67,8 @@ def sample(cfg: SampleConfig) -> SampleResult:
     again writes nothing, to the output or to MLflow."""
     model = registry.load_model(cfg.model, cfg.tracking_uri, "sample.model")
     autoencoder = _autoencoder(cfg, model)
-    job = _job(cfg, model)
+    gate, trained = gates.resolve(cfg, model)
+    job = _job(cfg, model, gate)
     names = [shards.shard_name("train", i) for i in range(_shard_count(cfg))]
     manifest_uri = storage.join(cfg.output, shards.MANIFEST)
     done = _check_output(cfg, job)
@@ -72,7 +76,7 @@ def sample(cfg: SampleConfig) -> SampleResult:
     if not missing:
         found = tracking.find_run(cfg.tracking_uri, cfg.experiment, _run_name(cfg))
         if found and found[1] == "FINISHED":
-            if _read_or_none(manifest_uri) == _manifest(cfg, model, job, names, done):
+            if _committed(manifest_uri) == _manifest(cfg, model, job, names, done):
                 return SampleResult(0, len(names), cfg.images, manifest_uri, found[0])
     elif not storage.exists(storage.join(cfg.output, JOB)):
         storage.write_bytes(storage.join(cfg.output, JOB), shards.dumps(job.to_dict()))
@@ -80,16 +84,60 @@ def sample(cfg: SampleConfig) -> SampleResult:
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as mlflow_thread:
         run = mlflow_thread.submit(_open_run, cfg, model)
         if missing:
-            done.update(_generate(cfg, model, job, missing, run, autoencoder))
+            done.update(_generate(cfg, model, job, missing, run, autoencoder, gate, trained))
         run_id = run.result()
-    data = _manifest(cfg, model, job, names, done)
-    if _read_or_none(manifest_uri) != data:
-        storage.write_bytes(manifest_uri, data)
+    manifest = _manifest(cfg, model, job, names, done)
+    if _committed(manifest_uri) != manifest:
+        manifest["card"] = _card(cfg, model, job, gate, trained, manifest, run_id)
+        storage.write_bytes(manifest_uri, shards.dumps(manifest))
     tracking.log_metrics(
         cfg.tracking_uri, run_id, {"images": cfg.images, "shards": len(names)}, step=0
     )
     tracking.end_run(cfg.tracking_uri, run_id)
     return SampleResult(len(missing), len(names), cfg.images, manifest_uri, run_id)
+
+
+def _card(
+    cfg: SampleConfig,
+    model: registry.Model,
+    job: GenerationJob,
+    gate: gates.Gate | None,
+    trained: dict | None,
+    manifest: dict,
+    run_id: str,
+) -> dict:
+    """The dataset card (`card.py`): written as `card.md` and `grid.png` beside the
+    manifest, logged to MLflow; its fields, for the manifest."""
+    found: dict[str, float] = {}
+    if gate is not None and gate.judge is not None and trained is not None:
+        import ray
+
+        cluster.connect()
+        task = ray.remote(num_cpus=1)(cards.scores)
+        found = ray.get(
+            task.remote(cfg.output, manifest, gate, trained, REFERENCE_IMAGES, HELDOUT_IMAGES, 1)
+        )
+    tallies = [entry["tally"] for entry in manifest["shards"]]
+    fields = cards.card(job, model.card, gate, tallies, found)
+    files = {
+        cards.GRID: cards.png(preview(cfg.output, manifest=manifest)),
+        cards.CARD: cards.markdown(fields, cfg.output).encode(),
+    }
+    for name, data in files.items():
+        storage.write_bytes(storage.join(cfg.output, name), data)
+    tracking.log_files(cfg.tracking_uri, run_id, files, "card")
+    tracking.log_metrics(cfg.tracking_uri, run_id, cards.metrics(fields), step=0)
+    return fields
+
+
+def _committed(uri: str) -> dict | None:
+    """The manifest at `uri` without its card (None: none yet)."""
+    data = _read_or_none(uri)
+    if data is None:
+        return None
+    manifest = json.loads(data)
+    manifest.pop("card", None)
+    return manifest
 
 
 def _autoencoder(cfg: SampleConfig, model: registry.Model) -> str | None:
@@ -133,22 +181,24 @@ def _manifest(
     job: GenerationJob,
     names: list[str],
     done: dict[str, ShardRecord],
-) -> bytes:
-    return shards.dumps(
-        {
-            "format": FORMAT,
-            "format_version": 1,
-            "job": job.to_dict(),
-            "output": cfg.output,
-            "resolution": model.card.image_side,
-            "classes": None if model.card.classes is None else list(model.card.classes),
-            "counts": {
-                "images": cfg.images,
-                "shards": len(names),
-                "written_by_split": {"train": cfg.images},
-            },
-            "shards": [done[name].to_dict() for name in names],
-        }
+) -> dict:
+    return json.loads(
+        shards.dumps(
+            {
+                "format": FORMAT,
+                "format_version": 1,
+                "job": job.to_dict(),
+                "output": cfg.output,
+                "resolution": model.card.image_side,
+                "classes": None if model.card.classes is None else list(model.card.classes),
+                "counts": {
+                    "images": cfg.images,
+                    "shards": len(names),
+                    "written_by_split": {"train": cfg.images},
+                },
+                "shards": [done[name].to_dict() for name in names],
+            }
+        )
     )
 
 
@@ -159,7 +209,7 @@ def _read_or_none(uri: str) -> bytes | None:
         return None
 
 
-def _job(cfg: SampleConfig, model: registry.Model) -> GenerationJob:
+def _job(cfg: SampleConfig, model: registry.Model, gate: gates.Gate | None) -> GenerationJob:
     """What decides the pixels: a re-run must match it to continue a job."""
     classes = model.card.model.num_classes
     if cfg.labels == "uniform":
@@ -187,6 +237,7 @@ def _job(cfg: SampleConfig, model: registry.Model) -> GenerationJob:
         seed=cfg.seed,
         network_batch=cfg.network_batch,
         template=model.card.template,
+        checks=None if gate is None else gate.settings(),
     )
 
 
@@ -235,6 +286,8 @@ def _generate(
     missing: list[int],
     run: concurrent.futures.Future[str],
     autoencoder: str | None,
+    gate: gates.Gate | None,
+    trained: dict | None,
 ) -> dict[str, ShardRecord]:
     """Generate the `missing` shards over an actor pool; their records by name.
     `run` is the MLflow run being opened meanwhile: its error stops the job at the
@@ -245,6 +298,9 @@ def _generate(
 
     cluster.connect()
     cluster.warn_local_paths([("sample.output", cfg.output)])
+    if gate is not None and trained is not None and gates.missing(gate):
+        # Once per dataset version: the judge and the copy index, on the cluster.
+        ray.get(ray.remote(num_cpus=1)(gates.prepare).remote(gate, trained, REFERENCE_IMAGES))
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     items = [{"shard": i} for i in missing]
     total = sum(stop - start for start, stop in (shard_seeds(job, i) for i in missing))
@@ -272,6 +328,7 @@ def _generate(
                 "output": cfg.output,
                 "batch_size": cfg.batch_size,
                 "autoencoder": autoencoder,
+                "gate": gate,
             },
         )
         with tqdm(total=total, unit="img", desc="sample", dynamic_ncols=True) as bar:
@@ -287,15 +344,19 @@ def _generate(
     return records
 
 
-def preview(output: str, per_class: int = 10, count: int = 100) -> np.ndarray:
+def preview(
+    output: str, per_class: int = 10, count: int = 100, manifest: dict | None = None
+) -> np.ndarray:
     """A grid (uint8 HxWx3) of a finished job's first images: `per_class` of each
-    class, a row per class, when labelled; else the first `count`, 10 a row."""
+    class, a row per class, when labelled; else the first `count`, 10 a row.
+    `manifest`: the job's (default: read from the output)."""
 
     from PIL import Image
 
     from pipeline.data.transforms import tile
 
-    manifest = json.loads(storage.read_bytes(storage.join(output, shards.MANIFEST)))
+    if manifest is None:
+        manifest = json.loads(storage.read_bytes(storage.join(output, shards.MANIFEST)))
     classes = len(manifest.get("classes") or [])
     rows: dict[int | None, list[np.ndarray]] = {}
     for entry in manifest["shards"]:
