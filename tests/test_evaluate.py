@@ -174,6 +174,31 @@ def _champion(uri: str, name: str) -> int:
 
 
 @pytest.mark.slow
+def test_a_candidate_that_copies_is_refused_whatever_its_score(mlflow_server):
+    uri, name = mlflow_server, f"copies-{uuid.uuid4().hex[:8]}"
+    cfg = dict(model_name=name, metric="fd_pixel", max_copy_rate=0.05, tracking_uri=uri)
+    v1 = _version(uri, name, {"fd_pixel": 6.0, "copy_rate": 0.5})
+    first = promote(PromoteConfig(**cfg))  # not even the first champion
+    assert not first.promoted and tracking.model_version(uri, name, alias="champion") is None
+    assert first.summary() == f"{name} version {v1} refused: 50.00% of its samples copy " \
+        "training images (at most 5.00%)"  # fmt: skip
+    assert tracking.model_version(uri, name, v1)["tags"]["promotion.decision"] == "refused_copies"
+    v2 = _version(uri, name, {"fd_pixel": 6.0, "copy_rate": 0.0})
+    assert promote(PromoteConfig(**cfg)).promoted and _champion(uri, name) == v2
+    v3 = _version(uri, name, {"fd_pixel": 1.0, "copy_rate": 0.06})  # far better FD
+    refused = promote(PromoteConfig(**cfg))
+    assert not refused.promoted and refused.copy_limit == 0.05 and _champion(uri, name) == v2
+    again = promote(PromoteConfig(**cfg))
+    assert again.already_decided and again.summary().startswith("already decided: ")
+    assert "refused" in again.summary()
+    # A gate with no copy_rate to read is an error, never a promotion.
+    _version(uri, name, {"fd_pixel": 0.5})
+    with pytest.raises(ConfigError, match=r"^promote.max_copy_rate: .* has no copy_rate"):
+        promote(PromoteConfig(**cfg))
+    assert _champion(uri, name) == v2
+
+
+@pytest.mark.slow
 def test_promotion_decides_on_the_metric_with_a_margin_and_records_both_numbers(mlflow_server):
     uri, name = mlflow_server, f"promo-{uuid.uuid4().hex[:8]}"
     cfg = dict(model_name=name, metric="fd_pixel", margin=0.1, tracking_uri=uri)

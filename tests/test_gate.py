@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save
 
 from pipeline.config.evaluate import REFERENCE_IMAGES
-from pipeline.data import shards
+from pipeline.data import reference, shards
 from pipeline.data.digits import load_digits
 from pipeline.edges import storage, tracking
 from pipeline.jobs.generate import gate as gates
@@ -57,7 +57,7 @@ def _gate(digits, **changes) -> gates.Gate:
     fields = dict(
         dataset=folder,
         digest=digest,
-        index=gates.index_uri(folder, digest),
+        index=reference.copy_index_uri(folder, digest),
         judge=None,
         classes=10,
         judge_side=input_side(8),

@@ -102,6 +102,11 @@ class EvaluateConfig(Checked):
     """At most this many train images make the reference: a sample by sha256 (the
     shards in the order of theirs, each shard's keys in the order of theirs), so
     the reference does not grow with the dataset, nor cost more to read."""
+    max_copy_ratio: float = 0.2
+    """A sample whose copy ratio (its distance to the nearest training image over
+    the mean distance to the 50 nearest, as tasks.sample measures it) is below
+    this counts as a copy: `copy_rate` is the share of such samples, which
+    promotion can refuse (promote.max_copy_rate)."""
     heldout_images: int = HELDOUT_IMAGES
     """At most this many validation images give the held-out loss."""
     heldout_sigmas: tuple[float, ...] = (0.01, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0)
@@ -142,6 +147,7 @@ class EvaluateConfig(Checked):
             "must be positive numbers",
         )
         self.at_most(1000, "heldout_sigmas")  # EDM samples from sigma 80
+        self.check(0 <= self.max_copy_ratio <= 1, "max_copy_ratio", "must be in 0..1")
         self.check(self.neighbours > 0, "neighbours", "must be a positive integer")
         self.at_most(1000, "neighbours")
         self.check(self.guidance >= 0, "guidance", "must be >= 0")
@@ -169,6 +175,11 @@ class PromoteConfig(Checked):
     margin: float = 0.02
     """The candidate must be better by this fraction of the champion's value
     (0.02: 2% lower, or higher for the higher-is-better metrics)."""
+    max_copy_rate: float = 1.0
+    """Refuse a candidate whose samples copy training images more often than
+    this (`copy_rate` of its evaluation, see evaluate.max_copy_ratio), whatever
+    its other scores: a model that copies is never promoted. 1: no gate (the
+    nightly's default is 0.05)."""
     alias: str = "champion"
     """The alias that marks the model in use."""
     key: str = ""
@@ -186,5 +197,6 @@ class PromoteConfig(Checked):
         )
         self.check(self.metric in METRICS, "metric", f"must be one of {', '.join(METRICS)}")
         self.check(0 <= self.margin < 1, "margin", "must be in [0, 1)")
+        self.check(0 <= self.max_copy_rate <= 1, "max_copy_rate", "must be in 0..1")
         self.check(bool(self.alias), "alias", "must be a non-empty name")
         object.__setattr__(self, "tracking_uri", resolve_tracking_uri(self.tracking_uri))

@@ -148,6 +148,17 @@ class NightlyConfig(Checked):
     sample_guidance: float = 1.0
     """Classifier-free guidance of the generated images (1: none; above 1 needs a
     labelled dataset)."""
+    max_copy_rate: float = 0.05
+    """A candidate whose scored samples copy training images more often than this
+    is never promoted, whatever its `metric` (promote.max_copy_rate)."""
+    max_copy_ratio: float = 0.2
+    """Below this copy ratio a sample is a copy, when scored and when generated
+    (evaluate.max_copy_ratio, sample.max_copy_ratio)."""
+    drop_copies: bool = True
+    """Generated images that copy a training image are drawn again (sample.drop_copies)."""
+    min_label_confidence: float = 0.0
+    """Generated images must be their label with this probability by the judge, or
+    are drawn again (sample.min_label_confidence; needs a labelled dataset)."""
     tracking_uri: str = ""
     """MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
 
@@ -258,6 +269,7 @@ class NightlyConfig(Checked):
             sampler=self.eval_sampler,
             compare=self.eval_compare,
             guidance=self.eval_guidance,
+            max_copy_ratio=self.max_copy_ratio,
             batch_size=max(2, min(self.eval_images, 500)),
             use_gpu=self.use_gpu,
             tracking_uri=self.tracking_uri,
@@ -269,6 +281,7 @@ class NightlyConfig(Checked):
             version=version,
             metric=self.metric,
             margin=self.margin,
+            max_copy_rate=self.max_copy_rate,
             key=key,
             tracking_uri=self.tracking_uri,
         )
@@ -283,6 +296,9 @@ class NightlyConfig(Checked):
             sampler=sampler,
             steps=steps,
             guidance=self.sample_guidance,
+            max_copy_ratio=self.max_copy_ratio,
+            drop_copies=self.drop_copies,
+            min_label_confidence=self.min_label_confidence,
             use_gpu=self.use_gpu,
             tracking_uri=self.tracking_uri,
         )

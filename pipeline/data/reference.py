@@ -156,6 +156,70 @@ def _pixels_uri(train: Split, digest: str) -> str:
     )
 
 
+# --- copies of training images ------------------------------------------------------
+
+
+def copy_index_uri(dataset: str, digest: str) -> str:
+    """Where the copy index of a dataset version is kept."""
+    from pipeline.maths import copies
+
+    return storage.join(dataset, REFERENCE, f"copies-{digest[:16]}-{copies.SIDE}.npz")
+
+
+def copy_index(dataset: str, manifest: dict, digest: str) -> tuple[np.ndarray, np.ndarray]:
+    """The copy features (`pipeline.maths.copies.features`, float32 [N, D]) of every
+    train image of the dataset version and their keys (`<shard>/<key>`), computed
+    once per version: `reference/copies-<digest>-<side>.npz` (float16)."""
+    data = kept(copy_index_uri(dataset, digest), lambda: _build_copy_index(dataset, manifest))
+    with np.load(io.BytesIO(data), allow_pickle=False) as saved:
+        return saved["features"].astype(np.float32), saved["keys"]
+
+
+def _build_copy_index(dataset: str, manifest: dict) -> bytes:
+    from PIL import Image
+
+    from pipeline.maths import copies
+
+    feats, keys = [], []
+    for entry in manifest["shards"]:
+        if entry["split"] != "train" or not entry["samples"]:
+            continue
+        data = storage.read_bytes(storage.join(dataset, entry["name"]))
+        images = []
+        for m in shards.tar_members(data):
+            key, ext = shards.split_member_name(m.name)
+            if ext == "png":
+                png = data[m.offset : m.offset + m.size]
+                images.append(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+                keys.append(f"{entry['name']}/{key}")
+        feats.append(copies.features(np.stack(images)).astype(np.float16))
+    buf = io.BytesIO()
+    np.savez(buf, features=np.concatenate(feats), keys=np.array(keys))
+    return buf.getvalue()
+
+
+def copy_rates(
+    dataset: str,
+    manifest: dict,
+    digest: str,
+    samples: dict[str, np.ndarray],
+    max_ratio: float,
+    threads: int,
+) -> dict[str, float]:
+    """The share of each sampler's `samples` whose copy ratio (`pipeline.maths.copies`)
+    is below `max_ratio`: a Ray task's work (a search of the whole train split)."""
+    import torch
+
+    from pipeline.maths import copies
+
+    torch.set_num_threads(threads)
+    index, _ = copy_index(dataset, manifest, digest)
+    return {
+        name: float(np.mean(copies.nearest(images, index).ratio < max_ratio))
+        for name, images in samples.items()
+    }
+
+
 # --- label fidelity and the Classification Accuracy Score ---------------------------
 
 
@@ -258,10 +322,11 @@ def _classifier_uri(train: Split, digest: str, n: int) -> str:
 
 
 def missing(train: Split, digest: str, cas_images: int | None) -> bool:
-    """Whether `prepare` has anything to compute: the pixel features, or with
+    """Whether `prepare` has anything to compute: the pixel features, the copy
+    index, or with
     `cas_images` (a conditional model of a labelled dataset: the images its CAS
     classifier learns from) the judge and the CAS baseline."""
-    uris = [_pixels_uri(train, digest)]
+    uris = [_pixels_uri(train, digest), copy_index_uri(train.dataset, digest)]
     if cas_images is not None and train.count():
         uris += [_classifier_uri(train, digest, n) for n in _classifier_sizes(train, cas_images)]
     return not all(storage.exists(uri) for uri in uris)
@@ -271,12 +336,15 @@ def prepare(
     dataset: str, manifest: dict, digest: str, limit: int, cas_images: int | None, threads: int
 ) -> None:
     """Compute and keep what `missing` says is missing: the work of a Ray task, on
-    the cluster rather than the driver (the judge trains on `limit` images)."""
+    the cluster rather than the driver (the judge trains on `limit` images, the
+    copy index reads the whole train split)."""
     import torch
 
     torch.set_num_threads(threads)
     train = Split(dataset, manifest, "train", limit)
     reference_features(train, digest)
+    if train.count():
+        copy_index(dataset, manifest, digest)
     classes = len(manifest.get("classes") or [])
     if cas_images is not None and classes and train.count():
         for n in _classifier_sizes(train, cas_images):

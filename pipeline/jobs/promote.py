@@ -31,10 +31,18 @@ class Decision:
     candidate_value: float | None
     champion_value: float | None
     already_decided: bool = False
+    copy_limit: float | None = None
+    """Set when the candidate was refused for copying: the most allowed, beside its
+    copy rate (`candidate_value`)."""
 
     def summary(self) -> str:
         head = "already decided: " if self.already_decided else ""
         name, m = self.model_name, self.metric
+        if self.copy_limit is not None:
+            return (
+                f"{head}{name} version {self.candidate} refused: {self.candidate_value:.2%} of "
+                f"its samples copy training images (at most {self.copy_limit:.2%})"
+            )
         if self.champion is None:
             return f"{head}{name} version {self.candidate} is the first champion"
         if self.champion == self.candidate:
@@ -59,10 +67,17 @@ def promote(cfg: PromoteConfig) -> Decision:
     if champion is not None and champion["version"] == version:
         return Decision(name, version, version, False, cfg.metric, None, None, True)
     key = cfg.key or candidate["tags"].get("eval.key")
-    if champion is None:
-        decision = Decision(name, version, None, True, cfg.metric, None, None)
-    elif _decided(candidate, champion, cfg, key):
+    if champion is not None and _decided(candidate, champion, cfg, key):
         return _recorded(cfg, candidate, champion)
+    copies = _copy_rate(candidate, key, cfg, name)
+    if copies is not None and copies > cfg.max_copy_rate:
+        champ = None if champion is None else champion["version"]
+        decision = Decision(
+            name, version, champ, False, "copy_rate", copies, None,
+            copy_limit=cfg.max_copy_rate,
+        )  # fmt: skip
+    elif champion is None:
+        decision = Decision(name, version, None, True, cfg.metric, None, None)
     else:
         if key is None:
             raise ConfigError(
@@ -88,6 +103,20 @@ def promote(cfg: PromoteConfig) -> Decision:
     return decision
 
 
+def _copy_rate(candidate: dict, key: str | None, cfg: PromoteConfig, name: str) -> float | None:
+    """The candidate's copy rate when the gate is on (None: off); an error when the
+    gate is on and the evaluation has none."""
+    if cfg.max_copy_rate >= 1:
+        return None
+    value = None if key is None else candidate["tags"].get(f"eval.{key}.copy_rate")
+    if value is None:
+        raise ConfigError(
+            f"promote.max_copy_rate: {name} version {candidate['version']} has no copy_rate "
+            f"from evaluation {key} (evaluate it again), got {cfg.max_copy_rate:g}"
+        )
+    return float(value)
+
+
 def _decided(candidate: dict, champion: dict, cfg: PromoteConfig, key: str | None) -> bool:
     """Whether this very question (same champion, metric, margin, evaluation) was
     decided before."""
@@ -97,6 +126,7 @@ def _decided(candidate: dict, champion: dict, cfg: PromoteConfig, key: str | Non
         "promotion.metric": cfg.metric,
         "promotion.margin": str(cfg.margin),
         "promotion.key": str(key),
+        "promotion.max_copy_rate": str(cfg.max_copy_rate),
     }
     return "promotion.decision" in tags and all(tags.get(k) == v for k, v in asked.items())
 
@@ -115,18 +145,21 @@ def _score(version: dict, key: str, metric: str, name: str) -> float:
 
 def _record(cfg: PromoteConfig, d: Decision, key: str | None) -> None:
     """The decision and both numbers: tags on the candidate, and a run."""
-    if d.champion is None:
+    if d.copy_limit is not None:
+        verdict = "refused_copies"
+    elif d.champion is None:
         verdict = "first_champion"
     else:
         verdict = "promoted" if d.promoted else "kept_champion"
     tags = {
         "promotion.decision": verdict,
-        "promotion.metric": d.metric,
+        "promotion.metric": cfg.metric,
         "promotion.margin": cfg.margin,
         "promotion.champion_version": d.champion,
         "promotion.candidate_value": d.candidate_value,
         "promotion.champion_value": d.champion_value,
         "promotion.key": key,
+        "promotion.max_copy_rate": cfg.max_copy_rate,
     }
     run_id = tracking.find_or_create_run(
         cfg.tracking_uri, EXPERIMENT, f"{d.model_name}-v{d.candidate}-vs-v{d.champion}"
@@ -161,9 +194,12 @@ def _recorded(cfg: PromoteConfig, candidate: dict, champion: dict | None) -> Dec
         cfg.model_name,
         candidate["version"],
         champion["version"] if champion else None,
-        tags["promotion.decision"] != "kept_champion",
+        tags["promotion.decision"] not in ("kept_champion", "refused_copies"),
         tags["promotion.metric"],
         number("promotion.candidate_value"),
         number("promotion.champion_value"),
         already_decided=True,
+        copy_limit=number("promotion.max_copy_rate")
+        if tags["promotion.decision"] == "refused_copies"
+        else None,
     )

@@ -140,6 +140,8 @@ def _evaluate_weights(
 
             found = fid_kid(real_inception, inception.features(outputs["samples"][name]))
             scores.update({prefix + k: v for k, v in found.items()})
+    for name, rate in outputs.get("copy_rates", {}).items():
+        scores[prefixes[name] + "copy_rate"] = rate
     found, missing = label_scores(
         train, validation, digest, outputs["samples"], outputs["labels"], prefixes
     )
@@ -287,4 +289,12 @@ def _model_outputs(
     finally:
         if prepared is not None:
             ray.cancel(prepared)  # a no-op once it finished; frees its CPUs if not
-    return dict(found)
+    found = dict(found)
+    if train.count():
+        # Each sample's nearest training image, against the whole train split.
+        rates = ray.remote(reference.copy_rates).options(num_cpus=node_cpus)
+        found["copy_rates"] = ray.get(
+            rates.remote(cfg.dataset, train.manifest, digest, found["samples"],
+                         cfg.max_copy_ratio, node_cpus)
+        )  # fmt: skip
+    return found

@@ -106,6 +106,21 @@ def card(
     }
 
 
+def headline(card: dict[str, Any]) -> str:
+    """The card in one line: drawn, rejected, copies, label fidelity, CAS."""
+    c = card["counts"]
+    parts = [f"card: {c['images']} kept of {c['drawn']} drawn"]
+    parts += [f"{n} rejected as {why}" for why, n in c["rejected"].items()]
+    if card["memorisation"] is not None:
+        mem = card["memorisation"]
+        parts.append(f"{mem['flagged']} copies kept ({mem['rate']:.2%})")
+    if card["label_fidelity"] is not None:
+        parts.append(f"label fidelity {card['label_fidelity']:.4f}")
+    if card["cas"] is not None:
+        parts.append(f"CAS {card['cas']:.4f}")
+    return ", ".join(parts) + f" ({CARD} beside the manifest)"
+
+
 def metrics(card: dict[str, Any]) -> dict[str, float]:
     """The card's numbers as MLflow metrics."""
     out = {

@@ -137,7 +137,7 @@ def resolve(cfg: SampleConfig, model: Model) -> tuple[Gate | None, dict | None]:
             "sample.min_label_confidence: needs a class-conditional model and a labelled "
             f"training dataset, got {cfg.min_label_confidence:g}"
         )
-    index = index_uri(dataset, digest) if cfg.check_copies and train else None
+    index = reference.copy_index_uri(dataset, digest) if cfg.check_copies and train else None
     judge = reference.judge_uri(dataset, manifest, digest, REFERENCE_IMAGES) if labelled else None
     if index is None and judge is None:
         return None, None
@@ -159,42 +159,12 @@ def missing(gate: Gate) -> bool:
     return not all(storage.exists(uri) for uri in (gate.index, gate.judge) if uri)
 
 
-def index_uri(dataset: str, digest: str) -> str:
-    from pipeline.maths import copies
-
-    return storage.join(dataset, reference.REFERENCE, f"copies-{digest[:16]}-{copies.SIDE}.npz")
-
-
 def prepare(gate: Gate, manifest: dict, judge_images: int) -> None:
     """Compute and keep the index and the judge if missing: a Ray task's work."""
     if gate.index is not None:
-        reference.kept(gate.index, lambda: _build_index(gate.dataset, manifest))
+        reference.copy_index(gate.dataset, manifest, gate.digest)
     if gate.judge is not None:
         reference.judge(gate.dataset, manifest, gate.digest, judge_images)
-
-
-def _build_index(dataset: str, manifest: dict) -> bytes:
-    """The features (float16) and keys of every train image of the dataset."""
-    from PIL import Image
-
-    from pipeline.maths import copies
-
-    feats, keys = [], []
-    for entry in manifest["shards"]:
-        if entry["split"] != "train" or not entry["samples"]:
-            continue
-        data = storage.read_bytes(storage.join(dataset, entry["name"]))
-        images = []
-        for m in shards.tar_members(data):
-            key, ext = shards.split_member_name(m.name)
-            if ext == "png":
-                png = data[m.offset : m.offset + m.size]
-                images.append(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
-                keys.append(f"{entry['name']}/{key}")
-        feats.append(copies.features(np.stack(images)).astype(np.float16))
-    buf = io.BytesIO()
-    np.savez(buf, features=np.concatenate(feats), keys=np.array(keys))
-    return buf.getvalue()
 
 
 # --- the actors' side -----------------------------------------------------------------

@@ -54,12 +54,15 @@ class SampleResult:
     images: int
     manifest_uri: str
     run_id: str
+    card: dict | None = None
+    """The dataset card (`card.py`), when this run wrote the manifest."""
 
     def summary(self) -> str:
-        return (
+        head = (
             f"{self.images} images in {self.shards} shards ({self.written} written now, "
             f"{self.shards - self.written} already complete)"
         )
+        return head + ("" if self.card is None else f"; {cards.headline(self.card)}")
 
 
 def sample(cfg: SampleConfig) -> SampleResult:
@@ -87,14 +90,15 @@ def sample(cfg: SampleConfig) -> SampleResult:
             done.update(_generate(cfg, model, job, missing, run, autoencoder, gate, trained))
         run_id = run.result()
     manifest = _manifest(cfg, model, job, names, done)
+    card = None
     if _committed(manifest_uri) != manifest:
-        manifest["card"] = _card(cfg, model, job, gate, trained, manifest, run_id)
+        card = manifest["card"] = _card(cfg, model, job, gate, trained, manifest, run_id)
         storage.write_bytes(manifest_uri, shards.dumps(manifest))
     tracking.log_metrics(
         cfg.tracking_uri, run_id, {"images": cfg.images, "shards": len(names)}, step=0
     )
     tracking.end_run(cfg.tracking_uri, run_id)
-    return SampleResult(len(missing), len(names), cfg.images, manifest_uri, run_id)
+    return SampleResult(len(missing), len(names), cfg.images, manifest_uri, run_id, card)
 
 
 def _card(
