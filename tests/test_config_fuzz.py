@@ -68,6 +68,13 @@ ZERO_OK = {
     "sample.guidance",  # the unconditional model
     "sample.seed",
     "sample.actors",  # 0: one per GPU, or per CPU
+    "sample.max_copy_ratio",  # nothing is a copy
+    "sample.min_label_confidence",  # no label filter
+    "evaluate.max_copy_ratio",
+    "promote.max_copy_rate",  # no copy at all
+    "nightly.max_copy_rate",
+    "nightly.max_copy_ratio",
+    "nightly.min_label_confidence",
     "evaluate.guidance",
     "evaluate.seed",
     "promote.version",  # 0: the latest
