@@ -46,7 +46,8 @@ def main(cfg: QuickstartConfig) -> None:
         say(
             f"{night.model_name}/{result.candidate}: label fidelity {m['label_fidelity']:.3f} "
             f"(real digits: {m['label_fidelity_ceiling']:.3f}), CAS {m['cas']:.3f}, pixel "
-            f"Frechet distance {m['fd_pixel']:.3f}"
+            f"Frechet distance {m['fd_pixel']:.3f}, copies of training digits "
+            f"{m['copy_rate']:.1%}"
         )
     if result.samples and result.champion is not None:
         output = night.sample_config(result.champion).output
@@ -55,8 +56,8 @@ def main(cfg: QuickstartConfig) -> None:
         if not storage.exists(grid) or storage.read_bytes(grid) != png:  # a re-run writes nothing
             storage.write_bytes(grid, png)
         say(
-            f"{cfg.sample_images} generated digits in {output}/; a grid of them, a row "
-            f"per class: {grid}"
+            f"{cfg.sample_images} generated digits in {output}/, its dataset card in "
+            f"{output}/card.md; a grid of them, a row per class: {grid}"
         )
     if night.tracking_uri.startswith("sqlite:"):
         say(f"see the runs in MLflow: mlflow ui --backend-store-uri {night.tracking_uri}")
