@@ -10,7 +10,9 @@ tests/test_gate.py trains it), the default sampler (dpmpp_2m_sde, 35 steps):
 3. 2 plus the label filter at --min_label_confidence 0.7 and 0.9: rejected
    images drawn again, so the cost also counts the draws.
 
-Then the copy lookup alone, against indexes of random training features of 8 px
+First, the copy ratios behind the default --max_copy_ratio (0.2): real digits
+that are not copies, and exact, mirrored and shifted copies. Last, the copy
+lookup alone, against indexes of random training features of 8 px
 (192 values) and 64 px (768, the features' 16 px) images of 1k to 1M images:
 the search's cost per generated image as the training set grows.
 
@@ -157,6 +159,47 @@ def bench_generation(images: int, repeats: int, work: Path) -> dict:
     }
 
 
+def bench_threshold() -> dict:
+    """Where the default --max_copy_ratio comes from: the copy ratios of real digits
+    that are not copies (each of the 1,797 against the other nine tenths), of exact,
+    mirrored and shifted copies (the first 200 train digits against the 1,400)."""
+    images, _ = load_digits()
+    rgb = np.repeat(images[..., None], 3, axis=-1)
+    folds = np.arange(len(rgb)) % 10
+    real = np.zeros(len(rgb))
+    for k in range(10):
+        index = copies.features(rgb[folds != k])
+        real[folds == k] = copies.nearest(rgb[folds == k], index).ratio
+    train = rgb[np.random.default_rng(0).permutation(len(rgb))[:1400]]
+    index = copies.features(train)
+    up = train.repeat(8, 1).repeat(8, 2)  # 64 px
+    up_index = copies.features(up)
+
+    def found(generated: np.ndarray, index: np.ndarray) -> dict:
+        f = copies.nearest(generated, index)
+        return {
+            "median_ratio": round(float(np.median(f.ratio)), 4),
+            "max_ratio": round(float(f.ratio.max()), 4),
+            "flagged_at_0.2": round(float(np.mean(f.ratio < 0.2)), 4),
+            "nearest_is_the_source": round(float(np.mean(f.index == np.arange(200))), 4),
+        }
+
+    return {
+        "real_digits": {
+            "count": len(real),
+            "quantiles": {
+                str(q): round(float(np.quantile(real, q)), 4) for q in (0, 0.001, 0.01, 0.05, 0.5)
+            },
+            "below_0.2": float(np.mean(real < 0.2)),
+        },
+        "exact_copies_8px": found(train[:200], index),
+        "mirrored_copies_8px": found(train[:200, :, ::-1], index),
+        "shifted_1px_8px": found(np.roll(train[:200], 1, axis=2), index),
+        "shifted_2px_64px": found(np.roll(up[:200], 2, axis=2), up_index),
+        "shifted_4px_64px": found(np.roll(up[:200], 4, axis=2), up_index),
+    }
+
+
 def bench_lookup(sizes: list[int], queries: int, repeats: int) -> list[dict]:
     """The copy search alone: ms per generated image against an index of `size`
     random training features."""
@@ -201,6 +244,10 @@ def main() -> None:
         "torch": torch.__version__,
         "processor": platform.processor(),
     }
+    report["threshold"] = bench_threshold()
+    print("copy ratios (the default --max_copy_ratio is 0.2):")
+    for case, values in report["threshold"].items():
+        print(f"  {case:<22}{values}")
     with tempfile.TemporaryDirectory() as tmp:
         report["generation"] = bench_generation(args.images, args.repeats, Path(tmp))
     print(f"\n{args.images} images, dpmpp_2m_sde:35, tiny model on the 8 px digits")

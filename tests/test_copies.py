@@ -47,6 +47,9 @@ def test_planted_and_mirrored_training_images_are_found_with_their_rows():
     np.testing.assert_array_equal(found.index[20:], [3, 77, 401, 10])
     assert found.ratio[20:].max() < 1e-2
     np.testing.assert_array_equal(found.mirror[20:], [False, False, False, True])
+    # A view (negative strides) is searched as its copy is.
+    view = copies.nearest(train[[10]][:, :, ::-1], copies.features(train))
+    assert view.index.tolist() == [10] and view.mirror.tolist() == [True]
     assert found.ratio[:20].min() > 0.5, found.ratio[:20]
 
 

@@ -188,6 +188,7 @@ def test_a_candidate_that_copies_is_refused_whatever_its_score(mlflow_server):
     v3 = _version(uri, name, {"fd_pixel": 1.0, "copy_rate": 0.06})  # far better FD
     refused = promote(PromoteConfig(**cfg))
     assert not refused.promoted and refused.copy_limit == 0.05 and _champion(uri, name) == v2
+    assert refused.candidate == v3 and refused.candidate_value == 0.06
     again = promote(PromoteConfig(**cfg))
     assert again.already_decided and again.summary().startswith("already decided: ")
     assert "refused" in again.summary()

@@ -245,7 +245,8 @@ def test_the_generation_job_writes_the_bytes_of_its_job_file():
     assert (
         shards.dumps(JOB.to_dict())
         == (
-            '{\n "checks": null,\n "guidance": 2.0,\n "images": 640,\n "labels": "uniform",\n "model": {\n'
+            '{\n "checks": null,\n "guidance": 2.0,\n "images": 640,\n "labels": "uniform",\n'
+            ' "model": {\n'
             f'  "digest": "{digest}",\n  "name": "digits",\n  "run_id": "run1",\n'
             '  "version": 3\n },\n "network_batch": 16,\n "sampler": "heun",\n'
             ' "samples_per_shard": 64,\n "seed": 7,\n "steps": 6,\n "template": "tiny"\n}\n'

@@ -105,9 +105,9 @@ class SampleConfig(Checked):
     pixels averaged down to 16 px, mirrored images included); recorded in its
     `{key}.json` and the dataset card."""
     max_copy_ratio: float = 0.2
-    """An image whose copy ratio is below this is flagged as a copy. Measured: no
-    real digit held out from the others falls below 0.256 (1,797 in ten folds),
-    and exact or mirrored copies fall below 0.003 (pipeline/maths/copies.py)."""
+    """An image whose copy ratio is below this is flagged as a copy. Measured
+    (bench/gate.py): no real digit held out from the others falls below 0.256
+    (1,797 in ten folds), and exact or mirrored copies fall below 0.003."""
     drop_copies: bool = False
     """Replace flagged copies with further draws instead of keeping them flagged."""
     min_label_confidence: float = 0.0

@@ -150,6 +150,12 @@ def markdown(card: dict[str, Any], output: str) -> str:
     if card["trained_on"]:
         t = card["trained_on"]
         lines.append(f"Trained on `{t['uri']}` (manifest sha256 `{t['digest'][:16]}`).")
+    if card["checked_against"]:
+        against = card["checked_against"]
+        lines.append(
+            f"Each image checked against the train split of `{against['dataset']}` "
+            f"(manifest sha256 `{against['digest'][:16]}`)."
+        )
     lines += ["", "## Counts", "", "| class | images |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in c["per_class"].items()]
     rejected = ", ".join(f"{v} as {k}" for k, v in c["rejected"].items()) or "none"
