@@ -360,16 +360,16 @@ def main() -> None:
         if device.type == "cuda"
         else (f"cpu{os.cpu_count()}")
     )
-    speedup = speedup_vs_1000_steps(args, device)
+    vs_1000 = speedup_vs_1000_steps(args, device)
     print(
-        f"{speedup['default']} ({speedup['default_nfe']} NFE) "
-        f"{speedup['default_images_per_second']:.1f} images/s, euler_ancestral:1000 "
-        f"{speedup['reference_images_per_second']:.2f} images/s: speedup_vs_1000_steps "
-        f"{speedup['speedup_vs_1000_steps']:.1f}"
+        f"{vs_1000['default']} ({vs_1000['default_nfe']} NFE) "
+        f"{vs_1000['default_images_per_second']:.1f} images/s, euler_ancestral:1000 "
+        f"{vs_1000['reference_images_per_second']:.2f} images/s: speedup_vs_1000_steps "
+        f"{vs_1000['speedup_vs_1000_steps']:.1f}"
     )
     if args.speedup_only:
         out = Path(args.out, f"sample_speedup-{machine}.json")
-        out.write_text(json.dumps({"machine": machine, "batch": args.batch, **speedup}, indent=1))
+        out.write_text(json.dumps({"machine": machine, "batch": args.batch, **vs_1000}, indent=1))
         print(f"wrote {out}")
         return
     nfe = network_evaluations(args.sampler, args.steps)
@@ -412,14 +412,14 @@ def main() -> None:
     print(f"{'case':<22} {'images/s':>9} {'vs bare loop':>13}")
     for k in rate:
         print(f"{k:<22} {rate[k]:>9.1f} {rate[k] / rate['bare loop']:>13.3f}")
-    speedup = rate["guided, one call"] / rate["guided, two calls"]
+    guided = rate["guided, one call"] / rate["guided, two calls"]
     print(f"\nguidance {args.guidance:g}, images/s by batch size:")
     print(f"{'batch':>5} {'one call':>9} {'two calls':>10} {'speed-up':>9}")
     for batch, row in by_batch.items():
         print(
             f"{batch:>5} {row['one_call']:>9.1f} {row['two_calls']:>10.1f} {row['speedup']:>9.2f}"
         )
-    print(f"at batch {args.batch}, one batched call is {speedup:.2f}x two calls")
+    print(f"at batch {args.batch}, one batched call is {guided:.2f}x two calls")
     print(f"\njob (one-batch job: {start_up:.2f} s), by images:")
     print(f"{'images':>6} {'seconds':>8} {'vs bare loop':>13}")
     for n, row in by_count.items():
@@ -445,9 +445,9 @@ def main() -> None:
         "images_per_second": rate,
         "ratios_to_bare_loop": {k: rate[k] / rate["bare loop"] for k in rate},
         "guidance": args.guidance,
-        "guidance_speedup": speedup,
+        "guidance_speedup": guided,
         "guidance_speedup_by_batch": by_batch,
-        **speedup,
+        **vs_1000,
     }
     out = Path(args.out, f"sample-{machine}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

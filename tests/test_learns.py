@@ -1,6 +1,6 @@
 """The tiny UNet learns the 8x8 digits on the CPU: the loss falls, and its Heun
-samples are far closer to held-out digits than noise is (pixel-space Frechet
-distance)."""
+samples are far closer to held-out digits than noise is, and about as close as
+real training digits are (pixel-space Frechet distance)."""
 
 import numpy as np
 import pytest
@@ -65,3 +65,6 @@ def test_tiny_unet_learns_the_digits():
     )
     assert last < 0.4 * first
     assert fd_samples < 0.1 * fd_noise
+    # Near the data, not merely away from noise: within 2.5x the FD of real training
+    # digits to the held-out ones (measured: 1.11 against 0.66).
+    assert fd_samples < 2.5 * fd_train

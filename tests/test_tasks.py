@@ -185,9 +185,19 @@ def test_quickstart_on_embedded_defaults(tmp_path):
     assert version.run_id == run.info.run_id
     assert int(client.get_model_version_by_alias("digits-8", "champion").version) == 1
     key = version.tags["eval.key"]
-    for metric in ("label_fidelity", "cas", "fd_pixel"):
-        assert 0 <= float(version.tags[f"eval.{key}.{metric}"]) < 100
-    assert list((qs / "evaluations").glob("digits-8-v1-*.json"))
+    # The version's tags are its results file's numbers, and those lie in their ranges.
+    [scored] = [
+        r
+        for r in map(json.loads, map(Path.read_text, (qs / "evaluations").glob("digits-8-v1-*")))
+        if r["key"] == key
+    ]
+    m = scored["metrics"]
+    for metric in ("label_fidelity", "cas", "fd_pixel", "copy_rate", "label_fidelity_ceiling"):
+        assert float(version.tags[f"eval.{key}.{metric}"]) == pytest.approx(m[metric], rel=1e-6)
+    for metric in ("label_fidelity", "copy_rate", "label_fidelity_ceiling", "precision", "recall"):
+        assert 0 <= m[metric] <= 1, metric
+    assert m["fd_pixel"] > 0 and m["cas"] > 0
+    assert m["cas"] == pytest.approx(m["cas_accuracy"] / m["cas_real_accuracy"])
 
 
 @pytest.mark.trial
