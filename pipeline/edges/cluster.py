@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
+import re
+import sys
+import threading
 from collections.abc import Iterable, Iterator
 
 from pipeline.edges import storage
@@ -33,6 +37,52 @@ def quiet() -> None:
     )
     for name in ("ray", "ray.data", "ray.train", "mlflow"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    _drop_known_cpp_lines()
+
+
+KNOWN_CPP_LINES = re.compile(
+    rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [IWE] \d+ \d+\] (?:"
+    rb"network_util\.cc:\d+: Failed to determine local IP via external connectivity"
+    rb"|core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the "
+    rb"object store and max_restarts > 0\."
+    rb")[^\n]*\n?"
+)
+"""Ray's C++ lines that say nothing to a user of the pipeline: the address probe
+of a machine without external network (it falls back to the hostname, as it
+should), and a note about Ray Data's actors, which keep their constructor
+arguments alive. They come from Ray's C++ core, on the driver's stderr, past
+every Python and environment log setting."""
+
+
+def _drop_known_cpp_lines() -> None:
+    """Pass this process's stderr (fd 2, which its C++ code and its children
+    write to as well) through a thread that drops KNOWN_CPP_LINES, until exit."""
+    if getattr(_drop_known_cpp_lines, "done", False):
+        return
+    try:
+        sys.stderr.flush()
+        read_end, write_end = os.pipe()
+        terminal = os.dup(2)
+        os.dup2(write_end, 2)
+        os.close(write_end)
+    except (OSError, ValueError):  # no fd 2 to replace (an embedding host)
+        return
+    _drop_known_cpp_lines.done = True  # type: ignore[attr-defined]
+
+    def forward() -> None:
+        while chunk := os.read(read_end, 1 << 16):
+            # glog writes a line in one write(): a chunk holds it whole.
+            os.write(terminal, KNOWN_CPP_LINES.sub(b"", chunk))
+
+    thread = threading.Thread(target=forward, name="stderr-filter", daemon=True)
+    thread.start()
+
+    def restore() -> None:  # the last lines first, then stderr as it was
+        sys.stderr.flush()
+        os.dup2(terminal, 2)
+        thread.join(timeout=2)  # Ray's children may hold the pipe open: no EOF
+
+    atexit.register(restore)
 
 
 def train_logging():
