@@ -434,6 +434,10 @@ def _never(config: Any) -> None:
     raise _Ran(config)
 
 
+_taken: list[Any] = []
+"""The configs `run_in_process` saw taken, latest last."""
+
+
 def run_in_process(case: Case, folder: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     """The task's exit code and stderr, as its __main__ gets them; a config that is
     taken, or an exception that escapes (a traceback), as exit code 0 or 1 with a
@@ -444,6 +448,7 @@ def run_in_process(case: Case, folder: Path, capsys: pytest.CaptureFixture[str])
     except SystemExit as e:  # argparse's usage errors
         code = int(e.code or 0)
     except _Ran as e:
+        _taken.append(e.args[0])
         return 0, f"taken: {e.args[0]}"
     except Exception as e:
         return 1, f"traceback: {type(e).__name__}: {e}"
@@ -609,11 +614,37 @@ def _random_value(rng: random.Random) -> tuple[str, str]:
     return text, json.dumps(text) if kind == "text" else f"[{text}]" if kind == "list" else text
 
 
+def _value_at(config: Any, path: str) -> Any:
+    for name in path.split("."):
+        config = getattr(config, name)
+    return config
+
+
+def _out_of_range(field: Field, value: Any) -> str | None:
+    """What no field should hold, whatever its rule: a number that is not finite,
+    negative, or zero where zero means nothing; text with control characters."""
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    for v in values:
+        if isinstance(v, bool) or v is None:
+            continue
+        if isinstance(v, (int, float)):
+            if v != v or v in (float("inf"), float("-inf")):
+                return f"not finite: {v!r}"
+            if v < 0:
+                return f"negative: {v!r}"
+            if v == 0 and field.rule not in ZERO_OK and v != field.default:
+                return f"zero: {v!r}"
+        elif isinstance(v, str) and any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in v):
+            return f"control characters: {v!r}"
+    return None
+
+
 @pytest.mark.parametrize("field", FIELDS, ids=lambda f: f.name)
 def test_random_values_are_taken_or_refused_naming_the_field(field: Field, folders, capsys):
     """Twelve random values per field (seeded by its name, so a failure repeats), by
-    flag and in YAML: each is either taken, or refused with exit 2 and at most two
-    lines naming the field; never a traceback, and nothing is written."""
+    flag and in YAML: each is either taken, as a value the field can hold
+    (`_out_of_range`), or refused with exit 2 and at most two lines naming the
+    field; never a traceback, and nothing is written."""
     work, files = folders
     rng = random.Random(field.name)
     for _ in range(12):
@@ -625,8 +656,10 @@ def test_random_values_are_taken_or_refused_naming_the_field(field: Field, folde
         ]:
             case = Case(field.task, f"{field.path} {what} {flag!r}", flags, text, ())
             code, err = run_in_process(case, files, capsys)
-            if code == 0:
-                continue  # taken: a value the field accepts
+            if code == 0:  # taken: then it must be a value the field can hold
+                problem = _out_of_range(field, _value_at(_taken[-1], field.path))
+                assert problem is None, f"{case.what}: taken, but {problem}"
+                continue
             names = (f"{field.name}:", f"--{field.path}", "--config")
             if field.path.rsplit(".", 1)[-1] in err:  # a rule joining two fields
                 names += (f"{field.config.SECTION}.",)
