@@ -1,0 +1,71 @@
+"""Benchmarks that cannot rot: each script run end to end at its smallest sizes,
+into a temporary `--out`, and its JSON holding the keys that the README and the
+committed results name. (bench/sample.py once ran ten minutes, then crashed
+writing its JSON: nothing ran it.) The numbers are not checked here: a benchmark
+measures, it does not assert.
+
+Covered: gate.py, latent.py, model.py, sample.py. Not yet: ddp.py, fuzz_decode.py,
+preprocess.py, quality.py, scale.py, train_ingest.py (gpu.py's parts:
+tests/test_bench_gpu.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import tasks
+from tests.services import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _run(script: str, out: Path, *args: str) -> dict:
+    """Run bench/<script> on its own local Ray (as the README runs it); its JSON."""
+    argv = [sys.executable, str(ROOT / "bench" / script), *args, "--out", str(out)]
+    result = tasks.run(argv, env=tasks.private_ray_env(), timeout=600)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    [written] = out.glob("*.json")
+    return json.loads(written.read_text())
+
+
+def test_gate(tmp_path):
+    found = _run("gate.py", tmp_path, "--images", "16", "--repeats", "1", "--index_sizes", "64")
+    assert set(found["threshold"]) >= {"real_digits", "exact_copies_8px", "shifted_1px_8px"}
+    cases = {c["case"]: c for c in found["generation"]["cases"]}
+    assert set(cases) == {
+        "generation alone",
+        "+ copy check and judge",
+        "+ label filter 0.7",
+        "+ label filter 0.9",
+    }
+    assert all(c["drawn"] >= 16 for c in cases.values())
+    assert [(r["image_side"], r["index_images"]) for r in found["lookup"]] == [(8, 64), (64, 64)]
+
+
+def test_sample(tmp_path):
+    found = _run(
+        "sample.py", tmp_path, "--images", "32", "--batch", "16", "--samples_per_shard", "16",
+        "--job_images", "16", "--reference_images", "4", "--guided_batches", "4", "--steps", "4",
+    )  # fmt: skip
+    for key in ("speedup_vs_1000_steps", "guidance_speedup", "guidance_speedup_by_batch",
+                "images_per_second", "ratios_to_bare_loop", "job_by_images"):  # fmt: skip
+        assert key in found, key
+    assert isinstance(found["guidance_speedup"], float)
+
+
+def test_latent(tmp_path):
+    found = _run(
+        "latent.py", tmp_path, "--images", "64", "128", "--sd_images", "--repeats", "1",
+    )  # fmt: skip
+    small = found["encode"]["small"]
+    assert [c["images"] for c in small["sizes"]] == [64, 128]
+    assert {"ratio", "ratio_to_same_work", "fixed_seconds"} <= set(small["steady_state"])
+    assert "pixels_over_latents" in found["train"] and "decode_share" in found["decode"]
+
+
+def test_model(tmp_path):
+    found = _run("model.py", tmp_path, "--batch", "2", "--iters", "1")
+    assert found, "an empty JSON"
