@@ -195,6 +195,9 @@ def main() -> None:
         metavar=("MIN", "MAX"),
         help="range of the input images' width and height, in pixels",
     )
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help="folder for the JSON (default: bench/results)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -237,9 +240,9 @@ def main() -> None:
             f"{r['pipeline']:<48} {r['cpus']:>4} {r['images_per_s']:>8.1f} "
             f"{r['per_cpu_ratio_vs_bare']:>16.3f} {'' if vs_same is None else f'{vs_same:.3f}':>13}"
         )
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     machine = f"cpu{os.cpu_count()}-{platform.machine()}"
-    out = RESULTS / f"preprocess-{machine}-{args.sides[0]}-{args.sides[1]}px.json"
+    out = args.out / f"preprocess-{machine}-{args.sides[0]}-{args.sides[1]}px.json"
     out.write_text(
         json.dumps(
             {

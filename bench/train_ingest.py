@@ -144,7 +144,9 @@ def bench_loop(config: dict) -> None:
         length = (config["warmup"] + config["steps"]) * size
         reading = Reading(config["dataset"], 0, 1, start, start + length, resolution, True)
         for batch in ingest.batches(plan, reading, pin=device.type == "cuda"):
-            yield _micro_batches(batch, device, size, torch.contiguous_format)
+            # As the worker's `_inputs` makes a pixel batch the network's input.
+            x = batch.image.to(device, non_blocking=True).float() / 127.5 - 1.0
+            yield _micro_batches(x.contiguous(), batch.label, device, size)
 
     segments: dict[str, list[dict]] = {case: [] for case in config["rounds"][0]}
     position = 0
