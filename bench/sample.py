@@ -32,46 +32,49 @@ Everything runs on one thread on CPU (one actor holds one CPU), or the GPU.
 Prints a table and writes bench/results/sample-<machine>.json. Needs the `bench`
 extra (diffusers).
 
-Results on this 2-core machine (2026-12-02, one run, bench/results/sample-cpu2.json;
-tiny template 0.43M parameters against a UNet2DModel of the same layout, 0.40M;
-2048 8x8 images, DPM-Solver++(2M) 20 steps = 20 evaluations, batch 64, one
-thread, guidance 2, shards of 256; the machine was shared with other work
-outside the benchmark lock, and the job's fixed costs varied by seconds):
+Results on this 2-core machine (2026-12-06, one whole run of 4m10s, the first
+since the JSON write was fixed, bench/results/sample-cpu2.json; tiny template
+0.43M parameters against a UNet2DModel of the same layout, 0.40M; 2048 8x8
+images, DPM-Solver++(2M) 20 steps = 20 evaluations, batch 64, one thread,
+guidance 2, shards of 256; a fast hour of this machine, so every rate is about
+twice that of the runs before):
 
     case                    images/s  vs bare loop
-    bare loop                  128.5         1.000
-    guided, one call            57.9         0.450
-    guided, two calls           61.6         0.479
-    job, second on a Ray        81.0         0.630
-    job                         86.8         0.676
-    diffusers DDIM             120.7         0.939
-    diffusers DDPM             117.3         0.913
-    job, running               119.3         0.928
+    bare loop                  234.2         1.000
+    guided, one call           120.0         0.512
+    guided, two calls          112.4         0.480
+    job, second on a Ray       195.2         0.833
+    job                        183.7         0.784
+    diffusers DDIM             231.8         0.990
+    diffusers DDPM             243.6         1.040
+    job, running               256.9         1.097
 
     guided, by batch size   one call  two calls  speed-up
-        1                        9.6        7.8      1.24
-        4                       26.0       16.0      1.62
-       16                       52.6       34.6      1.52
-       64                       57.9       61.6      0.94
+        1                       19.7       17.7      1.11
+        4                       55.7       35.9      1.55
+       16                       99.3       76.5      1.30
+       64                      120.0      112.4      1.07
 
     job, by images   seconds  vs bare loop
-       256              5.75         0.347
-       512              8.01         0.497
-      1024             13.49         0.591
-      2048             23.58         0.676
-      4096             41.94         0.760
+       256              3.39         0.323
+       512              4.63         0.473
+      1024              6.63         0.660
+      2048             11.15         0.784
+      4096             19.75         0.886
 
-The whole job of 2,048 images is at 0.68 of the bare loop (goal 0.9), 0.76 at
-4,096; no count measured reaches 0.9 (`crossover_images`: null). The one-batch
-job took 7.0 s. Profiled on its own (a second job of 512 images on one Ray), the
-first shard now starts 4.3 s after the call (5.3-6.1 s before): the MLflow run
-(1.3-1.9 s here, most of it creating the sqlite store) is opened on a thread
+The whole job of 2,048 images is at 0.78 of the bare loop (goal 0.9), 0.89 at
+4,096; no count measured reaches 0.9 (`crossover_images`: null; a line through
+them: 4,787). The one-batch job took 3.4 s. The default sampler, DPM-Solver++(2M)
+SDE at 35 evaluations, made 130.1 images/s and the 1000-step Euler ancestral
+sampler 4.71: speedup_vs_1000_steps 27.6. (The run of 2026-12-02, on a slower
+hour: the job at 0.68 and 0.76, a one-batch job of 7.0 s, the speed-up 31.4.)
+Profiled then on its own (a second job of 512 images on one Ray), the
+first shard started 4.3 s after the call (5.3-6.1 s before): the MLflow run
+(1.3-1.9 s, most of it creating the sqlite store) is opened on a thread
 while the actor starts, and the actor no longer imports MLflow (1.2 s less).
 What is left is the actor's own start: a Ray worker process and Ray Data (2.4 s),
 torch and the model (1.6 s). With fixed costs F and the running rate at the bare
-loop's R, the job reaches 0.9 of it at 9 R F images: about 4,700 for F = 4.3 s;
-2,048 images need F under 1.9 s, which an actor started afresh per job does not
-reach on these CPUs.
+loop's R, the job reaches 0.9 of it at 9 R F images.
 
 Preloading torch and Ray Data in Ray's idle workers (`preload_python_modules`)
 was tried and left out: it cuts the actor's constructor from 1.4-1.8 s to
