@@ -122,9 +122,10 @@ def wait_for(
     what: str,
     timeout: float = 300,
     log: Path | None = None,
+    poll: float = 0.2,
 ) -> None:
-    """Poll `ready()` while the task runs; fail (with the log's tail) if the task
-    ends first or `timeout` passes."""
+    """Poll `ready()` every `poll` seconds while the task runs; fail (with the log's
+    tail) if the task ends first or `timeout` passes."""
 
     def failed(why: str) -> AssertionError:
         return AssertionError(why + (f":\n{log.read_text()[-3000:]}" if log else ""))
@@ -135,7 +136,7 @@ def wait_for(
             raise failed(f"the task ended ({proc.returncode}) before {what}")
         if time.monotonic() > deadline:
             raise failed(f"no {what} after {timeout:.0f}s")
-        time.sleep(0.2)  # one storage listing per poll: cheap on 2 CPUs, kills land part-way
+        time.sleep(poll)  # one storage listing per poll: cheap on 2 CPUs, kills land part-way
 
 
 CLUSTER_ACTORS = (
