@@ -87,22 +87,25 @@ def digits_dataset(folder: str) -> tuple[dict, str, np.ndarray, np.ndarray]:
     return manifest, shards.sha256(shards.dumps(manifest)), rgb[train], labels[train]
 
 
-def trained(images: np.ndarray, labels: np.ndarray, steps: int = 300) -> torch.nn.Module:
+def trained(images: np.ndarray, labels: np.ndarray | None, steps: int = 300) -> torch.nn.Module:
+    """A tiny UNet trained on uint8 gray-as-RGB `images` (with `labels`: class-
+    conditional) for `steps` batches of 64, as tests/test_learns.py trains it: its
+    EMA, a `Precond`. tests/test_gate.py trains its models with it too."""
     x = torch.tensor(images[..., 0], dtype=torch.float32)[:, None].repeat(1, 3, 1, 1) / 127.5 - 1
-    y = torch.tensor(labels)
+    y = None if labels is None else torch.tensor(labels)
     torch.manual_seed(0)
-    denoiser = Precond(build("tiny", num_classes=10))
+    denoiser = Precond(build("tiny", num_classes=0 if y is None else 10))
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=2e-3)
     ema = EMA(denoiser, halflife_images=5_000)
     pick = torch.Generator().manual_seed(1)
     for step in range(steps):
         batch = torch.randint(0, len(x), (64,), generator=pick)
         train_step(
-            denoiser, optimizer, ema, [(x[batch], y[batch])], images_seen=64 * step,
-            base_lr=2e-3, lr_rampup_images=10_000,
+            denoiser, optimizer, ema, [(x[batch], None if y is None else y[batch])],
+            images_seen=64 * step, base_lr=2e-3, lr_rampup_images=10_000,
             seeds=seed63(0, np.arange(64 * step, 64 * (step + 1))),
         )  # fmt: skip
-    return ema.module.net.eval()
+    return ema.module.eval()
 
 
 def bench_generation(images: int, repeats: int, work: Path) -> dict:
@@ -110,7 +113,7 @@ def bench_generation(images: int, repeats: int, work: Path) -> dict:
 
     folder = str(work / "digits")
     manifest, digest, train_images, train_labels = digits_dataset(folder)
-    net = trained(train_images, train_labels)
+    net = trained(train_images, train_labels).net
     weights = save({k: v.contiguous() for k, v in net.state_dict().items()})
     card = ModelCard("tiny", net.cfg, 8, classes=tuple(str(c) for c in range(10)))
     gate = gates.Gate(

@@ -48,6 +48,10 @@ and per-part timings, each part in one process):
   run here).
 - At 2 CPUs the job's two workers share the two cores with the driver, the
   raylet, the GCS and Ray Data's actors, which the two bare processes do not.
+
+2026-12-06 (`--out` added; one whole run, 1m51s, a fast hour): the job at 1 CPU
+428.9 images/s, 0.583 per CPU of the bare loop (735.8) and 0.917 of the same
+work beside Ray; at 2 CPUs 790.7, 0.537 and 0.868.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections import Counter
 
 import numpy as np
@@ -21,13 +22,10 @@ from pipeline.jobs.generate import gate as gates
 from pipeline.maths import copies
 from pipeline.maths import solvers as S
 from pipeline.maths.classifier import input_side
-from pipeline.maths.counter import seed63
-from pipeline.maths.edm import Precond, karras_sigmas
-from pipeline.maths.ema import EMA
+from pipeline.maths.edm import karras_sigmas
 from pipeline.maths.reproducible import image_labels
-from pipeline.maths.train_step import train_step
-from pipeline.maths.unet import build
 from tests import tasks
+from tests.services import ROOT
 from tests.test_classifier import write_dataset
 from tests.test_sampling import read_shards, sample_argv
 
@@ -89,22 +87,14 @@ def test_planted_and_mirrored_training_images_are_flagged_with_their_keys(digits
 
 
 def _train(images: np.ndarray, labels: np.ndarray | None, steps: int) -> torch.nn.Module:
-    """A tiny UNet trained on `images` as test_learns trains it; its EMA."""
-    x = torch.tensor(images[..., 0], dtype=torch.float32)[:, None].repeat(1, 3, 1, 1) / 127.5 - 1
-    y = None if labels is None else torch.tensor(labels)
-    torch.manual_seed(0)
-    denoiser = Precond(build("tiny", num_classes=0 if y is None else 10))
-    optimizer = torch.optim.Adam(denoiser.parameters(), lr=2e-3)
-    ema = EMA(denoiser, halflife_images=5_000)
-    pick = torch.Generator().manual_seed(1)
-    for step in range(steps):
-        batch = torch.randint(0, len(x), (64,), generator=pick)
-        train_step(
-            denoiser, optimizer, ema, [(x[batch], None if y is None else y[batch])],
-            images_seen=64 * step, base_lr=2e-3, lr_rampup_images=10_000,
-            seeds=seed63(0, np.arange(64 * step, 64 * (step + 1))),
-        )  # fmt: skip
-    return ema.module.eval()
+    """A tiny UNet trained on `images` as test_learns trains it (bench/gate.py's
+    recipe, which the benchmark's model shares); its EMA."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from gate import trained
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return trained(images, labels, steps)
 
 
 def test_a_model_trained_to_memorise_copies_far_more_than_one_trained_on_all_the_digits():

@@ -171,6 +171,15 @@ def copy_index(dataset: str, manifest: dict, digest: str) -> tuple[np.ndarray, n
     train image of the dataset version and their keys (`<shard>/<key>`), computed
     once per version: `reference/copies-<digest>-<side>.npz` (float16)."""
     data = kept(copy_index_uri(dataset, digest), lambda: _build_copy_index(dataset, manifest))
+    return _copy_arrays(data)
+
+
+def read_copy_index(uri: str) -> tuple[np.ndarray, np.ndarray]:
+    """The copy index kept at `uri` (`copy_index_uri`), as `copy_index` gives it."""
+    return _copy_arrays(storage.read_bytes(uri))
+
+
+def _copy_arrays(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     with np.load(io.BytesIO(data), allow_pickle=False) as saved:
         return saved["features"].astype(np.float32), saved["keys"]
 

@@ -16,6 +16,8 @@ from pipeline.edges import storage
 log = logging.getLogger(__name__)
 
 _quiet = False
+_filtering = False
+"""Whether stderr passes through `_drop_known_cpp_lines`'s thread."""
 
 
 def quiet() -> None:
@@ -57,7 +59,8 @@ every Python and environment log setting."""
 def _drop_known_cpp_lines() -> None:
     """Pass this process's stderr (fd 2, which its C++ code and its children
     write to as well) through a thread that drops KNOWN_CPP_LINES, until exit."""
-    if getattr(_drop_known_cpp_lines, "done", False):
+    global _filtering
+    if _filtering:
         return
     try:
         sys.stderr.flush()
@@ -67,7 +70,7 @@ def _drop_known_cpp_lines() -> None:
         os.close(write_end)
     except (OSError, ValueError):  # no fd 2 to replace (an embedding host)
         return
-    _drop_known_cpp_lines.done = True  # type: ignore[attr-defined]
+    _filtering = True
 
     def forward() -> None:
         while chunk := os.read(read_end, 1 << 16):

@@ -14,7 +14,6 @@ batch.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -177,8 +176,7 @@ class Checker:
         self.gate = gate
         self.features: np.ndarray | None = None
         if gate.index is not None:
-            with np.load(io.BytesIO(storage.read_bytes(gate.index)), allow_pickle=False) as f:
-                self.features, self.keys = f["features"].astype(np.float32), f["keys"]
+            self.features, self.keys = reference.read_copy_index(gate.index)
         self.judge = None
         if gate.judge is not None:
             from safetensors.torch import load
@@ -239,7 +237,6 @@ def _pad(images: np.ndarray, size: int) -> list[np.ndarray]:
     return chunks
 
 
-def histogram(ratios: list[float]) -> list[int]:
-    """Counts of copy ratios in HISTOGRAM bins over [0, 1] (1 and above: the last)."""
-    bins = np.minimum((np.asarray(ratios) * HISTOGRAM).astype(int), HISTOGRAM - 1)
-    return np.bincount(bins, minlength=HISTOGRAM).tolist()
+def ratio_bin(ratio: float) -> int:
+    """The bin of a copy ratio among HISTOGRAM over [0, 1] (1 and above: the last)."""
+    return min(int(ratio * HISTOGRAM), HISTOGRAM - 1)

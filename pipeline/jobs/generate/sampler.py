@@ -15,7 +15,7 @@ import numpy as np
 from pipeline.config.records import GenerationJob, ModelCard, check_fields
 from pipeline.data import shards
 from pipeline.edges import storage
-from pipeline.jobs.generate.gate import Checker, Gate, Verdict
+from pipeline.jobs.generate.gate import Checker, Gate, Verdict, ratio_bin
 
 if TYPE_CHECKING:
     import ray
@@ -61,16 +61,15 @@ class Tally:
         self.agree: int = d.get("agree", 0)
         self.ratios: list[int] = list(d.get("ratios", [0] * HISTOGRAM))
 
-    def kept(self, label: int | None, verdict: Verdict | None, ratio_bin: int | None) -> None:
+    def kept(self, label: int | None, verdict: Verdict | None) -> None:
         key = "none" if label is None else str(label)
         self.per_class[key] = self.per_class.get(key, 0) + 1
         if verdict is not None and verdict.copy is not None:
             self.flagged += verdict.copy["flagged"]
+            self.ratios[ratio_bin(verdict.copy["ratio"])] += 1
         if verdict is not None and verdict.judge is not None:
             self.judged += 1
             self.agree += verdict.judge["predicted"] == label
-        if ratio_bin is not None:
-            self.ratios[ratio_bin] += 1
 
     def add(self, other: Tally) -> Tally:
         out = Tally(self.to_dict())
@@ -213,7 +212,6 @@ class ShardSampler:
     ) -> list[int]:
         """Draw the images `indices` (each at its draw), check them, queue the kept
         ones' PNGs; the indices rejected, each with its draw advanced."""
-        from pipeline.jobs.generate.gate import histogram
         from pipeline.maths.reproducible import generate
 
         job = self.job
@@ -237,9 +235,7 @@ class ShardSampler:
         rejected = []
         for k, pixels, label, verdict in zip(indices, images, labels, verdicts, strict=True):
             if verdict is None or verdict.kept:
-                ratio = None if verdict is None or verdict.copy is None else verdict.copy["ratio"]
-                bin_ = None if ratio is None else histogram([ratio]).index(1)
-                tally.kept(label, verdict, bin_)
+                tally.kept(label, verdict)
                 args = (k, draws[k], pixels, label, verdict)
                 pending[k] = self.encoder.submit(self._members, *args)
                 continue
