@@ -28,18 +28,22 @@ bench/gpu.py takes it): `python3 bench/latent.py --parts train decode --out "$OU
 Prints a table per part and writes bench/results/latent-<device>.json.
 
 The recorded run (bench/results/latent-cpu2.json: 2 cores, 2026-12-06, medians
-of 3, 9.5 minutes). The pipeline's marginal rate between its two largest runs
+of 3, 9 minutes). The pipeline's marginal rate between its two largest runs
 against the bare loop (the autoencoder alone over decoded images in memory, one
 process on both cores) and against the same-work loop (the actors' calls, shard
-by shard, in one process):
-- SD's VAE architecture, 128 and 512 images: 25.5 images/s, 1.02 of the bare
-  loop (24.99) and 1.00 of the same-work loop; fixed 5.0 s a run.
-- the small autoencoder, 4,096 and 32,768 images: 1,480 images/s, 0.815 of the
-  bare loop (1,815) and 0.98 of the same-work loop (1,510): decoding PNGs and
-  writing shards cost 17% of an encoder this cheap. Whole runs at 1,024, 4,096
-  and 32,768 images: 0.16, 0.33, 0.68 of the bare loop (fixed 4.3 s).
-- train, the tiny template, batch 32: 34.3 ms an image on 64 px pixels, 0.61 ms
-  on 8x8x4 latents (draw and normalisation included): 56x.
+by shard, in one process). Every encoder process, the loops' included, keeps
+its freed memory (pipeline.edges.host), so the comparison is like for like:
+- SD's VAE architecture, 128 and 512 images: 28.5 images/s, 1.10 of the bare
+  loop (25.9) and 1.08 of the same-work loop; fixed 5.4 s a run. Whole runs:
+  0.53 and 0.85 of the bare loop.
+- the small autoencoder, 4,096 and 32,768 images: 1,863 images/s, 1.055 of the
+  bare loop (1,766) and 1.19 of the same-work loop (1,567): two one-thread
+  actors, each decoding while the other encodes, against one process whose two
+  threads wait for each other. Whole runs at 1,024, 4,096 and 32,768 images:
+  0.11, 0.35, 0.84 of the bare loop (fixed 4.5 s: Ray Data's start, the actors
+  importing diffusers).
+- train, the tiny template, batch 32: 33.2 ms an image on 64 px pixels, 0.75 ms
+  on 8x8x4 latents (draw and normalisation included): 44x.
 - decode, 64 images: sampling 35 steps on latents 0.33 s, decoding 0.07 s: 18%
   of generation.
 """

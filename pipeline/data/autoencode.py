@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.edges import autoencoders
+from pipeline.edges import autoencoders, host
 from pipeline.maths.latents import LatentStats
 
 PRECISIONS = ("fp32", "bf16")
@@ -44,6 +44,8 @@ class Encoder:
                 f"precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}"
             )
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu":
+            host.keep_freed_memory()
         vae, self.identity = autoencoders.load(autoencoder, self.device)
         # diffusers wraps encode() in a hook decorator that hides it from mypy.
         self.vae: Any = vae
