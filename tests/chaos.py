@@ -1,7 +1,9 @@
-"""What the chaos trials (tests/test_chaos.py, and the training ones in
-tests/test_training.py) share: the seeds, the kill moment drawn from a trial's
-seed, the trial's record and its named checks, and the checks of the output of
-a task that writes shards (a dataset, generated images)."""
+"""What the chaos trials (CHAOS_FILES; the design is in tests/test_chaos.py's
+doc) share: the seeds, the kill moment drawn from a trial's seed inside the
+task's working window, the trial's record and its named checks, a reference
+run timed to its first progress point, and a killed-and-re-run trial of a job
+that writes shards (a dataset, latents, generated images) with the checks of
+its output."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import platform
 import random
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -39,23 +42,46 @@ def seeds(zero_in_default_suite: bool = False) -> list[Any]:
 
 @dataclasses.dataclass(frozen=True)
 class Moment:
-    """When a trial kills: `seconds` after the task's start, or once its progress
-    (as `progress_of` counts it) reaches `progress`."""
+    """When a trial kills: always inside the task's working window, after its first
+    progress point (`first`) and before its commit. Once its progress (as
+    `progress_of` counts it) reaches `progress`; or `seconds` after the first
+    point, and at the latest once progress reaches `ceiling`, so that a run
+    faster than the reference's is still killed before its commit."""
 
-    seconds: float | None = None
-    window: tuple[float, float] | None = None
+    progress_of: str
+    first: int
     progress: int | None = None
-    progress_of: str = ""
+    seconds: float | None = None
+    window: float | None = None
+    """The reference run's working window (seconds), `seconds` drawn from."""
+    ceiling: int | None = None
 
 
-def draw(kind: str, seed: int, duration: float, points: Sequence[int], of: str) -> Moment:
-    """The kill moment of trial `seed`: for an odd seed a time in [0.5 s, 1.1 x the
-    reference run's `duration`], for an even one a progress point of `points`."""
+def draw(
+    kind: str,
+    seed: int,
+    window: float,
+    points: Sequence[int],
+    of: str,
+    ceiling: int | None = None,
+) -> Moment:
+    """The kill moment of trial `seed`: for an even seed a progress point of
+    `points` (its first is the first progress point), for an odd one a time drawn
+    uniformly from the first 80% of the reference run's working window (`window`
+    seconds from its first progress point to its end), at the latest at progress
+    `ceiling` (default: the last of `points`)."""
     rng = random.Random(f"{kind}:{seed}")
-    if seed % 2:
-        window = (0.5, round(1.1 * duration, 1))
-        return Moment(seconds=round(rng.uniform(*window), 2), window=window)
-    return Moment(progress=rng.choice(points), progress_of=of)
+    if seed % 2 == 0:
+        return Moment(of, points[0], progress=rng.choice(points))
+    seconds = round(rng.uniform(0, 0.8 * window), 2)
+    return Moment(
+        of, points[0], seconds=seconds, window=round(window, 2), ceiling=ceiling or points[-1]
+    )
+
+
+POLL = 0.01
+"""Seconds between reads of a task's progress while a trial waits for its moment:
+a kill lands within a poll (and a listing) of the moment."""
 
 
 def reach(
@@ -64,17 +90,30 @@ def reach(
     started: float,
     progress: Callable[[], int],
     log: Path | None = None,
-) -> float:
-    """Wait until `moment` (a time after the task's end comes at its end); the
-    seconds since `started`."""
-    if moment.seconds is not None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=max(0.0, started + moment.seconds - time.monotonic()))
+) -> dict[str, Any]:
+    """Wait for `moment`, failing if the task ends first: the seconds since
+    `started` then, and what fired (the progress point, the time, the ceiling)."""
+    first = lambda: progress() >= moment.first  # noqa: E731
+    tasks.wait_for(proc, first, f"{moment.first} {moment.progress_of}", log=log, poll=POLL)
+    working = time.monotonic()
+    if moment.progress is not None:
+        point = moment.progress
+        ready = lambda: progress() >= point  # noqa: E731
+        tasks.wait_for(proc, ready, f"{point} {moment.progress_of}", log=log, poll=POLL)
+        fired = "progress"
     else:
-        assert moment.progress is not None
-        ready = lambda: progress() >= moment.progress  # noqa: E731
-        tasks.wait_for(proc, ready, f"{moment.progress} {moment.progress_of}", log=log)
-    return round(time.monotonic() - started, 2)
+        assert moment.seconds is not None and moment.ceiling is not None
+        ceiling, deadline = moment.ceiling, working + moment.seconds
+        at_ceiling = lambda: progress() >= ceiling  # noqa: E731
+        timed = lambda: time.monotonic() >= deadline or at_ceiling()  # noqa: E731
+        tasks.wait_for(proc, timed, "the kill moment", log=log, poll=POLL)
+        fired = "time" if time.monotonic() >= deadline else "ceiling"
+    now = time.monotonic()
+    return {
+        "seconds": round(now - started, 2),
+        "after_first_progress_s": round(now - working, 2),
+        "fired_by": fired,
+    }
 
 
 @dataclasses.dataclass
@@ -101,10 +140,16 @@ class Trial:
             raise AssertionError(f"{self.kind} seed {self.seed}: {invariant}: {detail}")
 
     def plan(self, moment: Moment) -> None:
-        if moment.seconds is not None:
-            self.moment = {"mode": "time", "window_s": moment.window, "seconds": moment.seconds}
+        self.moment |= {"of": moment.progress_of, "first": moment.first}
+        if moment.progress is not None:
+            self.moment |= {"mode": "progress", "at": moment.progress}
         else:
-            self.moment = {"mode": "progress", "of": moment.progress_of, "at": moment.progress}
+            self.moment |= {
+                "mode": "time",
+                "window_s": moment.window,
+                "seconds_after_first": moment.seconds,
+                "ceiling": moment.ceiling,
+            }
 
     def no_strays(self, before: set[int], *markers: str) -> None:
         left = tasks.strays(before, *markers)
@@ -133,6 +178,27 @@ class Trials:
             print(json.dumps(dataclasses.asdict(t)))
 
 
+CHAOS_FILES = (
+    "tests/test_chaos.py",
+    "tests/test_training.py",
+    "tests/test_gate.py",
+    "tests/test_train_autoencoder.py",
+)
+"""Where the chaos trials are."""
+
+
+def source_version() -> dict[str, Any]:
+    """The commit the trials ran on, and whether the tree had changes beside it."""
+    root = Path(__file__).resolve().parents[1]
+    git = lambda *a: subprocess.run(  # noqa: E731
+        ["git", *a], cwd=root, capture_output=True, text=True, check=False
+    ).stdout.strip()
+    changed = git(
+        "status", "--porcelain", "--untracked-files=no", "--", "pipeline", "tasks", "tests"
+    )
+    return {"commit": git("rev-parse", "HEAD"), "changes_beside_the_commit": bool(changed)}
+
+
 def write_results(path: Path, done: list[Trial]) -> None:
     """Every trial's record, and per kind the trials, passes and seconds, to `path`."""
     kinds: dict[str, dict[str, Any]] = {}
@@ -145,7 +211,8 @@ def write_results(path: Path, done: list[Trial]) -> None:
         "machine": "cpu2",
         "platform": platform.platform(),
         "date": time.strftime("%Y-%m-%d"),
-        "command": "pytest -m chaos tests/test_chaos.py tests/test_training.py",
+        "command": f"pytest -m chaos {' '.join(CHAOS_FILES)}",
+        **source_version(),
         "summary": kinds,
         "trials": [dataclasses.asdict(t) for t in done],
     }
@@ -160,8 +227,8 @@ class Reference:
     """An uninterrupted run: what every trial of its kind must end with."""
 
     manifest: dict
-    seconds: float
-    """How long it ran: the window of the kill moments."""
+    window: float
+    """Its working window: seconds from its first unit of work to its last."""
 
     @property
     def digests(self) -> dict[str, str]:
@@ -264,15 +331,15 @@ def snapshot(prefix: str) -> dict[str, tuple]:
 
 def killed(
     t: Trial,
-    moment: Moment,
     proc: subprocess.Popen,
-    at: float,
+    at: dict[str, Any],
     progress: int,
     total: int,
     committed: bool,
 ) -> None:
-    """Record and check how a killed task stood: `progress` of `total` units done,
-    its output `committed` or not."""
+    """Record how the killed task stood, from its own records: `progress` of `total`
+    units done, its output `committed` or not; and check that the kill landed in
+    its working window, with work done and its commit not."""
     ended = None if proc.returncode == -signal.SIGKILL else proc.returncode
     if ended is not None:
         running = f"nothing: it had ended (exit {ended})"
@@ -283,8 +350,91 @@ def killed(
     elif progress < total:
         running = f"work: {progress} of {total} done"
     else:
-        running = "committing: all done, no manifest yet"
-    t.killed = {"seconds": at, "progress": progress, "of": total, "running": running}
-    t.check("the task ran without error until the kill", ended in (None, 0), ended)
-    if moment.progress is not None:
-        t.check("a kill at a progress point lands part-way", ended is None and not committed)
+        running = "committing: all done, no commit yet"
+    t.killed = {**at, "progress": progress, "of": total, "running": running}
+    t.check("the task ran without error until the kill", ended is None, ended)
+    t.check(
+        "the kill landed mid-work (its records: some work done, no commit)",
+        progress >= 1 and not committed,
+        running,
+    )
+
+
+def reference_run(
+    argv: list[str],
+    env: dict | None,
+    progress: Callable[[], int],
+    first: int,
+    last: int,
+) -> tuple[subprocess.CompletedProcess, float]:
+    """Run a trial kind's uninterrupted reference: its result (both streams in
+    `stdout`), and its working window: the seconds from its progress reaching
+    `first` (its first unit of work) to its reaching `last` (all of it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "log"
+        proc = tasks.start(argv, env, log)
+        try:
+            begun = lambda: progress() >= first  # noqa: E731
+            tasks.wait_for(proc, begun, f"{first} units of work", log=log, poll=0.05)
+            first_at = time.monotonic()
+            done = lambda: progress() >= last  # noqa: E731
+            tasks.wait_for(proc, done, f"{last} units of work", log=log, poll=0.05)
+            window = time.monotonic() - first_at
+            proc.wait(timeout=600)
+        finally:
+            tasks.kill(proc)
+        output = log.read_text()
+    return subprocess.CompletedProcess(argv, proc.returncode, output, output), window
+
+
+def shard_job_trial(
+    t: Trial,
+    argv: list[str],
+    prefix: str,
+    reference: Reference,
+    env: dict | None = None,
+) -> tuple[int, subprocess.CompletedProcess]:
+    """A job that writes shards (preprocess, encode, generation) killed at the
+    trial's moment, then run again on the session's cluster to its end: how many
+    shards it had recorded at the kill, and the re-run. With `env` (a private Ray:
+    `tasks.private_ray_env()`) the kill takes the job's own Ray down with it, its
+    workers mid-write; without, its actors are on the session's cluster, which
+    ends them once their driver is gone. Checks the kill landed mid-work, the
+    re-run exits 0, nothing is left running, and the output (`check_output`)."""
+    records = storage.join(prefix, shards.RECORDS)
+    total = len(reference.digests)
+    # Points and times from the first three quarters of the work: a margin for a
+    # poll that sees a point late, the job going on meanwhile.
+    moment = draw(t.kind, t.seed, reference.window, range(1, total * 3 // 4 + 1), "shard records")
+    t.plan(moment)
+    markers = [env["RAY_TMPDIR"]] if env else []
+    before = set(tasks.task_processes())
+    with ShardWatcher(prefix, reference.digests) as watcher:
+        started = time.monotonic()
+        job = tasks.start(argv, env)
+        try:
+            at = reach(moment, job, started, lambda: tasks.count(records))
+        finally:
+            t.check("the killed process group is gone", tasks.kill(job))
+        t.no_strays(before, *markers)
+        done = tasks.count(records)
+        killed(t, job, at, done, total, shards.load_manifest(prefix) is not None)
+        again = tasks.run(argv)
+        t.rerun_exit_code = again.returncode
+        t.check("the re-run exits 0", again.returncode == 0, again.stderr[-3000:])
+    t.no_strays(before)
+    check_output(t, prefix, reference, watcher)
+    return done, again
+
+
+def third_run_writes_nothing(t: Trial, argv: list[str], prefix: str, complete: str) -> None:
+    """A third run finds the output complete (`complete` in what it prints) and
+    writes nothing."""
+    written = snapshot(prefix)
+    third = tasks.run(argv)
+    t.check(
+        "a third run finds the output complete",
+        third.returncode == 0 and complete in third.stdout,
+        third.stdout + third.stderr[-2000:],
+    )
+    t.check("a third run writes nothing", snapshot(prefix) == written)

@@ -1,54 +1,63 @@
-"""Chaos trials: a task killed at a random moment, then run again (here
-preprocessing and generation; training's, a run killed and a node lost, are in
-tests/test_training.py, on its two-node cluster and straight run).
+"""Chaos trials: a task killed at a random moment of its work, then run again
+(here preprocessing, encoding and generation; training's, a run killed and a
+node lost, are in tests/test_training.py, on its two-node cluster and straight
+run; generation with its checks and filter in tests/test_gate.py; the
+autoencoder's training in tests/test_train_autoencoder.py).
 
 A trial starts a task as users run it, SIGKILLs its whole process group (or, in
 a node trial, one node of the two-node cluster a training run is on) at a
 moment drawn from the trial's seed, and runs the same command again. Wherever
-the kill lands (Ray start-up, listing, mid-write, committing, after the end)
-the tasks' contracts hold: the shards are byte-identical to an uninterrupted
+in its work the kill lands (mid-write, between shards, mid-checkpoint) the
+tasks' contracts hold: the shards are byte-identical to an uninterrupted
 reference run's and every manifest entry matches its bytes; a training run ends
 at exactly the images asked for, in one MLflow run, FINISHED, every step on the
 samples of the straight run's, with its weights bit for bit; and nothing of the
 killed task is left running.
 
-The moment is a time drawn uniformly from 0.5 s to 1.1 times the reference
-run's duration (odd seeds), or a progress point drawn from the first half of
-the task's work (even seeds: shard records written, checkpoints recorded), so
-that the even trials interrupt work in flight, as fixed-moment kill tests do,
-with a margin for a poll that sees the point late on a loaded machine.
+Every moment lies in the task's working window: after its first progress point
+(its first shard record; for training, the first images seen rank 0 logs to
+MLflow) and before its commit. An even seed kills at a progress point drawn
+from the first three quarters of the work; an odd seed at a time drawn from the
+first 80% of the reference run's working window (from its first progress point
+to its last), counted from the first progress point, and at the latest at the
+last of those points. Progress is polled every 10 ms. Each trial checks,
+from the task's own records read after the kill, that it landed mid-work: some
+work recorded, no commit.
 
-Seed 0 of each kind but one is a trial of `pytest -m trial` (minutes each, not
+Seed 0 of each kind but two is a trial of `pytest -m trial` (minutes each, not
 in the default suite; their results are in bench/results/trials-cpu2.xml); a
-training run killed and run again, seed 0, is in the default suite.
-`pytest -m chaos` runs seeds 1-10 and writes every trial (seed, moment, what was
-running, outcome) to bench/results/chaos-cpu2.json. Each trial also prints its
-record.
+training run killed and run again, and generation with its filter, seed 0, are
+in the default suite. `pytest -m chaos` runs seeds 1-10 and writes every trial
+(seed, moment, what was running, outcome) with the commit it ran on to
+bench/results/chaos-cpu2.json. Each trial also prints its record.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import time
+import tempfile
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 from safetensors.torch import save
 
+from pipeline.config import PreprocessConfig
 from pipeline.data import shards
-from pipeline.edges import storage, tracking
+from pipeline.data.digits import write_digits
+from pipeline.edges import autoencoders, storage, tracking
+from pipeline.jobs.preprocess import preprocess
 from pipeline.maths.unet import build
 from tests import chaos, images, tasks
-from tests.nets import randomised
+from tests.nets import randomised, tiny_autoencoder
 
 pytestmark = pytest.mark.slow
 
 # --- preprocessing -------------------------------------------------------------------
 
 PREPROCESS = ["--resolution", "32", "--samples_per_shard", "12"]
-RAW_IMAGES = 240
+RAW_IMAGES, PREPROCESS_SHARDS = 240, 21
 """Noise images, 128x96 in 3 classes: 21 shards (train and validation)."""
 
 
@@ -71,12 +80,18 @@ def preprocess_argv(raw: Path, output: str) -> list[str]:
 def preprocessed(raw, tmp_path_factory) -> chaos.Reference:
     """The dataset built uninterrupted, by a task with its own Ray as the trials'."""
     out = str(tmp_path_factory.mktemp("preprocess-reference") / "out")
-    started = time.monotonic()
-    done = tasks.run(preprocess_argv(raw, out), tasks.private_ray_env())
+    records = storage.join(out, shards.RECORDS)
+    done, window = chaos.reference_run(
+        preprocess_argv(raw, out),
+        tasks.private_ray_env(),
+        lambda: tasks.count(records),
+        1,
+        PREPROCESS_SHARDS,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = shards.load_manifest(out)
-    assert manifest is not None
-    return chaos.Reference(manifest, time.monotonic() - started)
+    assert manifest is not None and len(manifest["shards"]) == PREPROCESS_SHARDS
+    return chaos.Reference(manifest, window)
 
 
 @pytest.mark.parametrize(
@@ -94,53 +109,93 @@ def test_preprocess_killed_then_run_again_ends_as_an_uninterrupted_run(
     seed, where, trial, preprocessed, raw, s3, ray_cluster, tmp_path
 ):
     prefix = s3.prefix(f"chaos-preprocess-{seed}") if where == "s3" else str(tmp_path / "out")
-    records = storage.join(prefix, shards.RECORDS)
-    total = len(preprocessed.digests)
     argv = preprocess_argv(raw, prefix)
-    # The killed job runs its own Ray, in its own process group: SIGKILL takes the
-    # driver, Ray and the workers (mid-write) down together.
-    env = tasks.private_ray_env()
     with trial("preprocess", seed) as t:
-        moment = chaos.draw(
-            "preprocess", seed, preprocessed.seconds, range(1, total // 2 + 1), "shard records"
-        )
-        t.plan(moment)
         t.moment["storage"] = where
-        before = set(tasks.task_processes())
-        with chaos.ShardWatcher(prefix, preprocessed.digests) as watcher:
-            started = time.monotonic()
-            job = tasks.start(argv, env)
-            try:
-                at = chaos.reach(moment, job, started, lambda: tasks.count(records))
-            finally:
-                t.check("the killed process group is gone", tasks.kill(job))
-            t.no_strays(before, env["RAY_TMPDIR"])
-            done, committed = tasks.count(records), shards.load_manifest(prefix) is not None
-            chaos.killed(t, moment, job, at, done, total, committed)
-
-            again = tasks.run(argv)  # on the session's cluster
-            t.rerun_exit_code = again.returncode
-            t.check("the re-run exits 0", again.returncode == 0, again.stderr[-3000:])
-        if committed:
-            t.check("a committed dataset is not rebuilt", "already complete" in again.stdout)
-        else:
-            found = re.search(r"shards \((\d+) reused\)", again.stdout)
-            t.killed["reused"] = reused = int(found.group(1)) if found else 0
-            t.check("the re-run reuses the shards with records", reused == done, again.stdout)
-        t.no_strays(before)
-        chaos.check_output(t, prefix, preprocessed, watcher)
+        # The killed job runs its own Ray, in its own process group: SIGKILL takes
+        # the driver, Ray and the workers (mid-write) down together.
+        done, again = chaos.shard_job_trial(t, argv, prefix, preprocessed, tasks.private_ray_env())
+        found = re.search(r"shards \((\d+) reused\)", again.stdout)
+        t.killed["reused"] = reused = int(found.group(1)) if found else 0
+        t.check("the re-run reuses the shards with records", reused == done, again.stdout)
         if where == "local":
             partial = list(Path(prefix).rglob("*.partial"))
             t.check("no interrupted write is left", partial == [], partial)
+        chaos.third_run_writes_nothing(t, argv, prefix, "already complete")
 
-        written = chaos.snapshot(prefix)
-        third = tasks.run(argv)
-        t.check(
-            "a third run finds the dataset complete",
-            third.returncode == 0 and "already complete" in third.stdout,
-            third.stdout + third.stderr[-2000:],
-        )
-        t.check("a third run writes nothing", chaos.snapshot(prefix) == written)
+
+# --- encoding ---------------------------------------------------------------------------
+
+ENCODE_IMAGES, ENCODE_SHARD = 480, 16
+"""Digits at 32 px in 30 pixel shards (27 train, 3 validation)."""
+
+
+@pytest.fixture(scope="module")
+def pixels(tmp_path_factory, ray_cluster) -> str:
+    root = tmp_path_factory.mktemp("encode-pixels")
+    write_digits(str(root / "raw"), 0, ENCODE_IMAGES)
+    cfg = PreprocessConfig(
+        input=str(root / "raw"),
+        output=str(root / "dataset"),
+        resolution=32,
+        small_images="upscale",
+        samples_per_shard=ENCODE_SHARD,
+        validation_fraction=0.1,
+    )
+    preprocess(cfg, progress=False)
+    return str(root / "dataset")
+
+
+@pytest.fixture(scope="module")
+def vae(s3) -> str:
+    """A tiny random AutoencoderKL (f = 8), its `save_pretrained` folder on S3."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_autoencoder().save_pretrained(tmp)
+        files = autoencoders.read_folder(tmp)
+    folder = s3.prefix("chaos-encode-vae")
+    for name, data in files.items():
+        storage.write_bytes(storage.join(folder, name), data)
+    return folder
+
+
+def encode_argv(pixels: str, vae: str, output: str) -> list[str]:
+    return tasks.command(
+        "encode", "--dataset", pixels, "--autoencoder", vae, "--output", output,
+        "--chunk", "4", "--actors", "1",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def encoded(pixels, vae, s3) -> chaos.Reference:
+    """The latents encoded uninterrupted, by a task with its own Ray as the trials'."""
+    prefix = s3.prefix("chaos-encode-reference")
+    records = storage.join(prefix, shards.RECORDS)
+    done, window = chaos.reference_run(
+        encode_argv(pixels, vae, prefix),
+        tasks.private_ray_env(),
+        lambda: tasks.count(records),
+        1,
+        len(shards.load_dataset(pixels, "pixels")[0]["shards"]),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = shards.load_manifest(prefix)
+    assert manifest is not None
+    return chaos.Reference(manifest, window)
+
+
+@pytest.mark.parametrize("seed", chaos.seeds())
+def test_encode_killed_then_run_again_ends_as_an_uninterrupted_run(
+    seed, trial, pixels, vae, encoded, s3
+):
+    prefix = s3.prefix(f"chaos-encode-{seed}")
+    argv = encode_argv(pixels, vae, prefix)
+    with trial("encode", seed) as t:
+        # Its own Ray: the kill takes the actor down mid-shard.
+        done, again = chaos.shard_job_trial(t, argv, prefix, encoded, tasks.private_ray_env())
+        found = re.search(r"shards \((\d+) reused\)", again.stdout)
+        t.killed["reused"] = reused = int(found.group(1)) if found else 0
+        t.check("the re-run reuses the shards with records", reused == done, again.stdout)
+        chaos.third_run_writes_nothing(t, argv, prefix, "already complete")
 
 
 # --- generation ----------------------------------------------------------------------
@@ -181,12 +236,18 @@ def sample_argv(model: str, output: str, tracking_uri: str) -> list[str]:
 def sampled(model, mlflow_server, ray_cluster, s3) -> chaos.Reference:
     """The images generated uninterrupted, on the session's cluster as the trials'."""
     prefix = s3.prefix("chaos-sample-reference")
-    started = time.monotonic()
-    done = tasks.run(sample_argv(model, prefix, mlflow_server))
+    records = storage.join(prefix, shards.RECORDS)
+    done, window = chaos.reference_run(
+        sample_argv(model, prefix, mlflow_server),
+        None,
+        lambda: tasks.count(records),
+        1,
+        SAMPLE_SHARDS,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = shards.load_manifest(prefix)
     assert manifest is not None and len(manifest["shards"]) == SAMPLE_SHARDS
-    return chaos.Reference(manifest, time.monotonic() - started)
+    return chaos.Reference(manifest, window)
 
 
 @pytest.mark.parametrize("seed", chaos.seeds())
@@ -194,50 +255,20 @@ def test_sample_killed_then_run_again_writes_each_shard_once(
     seed, trial, sampled, model, mlflow_server, s3
 ):
     prefix = s3.prefix(f"chaos-sample-{seed}")
-    records = storage.join(prefix, shards.RECORDS)
     argv = sample_argv(model, prefix, mlflow_server)
     with trial("sample", seed) as t:
-        moment = chaos.draw(
-            "sample", seed, sampled.seconds, range(1, SAMPLE_SHARDS // 2 + 1), "shard records"
-        )
-        t.plan(moment)
-        before = set(tasks.task_processes())
-        with chaos.ShardWatcher(prefix, sampled.digests) as watcher:
-            started = time.monotonic()
-            job = tasks.start(argv)
-            try:
-                at = chaos.reach(moment, job, started, lambda: tasks.count(records))
-            finally:
-                t.check("the killed process group is gone", tasks.kill(job))
-            # The job's actors run on the session's cluster, outside the group: Ray
-            # ends them when their driver is gone. Count what they finished then.
-            t.no_strays(before)
-            done, committed = tasks.count(records), shards.load_manifest(prefix) is not None
-            chaos.killed(t, moment, job, at, done, SAMPLE_SHARDS, committed)
-
-            again = tasks.run(argv)
-            t.rerun_exit_code = again.returncode
-            t.check("the re-run exits 0", again.returncode == 0, again.stderr[-3000:])
+        done, again = chaos.shard_job_trial(t, argv, prefix, sampled)
         t.check(
             "the re-run generates exactly the shards without a record",
             f"({SAMPLE_SHARDS - done} written now, {done} already complete)" in again.stdout,
             again.stdout,
         )
-        t.no_strays(before)
-        chaos.check_output(t, prefix, sampled, watcher)
         client = MlflowClient(mlflow_server)
         experiment = client.get_experiment_by_name("sampling")  # the reference made it
         assert experiment is not None
         found = client.search_runs([experiment.experiment_id], f"tags.output = '{prefix}'")
         statuses = [r.info.status for r in found]
         t.check("the job is one MLflow run, FINISHED", statuses == ["FINISHED"], statuses)
-
-        written = chaos.snapshot(prefix)
-        third = tasks.run(argv)
-        t.check(
-            "a third run finds every shard complete",
-            third.returncode == 0
-            and f"(0 written now, {SAMPLE_SHARDS} already complete)" in third.stdout,
-            third.stdout + third.stderr[-2000:],
+        chaos.third_run_writes_nothing(
+            t, argv, prefix, f"(0 written now, {SAMPLE_SHARDS} already complete)"
         )
-        t.check("a third run writes nothing", chaos.snapshot(prefix) == written)

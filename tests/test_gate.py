@@ -24,7 +24,7 @@ from pipeline.maths import solvers as S
 from pipeline.maths.classifier import input_side
 from pipeline.maths.edm import karras_sigmas
 from pipeline.maths.reproducible import image_labels
-from tests import tasks
+from tests import chaos, tasks
 from tests.services import ROOT
 from tests.test_classifier import write_dataset
 from tests.test_sampling import read_shards, sample_argv
@@ -139,15 +139,30 @@ def registered(digits, mlflow_server) -> dict:
     return {"model": f"gate-digits/{version}", "uri": mlflow_server}
 
 
-@pytest.fixture(scope="module")
-def filtered(registered, ray_cluster, s3) -> str:
-    """The filtered job run once: one actor, batches of 16."""
-    output = s3.prefix("gate-reference")
-    argv = sample_argv(registered["model"], output, registered["uri"], *FILTERED,
+def filtered_argv(registered: dict, output: str) -> list[str]:
+    """The filtered job: one actor, batches of 16."""
+    return sample_argv(registered["model"], output, registered["uri"], *FILTERED,
                        "--actors", "1", "--batch_size", "16")  # fmt: skip
-    result = tasks.run(argv)
+
+
+@pytest.fixture(scope="module")
+def filtered_run(registered, ray_cluster, s3) -> tuple[str, chaos.Reference]:
+    """The filtered job run once, uninterrupted: its output, and it as the chaos
+    trials' reference."""
+    output = s3.prefix("gate-reference")
+    records = storage.join(output, shards.RECORDS)
+    result, window = chaos.reference_run(
+        filtered_argv(registered, output), None, lambda: tasks.count(records), 1, 4
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    return output
+    manifest = shards.load_manifest(output)
+    assert manifest is not None and len(manifest["shards"]) == 4
+    return output, chaos.Reference(manifest, window)
+
+
+@pytest.fixture(scope="module")
+def filtered(filtered_run) -> str:
+    return filtered_run[0]
 
 
 def _members(found: dict, ext: str) -> dict[str, bytes]:
@@ -186,22 +201,23 @@ def test_the_label_filter_redraws_to_the_requested_counts_the_same_bytes_on_any_
     assert read_shards(output) == reference
 
 
-def test_a_killed_filtering_job_run_again_is_byte_identical(registered, filtered, s3, tmp_path):
-    output = s3.prefix("gate-killed")
-    argv = sample_argv(registered["model"], output, registered["uri"], *FILTERED,
-                       "--actors", "1", "--batch_size", "16")  # fmt: skip
-    log = tmp_path / "killed.log"
-    proc = tasks.start(argv, env=tasks.private_ray_env(), log=log)
-    try:
-        records = storage.join(output, shards.RECORDS)
-        tasks.wait_for(proc, lambda: tasks.count(records) >= 1, "a shard record", log=log)
-    finally:
-        assert tasks.kill(proc)
-    assert 1 <= tasks.count(storage.join(output, shards.RECORDS)) < 4  # part-way
-    assert not storage.exists(storage.join(output, shards.MANIFEST))
-    again = tasks.run(argv)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert read_shards(output) == read_shards(filtered)
+@pytest.mark.parametrize("seed", chaos.seeds(zero_in_default_suite=True))
+def test_a_killed_filtering_job_run_again_is_byte_identical(
+    seed, trial, registered, filtered_run, s3
+):
+    """The chaos trial of generation with its checks and filter (seed 0 in the
+    default suite; see tests/test_chaos.py)."""
+    output = s3.prefix(f"chaos-filtered-{seed}")
+    with trial("sample-filtered", seed) as t:
+        # Its own Ray: the kill takes the actor down mid-shard, judge and redraws too.
+        done, again = chaos.shard_job_trial(
+            t, filtered_argv(registered, output), output, filtered_run[1], tasks.private_ray_env()
+        )
+        t.check(
+            "the re-run generates exactly the shards without a record",
+            f"({4 - done} written now, {done} already complete)" in again.stdout,
+            again.stdout,
+        )
 
 
 def test_the_card_is_written_beside_the_manifest_and_logged_to_mlflow(registered, filtered):

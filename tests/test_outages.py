@@ -2,7 +2,13 @@
 
 SeaweedFS is killed and started again 10 s later on the same ports, data folder
 and identity: mid-preprocess, mid-generation, and while training uploads its
-checkpoints. The MLflow server is restarted mid-training. A job may ride an
+checkpoints. The MLflow server is stopped mid-training and started again 10 s
+later. Each kind runs three trials, the outage beginning at a moment drawn from
+the trial's number: a progress point (shard records; for training the first
+checkpoint recorded) and a delay of up to a second. Each asserts from the job's
+own records that the outage landed mid-work: the job was running when the
+server went and when it came back, had done work before, and did more after.
+A job may ride an
 outage out or exit 1 with one line and complete when run again; either way it
 must end with the bytes of an undisturbed run, and a listing of its prefix,
 taken over and over during and after the outage, must never show a partial
@@ -13,23 +19,27 @@ also requires that the job completed without a re-run.
 
 Each test runs its own servers in its own folder (never the session's, which
 the rest of the suite shares) and its tasks on a private local Ray, pointed at
-them through the environment. Each place's outcome is merged into
-bench/results/outages-cpu2.json: `outcome`, `exit_codes` (the run's, then a
-re-run's), `unreachable_s` (the outage and the server's start-up), `seconds`
-(the disturbed job, a re-run included) and `identical` (to the undisturbed run).
+them through the environment. Each trial's outcome is merged into
+bench/results/outages-cpu2.json, by place and trial: `outcome`, `exit_codes`
+(the run's, then a re-run's), `unreachable_s` (the outage and the server's
+start-up), `seconds` (the disturbed job, a re-run included), `identical` (to
+the undisturbed run), `progress` (the moment, and the work done at the outage,
+when the server was back and at the end) and the commit the trial ran on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import pickle
+import random
 import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +51,7 @@ from pipeline.edges import checkpoint, storage
 from pipeline.maths.edm import Precond
 from pipeline.maths.unet import build
 from tests import images, services, tasks
+from tests.chaos import source_version
 from tests.nets import checkpoint_state, randomised
 
 OUTAGE_S = 10.0
@@ -76,11 +87,12 @@ def job_env() -> dict[str, str]:
 
 
 def mlflow_restart(server: services.MlflowServer) -> float:
-    """Restart the MLflow server as an operator would: stop it, wait a few seconds,
-    start it on the same port and store; returns how long it did not answer."""
+    """Restart the MLflow server as an operator would: stop it, keep it down
+    OUTAGE_S, start it on the same port and store; returns how long it did not
+    answer (the outage and its start-up)."""
     start = time.monotonic()
     server.stop()
-    time.sleep(OUTAGE_S / 2)  # the restart's pause
+    time.sleep(OUTAGE_S)  # the outage itself
     server.start()
     return time.monotonic() - start
 
@@ -95,9 +107,30 @@ def s3_outage(server: services.S3Server) -> float:
     return time.monotonic() - start
 
 
+TRIALS = (1, 2, 3)
+"""The trials of each kind of outage, each at its own drawn moment."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Moment:
+    """When an outage begins: once the job's progress reaches `point`, then
+    `delay` seconds more."""
+
+    point: int
+    delay: float
+
+    @classmethod
+    def draw(cls, kind: str, trial: int, points: Sequence[int]) -> Moment:
+        rng = random.Random(f"outage:{kind}:{trial}")
+        return cls(rng.choice(points), round(rng.uniform(0.0, 1.0), 2))
+
+
 class Job:
-    """A task run through an outage: started, disturbed by `outage()` once
-    `ready()`, waited for, and (if it failed) run again to completion."""
+    """A task run through an outage: started, disturbed by `outage()` at `moment`,
+    waited for, and (if it failed) run again to completion. What it had done
+    (`progress()`) is read when the outage begins, once the server is back, and
+    at the end: the outage must land mid-work, with work done before it and
+    after it."""
 
     def __init__(self, argv: list[str], log: Path):
         self.argv, self.log, self.env = argv, log, job_env()
@@ -107,15 +140,24 @@ class Job:
         """Seconds the server did not answer: the outage and its start-up."""
         self.seconds = 0.0
         """From the start of the disturbed run to the end of the last."""
+        self.progress: dict[str, Any] = {}
 
     def run_through(
-        self, ready: Callable[[], bool], what: str, outage: Callable[[], float]
+        self,
+        moment: Moment,
+        progress: Callable[[], int],
+        of: str,
+        outage: Callable[[], float],
     ) -> None:
         start = time.monotonic()
         proc = tasks.start(self.argv, self.env, self.log)
         try:
-            tasks.wait_for(proc, ready, what, log=self.log)
+            ready = lambda: progress() >= moment.point  # noqa: E731
+            tasks.wait_for(proc, ready, f"{moment.point} {of}", log=self.log, poll=0.05)
+            time.sleep(moment.delay)
+            before, running_before = progress(), proc.poll() is None
             self.unreachable = outage()
+            after, running_after = progress(), proc.poll() is None
             self.codes.append(proc.wait(timeout=600))
         finally:
             tasks.kill(proc)
@@ -128,25 +170,48 @@ class Job:
             self.codes.append(again.returncode)
             assert again.returncode == 0, again.stderr[-5000:]
         self.seconds = time.monotonic() - start
+        self.progress = {
+            "of": of,
+            "moment": dataclasses.asdict(moment),
+            "at_outage": before,
+            "when_back": after,
+            "at_end": progress(),
+            "running_at_outage": running_before,
+            "running_when_back": running_after,
+        }
+
+    def check_mid_work(self) -> None:
+        """The outage overlapped the work: the job ran through it, with work done
+        before it began and after the server was back."""
+        p = self.progress
+        assert p["running_at_outage"] and p["running_when_back"], p
+        assert p["at_outage"] >= 1, p
+        assert p["at_end"] > p["when_back"], p
 
     @property
     def outcome(self) -> str:
         return "completed (retried)" if self.codes == [0] else "exit 1, re-run completed"
 
 
-def record(place: str, job: Job, identical: bool, **more: Any) -> None:
-    """Merge the outcome of one place into RESULTS (the other places' are kept)."""
+def record(place: str, trial: int, job: Job, identical: bool, **more: Any) -> None:
+    """Merge the outcome of one trial into RESULTS (the others' are kept)."""
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results[place] = {
+    results = {k: v for k, v in results.items() if k in PLACES}  # the older layout's go
+    results.setdefault(place, {})[str(trial)] = {
         "outcome": job.outcome,
         "exit_codes": job.codes,
         "unreachable_s": round(job.unreachable, 1),
         "seconds": round(job.seconds, 1),
         "identical": identical,
+        "progress": job.progress,
+        **source_version(),
         **more,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+
+
+PLACES = ("preprocess", "sample", "train-checkpoints", "train-mlflow")
 
 
 class Lister:
@@ -199,12 +264,13 @@ def shard_digests(manifest: dict[str, Any]) -> dict[str, str]:
 
 
 def shards_through_an_outage(
-    server: services.S3Server, task: str, settings: list[str], log: Path
+    server: services.S3Server, task: str, settings: list[str], log: Path, trial: int
 ) -> tuple[Job, dict[str, Any]]:
     """Run `task` writing shards to the bucket twice: undisturbed, then through an
-    S3 outage that begins once it has finished 2 shards, while a `Lister` watches
-    its prefix. Checks what was listed; returns the job and whether it ended with
-    the undisturbed run's shards, byte for byte."""
+    S3 outage that begins at a moment drawn from the first half of its shards
+    (`trial`'s), while a `Lister` watches its prefix. Checks what was listed and
+    that the outage landed mid-work; returns the job and whether it ended with the
+    undisturbed run's shards, byte for byte."""
     bucket = f"s3://{server.bucket}"
     argv = tasks.command(task, *settings, "--output", f"{bucket}/reference")
     reference = tasks.run(argv, job_env())
@@ -213,8 +279,11 @@ def shards_through_an_outage(
     out = f"{bucket}/disturbed"
     job = Job(tasks.command(task, *settings, "--output", out), log)
     records = f"{out}/{shards.RECORDS}"
+    moment = Moment.draw(task, trial, range(1, len(expected["shards"]) // 2 + 1))
     with Lister(server, out) as lister:
-        job.run_through(lambda: tasks.count(records) >= 2, "2 shards", lambda: s3_outage(server))
+        job.run_through(
+            moment, lambda: tasks.count(records), "shard records", lambda: s3_outage(server)
+        )
     found = json.loads(storage.read_bytes(f"{out}/{shards.MANIFEST}"))
     names = shard_digests(expected)
     identical = shard_digests(found) == names and all(
@@ -231,6 +300,7 @@ def shards_through_an_outage(
     final = {o.relpath for o in storage.list_objects(out)}
     assert lister.keys <= final, lister.keys - final
     assert lister.shards == names, {n for n in names if lister.shards.get(n) != names[n]}
+    job.check_mid_work()
     return job, {"identical": identical, "listings": lister.listings}
 
 
@@ -239,21 +309,25 @@ def shards_through_an_outage(
 
 @pytest.mark.outage
 @pytest.mark.slow
-def test_preprocess_through_an_s3_outage(tmp_path, s3_server):
+@pytest.mark.parametrize("trial", TRIALS)
+def test_preprocess_through_an_s3_outage(trial, tmp_path, s3_server):
     raw = tmp_path / "raw"
     for i in range(360):
         (raw / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
         (raw / f"c{i % 3}" / f"{i}.png").write_bytes(images.encode(images.noise(96, 72, i), "PNG"))
     settings = ["--input", str(raw), "--resolution", "16", "--samples_per_shard", "6"]
-    job, checks = shards_through_an_outage(s3_server, "preprocess", settings, tmp_path / "log")
-    record("preprocess", job, **checks)
+    job, checks = shards_through_an_outage(
+        s3_server, "preprocess", settings, tmp_path / "log", trial
+    )
+    record("preprocess", trial, job, **checks)
     assert checks["identical"]
     assert job.codes == [0], "a write waits out an outage shorter than WRITE_PATIENCE_S"
 
 
 @pytest.mark.outage
 @pytest.mark.slow
-def test_sample_through_an_s3_outage(tmp_path, s3_server):
+@pytest.mark.parametrize("trial", TRIALS)
+def test_sample_through_an_s3_outage(trial, tmp_path, s3_server):
     net = randomised(build("tiny", num_classes=10), seed=5)
     model = tmp_path / "checkpoint-000000000512"
     optimizer = torch.optim.Adam(Precond(net).parameters())
@@ -274,16 +348,16 @@ def test_sample_through_an_s3_outage(tmp_path, s3_server):
         "--actors",
         "1",
     ]
-    job, checks = shards_through_an_outage(s3_server, "sample", settings, tmp_path / "log")
-    record("sample", job, **checks)
+    job, checks = shards_through_an_outage(s3_server, "sample", settings, tmp_path / "log", trial)
+    record("sample", trial, job, **checks)
     assert checks["identical"]
     assert job.codes == [0], "a write waits out an outage shorter than WRITE_PATIENCE_S"
 
 
 # --- training: checkpoint uploads, and MLflow -------------------------------------------------
 
-IMAGES = 1024
-"""Images a training run sees: 32 steps of 32."""
+IMAGES, CHECKPOINT_EVERY = 1024, 256
+"""Images a training run sees: 32 steps of 32, a checkpoint every 8."""
 
 TRAINING = [
     "--model.template",
@@ -303,7 +377,7 @@ TRAINING = [
     "--log_every_images",
     "128",
     "--checkpoint_every_images",
-    "256",
+    str(CHECKPOINT_EVERY),
     "--sample_every_images",
     str(IMAGES),
     "--keep_checkpoints",
@@ -387,21 +461,34 @@ def worker_starts(log: Path) -> list[int]:
     return sorted(int(at) for _, at in set(re.findall(pattern, log.read_text())))
 
 
+def last_committed(runs: str, name: str) -> int:
+    return max(committed(runs, name), default=0)
+
+
+TRAIN_POINTS = (CHECKPOINT_EVERY,)
+"""Where training outages begin (then a drawn delay): at the first checkpoint
+recorded, so that most of the run is still to come once the server is back."""
+
+
 @pytest.mark.outage
 @pytest.mark.slow
+@pytest.mark.parametrize("trial", TRIALS)
 def test_train_through_an_s3_outage_during_checkpoint_uploads(
-    tmp_path, s3_server, dataset, straight
+    trial, tmp_path, s3_server, dataset, straight
 ):
     runs, tracking = f"s3://{s3_server.bucket}/runs", f"sqlite:///{tmp_path}/mlflow.db"
     job = Job(train_argv(dataset, runs, tracking, "disturbed"), tmp_path / "log")
-    # The server goes once the first checkpoint is recorded; the next ones are
-    # due every 2-3 s, while it is down.
+    # The next checkpoints are due every 2-3 s, while the server is down.
     job.run_through(
-        lambda: bool(committed(runs, "disturbed")), "a checkpoint", lambda: s3_outage(s3_server)
+        Moment.draw("train-checkpoints", trial, TRAIN_POINTS),
+        lambda: last_committed(runs, "disturbed"),
+        "images at the checkpoint last recorded",
+        lambda: s3_outage(s3_server),
     )
     identical = same_training(straight, final_checkpoint(runs, "disturbed"))
     starts = worker_starts(job.log)
-    record("train-checkpoints", job, identical, worker_starts=starts)
+    record("train-checkpoints", trial, job, identical, worker_starts=starts)
+    job.check_mid_work()
     print(f"train: {job.outcome} {job.codes}; workers started at {starts} images")
     assert identical
     assert max(committed(runs, "disturbed")) == IMAGES
@@ -411,7 +498,8 @@ def test_train_through_an_s3_outage_during_checkpoint_uploads(
 
 @pytest.mark.outage
 @pytest.mark.slow
-def test_train_through_an_mlflow_restart(tmp_path, dataset, straight):
+@pytest.mark.parametrize("trial", TRIALS)
+def test_train_through_an_mlflow_restart(trial, tmp_path, dataset, straight):
     from mlflow import MlflowClient
 
     runs, workdir = str(tmp_path / "runs"), tmp_path / "mlflow"
@@ -419,8 +507,9 @@ def test_train_through_an_mlflow_restart(tmp_path, dataset, straight):
     with services.MlflowServer(workdir, str(workdir / "artifacts")) as server:
         job = Job(train_argv(dataset, runs, server.uri, "disturbed"), tmp_path / "log")
         job.run_through(
-            lambda: bool(committed(runs, "disturbed")),
-            "a checkpoint",
+            Moment.draw("train-mlflow", trial, TRAIN_POINTS),
+            lambda: last_committed(runs, "disturbed"),
+            "images at the checkpoint last recorded",
             lambda: mlflow_restart(server),
         )
         final = final_checkpoint(runs, "disturbed")
@@ -433,7 +522,8 @@ def test_train_through_an_mlflow_restart(tmp_path, dataset, straight):
         )
         history = client.get_metric_history(found[0].info.run_id, "images_seen")
     starts = worker_starts(job.log)
-    record("train-mlflow", job, identical, worker_starts=starts)
+    record("train-mlflow", trial, job, identical, worker_starts=starts)
+    job.check_mid_work()
     print(f"train: {job.outcome} {job.codes}; workers started at {starts} images")
     assert identical
     assert max(committed(runs, "disturbed")) == IMAGES

@@ -52,7 +52,10 @@ else:
 PY
   ) &
 fi
+# The Iceberg and Lance listeners (fixed ports 8181 and 9101) are off: unused,
+# and a second server on the machine (an outage test's) could not bind them.
 exec "$WEED" server -dir="$DIR" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
   -master.port="$BASE" -volume.port=$((BASE + 1)) -filer.port=$((BASE + 2)) \
   -master.volumeSizeLimitMB=1024 -volume.max=0 \
-  -s3 -s3.port="$PORT" -s3.config="$DIR/s3.json"
+  -s3 -s3.port="$PORT" -s3.config="$DIR/s3.json" \
+  -s3.port.iceberg=0 -s3.port.lance=0
