@@ -13,7 +13,7 @@ outage out or exit 1 with one line and complete when run again; either way it
 must end with the bytes of an undisturbed run, and a listing of its prefix,
 taken over and over during and after the outage, must never show a partial
 object or a temporary name. The pipeline's choice is to ride it out: S3 writes
-wait up to `storage.WRITE_PATIENCE_S`, pyarrow's requests (Ray Train, Ray Data)
+wait up to `s3.WRITE_PATIENCE_S`, pyarrow's requests (Ray Train, Ray Data)
 retry for about as long, and MLflow's client retries its requests; so each test
 also requires that the job completed without a re-run.
 
