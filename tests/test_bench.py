@@ -101,5 +101,25 @@ def test_preprocess(tmp_path):
 
 
 def test_quality(tmp_path):
-    found = _run("quality.py", tmp_path / "q.json", "--quick", "--datasets", "mixture")
-    assert {"settings", "datasets", "default"} <= set(found) and "mixture" in found["datasets"]
+    found = _run(
+        "quality.py", tmp_path / "q.json", "--quick", "--train_seeds", "0", "1",
+        "--train_images", "512", "--samples", "32", "--selection_samples", "16",
+    )  # fmt: skip
+    keys = ("settings", "seeds", "interval", "mixture_law", "selection", "default", "verdict")
+    assert {*keys, "datasets", "full_run_estimate_minutes"} <= set(found)
+    assert found["seeds"]["selection"]["base"] != found["seeds"]["evaluation"]["base"]
+    assert {"seed", "sha256"} <= set(found["mixture_law"])
+    assert {"case", "eta", "rule", "selection_scores"} <= set(found["default"])
+    assert set(found["verdict"]) == {"digits", "mixture", "mixture exact D*"}
+    assert all(v.startswith(("better", "worse", "equal within")) for v in found["verdict"].values())
+    for name, entry in found["datasets"].items():
+        assert {"n", "note"} <= set(entry["floor"]) and len(entry["training"]) == 2
+        assert set(entry["selection"]["rows"]) == {"seed0", "seed1"}
+        rows = entry["evaluation"]["rows"]
+        [default] = [r for r in rows if "default" in r["roles"]]
+        assert default["case"] == found["default"]["case"], name
+        ratio = ("fd_ratio", "fd_ratio_per_seed", "fd_ratio_p05", "fd_ratio_p95")
+        assert {"fd", "fd_per_seed", *ratio} <= set(default), default
+        assert entry["ema"]["rows"][0]["ema_length"] == "fixed"
+    assert {"default", "reference"} <= set(found["datasets"]["digits"]["evaluation"]["cas"])
+    assert found["datasets"]["mixture"]["exact_denoiser"]["rows"]
