@@ -74,6 +74,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import sys
@@ -88,6 +89,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.config import sample as sample_config  # noqa: E402
 from pipeline.maths.classifier import Recipe  # noqa: E402
 from pipeline.maths.edm import Precond, karras_sigmas  # noqa: E402
 from pipeline.maths.phema import reconstruct  # noqa: E402
@@ -348,7 +350,17 @@ def evaluation_cases(choice: Choice, reference: Case) -> dict[Case, list[str]]:
         roles.setdefault(case, []).append(f"best {sampler}")
     for case in (Case("heun", 18), Case("dpmpp_2m", 35)):
         roles.setdefault(case, []).append(f"{case.sampler} at 35 NFE")
+    roles.setdefault(shipped(), []).append("tasks.sample's default")
     return roles
+
+
+def shipped() -> Case:
+    """The default `tasks.sample` ships: its sampler and steps, with the sampler's
+    own settings (the config has no field for them)."""
+    function = SAMPLERS[sample_config.DEFAULT_SAMPLER]
+    defaults = inspect.signature(function).parameters
+    settings = (("eta", defaults["eta"].default),) if "eta" in defaults else ()
+    return Case(sample_config.DEFAULT_SAMPLER, sample_config.DEFAULT_STEPS, settings)
 
 
 def combine(
