@@ -12,6 +12,7 @@ import dataclasses
 import json
 import platform
 import random
+import re
 import signal
 import subprocess
 import tempfile
@@ -385,6 +386,23 @@ def reference_run(
             tasks.kill(proc)
         output = log.read_text()
     return subprocess.CompletedProcess(argv, proc.returncode, output, output), window
+
+
+def shard_reference(argv: list[str], env: dict | None, prefix: str, total: int) -> Reference:
+    """The uninterrupted reference run of a job writing `total` shards to `prefix`."""
+    records = storage.join(prefix, shards.RECORDS)
+    done, window = reference_run(argv, env, lambda: tasks.count(records), 1, total)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = shards.load_manifest(prefix)
+    assert manifest is not None and len(manifest["shards"]) == total, manifest
+    return Reference(manifest, window)
+
+
+def check_reused(t: Trial, again: subprocess.CompletedProcess, done: int) -> None:
+    """The re-run of a preprocess or encode job reused the shards recorded at the kill."""
+    found = re.search(r"shards \((\d+) reused\)", again.stdout)
+    t.killed["reused"] = reused = int(found.group(1)) if found else 0
+    t.check("the re-run reuses the shards with records", reused == done, again.stdout)
 
 
 def shard_job_trial(

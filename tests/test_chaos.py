@@ -35,7 +35,6 @@ bench/results/chaos-cpu2.json. Each trial also prints its record.
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from pathlib import Path
 
@@ -80,18 +79,8 @@ def preprocess_argv(raw: Path, output: str) -> list[str]:
 def preprocessed(raw, tmp_path_factory) -> chaos.Reference:
     """The dataset built uninterrupted, by a task with its own Ray as the trials'."""
     out = str(tmp_path_factory.mktemp("preprocess-reference") / "out")
-    records = storage.join(out, shards.RECORDS)
-    done, window = chaos.reference_run(
-        preprocess_argv(raw, out),
-        tasks.private_ray_env(),
-        lambda: tasks.count(records),
-        1,
-        PREPROCESS_SHARDS,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    manifest = shards.load_manifest(out)
-    assert manifest is not None and len(manifest["shards"]) == PREPROCESS_SHARDS
-    return chaos.Reference(manifest, window)
+    argv = preprocess_argv(raw, out)
+    return chaos.shard_reference(argv, tasks.private_ray_env(), out, PREPROCESS_SHARDS)
 
 
 @pytest.mark.parametrize(
@@ -115,9 +104,7 @@ def test_preprocess_killed_then_run_again_ends_as_an_uninterrupted_run(
         # The killed job runs its own Ray, in its own process group: SIGKILL takes
         # the driver, Ray and the workers (mid-write) down together.
         done, again = chaos.shard_job_trial(t, argv, prefix, preprocessed, tasks.private_ray_env())
-        found = re.search(r"shards \((\d+) reused\)", again.stdout)
-        t.killed["reused"] = reused = int(found.group(1)) if found else 0
-        t.check("the re-run reuses the shards with records", reused == done, again.stdout)
+        chaos.check_reused(t, again, done)
         if where == "local":
             partial = list(Path(prefix).rglob("*.partial"))
             t.check("no interrupted write is left", partial == [], partial)
@@ -169,18 +156,9 @@ def encode_argv(pixels: str, vae: str, output: str) -> list[str]:
 def encoded(pixels, vae, s3) -> chaos.Reference:
     """The latents encoded uninterrupted, by a task with its own Ray as the trials'."""
     prefix = s3.prefix("chaos-encode-reference")
-    records = storage.join(prefix, shards.RECORDS)
-    done, window = chaos.reference_run(
-        encode_argv(pixels, vae, prefix),
-        tasks.private_ray_env(),
-        lambda: tasks.count(records),
-        1,
-        len(shards.load_dataset(pixels, "pixels")[0]["shards"]),
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    manifest = shards.load_manifest(prefix)
-    assert manifest is not None
-    return chaos.Reference(manifest, window)
+    total = len(shards.load_dataset(pixels, "pixels")[0]["shards"])
+    argv = encode_argv(pixels, vae, prefix)
+    return chaos.shard_reference(argv, tasks.private_ray_env(), prefix, total)
 
 
 @pytest.mark.parametrize("seed", chaos.seeds())
@@ -192,9 +170,7 @@ def test_encode_killed_then_run_again_ends_as_an_uninterrupted_run(
     with trial("encode", seed) as t:
         # Its own Ray: the kill takes the actor down mid-shard.
         done, again = chaos.shard_job_trial(t, argv, prefix, encoded, tasks.private_ray_env())
-        found = re.search(r"shards \((\d+) reused\)", again.stdout)
-        t.killed["reused"] = reused = int(found.group(1)) if found else 0
-        t.check("the re-run reuses the shards with records", reused == done, again.stdout)
+        chaos.check_reused(t, again, done)
         chaos.third_run_writes_nothing(t, argv, prefix, "already complete")
 
 
@@ -236,18 +212,9 @@ def sample_argv(model: str, output: str, tracking_uri: str) -> list[str]:
 def sampled(model, mlflow_server, ray_cluster, s3) -> chaos.Reference:
     """The images generated uninterrupted, on the session's cluster as the trials'."""
     prefix = s3.prefix("chaos-sample-reference")
-    records = storage.join(prefix, shards.RECORDS)
-    done, window = chaos.reference_run(
-        sample_argv(model, prefix, mlflow_server),
-        None,
-        lambda: tasks.count(records),
-        1,
-        SAMPLE_SHARDS,
+    return chaos.shard_reference(
+        sample_argv(model, prefix, mlflow_server), None, prefix, SAMPLE_SHARDS
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    manifest = shards.load_manifest(prefix)
-    assert manifest is not None and len(manifest["shards"]) == SAMPLE_SHARDS
-    return chaos.Reference(manifest, window)
 
 
 @pytest.mark.parametrize("seed", chaos.seeds())

@@ -150,14 +150,7 @@ def filtered_run(registered, ray_cluster, s3) -> tuple[str, chaos.Reference]:
     """The filtered job run once, uninterrupted: its output, and it as the chaos
     trials' reference."""
     output = s3.prefix("gate-reference")
-    records = storage.join(output, shards.RECORDS)
-    result, window = chaos.reference_run(
-        filtered_argv(registered, output), None, lambda: tasks.count(records), 1, 4
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    manifest = shards.load_manifest(output)
-    assert manifest is not None and len(manifest["shards"]) == 4
-    return output, chaos.Reference(manifest, window)
+    return output, chaos.shard_reference(filtered_argv(registered, output), None, output, 4)
 
 
 @pytest.fixture(scope="module")
