@@ -147,7 +147,7 @@ def test_quickstart_on_embedded_defaults(tmp_path):
     assert "train: digits-8-2026-11-26 (from scratch), 1280 images" in result.stdout
     number = r"[\d.]+"
     assert re.search(
-        rf"evaluate: digits-8/1: dpmpp_2m_sde 35 steps \(35 network evaluations, guidance "
+        rf"evaluate: digits-8/1: dpmpp_2m_sde 25 steps \(25 network evaluations, guidance "
         rf"1.5\): pixel Frechet distance {number}, label fidelity {number} \(real "
         rf"images {number}\), CAS {number} over 64 images",
         result.stdout,

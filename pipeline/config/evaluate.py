@@ -77,11 +77,9 @@ class EvaluateConfig(Checked):
     images: int = 1000
     """Images generated from seeds 0..images-1 (the same seeds for every model)."""
     sampler: str = DEFAULT
-    """The sampler and its steps whose samples are scored. Default: dpmpp_2m_sde:35,
-    DPM-Solver++(2M) SDE with eta 0.5, 35 steps = 35 network evaluations: the
-    sampler study's best setting at <= 35 (bench/quality.py), as good on pixel FD
-    as the 1000-step ancestral sampler at the same seeds (FD ratios 0.97 on the
-    digits, 0.90 on a Gaussian mixture)."""
+    """The sampler and its steps whose samples are scored. Default: dpmpp_2m_sde:25,
+    DPM-Solver++(2M) SDE with eta 0.5 at 25 network evaluations, the sampler
+    study's choice (pipeline.config.sample.DEFAULT)."""
     compare: tuple[str, ...] = ()
     """More samplers scored the same way, reported beside the first, e.g.
     `euler_ancestral:1000` (the 1000-step stochastic sampler)."""

@@ -117,11 +117,9 @@ class NightlyConfig(Checked):
     eval_images: int = 1000
     """Images generated (from fixed seeds) to score each model."""
     eval_sampler: str = DEFAULT
-    """Sampler and steps of the scored samples. Default: dpmpp_2m_sde:35,
-    DPM-Solver++(2M) SDE with eta 0.5, 35 steps = 35 network evaluations: the
-    sampler study's best setting at <= 35 (bench/quality.py), as good on pixel FD
-    as the 1000-step ancestral sampler at the same seeds (FD ratios 0.97 on the
-    digits, 0.90 on a Gaussian mixture)."""
+    """Sampler and steps of the scored samples. Default: dpmpp_2m_sde:25,
+    DPM-Solver++(2M) SDE with eta 0.5 at 25 network evaluations, the sampler
+    study's choice (pipeline.config.sample.DEFAULT)."""
     eval_compare: tuple[str, ...] = ()
     """More samplers scored beside it, e.g. euler_ancestral:1000 (reported, not used
     to decide)."""
@@ -143,7 +141,7 @@ class NightlyConfig(Checked):
     """Images per shard of the generated images: 1,000 make 4, which keep the
     actors of a small CPU cluster busy (tasks.sample's default is 1,000)."""
     sample_sampler: str = DEFAULT
-    """Sampler and steps of the generated images (default: dpmpp_2m_sde:35, as
+    """Sampler and steps of the generated images (default: dpmpp_2m_sde:25, as
     eval_sampler)."""
     sample_guidance: float = 1.0
     """Classifier-free guidance of the generated images (1: none; above 1 needs a

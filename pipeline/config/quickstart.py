@@ -68,7 +68,7 @@ class QuickstartConfig(Checked):
     eval_images: int = 1000
     """Images generated from fixed seeds to score the model."""
     compare: tuple[str, ...] = ()
-    """More samplers scored beside the default (DPM-Solver++(2M) SDE, 35 network
+    """More samplers scored beside the default (DPM-Solver++(2M) SDE, 25 network
     evaluations), e.g. euler_ancestral:1000, the 1000-step stochastic reference
     (minutes more)."""
     ema_lengths: tuple[float, ...] | None = None

@@ -16,14 +16,15 @@ SamplerName = Literal[
 SAMPLER_NAMES: tuple[SamplerName, ...] = typing.get_args(SamplerName)
 
 DEFAULT_SAMPLER: SamplerName = "dpmpp_2m_sde"
-DEFAULT_STEPS = 35
+DEFAULT_STEPS = 25
 DEFAULT = f"{DEFAULT_SAMPLER}:{DEFAULT_STEPS}"
 """The sampler of tasks.sample, tasks.evaluate and the nightly unless told: DPM-Solver++(2M)
-SDE (its default eta 0.5, s_noise 1, midpoint correction), 35 steps = 35 network
+SDE (its default eta 0.5, s_noise 1, midpoint correction), 25 steps = 25 network
 evaluations. The sampler study (bench/quality.py, bench/results/quality-cpu2.json)
-chose it: of Heun, DPM-Solver++(2M), its SDE variants, EDM's stochastic sampler and
-restart sampling at 10 to 63 evaluations, the setting at <= 35 whose worst pixel-FD
-ratio to the 1000-step Euler ancestral sampler over two datasets is least."""
+chose it on one set of seeds over three trained models per dataset: of the settings
+this config can name (a sampler and its steps) at <= 35 evaluations, the one whose
+worse mean pixel-FD ratio to the 1000-step Euler ancestral sampler over two datasets
+is least. README's "Which sampler" gives its ratios on other seeds, with intervals."""
 
 MAX_STEPS = 10_000
 """Sampler steps: ten times the 1000-step stochastic reference."""
@@ -59,15 +60,13 @@ class SampleConfig(Checked):
     shards than actors leaves actors idle; one of smaller shards makes more
     requests to the object store (docs/scaling.md)."""
     sampler: SamplerName = DEFAULT_SAMPLER
-    """The sampler (pipeline.maths.solvers). Default: dpmpp_2m_sde,
-    DPM-Solver++(2M) SDE with eta 0.5, 35 steps = 35 network evaluations: the
-    sampler study's best setting at <= 35 (bench/quality.py), as good on pixel FD
-    as the 1000-step ancestral sampler at the same seeds (FD ratios 0.97 on the
-    digits, 0.90 on a Gaussian mixture)."""
+    """The sampler (pipeline.maths.solvers), with its own settings. Default:
+    dpmpp_2m_sde, DPM-Solver++(2M) SDE with eta 0.5 at 25 steps, the sampler study's
+    choice (`DEFAULT`)."""
     steps: int = DEFAULT_STEPS
     """Sampler steps: one network evaluation each (Heun, EDM's stochastic sampler
     and restart evaluate the network 2*steps-1 times, restart 12 more with its
-    defaults)."""
+    defaults). Default: 25."""
     guidance: float = 1.0
     """Classifier-free guidance scale: 1 is none; above 1 trades diversity for
     fidelity to the label, each network call then holding its images twice (with

@@ -255,8 +255,8 @@ def sample_dpmpp_2m_sde(
     with the previous D ("midpoint" or "heun"), and adds fresh noise of standard
     deviation sigma_next sqrt(1 - e^{-2 eta h}) s_noise. eta = 0 is the ODE solver
     (with "midpoint", exactly sample_dpmpp_2m); eta = 1 the reverse SDE (k-diffusion's
-    default). The default eta = 0.5, half the SDE's noise, was the best setting at
-    35 evaluations in bench/quality.py's study (the project's default sampler). k-diffusion
+    default). The default eta = 0.5 is half the SDE's noise; at 25 steps it is the
+    project's default sampler, chosen by bench/quality.py's study. k-diffusion
     draws the noise from a Brownian tree; fresh per-sample Gaussians per step have
     the same law for this discretisation and keep samples independent of their batch."""
     if solver_type not in ("midpoint", "heun"):
