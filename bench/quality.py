@@ -124,7 +124,9 @@ positive below about 0.289)."""
 SCORES = ("fd", "swd", "label_fidelity", "mode_tv")
 """The scores of a row that are averaged over training seeds."""
 INTERVAL = (
-    "5-95% percentile interval of the mean over training seeds of FD(case) / FD(reference). "
+    "5-95% interval of the mean over training seeds of FD(case) / FD(reference): the "
+    "resampled ratios' 5th and 95th percentiles, moved by the estimate minus their median "
+    "(resamples repeat images, which pulls both FDs up and the ratio toward 1). "
     "For training seed k, `resamples` rows of n image indices drawn with replacement by "
     "numpy's default_rng(k), the same rows for every case and for the reference (paired); "
     "per row, FD(case) / FD(reference) of each seed's model, averaged over the seeds. Over "
@@ -398,7 +400,7 @@ def combine(
         per_seed = [next(r for r in s.rows if r["case"] == case.name) for s in studies]
         means = {k: float(np.mean([r[k] for r in per_seed])) for k in SCORES if k in per_seed[0]}
         ratios = [s.fd(case) / s.fd(reference) for s in studies]
-        lo, hi = ratio_interval(resampled[case], resampled[reference])
+        lo, hi = ratio_interval(float(np.mean(ratios)), resampled[case], resampled[reference])
         rows.append(
             {
                 **case.row(),

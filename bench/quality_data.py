@@ -85,14 +85,22 @@ def bootstrap_picks(n: int, resamples: int, seed: int) -> np.ndarray:
 
 
 def ratio_interval(
-    case_fds: Sequence[np.ndarray], reference_fds: Sequence[np.ndarray]
+    estimate: float, case_fds: Sequence[np.ndarray], reference_fds: Sequence[np.ndarray]
 ) -> tuple[float, float]:
-    """5-95% percentile interval of the mean over models of FD(case) / FD(reference),
+    """5-95% interval of `estimate`, the mean over models of FD(case) / FD(reference),
     from resamples drawn per model with the same images for the case and the
-    reference (`resampled_fd` with one `picks` per model)."""
+    reference (`resampled_fd` with one `picks` per model): the resampled ratios'
+    5th and 95th percentiles, moved by `estimate` minus their median.
+
+    Why moved: a resample repeats images (about 63% distinct), which adds much the
+    same finite-sample bias to both FDs and pulls every resampled ratio toward 1.
+    On the mixture at n = 2048 the plain percentiles lay below the estimate (1.424
+    against 1.123 to 1.428; Heun's 1.631 above its 95th percentile, 1.544). Their
+    spread is kept: it matched the spread over 40 independent image sets."""
     ratios = np.mean([c / r for c, r in zip(case_fds, reference_fds, strict=True)], axis=0)
-    lo, hi = np.percentile(ratios, [5, 95])
-    return float(lo), float(hi)
+    lo, median, hi = np.percentile(ratios, [5, 50, 95])
+    shift = estimate - median
+    return float(lo + shift), float(hi + shift)
 
 
 def verdict(ratio: float, lo: float, hi: float, reference: str) -> str:

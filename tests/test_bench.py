@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests import tasks
@@ -123,3 +124,18 @@ def test_quality(tmp_path):
         assert entry["ema"]["rows"][0]["ema_length"] == "fixed"
     assert {"default", "reference"} <= set(found["datasets"]["digits"]["evaluation"]["cas"])
     assert found["datasets"]["mixture"]["exact_denoiser"]["rows"]
+
+
+def test_the_quality_interval_is_centred_on_its_estimate_and_keeps_the_resamples_spread():
+    # Resampled ratios pulled toward 1 (as repeated images pull both FDs up): the
+    # interval must still hold the estimate, with the resamples' 5-95% spread.
+    sys.path.insert(0, str(ROOT / "bench"))
+    from quality_data import ratio_interval
+
+    pulled = 1.2 + np.random.default_rng(0).normal(0, 0.05, size=(2, 4000))
+    case, reference = [p * 1.0 for p in pulled], [np.ones(4000), np.ones(4000)]
+    lo, hi = ratio_interval(1.5, case, reference)
+    spread = np.percentile(pulled.mean(axis=0), 95) - np.percentile(pulled.mean(axis=0), 5)
+    assert lo < 1.5 < hi
+    assert hi - lo == pytest.approx(spread)
+    assert 1.5 - lo == pytest.approx(hi - 1.5, rel=0.1)
