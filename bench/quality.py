@@ -66,10 +66,18 @@ a few minutes to bench/out/quality-quick.json, models in bench/out/quality-quick
 Every run ends with an estimate of the full default run's minutes from its own
 timings (`estimate_full_run`). No Ray, no services: torch and numpy.
 
-Results on this 2-core machine: to be re-run with this design. The numbers of
-2026-12-02 (one model per dataset, the default chosen and scored on the same 896
-to 1000 images, the mixture's eta-1 rows on a law that cannot be re-drawn) are
-withdrawn.
+Results on this 2-core machine (2026-12-06, bench/results/quality-cpu2.json,
+written whole by `.venv/bin/python bench/quality.py --reuse` in 3.3 min from the
+models and samples earlier runs of this code kept; from nothing about 46-53 min by
+its estimate). The default chosen: DPM-Solver++(2M) SDE, eta 0.5, 25 steps (25
+NFE). On the evaluation seeds: digits FD ratio 1.000 [0.944, 1.058], equal within
+0.058; mixture 1.424 [1.273, 1.578], worse by 0.424 (no setting at <= 35 NFE
+reaches the 1000-step sampler there, which sits at the floor); with the exact
+denoiser 1.085 [0.895, 1.349]. Restart sampling (t 0.1-1, one restart of 6 steps,
+settings the config cannot take) is the only case better on the digits beyond the
+noise: 0.929 [0.880, 0.992]. On 512 images the mixture's FD is mostly the floor's,
+so the selection could not tell its samplers apart (ratios 0.95-1.35). README's
+"Which sampler" has the table.
 """
 
 from __future__ import annotations
