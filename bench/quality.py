@@ -83,14 +83,12 @@ so the selection could not tell its samplers apart (ratios 0.95-1.35). README's
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
-import inspect
 import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,45 +98,28 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import sample as sample_config  # noqa: E402
 from pipeline.maths.classifier import Recipe  # noqa: E402
-from pipeline.maths.edm import Precond, karras_sigmas  # noqa: E402
-from pipeline.maths.phema import reconstruct  # noqa: E402
-from pipeline.maths.solvers import (  # noqa: E402
-    SAMPLERS,
-    initial_noise,
-    network_evaluations,
-    sample_generators,
-)
+from pipeline.maths.edm import Precond  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_data import (  # noqa: E402
-    Data,
-    Trained,
-    bootstrap_picks,
-    digits,
-    heldout_loss,
-    kept_model,
-    mixture,
-    ratio_interval,
-    verdict,
+from quality_cases import (  # noqa: E402
+    BUDGET,
+    RULE,
+    Case,
+    choose,
+    evaluation_cases,
+    sde,
+    selection_cases,
 )
-
-BUDGET = 35
-"""The most network evaluations the default may take."""
-EMA_LENGTHS = (0.02, 0.05, 0.1, 0.15, 0.2)
-"""EDM2's sigma_rel of the reconstructed averages (the profiles' exponent stays
-positive below about 0.289)."""
-SCORES = ("fd", "swd", "label_fidelity", "mode_tv")
-"""The scores of a row that are averaged over training seeds."""
-INTERVAL = (
-    "5-95% interval of the mean over training seeds of FD(case) / FD(reference): the "
-    "resampled ratios' 5th and 95th percentiles, moved by the estimate minus their median "
-    "(resamples repeat images, which pulls both FDs up and the ratio toward 1). "
-    "For training seed k, `resamples` rows of n image indices drawn with replacement by "
-    "numpy's default_rng(k), the same rows for every case and for the reference (paired); "
-    "per row, FD(case) / FD(reference) of each seed's model, averaged over the seeds. Over "
-    "images, given these models: training seeds are not resampled (see fd_ratio_per_seed)."
+from quality_data import Data, Trained, digits, kept_model, mixture, verdict  # noqa: E402
+from quality_scoring import (  # noqa: E402
+    EMA_LENGTHS,
+    INTERVAL,
+    Costs,
+    Study,
+    combine,
+    ema_lengths,
+    generate,
 )
 
 
@@ -159,289 +140,6 @@ class Sizes:
 
 FULL = Sizes(128_000, samples=2048, selection_samples=512, resamples=400, reference_steps=1000)
 QUICK = Sizes(4096, samples=256, selection_samples=128, resamples=100, reference_steps=100)
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """A sampler, its steps and its settings."""
-
-    sampler: str
-    steps: int
-    settings: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def nfe(self) -> int:
-        return network_evaluations(self.sampler, self.steps, **dict(self.settings))
-
-    @property
-    def name(self) -> str:
-        shown = ",".join(
-            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.settings
-        )
-        return f"{self.sampler}:{self.steps}" + (f" {shown}" if shown else "")
-
-    def row(self) -> dict[str, Any]:
-        head = {"case": self.name, "sampler": self.sampler, "steps": self.steps}
-        return {**head, "settings": dict(self.settings), "nfe": self.nfe}
-
-
-def sde(steps: int, eta: float) -> Case:
-    return Case("dpmpp_2m_sde", steps, (("eta", eta),))
-
-
-def edm(churn: float, tmin: float = 0.05, tmax: float = 50.0) -> Case:
-    settings = (("s_churn", churn), ("s_tmin", tmin), ("s_tmax", tmax), ("s_noise", 1.0))
-    return Case("edm_stochastic", 18, settings)
-
-
-def restart(tmin: float, tmax: float, k: int, steps: int) -> Case:
-    """12 Heun steps (23 NFE) and k restarts of `steps` steps (2 NFE each): 35 NFE."""
-    settings = {"restart_tmin": tmin, "restart_tmax": tmax, "restart_k": k, "restart_steps": steps}
-    return Case("restart", 12, tuple(settings.items()))
-
-
-def selection_cases(quick: bool) -> list[Case]:
-    """The selection grid of the module doc (`quick`: one or two of each family)."""
-    if quick:
-        return [
-            *[Case("heun", 18), Case("dpmpp_2m", 35), sde(35, 0.5), sde(35, 1.0)],
-            *[Case("euler_ancestral", 35), edm(4.0), restart(0.1, 1.0, 2, 3)],
-        ]
-    return [
-        *[Case("heun", s) for s in (13, 18)],
-        *[Case("dpmpp_2m", s) for s in (25, 35)],
-        *[sde(35, eta) for eta in (0.25, 0.5, 0.75, 1.0)],
-        *[sde(25, eta) for eta in (0.5, 1.0)],
-        Case("euler_ancestral", 35),
-        *[edm(churn) for churn in (2.0, 4.0, 8.0)],
-        *[edm(4.0, tmin=0.5), edm(8.0, tmax=1.0)],
-        *[restart(0.06, 0.3, 2, 3), restart(0.1, 1.0, 2, 3), restart(0.1, 1.0, 1, 6)],
-    ]
-
-
-# --- sampling and scoring -------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Costs:
-    """Seconds this run spent and the work done in them, by kind (sampling: images x
-    NFE; scoring: calls; bootstrap: FDs; CAS: classifier steps)."""
-
-    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
-    work: dict[str, float] = dataclasses.field(default_factory=dict)
-    train_rates: list[float] = dataclasses.field(default_factory=list)
-    """Seconds per training image of each model trained (the first pays the warm-up)."""
-
-    def add(self, kind: str, start: float, work: float) -> None:
-        """Count the seconds since `start` (`time.perf_counter`) as `work` of `kind`."""
-        self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - start
-        self.work[kind] = self.work.get(kind, 0.0) + work
-
-    def rate(self, kind: str) -> float:
-        return self.seconds.get(kind, 0.0) / max(1.0, self.work.get(kind, 0.0))
-
-
-def generate(
-    denoiser: Callable[..., torch.Tensor],
-    case: Case,
-    data: Data,
-    guidance: float,
-    seed: int,
-    n: int,
-) -> torch.Tensor:
-    """n samples of `case` from the per-image seeds (seed, 0..n-1): the same start
-    and the same generators for every case, whatever the batch."""
-    generators = sample_generators(seed, range(n))
-    dtype = data.train.dtype
-    sigmas = karras_sigmas(case.steps, dtype=dtype)
-    x = initial_noise((n, *data.train.shape[1:]), float(sigmas[0]), generators).to(dtype)
-    return SAMPLERS[case.sampler](
-        denoiser,
-        x,
-        sigmas,
-        label=data.labels_for(n),
-        guidance=guidance,
-        generator=generators,
-        **dict(case.settings),
-    )
-
-
-@dataclasses.dataclass
-class Study:
-    """The scored cases of one denoiser on one dataset and one set of sample seeds."""
-
-    denoiser: Callable[..., torch.Tensor]
-    data: Data
-    guidance: float
-    title: str
-    seed: int
-    """The seed base of the images (`generate`)."""
-    n: int
-    costs: Costs
-    cache: dict[str, torch.Tensor]
-    """Samples by key, kept with the model for `--reuse`."""
-    kind: str = "sample"
-    """The cost kind of its sampling ("exact": the exact denoiser)."""
-    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    samples: dict[Case, torch.Tensor] = dataclasses.field(default_factory=dict)
-
-    def run(self, *cases: Case) -> None:
-        for case in cases:
-            if case in self.samples:
-                continue
-            key = f"{self.title}: {case.name}, seeds {self.seed}:{self.n}, guidance {self.guidance}"
-            start = time.perf_counter()
-            x = self.cache.get(key)
-            if x is None:
-                x = generate(self.denoiser, case, self.data, self.guidance, self.seed, self.n)
-                self.cache[key] = x
-                self.costs.add(self.kind, start, self.n * case.nfe)
-                seconds: float | None = round(time.perf_counter() - start, 2)
-            else:
-                seconds = None  # an earlier run's
-            self.samples[case] = x
-            scoring = time.perf_counter()
-            scores = self.data.score(x, self.data.labels_for(self.n))
-            self.costs.add("score", scoring, 1)
-            self.rows.append({**case.row(), "seconds": seconds, **scores})
-            took = "kept" if seconds is None else f"{seconds:.1f} s"
-            print(f"  {self.title} {case.name}: NFE {case.nfe}, FD {scores['fd']:.4f}, {took}")
-
-    def fd(self, case: Case) -> float:
-        return next(r["fd"] for r in self.rows if r["case"] == case.name)
-
-    def ratios(self, reference: Case) -> list[dict[str, Any]]:
-        """The rows, each with its FD over the reference's."""
-        return [{**r, "fd_ratio": r["fd"] / self.fd(reference)} for r in self.rows]
-
-
-# --- choosing on the selection seeds, reporting on the evaluation seeds -------------------
-
-
-@dataclasses.dataclass
-class Choice:
-    """The default and each family's best, chosen on the selection seeds."""
-
-    scores: dict[str, dict[str, float]]
-    """Case name -> dataset -> mean over training seeds of FD / reference FD."""
-    default: Case
-    family_best: dict[str, Case]
-
-    def worst(self, case: Case) -> float:
-        return max(self.scores[case.name].values())
-
-
-RULE = (
-    f"on the selection seeds, among the cases at <= {BUDGET} NFE that tasks.sample can run (a "
-    "sampler and its steps, with the sampler's own settings), the one whose worse (over the "
-    "datasets) mean over training seeds of FD / reference FD is least; a family's best by the "
-    "same rule over all its cases at <= 35 NFE, settings the config cannot take included"
-)
-
-
-def runnable(case: Case) -> bool:
-    """Whether tasks.sample can run `case`: the config names a sampler and its steps
-    only, so every setting must be the sampler's own default."""
-    defaults = inspect.signature(SAMPLERS[case.sampler]).parameters
-    return all(defaults[k].default == v for k, v in case.settings)
-
-
-def choose(selection: dict[str, list[Study]], cases: list[Case], reference: Case) -> Choice:
-    """The default of `RULE` among `cases`, all run on every study."""
-    scores = {
-        c.name: {
-            name: float(np.mean([s.fd(c) / s.fd(reference) for s in studies]))
-            for name, studies in selection.items()
-        }
-        for c in cases
-    }
-    candidates = [c for c in cases if c.nfe <= BUDGET]
-
-    def worst(case: Case) -> float:
-        return max(scores[case.name].values())
-
-    families = dict.fromkeys(c.sampler for c in candidates)
-    best = {f: min([c for c in candidates if c.sampler == f], key=worst) for f in families}
-    return Choice(scores, min([c for c in candidates if runnable(c)], key=worst), best)
-
-
-def evaluation_cases(choice: Choice, reference: Case) -> dict[Case, list[str]]:
-    """The cases scored on the evaluation seeds, with their roles."""
-    roles: dict[Case, list[str]] = {reference: ["reference"], choice.default: ["default"]}
-    for sampler, case in choice.family_best.items():
-        roles.setdefault(case, []).append(f"best {sampler}")
-    for case in (Case("heun", 18), Case("dpmpp_2m", 35)):
-        roles.setdefault(case, []).append(f"{case.sampler} at 35 NFE")
-    roles.setdefault(shipped(), []).append("tasks.sample's default")
-    return roles
-
-
-def shipped() -> Case:
-    """The default `tasks.sample` ships: its sampler and steps, with the sampler's
-    own settings (the config has no field for them), named as in the grid."""
-    sampler, steps = sample_config.DEFAULT_SAMPLER, sample_config.DEFAULT_STEPS
-    same = [
-        c
-        for c in selection_cases(quick=False)
-        if (c.sampler, c.steps) == (sampler, steps) and runnable(c)
-    ]
-    return same[0] if same else Case(sampler, steps)
-
-
-def combine(
-    studies: Sequence[Study],
-    seeds: Sequence[int],
-    roles: dict[Case, list[str]],
-    reference: Case,
-    resamples: int,
-) -> list[dict[str, Any]]:
-    """Each case's scores, their means over the models (`studies`, of training seeds
-    `seeds`), and the paired bootstrap interval of its FD ratio (`INTERVAL`)."""
-    start = time.perf_counter()
-    picks = [bootstrap_picks(s.n, resamples, seed) for s, seed in zip(studies, seeds, strict=True)]
-    resampled = {
-        case: [s.data.resampled_fd(s.samples[case], p) for s, p in zip(studies, picks, strict=True)]
-        for case in roles
-    }
-    rows = []
-    for case, what in roles.items():
-        per_seed = [next(r for r in s.rows if r["case"] == case.name) for s in studies]
-        means = {k: float(np.mean([r[k] for r in per_seed])) for k in SCORES if k in per_seed[0]}
-        ratios = [s.fd(case) / s.fd(reference) for s in studies]
-        lo, hi = ratio_interval(float(np.mean(ratios)), resampled[case], resampled[reference])
-        rows.append(
-            {
-                **case.row(),
-                "roles": what,
-                **means,
-                "fd_per_seed": [r["fd"] for r in per_seed],
-                "fd_ratio": float(np.mean(ratios)),
-                "fd_ratio_per_seed": ratios,
-                "fd_ratio_p05": lo,
-                "fd_ratio_p95": hi,
-            }
-        )
-    studies[0].costs.add("bootstrap", start, resamples * len(roles) * len(studies))
-    return rows
-
-
-def ema_lengths(
-    trained: Trained, data: Data, study: Callable[[Precond, str], Study], default: Case
-) -> list[dict[str, Any]]:
-    """The default sampler's scores and the held-out loss of the fixed EMA and of
-    the average reconstructed at each of `EMA_LENGTHS`."""
-    rows = []
-    models: list[tuple[str, Precond]] = [("fixed", trained.ema)]
-    for length in EMA_LENGTHS:
-        model = copy.deepcopy(trained.ema)
-        model.load_state_dict(reconstruct(trained.snapshots, length))
-        models.append((f"{length:g}", model.eval()))
-    for name, model in models:
-        scored = study(model, f"EMA {name}")
-        scored.run(default)
-        scores = {k: v for k, v in scored.rows[0].items() if k in SCORES}
-        rows.append({"ema_length": name, "heldout_loss": heldout_loss(model, data), **scores})
-    return rows
 
 
 # --- the estimate of the full run ------------------------------------------------------
