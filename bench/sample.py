@@ -32,42 +32,42 @@ Everything runs on one thread on CPU (one actor holds one CPU), or the GPU.
 Prints a table and writes bench/results/sample-<machine>.json. Needs the `bench`
 extra (diffusers).
 
-Results on this 2-core machine (2026-12-06, one whole run of 4m10s, the first
-since the JSON write was fixed, bench/results/sample-cpu2.json; tiny template
-0.43M parameters against a UNet2DModel of the same layout, 0.40M; 2048 8x8
-images, DPM-Solver++(2M) 20 steps = 20 evaluations, batch 64, one thread,
-guidance 2, shards of 256; a fast hour of this machine, so every rate is about
-twice that of the runs before):
+Results on this 2-core machine (2026-12-06, one whole run of 4m2s on the final
+code of issue 26, bench/results/sample-cpu2.json; tiny template 0.43M parameters
+against a UNet2DModel of the same layout, 0.40M; 2048 8x8 images,
+DPM-Solver++(2M) 20 steps = 20 evaluations, batch 64, one thread, guidance 2,
+shards of 256):
 
     case                    images/s  vs bare loop
-    bare loop                  234.2         1.000
-    guided, one call           120.0         0.512
-    guided, two calls          112.4         0.480
-    job, second on a Ray       195.2         0.833
-    job                        183.7         0.784
-    diffusers DDIM             231.8         0.990
-    diffusers DDPM             243.6         1.040
-    job, running               256.9         1.097
+    bare loop                  240.1         1.000
+    guided, one call           126.9         0.528
+    guided, two calls          123.9         0.516
+    job, second on a Ray       198.6         0.827
+    job                        191.7         0.798
+    diffusers DDIM             251.2         1.046
+    diffusers DDPM             253.6         1.056
+    job, running               265.2         1.104
 
     guided, by batch size   one call  two calls  speed-up
-        1                       19.7       17.7      1.11
-        4                       55.7       35.9      1.55
-       16                       99.3       76.5      1.30
-       64                      120.0      112.4      1.07
+        1                       20.5       18.0      1.14
+        4                       58.7       37.4      1.57
+       16                      106.9       80.7      1.33
+       64                      126.9      123.9      1.02
 
     job, by images   seconds  vs bare loop
-       256              3.39         0.323
-       512              4.63         0.473
-      1024              6.63         0.660
-      2048             11.15         0.784
-      4096             19.75         0.886
+       256              3.18         0.335
+       512              4.54         0.470
+      1024              6.39         0.668
+      2048             10.68         0.798
+      4096             20.00         0.853
 
-The whole job of 2,048 images is at 0.78 of the bare loop (goal 0.9), 0.89 at
+The whole job of 2,048 images is at 0.80 of the bare loop (goal 0.9), 0.85 at
 4,096; no count measured reaches 0.9 (`crossover_images`: null; a line through
-them: 4,787). The one-batch job took 3.4 s. The default sampler, DPM-Solver++(2M)
-SDE at 35 evaluations, made 130.1 images/s and the 1000-step Euler ancestral
-sampler 4.71: speedup_vs_1000_steps 27.6. (The run of 2026-12-02, on a slower
-hour: the job at 0.68 and 0.76, a one-batch job of 7.0 s, the speed-up 31.4.)
+them: 7,317). The one-batch job took 3.2 s. The default sampler, now
+DPM-Solver++(2M) SDE at 25 evaluations, made 177.8 images/s and the 1000-step
+Euler ancestral sampler 4.48: speedup_vs_1000_steps 39.7. (The run before, at 35
+evaluations, 4m10s: the job at 0.78 and 0.89, the speed-up 27.6; the run of
+2026-12-02, on a slower hour: 0.68 and 0.76, the speed-up 31.4.)
 Profiled then on its own (a second job of 512 images on one Ray), the
 first shard started 4.3 s after the call (5.3-6.1 s before): the MLflow run
 (1.3-1.9 s, most of it creating the sqlite store) is opened on a thread
@@ -92,11 +92,11 @@ the evaluation counts alone; the ancestral sampler also draws each image's
 noise at every one of its 1000 steps).
 
 Guidance in one batched call is not faster than two calls at batch 64 on a CPU
-(0.95 here, 1.01 and 0.82 before): both do the same arithmetic, and at 64 rows a
-call is compute-bound. Batching saves only the fixed cost of a call (about 3 ms
+(1.02 here, 1.07, 0.95, 1.01 and 0.82 before): both do the same arithmetic,
+and at 64 rows a call is compute-bound. Batching saves only the fixed cost of a call (about 3 ms
 of Python and kernel launches for this network, one thread): with o that cost
 and r the work of a row, the speed-up is 2(o + b r) / (o + 2 b r) for batch b,
-near 2 only where o dominates (1.8x at batch 4 here, 1.5x at 16). That is the
+near 2 only where o dominates (1.57x at batch 4 in the last run, 1.33x at 16). That is the
 regime of small batches on GPUs, where each kernel launch costs as much as the
 work; no GPU was lent to measure it.
 """
