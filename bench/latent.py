@@ -13,8 +13,8 @@
    (tiny) on pixels [3, 64, 64] and on latents [4, 8, 8] (f = 8), the latents'
    draw and normalisation included: what training on latents saves.
 3. decode: the share of a latent model's generation time spent decoding: the
-   sampler (DPM-Solver++(2M) SDE, 35 steps, the default) on 8x8x4 latents, then
-   the autoencoder's decode to 64 px.
+   sampler (DPM-Solver++(2M) SDE, 35 steps, the default when it was run) on
+   8x8x4 latents, then the autoencoder's decode to 64 px.
 
 Parts 2 and 3 use the small autoencoder (channels 16,32,32,32, f = 8; random
 weights everywhere: cost does not depend on them) and import torch (and
