@@ -92,14 +92,19 @@ class Choice:
     family_best: dict[str, Case]
 
     def worst(self, case: Case) -> float:
-        return max(self.scores[case.name].values())
+        return worst(self.scores, case)
+
+
+def worst(scores: Mapping[str, Mapping[str, float]], case: Case) -> float:
+    """The worse of `case`'s scores over the datasets."""
+    return max(scores[case.name].values())
 
 
 RULE = (
     f"on the selection seeds, among the cases at <= {BUDGET} NFE that tasks.sample can run (a "
     "sampler and its steps, with the sampler's own settings), the one whose worse (over the "
     "datasets) mean over training seeds of FD / reference FD is least; a family's best by the "
-    "same rule over all its cases at <= 35 NFE, settings the config cannot take included"
+    f"same rule over all its cases at <= {BUDGET} NFE, settings the config cannot take included"
 )
 
 
@@ -126,13 +131,10 @@ def choose(selection: Mapping[str, Sequence[Scored]], cases: list[Case], referen
         for c in cases
     }
     candidates = [c for c in cases if c.nfe <= BUDGET]
-
-    def worst(case: Case) -> float:
-        return max(scores[case.name].values())
-
+    least = lambda among: min(among, key=lambda c: worst(scores, c))  # noqa: E731
     families = dict.fromkeys(c.sampler for c in candidates)
-    best = {f: min([c for c in candidates if c.sampler == f], key=worst) for f in families}
-    return Choice(scores, min([c for c in candidates if runnable(c)], key=worst), best)
+    best = {f: least([c for c in candidates if c.sampler == f]) for f in families}
+    return Choice(scores, least([c for c in candidates if runnable(c)]), best)
 
 
 def evaluation_cases(choice: Choice, reference: Case) -> dict[Case, list[str]]:

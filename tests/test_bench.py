@@ -133,8 +133,7 @@ def test_the_quality_interval_is_centred_on_its_estimate_and_keeps_the_resamples
     from quality_data import ratio_interval
 
     pulled = 1.2 + np.random.default_rng(0).normal(0, 0.05, size=(2, 4000))
-    case, reference = [p * 1.0 for p in pulled], [np.ones(4000), np.ones(4000)]
-    lo, hi = ratio_interval(1.5, case, reference)
+    lo, hi = ratio_interval(1.5, list(pulled), [np.ones(4000), np.ones(4000)])
     spread = np.percentile(pulled.mean(axis=0), 95) - np.percentile(pulled.mean(axis=0), 5)
     assert lo < 1.5 < hi
     assert hi - lo == pytest.approx(spread)
